@@ -1,0 +1,39 @@
+"""threed: text-to-3D by optimisation (score distillation, CLIP guidance), CPU-testable, no CUDA build."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="threed",
+    version="0.1.0",
+    description="Text-to-3D generation by optimisation: SDS / CLIP guidance on a hash-grid NeRF, mesh export",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["threed", "threed.*", "exporters", "exporters.*"]),
+    package_data={"threed": ["../configs/*.yaml"]},
+    data_files=[],
+    install_requires=[
+        "torch>=2.1",
+        "diffusers>=0.30",
+        "transformers>=4.40",
+        "huggingface_hub>=0.23",
+        "safetensors",
+        "open_clip_torch>=2.24",
+        "trimesh>=4.0",
+        "pymcubes>=0.1.4",
+        "imageio>=2.31",
+        "imageio-ffmpeg>=0.4.9",
+        "fast-simplification>=0.1.7",
+        "pyyaml>=6.0",
+        "tqdm>=4.66",
+        "numpy",
+        "scipy",
+        "pillow",
+    ],
+    extras_require={
+        # nerfacc JIT-builds its CUDA kernels on first use on a GPU; tinycudann must be built from source.
+        "cuda": ["nerfacc>=0.5.3"],
+        "test": ["pytest>=7", "pygltflib>=1.16"],
+    },
+    entry_points={"console_scripts": ["threed=threed.cli:main"]},
+)

@@ -1,0 +1,146 @@
+"""Cameras on a sphere looking at the origin, and their rays.
+
+Scene frame: y is up and the object's front faces +z (the glTF convention), so exported meshes open
+upright in viewers. Azimuth 0 looks from +z, azimuth 90 from +x; elevation is above the xz-plane.
+Camera frame: OpenGL (looks along -z, y up).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from threed.config import CameraConfig
+
+
+@dataclass
+class Cameras:
+    c2w: Tensor  # (B, 4, 4) camera-to-world
+    fovy: Tensor  # (B,) radians
+    elevation: Tensor  # (B,) degrees
+    azimuth: Tensor  # (B,) degrees, in [-180, 180)
+    distance: Tensor  # (B,)
+    light_position: Tensor  # (B, 3) point light for Lambertian shading
+    width: int
+    height: int
+
+    def __len__(self) -> int:
+        return self.c2w.shape[0]
+
+    @property
+    def position(self) -> Tensor:
+        return self.c2w[:, :3, 3]
+
+    def to(self, device: torch.device | str) -> "Cameras":
+        return Cameras(self.c2w.to(device), self.fovy.to(device), self.elevation.to(device),
+                       self.azimuth.to(device), self.distance.to(device), self.light_position.to(device),
+                       self.width, self.height)
+
+    def rays(self) -> tuple[Tensor, Tensor]:
+        """Per-pixel ray origins and unit directions, each (B, H, W, 3), through pixel centres."""
+        device = self.c2w.device
+        h, w = self.height, self.width
+        focal = 0.5 * h / torch.tan(0.5 * self.fovy)  # (B,)
+        j = torch.arange(w, device=device, dtype=torch.float32) + 0.5 - 0.5 * w
+        i = torch.arange(h, device=device, dtype=torch.float32) + 0.5 - 0.5 * h
+        ii, jj = torch.meshgrid(i, j, indexing="ij")
+        f = focal[:, None, None]
+        dirs = torch.stack([jj.expand(len(self), h, w) / f, -ii.expand(len(self), h, w) / f,
+                            -torch.ones(len(self), h, w, device=device)], dim=-1)
+        dirs = torch.einsum("bij,bhwj->bhwi", self.c2w[:, :3, :3], dirs)
+        dirs = dirs / dirs.norm(dim=-1, keepdim=True)
+        origins = self.c2w[:, None, None, :3, 3].expand_as(dirs)
+        return origins, dirs
+
+    def subset(self, index: int) -> "Cameras":
+        s = slice(index, index + 1)
+        return Cameras(self.c2w[s], self.fovy[s], self.elevation[s], self.azimuth[s], self.distance[s],
+                       self.light_position[s], self.width, self.height)
+
+
+def spherical_position(elevation: Tensor, azimuth: Tensor, distance: Tensor) -> Tensor:
+    """(B,) degrees, degrees, units -> (B, 3) positions in the y-up scene frame."""
+    e, a = torch.deg2rad(elevation), torch.deg2rad(azimuth)
+    return torch.stack([distance * torch.cos(e) * torch.sin(a), distance * torch.sin(e),
+                        distance * torch.cos(e) * torch.cos(a)], dim=-1)
+
+
+def look_at(position: Tensor, target: Tensor | None = None) -> Tensor:
+    """Camera-to-world matrices (B, 4, 4) for cameras at `position` looking at `target` (origin)."""
+    target = torch.zeros_like(position) if target is None else target
+    forward = target - position
+    forward = forward / forward.norm(dim=-1, keepdim=True)
+    up = torch.tensor([0.0, 1.0, 0.0], device=position.device).expand_as(forward).clone()
+    # Looking straight up or down: any horizontal axis will do as "up".
+    straight = (forward[:, 1].abs() > 0.9999)
+    up[straight] = torch.tensor([0.0, 0.0, -1.0], device=position.device)
+    right = torch.cross(forward, up, dim=-1)
+    right = right / right.norm(dim=-1, keepdim=True)
+    true_up = torch.cross(right, forward, dim=-1)
+    c2w = torch.eye(4, device=position.device).repeat(position.shape[0], 1, 1)
+    c2w[:, :3, 0], c2w[:, :3, 1], c2w[:, :3, 2], c2w[:, :3, 3] = right, true_up, -forward, position
+    return c2w
+
+
+def make_cameras(elevation: Tensor, azimuth: Tensor, distance: Tensor, fovy_deg: Tensor, width: int,
+                 height: int, light_position: Tensor | None = None) -> Cameras:
+    position = spherical_position(elevation, azimuth, distance)
+    light = position.clone() if light_position is None else light_position
+    azimuth = torch.remainder(azimuth + 180.0, 360.0) - 180.0
+    return Cameras(look_at(position), torch.deg2rad(fovy_deg), elevation, azimuth, distance, light, width, height)
+
+
+def _uniform(n: int, bounds: tuple[float, float], generator: torch.Generator) -> Tensor:
+    lo, hi = bounds
+    return lo + (hi - lo) * torch.rand(n, generator=generator)
+
+
+def sample_cameras(cfg: CameraConfig, n: int, width: int, height: int, generator: torch.Generator,
+                   light_distance: tuple[float, float] = (0.8, 1.5)) -> Cameras:
+    """Training cameras: distance, fovy, elevation, azimuth uniform in the configured ranges.
+
+    The point light sits near the camera (DreamFusion): its direction is the camera's perturbed by
+    Gaussian noise and its distance a random multiple of the camera distance.
+    """
+    distance = _uniform(n, cfg.distance, generator)
+    fovy = _uniform(n, cfg.fovy, generator)
+    elevation = _uniform(n, cfg.elevation, generator)
+    azimuth = _uniform(n, cfg.azimuth, generator)
+    position = spherical_position(elevation, azimuth, distance)
+    direction = position + 0.5 * distance[:, None] * torch.randn(n, 3, generator=generator)
+    direction = direction / direction.norm(dim=-1, keepdim=True)
+    light = direction * distance[:, None] * _uniform(n, light_distance, generator)[:, None]
+    return make_cameras(elevation, azimuth, distance, fovy, width, height, light)
+
+
+def orbit_cameras(cfg: CameraConfig, n: int, width: int, height: int, elevation: float | None = None) -> Cameras:
+    """`n` evenly spaced azimuths at the evaluation elevation, distance and fovy (turntables, previews)."""
+    azimuth = torch.arange(n, dtype=torch.float32) * (360.0 / n)
+    full = lambda v: torch.full((n,), float(v))  # noqa: E731
+    return make_cameras(full(cfg.eval_elevation if elevation is None else elevation), azimuth,
+                        full(cfg.eval_distance), full(cfg.eval_fovy), width, height)
+
+
+VIEWS = ("front", "side", "back", "overhead")
+
+
+def view_names(cameras: Cameras, cfg: CameraConfig) -> list[str]:
+    """DreamFusion's view-dependent prompt suffixes, one per camera."""
+    names = []
+    for elev, azim in zip(cameras.elevation.tolist(), cameras.azimuth.tolist()):
+        if elev > cfg.overhead_threshold:
+            names.append("overhead")
+        elif abs(azim) < cfg.front_threshold:
+            names.append("front")
+        elif abs(azim) > 180.0 - cfg.back_threshold:
+            names.append("back")
+        else:
+            names.append("side")
+    return names
+
+
+def fov_focal(fovy: float, height: int) -> float:
+    return 0.5 * height / math.tan(0.5 * fovy)

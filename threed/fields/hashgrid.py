@@ -1,0 +1,124 @@
+"""Multiresolution hash encoding (Instant-NGP), with a pure-PyTorch and a tiny-cuda-nn backend.
+
+The PyTorch backend follows tiny-cuda-nn's conventions so that both compute the same function from the
+same parameters: level l has scale s_l = base * b^l - 1 and resolution ceil(s_l) + 1; a point x in
+[0, 1]^3 maps to x * s_l + 0.5; a level whose grid fits in its table is indexed densely, otherwise by the
+spatial hash (x * 1) ^ (y * 2654435761) ^ (z * 805459861); each level's table holds
+min(resolution^3 rounded up to a multiple of 8, 2^log2_hashmap_size) entries; corners are blended
+trilinearly; parameters start uniform in [-1e-4, 1e-4].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from threed.config import FieldConfig
+
+PRIMES = (1, 2654435761, 805459861)
+_CORNERS = torch.tensor([[(c >> 0) & 1, (c >> 1) & 1, (c >> 2) & 1] for c in range(8)], dtype=torch.long)
+
+
+def per_level_scale(cfg: FieldConfig) -> float:
+    if cfg.n_levels == 1:
+        return 1.0
+    return math.exp(math.log(cfg.max_resolution / cfg.base_resolution) / (cfg.n_levels - 1))
+
+
+def level_layout(cfg: FieldConfig) -> list[tuple[float, int, int]]:
+    """(scale, resolution, table size) for every level, as tiny-cuda-nn lays them out."""
+    b = per_level_scale(cfg)
+    cap = 2**cfg.log2_hashmap_size
+    layout = []
+    for level in range(cfg.n_levels):
+        scale = cfg.base_resolution * b**level - 1.0
+        resolution = int(math.ceil(scale)) + 1
+        dense = resolution**3
+        size = min(cap, (dense + 7) // 8 * 8)
+        layout.append((scale, resolution, size))
+    return layout
+
+
+class TorchHashGrid(nn.Module):
+    """Hash-grid encoding in plain PyTorch: runs on any device, differentiable in the table and in x."""
+
+    def __init__(self, cfg: FieldConfig):
+        super().__init__()
+        self.n_features = cfg.n_features_per_level
+        self.layout = level_layout(cfg)
+        sizes = [size for _, _, size in self.layout]
+        offsets = [0]
+        for size in sizes:
+            offsets.append(offsets[-1] + size)
+        self.offsets = offsets
+        self.params = nn.Parameter(torch.empty(offsets[-1] * self.n_features).uniform_(-1e-4, 1e-4))
+        self.output_dim = cfg.n_levels * self.n_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (N, 3) in [0, 1] -> (N, n_levels * n_features)."""
+        table = self.params.view(-1, self.n_features)
+        corners = _CORNERS.to(x.device)
+        outputs = []
+        for level, (scale, resolution, size) in enumerate(self.layout):
+            pos = x * scale + 0.5
+            grid = torch.floor(pos)
+            frac = pos - grid
+            idx = grid.long()[:, None, :] + corners[None]  # (N, 8, 3)
+            if resolution**3 <= size:
+                index = idx[..., 0] + idx[..., 1] * resolution + idx[..., 2] * resolution * resolution
+            else:
+                index = (idx[..., 0] * PRIMES[0]) ^ (idx[..., 1] * PRIMES[1]) ^ (idx[..., 2] * PRIMES[2])
+                index = index & 0xFFFFFFFF
+            index = index % size + self.offsets[level]
+            w = torch.where(corners[None].bool(), frac[:, None, :], 1.0 - frac[:, None, :]).prod(-1)  # (N, 8)
+            feats = table[index]  # (N, 8, F)
+            outputs.append((w[..., None] * feats).sum(1))
+        return torch.cat(outputs, dim=-1)
+
+
+class TcnnHashGrid(nn.Module):
+    """The same encoding through tiny-cuda-nn's fused CUDA kernels (CUDA only)."""
+
+    def __init__(self, cfg: FieldConfig):
+        super().__init__()
+        import tinycudann as tcnn  # accelerator: imported only when chosen
+
+        encoding = tcnn.Encoding(3, {
+            "otype": "HashGrid", "n_levels": cfg.n_levels, "n_features_per_level": cfg.n_features_per_level,
+            "log2_hashmap_size": cfg.log2_hashmap_size, "base_resolution": cfg.base_resolution,
+            "per_level_scale": per_level_scale(cfg), "interpolation": "Linear",
+        }, dtype=torch.float32)
+        # Hold the kernel module outside the registered children and expose its table as `params`, so a
+        # checkpoint has the same keys under both backends (train with tcnn, export on a CPU machine).
+        object.__setattr__(self, "_encoding", encoding)
+        self.params = encoding.params
+        self.output_dim = cfg.n_levels * cfg.n_features_per_level
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._encoding(x).float()
+
+
+def tcnn_available(device: torch.device | str) -> bool:
+    if torch.device(device).type != "cuda":
+        return False
+    try:
+        import tinycudann  # noqa: F401
+    except (ImportError, OSError, RuntimeError):
+        return False
+    return True
+
+
+def make_hashgrid(cfg: FieldConfig, device: torch.device | str) -> tuple[nn.Module, str]:
+    """Pick the backend: tcnn on CUDA when importable (or when asked), else PyTorch. Returns (module, name)."""
+    from threed.errors import UserError
+
+    want = cfg.backend
+    if want == "tcnn" and not tcnn_available(device):
+        raise UserError("field.backend=tcnn needs CUDA and tinycudann (pip install "
+                        "git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch); "
+                        "use field.backend=torch")
+    if want == "tcnn" or (want == "auto" and tcnn_available(device)):
+        return TcnnHashGrid(cfg).to(device), "tcnn"
+    return TorchHashGrid(cfg).to(device), "torch"

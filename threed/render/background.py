@@ -1,0 +1,39 @@
+"""Backgrounds behind the object: a learned colour per view direction, a fixed colour, or a random one.
+
+A learned background lets the prior explain "sky" without growing geometry for it; a fixed colour is what
+the oracle prior and mesh-quality tests need (the reference is rendered over the same colour).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from threed.config import RenderConfig
+
+
+class Background(nn.Module):
+    def __init__(self, cfg: RenderConfig, n_frequencies: int = 3, hidden: int = 32):
+        super().__init__()
+        self.kind = cfg.background
+        self.register_buffer("color", torch.tensor(cfg.background_color, dtype=torch.float32))
+        self.n_frequencies = n_frequencies
+        self.mlp = None
+        if self.kind == "mlp":
+            in_dim = 3 + 6 * n_frequencies
+            self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 3))
+
+    def _encode(self, dirs: Tensor) -> Tensor:
+        freqs = 2.0 ** torch.arange(self.n_frequencies, device=dirs.device, dtype=dirs.dtype)
+        angles = dirs[..., None] * freqs  # (..., 3, F)
+        return torch.cat([dirs, torch.sin(angles).flatten(-2), torch.cos(angles).flatten(-2)], dim=-1)
+
+    def forward(self, dirs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """dirs (B, H, W, 3) unit view directions -> colours (B, H, W, 3) in [0, 1]."""
+        if self.kind == "mlp":
+            assert self.mlp is not None
+            return torch.sigmoid(self.mlp(self._encode(dirs)))
+        if self.kind == "random" and self.training:
+            color = torch.rand(dirs.shape[0], 1, 1, 3, generator=generator).to(dirs.device)
+            return color.expand_as(dirs)
+        return self.color.to(dirs.device).expand_as(dirs)

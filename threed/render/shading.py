@@ -1,0 +1,46 @@
+"""DreamFusion shading: albedo, Lambertian under a point light, and textureless (white albedo, lit).
+
+Shared by the volume renderer and by anything that must render "the same way" (the oracle prior's
+reference renders), so both apply one formula:
+
+    colour = albedo * (ambient + (1 - ambient) * max(0, n . l))
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+MODES = ("albedo", "lambertian", "textureless")
+
+
+def shade(albedo: Tensor, normal: Tensor | None, points: Tensor | None, light_position: Tensor | None,
+          mode: str, ambient: float) -> Tensor:
+    """Shade `albedo` (..., 3) at `points` (..., 3) with unit `normal` (..., 3).
+
+    `light_position` broadcasts against `points` (e.g. (B, 1, 3) for (B, N, 3) points).
+    """
+    if mode == "albedo":
+        return albedo
+    if mode not in MODES:
+        raise ValueError(f"unknown shading mode {mode!r}")
+    assert normal is not None and points is not None and light_position is not None
+    light_dir = light_position - points
+    light_dir = light_dir / light_dir.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    diffuse = (normal * light_dir).sum(-1, keepdim=True).clamp_min(0.0)
+    lighting = ambient + (1.0 - ambient) * diffuse
+    if mode == "textureless":
+        return lighting.expand_as(albedo)
+    return albedo * lighting
+
+
+def pick_shading(configured: str, step: int, albedo_only_steps: int, textureless_prob: float,
+                 generator: torch.Generator) -> str:
+    """Per-step shading mode: fixed, or DreamFusion's random choice after an albedo-only warm-up."""
+    if configured != "random":
+        return configured
+    if step < albedo_only_steps:
+        return "albedo"
+    if torch.rand((), generator=generator).item() < textureless_prob:
+        return "textureless"
+    return "lambertian"

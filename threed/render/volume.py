@@ -1,0 +1,165 @@
+"""Volume rendering of the field along camera rays: a pure-PyTorch path and a nerfacc path.
+
+Both evaluate the same quadrature: for samples t_i with spacing delta_i along a ray,
+
+    alpha_i = 1 - exp(-sigma_i delta_i),   T_i = prod_{j<i} (1 - alpha_j),   w_i = alpha_i T_i,
+    colour = sum_i w_i c_i + (1 - sum_i w_i) * background,
+
+with c_i the shaded albedo at the sample. The PyTorch path takes `num_samples` stratified samples between
+each ray's entry into and exit from the scene cube (any device). The nerfacc path (CUDA only) marches with
+step diagonal / num_samples and skips empty space with an occupancy grid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from threed.cameras import Cameras
+from threed.config import RenderConfig
+from threed.errors import UserError
+from threed.fields.nerf import NeRFField
+from threed.render.background import Background
+from threed.render.shading import shade
+
+
+@dataclass
+class RenderOutput:
+    rgb: Tensor  # (B, H, W, 3) composited over the background
+    opacity: Tensor  # (B, H, W, 1)
+    depth: Tensor  # (B, H, W, 1)
+    background: Tensor  # (B, H, W, 3)
+    orient: Tensor  # scalar: DreamFusion's penalty on normals facing away from the camera
+
+
+def ray_aabb(rays_o: Tensor, rays_d: Tensor, bound: float) -> tuple[Tensor, Tensor]:
+    """Entry and exit distances of rays through the cube [-bound, bound]^3 (slab method); misses give near = far."""
+    inv = 1.0 / torch.where(rays_d.abs() < 1e-9, torch.full_like(rays_d, 1e-9), rays_d)
+    t0 = (-bound - rays_o) * inv
+    t1 = (bound - rays_o) * inv
+    near = torch.minimum(t0, t1).amax(-1).clamp_min(0.0)
+    far = torch.maximum(t0, t1).amin(-1)
+    far = torch.maximum(far, near)
+    return near, far
+
+
+def nerfacc_available(device: torch.device | str) -> bool:
+    if torch.device(device).type != "cuda":
+        return False  # nerfacc's kernels are CUDA-only; on CPU tensors they try to JIT-build
+    try:
+        import nerfacc  # noqa: F401
+    except (ImportError, OSError, RuntimeError):
+        return False
+    return True
+
+
+class VolumeRenderer(nn.Module):
+    def __init__(self, cfg: RenderConfig, device: torch.device | str):
+        super().__init__()
+        self.cfg = cfg
+        want = cfg.backend
+        if want == "nerfacc" and not nerfacc_available(device):
+            raise UserError("render.backend=nerfacc needs CUDA and nerfacc (pip install nerfacc); "
+                            "use render.backend=torch")
+        self.backend = "nerfacc" if want == "nerfacc" or (want == "auto" and nerfacc_available(device)) else "torch"
+        self.estimator = None
+        b = cfg.bound
+        self.step_size = 2.0 * math.sqrt(3.0) * b / cfg.num_samples
+        if self.backend == "nerfacc":
+            import nerfacc  # accelerator: imported only when chosen
+
+            self.estimator = nerfacc.OccGridEstimator(
+                roi_aabb=[-b, -b, -b, b, b, b], resolution=cfg.occupancy_resolution, levels=1).to(device)
+
+    def update_occupancy(self, field: NeRFField, step: int) -> None:
+        """Refresh the occupancy grid (nerfacc path only): occupancy = density * step size."""
+        if self.estimator is None:
+            return
+        self.estimator.train()
+        self.estimator.update_every_n_steps(
+            step=step, occ_eval_fn=lambda x: field.density(x) * self.step_size,
+            occ_thre=self.cfg.occupancy_threshold, n=self.cfg.occupancy_update_every)
+
+    # -- per-sample work shared by both paths -------------------------------------------------
+    def _shade_samples(self, field: NeRFField, pts: Tensor, dirs: Tensor, light: Tensor, shading: str,
+                       need_normals: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """pts/dirs/light (N, 3) -> density (N,), colour (N, 3), per-sample orientation penalty (N,) or None."""
+        sigma, albedo = field(pts)
+        if shading == "albedo" and not need_normals:
+            return sigma, albedo, None
+        normal = field.normal(pts)
+        color = shade(albedo, normal, pts, light, shading, self.cfg.ambient)
+        orient = (normal * dirs).sum(-1).clamp_min(0.0) ** 2  # normals pointing away from the camera
+        return sigma, color, orient
+
+    def _render_torch(self, field: NeRFField, rays_o: Tensor, rays_d: Tensor, light: Tensor, shading: str,
+                      need_normals: bool, generator: torch.Generator | None) -> tuple[Tensor, ...]:
+        n, s = rays_o.shape[0], self.cfg.num_samples
+        near, far = ray_aabb(rays_o, rays_d, self.cfg.bound)
+        if field.training:
+            u = torch.rand(n, s, generator=generator).to(rays_o.device)
+        else:
+            u = torch.full((n, s), 0.5, device=rays_o.device)
+        delta = ((far - near) / s)[:, None]  # (N, 1)
+        t = near[:, None] + (torch.arange(s, device=rays_o.device)[None] + u) * delta  # (N, S)
+        pts = rays_o[:, None] + t[..., None] * rays_d[:, None]
+        dirs = rays_d[:, None].expand_as(pts).reshape(-1, 3)
+        lights = light[:, None].expand_as(pts).reshape(-1, 3)
+        sigma, color, orient = self._shade_samples(field, pts.reshape(-1, 3), dirs, lights, shading, need_normals)
+        alpha = 1.0 - torch.exp(-sigma.view(n, s) * delta)
+        trans = torch.cumprod(torch.cat([torch.ones(n, 1, device=alpha.device), 1.0 - alpha + 1e-10], -1), -1)[:, :-1]
+        w = alpha * trans
+        rgb = (w[..., None] * color.view(n, s, 3)).sum(1)
+        opacity = w.sum(1, keepdim=True)
+        depth = (w * t).sum(1, keepdim=True)
+        orient_sum = (w * orient.view(n, s)).sum() if orient is not None else rgb.new_zeros(())
+        return rgb, opacity, depth, orient_sum
+
+    def _render_nerfacc(self, field: NeRFField, rays_o: Tensor, rays_d: Tensor, light: Tensor, shading: str,
+                        need_normals: bool, generator: torch.Generator | None) -> tuple[Tensor, ...]:
+        import nerfacc
+
+        assert self.estimator is not None
+        n = rays_o.shape[0]
+        near, far = ray_aabb(rays_o, rays_d, self.cfg.bound)
+
+        def sigma_fn(t_starts: Tensor, t_ends: Tensor, ray_indices: Tensor) -> Tensor:
+            mid = (t_starts + t_ends)[:, None] * 0.5
+            return field.density(rays_o[ray_indices] + mid * rays_d[ray_indices])
+
+        ray_indices, t_starts, t_ends = self.estimator.sampling(
+            rays_o, rays_d, sigma_fn=sigma_fn, t_min=near, t_max=far, render_step_size=self.step_size,
+            stratified=field.training, early_stop_eps=1e-4, alpha_thre=0.0)
+        mid = ((t_starts + t_ends) * 0.5)[:, None]
+        pts = rays_o[ray_indices] + mid * rays_d[ray_indices]
+        sigma, color, orient = self._shade_samples(field, pts, rays_d[ray_indices], light[ray_indices], shading,
+                                                   need_normals)
+        weights, _, _ = nerfacc.render_weight_from_density(t_starts, t_ends, sigma, ray_indices=ray_indices, n_rays=n)
+        rgb = nerfacc.accumulate_along_rays(weights, color, ray_indices=ray_indices, n_rays=n)
+        opacity = nerfacc.accumulate_along_rays(weights, None, ray_indices=ray_indices, n_rays=n)
+        depth = nerfacc.accumulate_along_rays(weights, mid, ray_indices=ray_indices, n_rays=n)
+        orient_sum = (weights * orient).sum() if orient is not None else rgb.new_zeros(())
+        return rgb, opacity, depth, orient_sum
+
+    def forward(self, field: NeRFField, background: Background, cameras: Cameras, shading: str,
+                need_normals: bool = False, generator: torch.Generator | None = None) -> RenderOutput:
+        """Render every pixel of every camera. Rays are processed in chunks of `render.chunk_rays`."""
+        rays_o, rays_d = cameras.rays()
+        b, h, w = rays_o.shape[:3]
+        light = cameras.light_position[:, None, None, :].expand(b, h, w, 3).reshape(-1, 3)
+        flat_o, flat_d = rays_o.reshape(-1, 3), rays_d.reshape(-1, 3)
+        render = self._render_nerfacc if self.backend == "nerfacc" else self._render_torch
+        parts = []
+        chunk = self.cfg.chunk_rays
+        for i in range(0, flat_o.shape[0], chunk):
+            sl = slice(i, i + chunk)
+            parts.append(render(field, flat_o[sl], flat_d[sl], light[sl], shading, need_normals, generator))
+        rgb = torch.cat([p[0] for p in parts]).view(b, h, w, 3)
+        opacity = torch.cat([p[1] for p in parts]).view(b, h, w, 1)
+        depth = torch.cat([p[2] for p in parts]).view(b, h, w, 1)
+        orient = torch.stack([p[3] for p in parts]).sum() / flat_o.shape[0]
+        bg = background(rays_d, generator)
+        return RenderOutput(rgb + (1.0 - opacity) * bg, opacity, depth, bg, orient)
