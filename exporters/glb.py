@@ -1,0 +1,97 @@
+"""glTF 2.0 binary (.glb) writer: one mesh, one node, vertex colours under a white PBR material.
+
+Written with `struct` and `json` rather than a library so the layout is exactly what the spec asks
+for: a JSON chunk padded with spaces and a BIN chunk padded with zeros, both to 4 bytes, and one
+buffer view per attribute (each a multiple of 4 bytes, so every view starts aligned).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from threed.io import atomic_write_bytes
+from threed.mesh import Mesh
+
+_MAGIC = 0x46546C67  # "glTF"
+_JSON = 0x4E4F534A
+_BIN = 0x004E4942
+_FLOAT = 5126
+_UINT32 = 5125
+_ARRAY_BUFFER = 34962
+_ELEMENT_ARRAY_BUFFER = 34963
+_TRIANGLES = 4
+
+
+def _pad(data: bytes, fill: bytes) -> bytes:
+    return data + fill * (-len(data) % 4)
+
+
+def _unit(normals: np.ndarray) -> np.ndarray:
+    """Re-normalise in float32: the validator rejects NORMAL vectors off unit length by > 5e-4."""
+    n = normals.astype(np.float64)
+    length = np.linalg.norm(n, axis=1, keepdims=True)
+    n = np.where(length > 1e-12, n / np.maximum(length, 1e-12), np.array([0.0, 1.0, 0.0]))
+    return n.astype(np.float32)
+
+
+def glb_bytes(mesh: Mesh) -> bytes:
+    """The .glb file contents for `mesh`."""
+    positions = np.ascontiguousarray(mesh.vertices, dtype="<f4")
+    attributes: list[tuple[str, np.ndarray]] = [("POSITION", positions)]
+    if mesh.normals is not None:
+        attributes.append(("NORMAL", _unit(mesh.normals).astype("<f4")))
+    if mesh.colors is not None:
+        attributes.append(("COLOR_0", np.clip(mesh.colors, 0.0, 1.0).astype("<f4")))
+    indices = np.ascontiguousarray(mesh.faces, dtype="<u4").reshape(-1)
+
+    blob = bytearray()
+    views: list[dict] = []
+    accessors: list[dict] = []
+    primitive_attributes: dict[str, int] = {}
+
+    def add_view(data: bytes, target: int) -> int:
+        blob.extend(b"\x00" * (-len(blob) % 4))
+        views.append({"buffer": 0, "byteOffset": len(blob), "byteLength": len(data), "target": target})
+        blob.extend(data)
+        return len(views) - 1
+
+    for name, array in attributes:
+        accessor = {"bufferView": add_view(array.tobytes(), _ARRAY_BUFFER), "componentType": _FLOAT,
+                    "count": len(array), "type": "VEC3"}
+        if name == "POSITION":  # required by the spec for positions
+            accessor["min"] = [float(v) for v in array.min(axis=0)] if len(array) else [0.0] * 3
+            accessor["max"] = [float(v) for v in array.max(axis=0)] if len(array) else [0.0] * 3
+        accessors.append(accessor)
+        primitive_attributes[name] = len(accessors) - 1
+    accessors.append({"bufferView": add_view(indices.tobytes(), _ELEMENT_ARRAY_BUFFER),
+                      "componentType": _UINT32, "count": int(indices.size), "type": "SCALAR"})
+    binary = _pad(bytes(blob), b"\x00")
+
+    document = {
+        "asset": {"version": "2.0", "generator": "threed"},
+        "scene": 0,
+        "scenes": [{"nodes": [0]}],
+        "nodes": [{"mesh": 0, "name": "threed"}],
+        "meshes": [{"name": "threed", "primitives": [{
+            "attributes": primitive_attributes, "indices": len(accessors) - 1, "material": 0,
+            "mode": _TRIANGLES}]}],
+        "materials": [{"name": "vertex_color", "pbrMetallicRoughness": {
+            "baseColorFactor": [1.0, 1.0, 1.0, 1.0], "metallicFactor": 0.0, "roughnessFactor": 1.0}}],
+        "accessors": accessors,
+        "bufferViews": views,
+        "buffers": [{"byteLength": len(binary)}],
+    }
+    text = _pad(json.dumps(document, separators=(",", ":")).encode("utf-8"), b" ")
+    total = 12 + 8 + len(text) + 8 + len(binary)
+    return (struct.pack("<III", _MAGIC, 2, total) + struct.pack("<II", len(text), _JSON) + text
+            + struct.pack("<II", len(binary), _BIN) + binary)
+
+
+def write_glb(mesh: Mesh, path: Path | str) -> Path:
+    """Write `mesh` as a binary glTF to `path`; returns `path`."""
+    atomic_write_bytes(path, glb_bytes(mesh))
+    return Path(path)
