@@ -80,3 +80,13 @@ def test_tcnn_and_torch_backends_agree():
         ref.params.copy_(fast.params.float())
     x = torch.rand(4096, 3, device="cuda")
     assert torch.allclose(fast(x), ref(x), atol=1e-4)
+
+
+def test_fused_gather_backward_matches_finite_differences():
+    from threed.fields.hashgrid import _WeightedGather
+
+    torch.manual_seed(0)
+    table = torch.randn(10, 2, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(0, 10, (6, 8))
+    weight = torch.rand(6, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_WeightedGather.apply, (table, index, weight))

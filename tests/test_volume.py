@@ -94,3 +94,19 @@ def test_lambertian_shading_and_orientation_penalty():
     flipped = VolumeRenderer(cfg, "cpu")(field, Background(cfg).eval(), cam, "lambertian", need_normals=True)
     assert out.orient.item() < 1e-3 * flipped.orient.item()
     assert flipped.rgb[0, 4, 4, 0] < 0.05
+
+
+def test_occupancy_grid_skips_only_empty_space():
+    """Skipping cells whose density*step is below the threshold changes no pixel of a ball by more than the
+    mass those cells can hold (here: none, the ball's density is far above the threshold)."""
+    cfg_full = RenderConfig(num_samples=64, background="solid", backend="torch", occupancy_resolution=0)
+    cfg_skip = RenderConfig(num_samples=64, background="solid", backend="torch", occupancy_resolution=16)
+    field = ConstantField(5.0, radius=0.5).eval()
+    cam = front_camera(size=15)
+    full = VolumeRenderer(cfg_full, "cpu")(field, Background(cfg_full).eval(), cam, "albedo")
+    skipping = VolumeRenderer(cfg_skip, "cpu")
+    skipping.update_occupancy(field, 0)
+    occupied = skipping.occupancy.binary.float().mean().item()
+    assert 0.05 < occupied < 0.4  # the ball (and one cell around it), not the whole cube
+    out = skipping(field, Background(cfg_skip).eval(), cam, "albedo")
+    assert torch.allclose(out.opacity, full.opacity, atol=1e-6)

@@ -60,7 +60,6 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
     if not cfg.prompt.strip() and cfg.guidance.type != "oracle":
         raise UserError('the prompt is empty: pass --prompt "a yellow rubber duck"')
     check_writable(out)
-    torch.manual_seed(cfg.seed)
     guidance = build_guidance(cfg, device)
     trainer = Trainer(cfg, device, guidance, run_dir=out)
     if resume:

