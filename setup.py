@@ -29,6 +29,7 @@ setup(
         "numpy",
         "scipy",
         "pillow",
+        "matplotlib>=3.7",  # benchmark plots (threed bench)
     ],
     extras_require={
         # nerfacc JIT-builds its CUDA kernels on first use on a GPU; tinycudann must be built from source.
