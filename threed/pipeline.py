@@ -59,8 +59,14 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
     device = resolve_device(cfg.device)
     if not cfg.prompt.strip() and cfg.guidance.type != "oracle":
         raise UserError('the prompt is empty: pass --prompt "a yellow rubber duck"')
+    created = not out.exists()
     check_writable(out)
-    guidance = build_guidance(cfg, device)
+    try:
+        guidance = build_guidance(cfg, device)
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # leave no empty run directory behind a failed start
+        raise
     trainer = Trainer(cfg, device, guidance, run_dir=out)
     if resume:
         trainer.load_state_dict(load_checkpoint(latest_checkpoint(out), device))
