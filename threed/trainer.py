@@ -70,8 +70,14 @@ class Trainer:
         self.timings: dict[str, float] = {}
 
     def describe(self) -> str:
-        return (f"field backend: {self.field.backend} | renderer: {self.renderer.backend} | "
-                f"device: {self.device}")
+        """Which backends were chosen, and why a CUDA run is not using an accelerator."""
+        field, renderer = self.field.backend, self.renderer.backend
+        if self.device.type == "cuda":
+            if field == "torch" and self.cfg.field.backend == "auto":
+                field += " (tinycudann not importable)"
+            if renderer == "torch" and self.cfg.render.backend == "auto":
+                renderer += " (nerfacc not importable)"
+        return f"field backend: {field} | renderer: {renderer} | device: {self.device}"
 
     # -- losses -------------------------------------------------------------------------------
     def transmittance_target(self) -> float:
