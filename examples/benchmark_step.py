@@ -74,8 +74,10 @@ def main() -> None:
                 model = str(build_tiny_sd(Path(tmp) / "sd"))
             else:
                 model = str(build_random_sd(Path(args.arch), Path(tmp) / "sd"))
+        # The tiny VAE downsamples 2x, not 8x: keep its latents (and the UNet's attention) small.
+        tiny = ["guidance.resolution=64"] if args.tiny_sd else []
         cfg = build_config(args.preset, [f"guidance.model={model}", "prompt=a yellow rubber duck",
-                                         f"device={device}", *args.overrides])
+                                         f"device={device}", *tiny, *args.overrides])
         guidance = build_guidance(cfg, device)
         trainer = Trainer(cfg, device, guidance, run_dir=Path(tmp) / "run")
         if device == "cuda":

@@ -7,7 +7,6 @@ Camera frame: OpenGL (looks along -z, y up).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -141,6 +140,3 @@ def view_names(cameras: Cameras, cfg: CameraConfig) -> list[str]:
             names.append("side")
     return names
 
-
-def fov_focal(fovy: float, height: int) -> float:
-    return 0.5 * height / math.tan(0.5 * fovy)

@@ -21,6 +21,7 @@ from torch import Tensor
 from threed.cameras import VIEWS, Cameras, view_names
 from threed.clip_models import encode_texts, load_clip, preprocess
 from threed.config import CameraConfig, GuidanceConfig
+from threed.prompts import view_prompt
 
 BACKGROUNDS = ("noise", "checkerboard", "blurred")
 
@@ -92,10 +93,7 @@ class ClipGuidance:
         self.negative_weight = negative_weight if negative_prompt else 0.0
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         # View-dependent prompts (DreamFusion): one text per view name, picked per camera.
-        if cfg.view_dependent_prompting:
-            self.texts = {v: f"{prompt}, {v} view" for v in VIEWS}
-        else:
-            self.texts = {v: prompt for v in VIEWS}
+        self.texts = {v: view_prompt(prompt, v) if cfg.view_dependent_prompting else prompt for v in VIEWS}
         self.models = []
         for name, pretrained in zip(cfg.clip_models, cfg.clip_pretrained):
             model, mean_std, tokenizer = load_clip(name, pretrained, self.device, image_size=cfg.clip_resolution)
