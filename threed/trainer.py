@@ -161,8 +161,7 @@ class Trainer:
         try:
             self.renderer.load_state_dict(state.get("renderer", {}))
         except RuntimeError:  # saved by the other renderer backend: rebuild the grid from the field
-            if self.renderer.occupancy is not None:
-                self.renderer.occupancy.update(self.field.density)
+            self.renderer.rebuild_occupancy(self.field)
         if weights_only:
             return
         self.optimizer.load_state_dict(state["optimizer"])

@@ -93,6 +93,15 @@ class VolumeRenderer(nn.Module):
             step=step, occ_eval_fn=lambda x: field.density(x) * self.step_size,
             occ_thre=self.cfg.occupancy_threshold, n=self.cfg.occupancy_update_every)
 
+    @torch.no_grad()
+    def rebuild_occupancy(self, field: NeRFField) -> None:
+        """Fill the occupancy grid from the field at once (e.g. a checkpoint from the other backend)."""
+        if self.occupancy is not None:
+            self.occupancy.update(field.density)
+        elif self.estimator is not None:  # step 0 is in the warm-up: every cell is evaluated
+            self.estimator._update(step=0, occ_eval_fn=lambda x: field.density(x) * self.step_size,
+                                   occ_thre=self.cfg.occupancy_threshold)
+
     # -- per-sample work shared by both paths -------------------------------------------------
     def _shade_samples(self, field: NeRFField, pts: Tensor, dirs: Tensor, light: Tensor, albedo: Tensor,
                        weights: Tensor, shading: str, need_normals: bool) -> tuple[Tensor, Tensor | None]:
