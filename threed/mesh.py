@@ -243,12 +243,13 @@ def extract_mesh(density_fn: DensityFn, albedo_fn: AlbedoFn | None, bound: float
                  device: str | torch.device = "cpu", grid: Tensor | None = None) -> Mesh:
     """Surface where density == `threshold`, as a cleaned, coloured, outward-facing triangle mesh.
 
-    The grid is padded by one cell of empty space before marching cubes so that a part touching the
+    Cavities enclosed by the surface are filled. The grid is padded by one cell of empty space before marching cubes so that a part touching the
     box is closed off (watertight) instead of left open; such vertices are clamped back onto the box.
     Components with fewer than `keep_components` x the largest component's faces are floaters and are
     dropped. `grid` may be passed to reuse one already sampled (e.g. by `auto_threshold`'s caller).
     """
     import mcubes
+    from scipy import ndimage
 
     if grid is None:
         grid = density_grid(density_fn, bound, resolution, device)
@@ -261,7 +262,14 @@ def extract_mesh(density_fn: DensityFn, albedo_fn: AlbedoFn | None, bound: float
     if not lo < threshold:
         raise UserError(f"the field is solid at density level {threshold:g} (min density {lo:g}): "
                         f"pass a higher export.threshold=...")
-    padded = np.pad(grid.numpy().astype(np.float64), 1, mode="constant", constant_values=min(lo, 0.0))
+    values = grid.numpy().astype(np.float64)
+    # Fill enclosed cavities: no camera sees inside a closed surface, so empty space there is interior
+    # the renders never trained, not geometry (it would come out as an inner surface).
+    solid = values > threshold
+    cavity = ndimage.binary_fill_holes(solid) & ~solid
+    if cavity.any():
+        values = np.where(cavity, hi, values)
+    padded = np.pad(values, 1, mode="constant", constant_values=min(lo, 0.0))
     vertices, faces = mcubes.marching_cubes(padded, float(threshold))
     # Index coordinates -> scene: padded index 1 is lattice index 0 (-bound), index R is +bound.
     scale = 2.0 * bound / (res - 1)

@@ -150,7 +150,8 @@ def extract(trainer: Trainer, resolution: int | None = None, threshold: float | 
 def export_run(run_dir: Path, formats: tuple[str, ...] | None = None, resolution: int | None = None,
                threshold: float | None = None, trainer: Trainer | None = None, video: bool | None = None,
                device: str | None = None) -> list[Path]:
-    """Write mesh.<fmt> for each format, and (optionally) turntable.mp4 and preview.png."""
+    """Write mesh.<fmt> for each format, and turntable.mp4 and preview.png as the config says
+    (`video=True`/`False` forces both on or off)."""
     from exporters import export_mesh
     from exporters.video import write_image_grid, write_video
 
@@ -167,7 +168,7 @@ def export_run(run_dir: Path, formats: tuple[str, ...] | None = None, resolution
         path = run_dir / "turntable.mp4"
         write_video(list(frames), path, cfg.export.video_fps)
         written.append(path)
-    n = cfg.export.preview_views
+    n = cfg.export.preview_views if video is None or video else 0
     if n > 0:
         side = max(16, min(256, cfg.export.video_resolution))
         cams = orbit_cameras(cfg.camera, n, side, side)
