@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from threed.errors import UserError
+from threed.errors import UserError, first_line
 from threed.guidance.models import hf_cache_dir, hub_offline, hub_reachable
 
 MeanStd = tuple[Tensor, Tensor]  # each (3,), on the model's device
@@ -138,8 +138,7 @@ def resolve_pretrained(name: str, pretrained: str) -> tuple[str | None, dict]:
             cache = str(hf_cache_dir()) if tag_cfg.get("hf_hub") else None
             return oc.download_pretrained(tag_cfg, cache_dir=cache), tag_cfg
         except Exception as e:  # network errors of every kind end the same way for the user
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UserError(f"could not download CLIP {name} weights '{pretrained}' ({first}); "
+            raise UserError(f"could not download CLIP {name} weights '{pretrained}' ({first_line(e)}); "
                             f"pass --clip-pretrained /path/to/checkpoint instead") from None
     path = Path(pretrained).expanduser()
     if path.is_file():
@@ -187,8 +186,7 @@ def load_clip(name: str, pretrained: str, device: str | torch.device = "cpu",
         try:
             model = oc.create_model(arch, pretrained=checkpoint, device="cpu", **kwargs)
         except (RuntimeError, KeyError, ValueError, OSError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"cannot load CLIP {arch} weights from {checkpoint}: {first[:200]}; "
+            raise UserError(f"cannot load CLIP {arch} weights from {checkpoint}: {first_line(e)[:200]}; "
                             f"check that the checkpoint matches the architecture") from None
     model = model.to(device).eval().requires_grad_(False)
     pp = model.visual.preprocess_cfg
@@ -197,7 +195,7 @@ def load_clip(name: str, pretrained: str, device: str | torch.device = "cpu",
     try:
         tokenizer = oc.get_tokenizer(arch)
     except Exception as e:  # HF tokenizers of some archs need files that may not be cached
-        raise UserError(f"cannot load the tokenizer of CLIP {arch} ({str(e).splitlines()[0][:160]}); "
+        raise UserError(f"cannot load the tokenizer of CLIP {arch} ({first_line(e)[:160]}); "
                         f"use an architecture with the built-in tokenizer, e.g. ViT-B-32") from None
     return model, (mean, std), tokenizer
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from threed.errors import UserError
+from threed.errors import UserError, first_line
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -284,8 +284,7 @@ def load_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        first = str(e).splitlines()[0]
-        raise UserError(f"cannot parse {path}: {first}") from None
+        raise UserError(f"cannot parse {path}: {first_line(e)}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping of config keys")
     return data

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from threed.cameras import sample_cameras
 from threed.config import Config, to_dict
-from threed.errors import UserError
+from threed.errors import UserError, first_line
 from threed.fields.nerf import NeRFField
 from threed.io import append_jsonl, atomic_torch_save
 from threed.render.background import Background
@@ -155,7 +155,7 @@ class Trainer:
         try:
             self.field.load_state_dict(state["field"])
         except RuntimeError as e:
-            raise UserError(f"the checkpoint does not match this field configuration ({str(e).splitlines()[0]})") from None
+            raise UserError(f"the checkpoint does not match this field configuration ({first_line(e)})") from None
         self.background.load_state_dict(state["background"])
         self.step = int(state["step"])
         try:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 from urllib.parse import urlparse
 
-from threed.errors import UserError
+from threed.errors import UserError, first_line
 
 # Stable Diffusion in the diffusers layout: the parts StableDiffusionGuidance loads.
 SD_SUBFOLDERS: tuple[str, ...] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -101,8 +101,7 @@ def _download(model: str, kind_hint: str, required: Sequence[str], extra_pattern
         raise UserError(f"{kind_hint} model '{model}' does not exist on the Hugging Face hub; check the id "
                         f"or pass {local_hint}") from None
     except (HfHubHTTPError, OSError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"downloading {kind_hint} model '{model}' failed ({first}); retry, or download it with "
+        raise UserError(f"downloading {kind_hint} model '{model}' failed ({first_line(e)}); retry, or download it with "
                         f"`hf download {model}` and pass {local_hint}") from None
     missing = missing_parts(folder, required)
     if missing:

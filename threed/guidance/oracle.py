@@ -33,7 +33,7 @@ from torch import Tensor
 from threed import raycast
 from threed.cameras import Cameras, make_cameras
 from threed.config import GuidanceConfig, RenderConfig
-from threed.errors import UserError
+from threed.errors import UserError, first_line
 from threed.guidance import sds
 
 _HINT = "pass --reference PATH to an OBJ/PLY/GLB"
@@ -49,8 +49,7 @@ def load_reference(path: str, bound: float) -> trimesh.Trimesh:
     try:
         mesh = trimesh.load(str(p), force="mesh")
     except Exception as e:  # trimesh raises many types for unreadable files
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"cannot load reference mesh '{path}' ({reason}): {_HINT}") from None
+        raise UserError(f"cannot load reference mesh '{path}' ({first_line(e)}): {_HINT}") from None
     if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
         raise UserError(f"reference mesh '{path}' has no triangles: {_HINT}")
     extent = float(np.abs(mesh.vertices).max())

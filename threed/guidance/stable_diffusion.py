@@ -16,15 +16,10 @@ from torch import Tensor
 
 from threed.cameras import Cameras
 from threed.config import CameraConfig, GuidanceConfig
-from threed.errors import UserError
+from threed.errors import UserError, first_line
 from threed.guidance import sds
 from threed.guidance.models import SD_SUBFOLDERS, model_identity, resolve_pretrained
 from threed.prompts import PromptEmbeddings, check_prompt
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 class StableDiffusionGuidance:
@@ -51,7 +46,7 @@ class StableDiffusionGuidance:
             self.unet = UNet2DConditionModel.from_pretrained(self.path, subfolder="unet", torch_dtype=self.dtype)
             self.scheduler = DDPMScheduler.from_pretrained(self.path, subfolder="scheduler")
         except (OSError, ValueError, RuntimeError) as e:
-            raise UserError(f"cannot load Stable Diffusion from '{self.path}': {_first_line(e)}; pass a complete "
+            raise UserError(f"cannot load Stable Diffusion from '{self.path}': {first_line(e)}; pass a complete "
                             f"diffusers folder or hub id") from None
         finally:
             if bars:

@@ -90,8 +90,8 @@ class VolumeRenderer(nn.Module):
             return
         self.estimator.train()
         self.estimator.update_every_n_steps(
-            step=step, occ_eval_fn=lambda x: field.density(x) * self.step_size,
-            occ_thre=self.cfg.occupancy_threshold, n=self.cfg.occupancy_update_every)
+            step=step, occ_eval_fn=self._occupancy_fn(field), occ_thre=self.cfg.occupancy_threshold,
+            n=self.cfg.occupancy_update_every)
 
     @torch.no_grad()
     def rebuild_occupancy(self, field: NeRFField) -> None:
@@ -99,8 +99,12 @@ class VolumeRenderer(nn.Module):
         if self.occupancy is not None:
             self.occupancy.update(field.density)
         elif self.estimator is not None:  # step 0 is in the warm-up: every cell is evaluated
-            self.estimator._update(step=0, occ_eval_fn=lambda x: field.density(x) * self.step_size,
+            self.estimator._update(step=0, occ_eval_fn=self._occupancy_fn(field),
                                    occ_thre=self.cfg.occupancy_threshold)
+
+    def _occupancy_fn(self, field: NeRFField):
+        """nerfacc's occupancy: density times the marching step (the opacity one step would add)."""
+        return lambda x: field.density(x) * self.step_size
 
     # -- per-sample work shared by both paths -------------------------------------------------
     def _shade_samples(self, field: NeRFField, pts: Tensor, dirs: Tensor, light: Tensor, albedo: Tensor,
