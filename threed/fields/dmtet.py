@@ -98,14 +98,13 @@ def marching_tetrahedra(grid: TetGrid, sdf: Tensor, deformation: Tensor | None =
     crossing = grid.crossing_edges(inside)
     edge_ids = crossing.nonzero().squeeze(1)  # sorted: a mesh vertex's index is its rank here
     # Mesh vertices on the crossing edges.
-    lower, upper = grid.edge_endpoints(edge_ids)
-    s_a, s_b = sdf[lower], sdf[upper]
-    p_a, p_b = grid.positions(lower, sdf.dtype), grid.positions(upper, sdf.dtype)
+    ends = torch.stack(grid.edge_endpoints(edge_ids))  # (2, n): one gather per tensor (one scatter backward)
+    s_a, s_b = sdf[ends]
+    p = grid.positions(ends.view(-1), sdf.dtype).view(2, -1, 3)
     if deformation is not None and max_offset > 0:
-        p_a = p_a + max_offset * torch.tanh(deformation[lower].to(sdf.dtype))
-        p_b = p_b + max_offset * torch.tanh(deformation[upper].to(sdf.dtype))
+        p = p + max_offset * torch.tanh(deformation[ends].to(sdf.dtype))
     weight = (s_a / (s_a - s_b))[:, None]  # s_a, s_b of opposite signs: the denominator is never 0
-    vertices = p_a + weight * (p_b - p_a)
+    vertices = p[0] + weight * (p[1] - p[0])
     # Faces from the tetrahedra whose corners disagree.
     codes = grid.tet_codes(inside)
     tet_ids = ((codes - 1) < 14).nonzero().squeeze(1)  # uint8: codes 1..14, the tetrahedra with a sign change
@@ -131,8 +130,7 @@ def sign_flip_loss(grid: TetGrid, sdf: Tensor) -> Tensor:
     edge_ids = grid.crossing_edges(grid.lattice(sdf.detach() < 0)).nonzero().squeeze(1)
     if len(edge_ids) == 0:
         return sdf.sum() * 0.0
-    lower, upper = grid.edge_endpoints(edge_ids)
-    s_a, s_b = sdf[lower], sdf[upper]
+    s_a, s_b = sdf[torch.stack(grid.edge_endpoints(edge_ids))]
     return (F.binary_cross_entropy_with_logits(s_a, (s_b >= 0).to(sdf.dtype))
             + F.binary_cross_entropy_with_logits(s_b, (s_a >= 0).to(sdf.dtype)))
 
