@@ -1,7 +1,7 @@
 """Run directories: train a method into one, re-export from one, render views of one.
 
-A run directory holds config.yaml, checkpoints/step-*.pt, metrics.jsonl, mesh.<fmt>, turntable.mp4 and
-preview.png. Later stages (export, bench) read only these files.
+A run directory holds config.yaml, checkpoints/step-*.pt, metrics.jsonl, mesh.<fmt>, turntable.mp4,
+preview.png and report.html (threed/report.py). Later stages (export, bench, view) read only these files.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from threed.cameras import Cameras, make_cameras, orbit_cameras
 from threed.config import Config, build_config, load_yaml, resolve_device, save_config
 from threed.errors import UserError
 from threed.io import append_jsonl, atomic_write_text
+from threed.report import write_run_report
 from threed.trainer import Trainer, list_checkpoints, peak_memory_mb
 
 
@@ -94,6 +95,7 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
         "it_per_s": round(stats["it_per_s"], 4), "peak_memory_mb": round(peak, 1),
         "export_time_s": round(time.perf_counter() - start, 3), "device": device,
     })
+    write_run_report(out)
     return out
 
 
@@ -189,6 +191,7 @@ def export_run(run_dir: Path, formats: tuple[str, ...] | None = None, resolution
         written.append(path)
     info = {"threshold": float(level), "vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces))}
     atomic_write_text(run_dir / "mesh.json", json.dumps(info, indent=1))
+    written.append(write_run_report(run_dir))  # the page embeds the mesh: rewrite it with every export
     return written
 
 
