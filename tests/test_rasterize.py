@@ -120,7 +120,8 @@ def test_nearer_triangle_wins_whatever_the_order():
     in_b = (edge_values(b[:, :2].numpy(), x, y) > 0).all(0)
     assert min(np.abs(edge_values(t[:, :2].numpy(), x, y)).min() for t in (a, b)) > 1e-6
     assert (in_a & in_b).sum() > 20
-    for tris, id_a, id_b in ((torch.tensor([[0, 1, 2], [3, 4, 5]]), 1, 2), (torch.tensor([[3, 4, 5], [0, 1, 2]]), 2, 1)):
+    for tris, id_a, id_b in ((torch.tensor([[0, 1, 2], [3, 4, 5]]), 1, 2),
+                             (torch.tensor([[3, 4, 5], [0, 1, 2]]), 2, 1)):
         rast = rasterize(pos, tris, (h, w))[0]
         ids = rast[..., 3].numpy()
         assert (ids[in_b] == id_b).all()
@@ -185,7 +186,7 @@ def test_clipping_matches_the_geometrically_clipped_triangle(case):
     assert (zw >= -1).all() and (zw <= 1).all()
 
 
-def test_triangles_behind_the_camera_or_beyond_the_far_plane_draw_nothing():
+def test_nothing_drawn_behind_the_camera_beyond_the_far_plane_or_for_no_faces():
     xy = [[-0.5, -0.5], [0.5, -0.5], [0.0, 0.5]]
     behind = clip_from_ndc(xy, z=0.0, w=-1.0)  # the same projection, w < 0
     beyond = clip_from_ndc(xy, z=1.2, w=1.0)
@@ -194,6 +195,10 @@ def test_triangles_behind_the_camera_or_beyond_the_far_plane_draw_nothing():
     assert (rasterize(behind, tri, (16, 16)) == 0).all()
     assert (rasterize(beyond, tri, (16, 16)) == 0).all()
     assert covered(rasterize(front, tri, (16, 16))).sum() > 20
+    none = torch.zeros(0, 3, dtype=torch.long)  # an empty mesh (e.g. an SDF without a zero crossing)
+    rast = rasterize(front, none, (16, 16))
+    image = antialias(interpolate(torch.ones(3, 3), rast, none), rast, front, none)
+    assert (rast == 0).all() and (image == 0).all()
 
 
 def test_batch_and_chunking_give_the_same_image():
@@ -324,6 +329,41 @@ def test_antialias_gradient_approximates_the_area_derivative():
     assert err < 0.06
 
 
+def test_antialias_blends_across_silhouettes_only():
+    """An edge shared by two triangles is a silhouette only where one folds behind the other. Flat: the
+    diagonal of a square split in two, the two halves in different colours, stays sharp. Folded: a triangle
+    with a neighbour folded back behind it is antialiased along the shared edge exactly as if it were alone."""
+    h = w = 32
+    id_colour = lambda rast: torch.stack([rast[..., 3] == 1, rast[..., 3] == 2], -1).double()  # noqa: E731
+    pos = clip_from_ndc([[-0.9, -0.8], [0.85, -0.9], [0.8, 0.9], [-0.85, 0.8]])
+    tri = torch.tensor([[0, 1, 2], [0, 2, 3]])
+    rast = rasterize(pos, tri, (h, w))
+    colour = id_colour(rast)
+    out = antialias(colour, rast, pos, tri)
+    changed = (out != colour).any(-1)[0]
+    ids = rast[0, ..., 3]
+    diagonal = torch.zeros_like(changed)
+    diagonal[:, :-1] |= (ids[:, :-1] != ids[:, 1:]) & (ids[:, :-1] > 0) & (ids[:, 1:] > 0)
+    diagonal[:-1, :] |= (ids[:-1, :] != ids[1:, :]) & (ids[:-1, :] > 0) & (ids[1:, :] > 0)
+    inner = torch.zeros_like(changed)
+    inner[4:-4, 4:-4] = True  # away from the square's outline, which is antialiased
+    assert (diagonal & inner).sum() > 20
+    assert not (changed & diagonal & inner).any()
+    assert changed.sum() > 40  # the outline is
+
+    front = clip_from_ndc([[-0.8, -0.7], [0.75, -0.55], [0.05, 0.8]], z=0.0)
+    back = clip_from_ndc([[-0.2, 0.0]], z=0.5)  # projects inside the front triangle, further away
+    pos = torch.cat([front, back])
+    folded = torch.tensor([[0, 1, 2], [2, 1, 3]])  # shares edge (1, 2), consistent winding
+    r_fold = rasterize(pos, folded, (h, w))
+    r_alone = rasterize(front, folded[:1], (h, w))
+    assert torch.equal(r_fold[..., 3], r_alone[..., 3])  # the folded triangle is hidden
+    out_fold = antialias(id_colour(r_fold), r_fold, pos, folded)
+    out_alone = antialias(id_colour(r_alone), r_alone, front, folded[:1])
+    assert (out_alone != id_colour(r_alone)).any(-1).sum() > 40
+    assert torch.equal(out_fold, out_alone)
+
+
 def test_fitting_a_triangle_to_a_silhouette_with_antialias_gradients():
     """Adam (lr 0.01, 100 steps) on the NDC vertex positions of a triangle, loss = MSE between its antialiased
     silhouette and a target triangle's at 48 x 48: only antialias gives this loss a gradient. Measured
@@ -398,8 +438,8 @@ def _sphere_scene(device: str, h: int = 256, w: int = 256):
     f = torch.tensor(mesh.faces, dtype=torch.int64)
     fov, near, far, dist = math.radians(45), 0.1, 10.0, 2.6
     t = 1 / math.tan(fov / 2)
-    proj = torch.tensor([[t, 0, 0, 0], [0, t, 0, 0], [0, 0, -(far + near) / (far - near), -2 * far * near / (far - near)],
-                         [0, 0, -1, 0]])
+    a, b = -(far + near) / (far - near), -2 * far * near / (far - near)
+    proj = torch.tensor([[t, 0, 0, 0], [0, t, 0, 0], [0, 0, a, b], [0, 0, -1, 0]])
     view = torch.eye(4)
     view[2, 3] = -dist
     rot = torch.tensor([[0.8, 0.0, 0.6, 0], [0.0, 1.0, 0.0, 0], [-0.6, 0.0, 0.8, 0], [0, 0, 0, 1]])

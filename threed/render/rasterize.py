@@ -35,9 +35,10 @@ function is lexicographically positive, i.e. the pixel counts as shifted by (del
 infinitesimal delta: of two triangles that share an edge from opposite sides, exactly one covers it (the
 two compute exactly negated edge functions in floating point), the role of the top-left rule.
 
-Host syncs: `rasterize` reads the total number of (triangle, pixel) candidates once to size its chunks;
-`antialias` compacts the pixel pairs it works on twice (`nonzero`); `edge_topology` reads the number of
-distinct edges once. Nothing else waits on the device.
+Host syncs (each makes the host wait for the device): `rasterize` two, one to find triangles that cross
+the near or far plane (usually none) and one to read the number of (triangle, pixel) candidates that sizes
+its chunks; `antialias` two, compacting the pixel pairs it works on (`nonzero`); `interpolate` none. Nothing
+else waits on the device.
 """
 
 from __future__ import annotations
@@ -135,6 +136,9 @@ class _Setup:
             v = torch.stack([torch.stack([X[s], Y[s], Z[s], W[s]], -1) for s in range(3)], 1)[clip]
             for arr, val in zip((xmin, xmax, ymin, ymax), _clipped_boxes(v, h, w)):
                 arr.index_copy_(0, clip, val)
+        # non-finite positions (a diverged optimisation) give an empty box rather than a huge one
+        xmin, ymin = xmin.nan_to_num(math.inf), ymin.nan_to_num(math.inf)
+        xmax, ymax = xmax.nan_to_num(-math.inf), ymax.nan_to_num(-math.inf)
         slack = 1e-3  # the exact edge test decides; the box must only not lose a centre to round-off
         lim = float(1 << 24)
         self.x0 = torch.ceil((xmin - 0.5 - slack).clamp(-1.0, lim)).clamp_min(0).int()
@@ -263,6 +267,8 @@ def rasterize(pos: Tensor, tri: Tensor, resolution: tuple[int, int], chunk: int 
     h, w = int(resolution[0]), int(resolution[1])
     ids = visible_triangles(pos, tri, (h, w), chunk)  # (B, H, W)
     bsz, nv = pos.shape[:2]
+    if tri.shape[0] == 0:  # e.g. an SDF with no zero crossing: all background
+        return pos.new_zeros(bsz, h, w, 4)
     hit = (ids >= 0).reshape(-1)
     corners = _corner_vertices(ids, tri, nv, bsz > 1)
     comp = pos.reshape(-1, 4).unbind(-1)
@@ -279,7 +285,7 @@ def rasterize(pos: Tensor, tri: Tensor, resolution: tuple[int, int], chunk: int 
     with torch.no_grad():  # z/w has no gradient, as in nvdiffrast
         zw = (e[0] * Z[0] + e[1] * Z[1] + e[2] * Z[2]) / safe(e[0] * W[0] + e[1] * W[1] + e[2] * W[2])
     tid = (ids.reshape(-1) + 1).to(pos.dtype)
-    rast = torch.stack([e[0] * inv, e[1] * inv, zw, tid], -1) * hit[:, None]
+    rast = torch.where(hit[:, None], torch.stack([e[0] * inv, e[1] * inv, zw, tid], -1), 0.0)
     return rast.view(bsz, h, w, 4)
 
 
@@ -297,35 +303,41 @@ def interpolate(attr: Tensor, rast: Tensor, tri: Tensor) -> Tensor:
         raise ValueError(f"attr must be (V, C) or (B, V, C) with B in (1, {bsz}), got {tuple(attr.shape)}")
     ids = _triangle_ids(rast)
     nv, ch = attr.shape[1:]
+    if tri.shape[0] == 0:
+        return attr.new_zeros(bsz, h, w, ch)
     corners = _corner_vertices(ids, tri, nv, attr.shape[0] > 1)
     flat = attr.reshape(-1, ch)
     a0, a1, a2 = (flat.index_select(0, c) for c in corners)
     u = rast[..., 0].reshape(-1, 1)
     v = rast[..., 1].reshape(-1, 1)
     hit = (ids >= 0).reshape(-1, 1)
-    out = (a2 + u * (a0 - a2) + v * (a1 - a2)) * hit
+    out = torch.where(hit, a2 + u * (a0 - a2) + v * (a1 - a2), 0.0)
     return out.view(bsz, h, w, ch)
 
 
-def edge_topology(tri: Tensor) -> Tensor:
+def edge_topology(tri: Tensor, num_vertices: int | None = None) -> Tensor:
     """(F, 3) int64: for each triangle edge i (the edge opposite vertex i), the vertex of the other triangle
     on that edge opposite it, or -1 when the edge has no single neighbour (a boundary edge, or an edge shared
-    by three or more triangles). Depends only on `tri`; pass it to `antialias` to reuse it across calls."""
+    by three or more triangles). Depends only on `tri`; pass it to `antialias` to reuse it across calls.
+    Half-edges are sorted by their undirected edge key; a key held by exactly two is a matched pair."""
     tri = _check_tri(tri)
     nf = tri.shape[0]
     if nf == 0:
         return tri.new_empty(0, 3)
     a, b = tri[:, [1, 2, 0]].reshape(-1), tri[:, [2, 0, 1]].reshape(-1)
-    base = int(tri.max()) + 1
-    key = torch.minimum(a, b) * base + torch.maximum(a, b)
-    sk, order = torch.sort(key)
-    _, inverse, counts = torch.unique_consecutive(sk, return_inverse=True, return_counts=True)
-    group_start = (counts.cumsum(0) - counts)[inverse]
-    pos_sorted = torch.arange(sk.numel(), device=tri.device)
-    twin = torch.where(pos_sorted == group_start, pos_sorted + 1, pos_sorted - 1).clamp(0, sk.numel() - 1)
+    base = int(tri.max()) + 1 if num_vertices is None else int(num_vertices)  # (a host sync when not given)
+    sk, order = torch.sort(torch.minimum(a, b) * base + torch.maximum(a, b))
+    same = sk[1:] == sk[:-1]  # sorted neighbours i, i + 1 share an edge
+    no = same.new_zeros(1)
+    eq_prev, eq_next = torch.cat([no, same]), torch.cat([same, no])
+    eq_next2 = torch.cat([same[1:], no, no])
+    first = eq_next & ~eq_prev & ~eq_next2  # i, i + 1 is a pair and nothing else has the key
+    second = torch.cat([no, first[:-1]])
+    n = sk.numel()
+    pos_sorted = torch.arange(n, device=tri.device)
+    twin = torch.where(first, pos_sorted + 1, pos_sorted - 1).clamp(0, n - 1)
     opposite_of = tri.reshape(-1)  # half-edge f * 3 + i -> vertex i of face f, the one opposite edge i
-    paired = counts[inverse] == 2
-    opp_sorted = torch.where(paired, opposite_of[order[twin]], torch.full_like(sk, -1))
+    opp_sorted = torch.where(first | second, opposite_of[order[twin]], torch.full_like(sk, -1))
     out = torch.empty_like(opp_sorted)
     out[order] = opp_sorted
     return out.view(nf, 3)
@@ -361,8 +373,10 @@ def antialias(color: Tensor, rast: Tensor, pos: Tensor, tri: Tensor, topology: T
         raise ValueError(f"color {tuple(color.shape)} and rast {tuple(rast.shape)} differ in (B, H, W)")
     if pos.shape[0] not in (1, bsz):
         raise ValueError(f"pos has batch {pos.shape[0]}, color has {bsz}")
-    topo = edge_topology(tri) if topology is None else topology.long()
     nb, nv = pos.shape[:2]
+    if tri.shape[0] == 0:
+        return color
+    topo = edge_topology(tri, nv) if topology is None else topology.long()
     nf = tri.shape[0]
     npx = bsz * h * w
     # screen positions of all vertices, in pixels (pixel i spans [i, i + 1])
@@ -389,11 +403,14 @@ def antialias(color: Tensor, rast: Tensor, pos: Tensor, tri: Tensor, topology: T
         zw = rast[..., 2].detach()
         toff = (torch.arange(bsz, device=pos.device) * nf).view(bsz, 1, 1) if nb > 1 else 0
         masks = []
-        for a0, a1, z0, z1, sl in ((ids[:, :, :-1], ids[:, :, 1:], zw[:, :, :-1], zw[:, :, 1:], (..., slice(0, w - 1))),
-                                   (ids[:, :-1, :], ids[:, 1:, :], zw[:, :-1, :], zw[:, 1:, :], (..., slice(0, h - 1), slice(None)))):
-            front = torch.where((a0 >= 0) & ((a1 < 0) | (z0 < z1)), a0, a1)
+        for axis in (2, 1):  # right neighbours, then next rows
+            at0 = tuple(slice(0, -1) if d == axis else slice(None) for d in range(3))
+            at1 = tuple(slice(1, None) if d == axis else slice(None) for d in range(3))
+            a0, a1 = ids[at0], ids[at1]
+            front = torch.where((a0 >= 0) & ((a1 < 0) | (zw[at0] < zw[at1])), a0, a1)
+            has_silhouette = code.index_select(0, (front.clamp_min(0) + toff).reshape(-1)).view(front.shape) != 0
             m = torch.zeros_like(ids, dtype=torch.bool)
-            m[sl] = (a0 != a1) & (code.index_select(0, (front.clamp_min(0) + toff).reshape(-1)).view(front.shape) != 0)
+            m[at0] = (a0 != a1) & has_silhouette
             masks.append(m.reshape(-1))
         q = torch.cat(masks).nonzero().squeeze(1)  # host sync
         vert = q >= npx
