@@ -127,10 +127,14 @@ def main() -> None:
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args()
     from threed.config import resolve_device
+    from threed.errors import UserError
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
     results = []
     for backend in args.backends.split(","):
         for faces in (int(f) for f in args.faces.split(",")):

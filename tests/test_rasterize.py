@@ -202,7 +202,8 @@ def test_nothing_drawn_behind_the_camera_beyond_the_far_plane_or_for_no_faces():
 
 
 def test_batch_and_chunking_give_the_same_image():
-    """Each batch entry renders as if alone, and tiny chunks (forcing many passes) change nothing."""
+    """Each batch entry renders (and interpolates and antialiases) as if alone, and tiny chunks (forcing
+    many passes) change nothing."""
     g = torch.Generator().manual_seed(0)
     nv, nf = 60, 40
     pos = torch.cat([torch.rand(2, nv, 2, generator=g) * 2.4 - 1.2, torch.rand(2, nv, 1, generator=g) * 1.6 - 0.8,
@@ -210,9 +211,13 @@ def test_batch_and_chunking_give_the_same_image():
     pos[..., :3] *= pos[..., 3:]
     tri = torch.randint(0, nv, (nf, 3), generator=g)
     tri = tri[(tri[:, 0] != tri[:, 1]) & (tri[:, 1] != tri[:, 2]) & (tri[:, 0] != tri[:, 2])]
+    attr = torch.rand(2, nv, 3, generator=g)
     both = rasterize(pos, tri, (24, 32))
+    image = antialias(interpolate(attr, both, tri), both, pos, tri)
     for b in range(2):
-        assert torch.equal(both[b], rasterize(pos[b], tri, (24, 32))[0])
+        one = rasterize(pos[b], tri, (24, 32))
+        assert torch.equal(both[b], one[0])
+        assert torch.allclose(image[b], antialias(interpolate(attr[b], one, tri), one, pos[b], tri)[0])
     assert torch.equal(visible_triangles(pos, tri, (24, 32), chunk=1), visible_triangles(pos, tri, (24, 32)))
     assert (both[..., 3] > 0).float().mean() > 0.5
 
@@ -362,6 +367,37 @@ def test_antialias_blends_across_silhouettes_only():
     out_alone = antialias(id_colour(r_alone), r_alone, front, folded[:1])
     assert (out_alone != id_colour(r_alone)).any(-1).sum() > 40
     assert torch.equal(out_fold, out_alone)
+
+
+def test_antialias_moves_a_box_toward_its_supersampled_image():
+    """A box (12 faces, colours from positions) in perspective at 48 x 48, against the mean of 6 x 6
+    samples per pixel. Measured (float64, CPU): L1 error 34.6 aliased, 5.8 antialiased (ratio 0.17; 0.16 to
+    0.23 at 32 to 64 px with 4 to 8 samples a side). Bound: ratio < 0.3. With small triangles at the contour (a finely tessellated sphere) the gain
+    is much smaller, as the pair analysis only sees the covering triangle's own edges (see antialias)."""
+    corners = torch.tensor([[i, j, k] for i in (-1, 1) for j in (-1, 1) for k in (-1, 1)], dtype=torch.float64)
+    v = corners * torch.tensor([0.4, 0.3, 0.35], dtype=torch.float64)
+    f = torch.tensor([[1, 3, 0], [4, 1, 0], [0, 3, 2], [2, 4, 0], [1, 7, 3], [5, 1, 4], [5, 7, 1], [3, 7, 2],
+                      [6, 4, 2], [2, 7, 6], [6, 5, 4], [7, 5, 6]])  # outward-facing, consistently wound
+    t, near, far = 1 / math.tan(math.radians(22.5)), 0.1, 10.0
+    proj = torch.tensor([[t, 0, 0, 0], [0, t, 0, 0],
+                         [0, 0, -(far + near) / (far - near), -2 * far * near / (far - near)], [0, 0, -1, 0]],
+                        dtype=torch.float64)
+    view = torch.eye(4, dtype=torch.float64)
+    view[2, 3] = -2.2
+    cy, sy, cx, sx = math.cos(0.6), math.sin(0.6), math.cos(0.4), math.sin(0.4)
+    ry = torch.tensor([[cy, 0, sy, 0], [0, 1, 0, 0], [-sy, 0, cy, 0], [0, 0, 0, 1]], dtype=torch.float64)
+    rx = torch.tensor([[1, 0, 0, 0], [0, cx, -sx, 0], [0, sx, cx, 0], [0, 0, 0, 1]], dtype=torch.float64)
+    pos = torch.cat([v, torch.ones(8, 1, dtype=torch.float64)], 1) @ (proj @ view @ rx @ ry).T
+    colours = 0.5 + 0.5 * v / 0.4
+    h, s = 48, 6
+    rast = rasterize(pos, f, (h, h))
+    image = interpolate(colours, rast, f)
+    fine = rasterize(pos, f, (h * s, h * s))
+    reference = interpolate(colours, fine, f).view(1, h, s, h, s, 3).mean((2, 4))
+    aliased = (image - reference).abs().sum()
+    smoothed = (antialias(image, rast, pos, f) - reference).abs().sum()
+    assert aliased > 20
+    assert smoothed < 0.3 * aliased
 
 
 def test_fitting_a_triangle_to_a_silhouette_with_antialias_gradients():

@@ -50,7 +50,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from threed.errors import UserError
+from threed.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -365,6 +365,12 @@ def antialias(color: Tensor, rast: Tensor, pos: Tensor, tri: Tensor, topology: T
     for vertical pairs; ds = +-1 the direction of B), so gradients reach the positions through t: moving
     the silhouette changes how much of the background or of T each boundary pixel shows. The choice of
     pairs, triangles and edges has no gradient.
+
+    Like nvdiffrast's, the analysis sees only the edges of the triangle covering A: where the silhouette edge
+    belongs to a sliver that covers no pixel centre (a finely tessellated surface seen edge-on at its
+    contour), that pair is not blended and gets no position gradient. Measured against 8 x 8 supersampling at
+    128 x 128 (CPU), antialiasing removes 87 % of the aliasing error of a box (12 faces) but 18 % for a
+    1280-face icosphere and 8 % for a 20k-face torus.
     """
     pos = _batched_pos(pos)
     tri = _check_tri(tri)
@@ -509,19 +515,25 @@ class MeshRasterizer:
         if self.backend == "nvdiffrast":
             import nvdiffrast.torch as dr  # accelerator: imported only when chosen
 
-            self._dr = dr
-            self._ctx = dr.RasterizeCudaContext(device=self.device)
+            try:
+                self._ctx = dr.RasterizeCudaContext(device=self.device)  # may build its CUDA plugin
+                self._dr = dr
+            except (RuntimeError, OSError, ImportError) as e:
+                if backend == "nvdiffrast":
+                    raise UserError(f"nvdiffrast could not start ({first_line(e)}); use the torch backend") from e
+                log.warning("nvdiffrast could not start (%s); using the torch rasterizer", first_line(e))
+                self.backend = "torch"
         log.info("mesh rasterizer backend: %s (device %s)", self.backend, self.device)
 
     def rasterize(self, pos: Tensor, tri: Tensor, resolution: tuple[int, int]) -> Tensor:
-        if self._dr is None:
+        if self._dr is None or tri.shape[0] == 0:
             return rasterize(pos, tri, resolution, self.chunk)
         rast, _ = self._dr.rasterize(self._ctx, _batched_pos(pos).float().contiguous(), tri.int().contiguous(),
                                      (int(resolution[0]), int(resolution[1])))
         return rast
 
     def interpolate(self, attr: Tensor, rast: Tensor, tri: Tensor) -> Tensor:
-        if self._dr is None:
+        if self._dr is None or tri.shape[0] == 0:
             return interpolate(attr, rast, tri)
         a = attr[None] if attr.dim() == 2 else attr
         out, _ = self._dr.interpolate(a.float().contiguous(), rast, tri.int().contiguous())
@@ -530,7 +542,7 @@ class MeshRasterizer:
     def antialias(self, color: Tensor, rast: Tensor, pos: Tensor, tri: Tensor,
                   topology: Tensor | None = None) -> Tensor:
         """`topology` (from `edge_topology`) is reused by the torch backend; nvdiffrast builds its own."""
-        if self._dr is None:
+        if self._dr is None or tri.shape[0] == 0:
             return antialias(color, rast, pos, tri, topology)
         p = _batched_pos(pos)
         if p.shape[0] != color.shape[0]:
