@@ -64,6 +64,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu or cuda [cuda if available]")
     p.add_argument("--out", help="run directory [outputs/<prompt>]")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--from", dest="from_run", metavar="DIR",
+                   help="magic3d-refine: refine the NeRF of the run in DIR, in a new run [--out: DIR-refine]")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
@@ -107,16 +109,34 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     opts = spec.RunOptions.from_args(args)
     if args.resume:
+        if args.from_run:
+            raise UserError("--from starts a new run and --resume continues one: pass one of them")
         run_dir = Path(args.resume)
-        cfg = spec.resume_config(pipeline.load_run_config(run_dir), opts)
+        saved = pipeline.load_run_config(run_dir)
+        cfg = spec.resume_config(saved, opts)
         step = pipeline.checkpoint_step(pipeline.latest_checkpoint(run_dir))
-        if step >= cfg.steps:
-            if args.steps is not None:
-                raise UserError(f"--steps {args.steps} is not beyond the run's step {step}: pass a larger --steps")
-            print(f"threed: {run_dir} is finished (step {step} of {cfg.steps}); nothing changed. Pass --steps N "
-                  f"(N > {step}) to train on, or re-export with `threed export {run_dir}`")
+        progress = pipeline.stage_progress(run_dir, cfg)
+        if len(progress) == 1:
+            if step >= cfg.steps:
+                if args.steps is not None:
+                    raise UserError(f"--steps {args.steps} is not beyond the run's step {step}: pass a larger --steps")
+                print(f"threed: {run_dir} is finished (step {step} of {cfg.steps}); nothing changed. Pass --steps N "
+                      f"(N > {step}) to train on, or re-export with `threed export {run_dir}`")
+                return
+        elif not check_stages_to_resume(run_dir, saved, cfg, progress, args):
             return
         out = pipeline.run(cfg, run_dir, resume=True, progress=not args.quiet)
+    elif args.from_run:
+        cfg, notes, checkpoint = spec.resolve_refine(opts)
+        for note in notes:
+            print(f"threed: {note}", flush=True)
+        out = Path(args.out) if args.out else pipeline.default_refine_dir(Path(args.from_run))
+        if (out / "config.yaml").exists():
+            raise UserError(f"{out} already holds a run: continue it with `threed run --resume {out}` "
+                            "or pass another --out")
+        if out.resolve() == Path(args.from_run).resolve():
+            raise UserError("--out is the run being refined: pass another --out (default: DIR-refine)")
+        out = pipeline.run(cfg, out, progress=not args.quiet, source_checkpoint=checkpoint)
     else:
         cfg, notes = spec.resolve(opts)
         for note in notes:
@@ -129,6 +149,34 @@ def cmd_run(args: argparse.Namespace) -> None:
                             "or pass another --out")
         out = pipeline.run(cfg, out, progress=not args.quiet)
     print(f"threed: done: {out}")
+
+
+def check_stages_to_resume(run_dir: Path, saved, cfg, progress: list[tuple[str, int, int]],
+                           args: argparse.Namespace) -> bool:
+    """For a run of several stages: whether there is anything to train; a stage that has finished and been
+    followed by the next cannot grow (its successor started from it)."""
+    from threed import methods
+
+    names = [name for name, _, _ in progress]
+    for i, (name, step, steps) in enumerate(progress[:-1]):
+        nxt, nxt_step, _ = progress[i + 1]
+        grew = (steps != (saved.steps if name == "nerf" else saved.mesh.steps))
+        if grew and (nxt_step > 0 or methods.get(cfg.method).refines):
+            key = "--steps" if name == "nerf" else f"{name}.steps"
+            why = ("it comes from another run" if methods.get(cfg.method).refines
+                   else f"the {nxt} stage has started from it")
+            raise UserError(f"{key} cannot change the {name} stage of {run_dir}: {why}; pass "
+                            f"{names[-1]}.steps=N to train the {names[-1]} stage on")
+    if all(step >= steps for _, step, steps in progress):
+        name, step, steps = progress[-1]
+        if steps != saved.mesh.steps or args.steps is not None:
+            raise UserError(f"{name}.steps={steps} is not beyond the {name} stage's step {step}: pass a larger "
+                            f"{name}.steps")
+        done = "; ".join(f"{n} stage step {s} of {t}" for n, s, t in progress)
+        print(f"threed: {run_dir} is finished ({done}); nothing changed. Pass {name}.steps=N (N > {step}) to "
+              f"train the {name} stage on, or re-export with `threed export {run_dir}`")
+        return False
+    return True
 
 
 def cmd_export(args: argparse.Namespace) -> None:

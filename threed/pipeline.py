@@ -1,11 +1,14 @@
-"""Run directories: train a method into one, re-export from one, render views of one.
+"""Run directories: train a method into one (stage by stage), re-export from one, render views of one.
 
 A run directory holds config.yaml, checkpoints/step-*.pt, metrics.jsonl, mesh.<fmt>, turntable.mp4,
-preview.png and report.html (threed/report.py). Later stages (export, bench, view) read only these files.
+preview.png and report.html (threed/report.py); a method with a mesh stage (Magic3D) adds
+checkpoints/fine/step-*.pt and keeps its NeRF stage's mesh as mesh-coarse.<fmt> beside the final mesh.<fmt>.
+Later steps (export, bench, view) read only these files.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from pathlib import Path
@@ -17,8 +20,12 @@ from threed.cameras import Cameras, make_cameras, orbit_cameras
 from threed.config import Config, build_config, load_yaml, resolve_device, save_config
 from threed.errors import UserError
 from threed.io import append_jsonl, atomic_write_text
-from threed.report import write_run_report
+from threed import stages
+from threed.report import read_metrics, write_run_report
+from threed.stages import load_checkpoint  # noqa: F401  (part of this module's interface)
 from threed.trainer import Trainer, list_checkpoints, peak_memory_mb
+
+COARSE = "mesh-coarse"  # file stem of a multi-stage run's NeRF-stage mesh
 
 
 def check_writable(out: Path) -> None:
@@ -53,15 +60,12 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return found[-1]
 
 
-def load_checkpoint(path: Path, device: str) -> dict:
-    try:
-        return torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # a truncated or foreign file: say which one
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): delete it to fall back to an older one") from None
-
-
-def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> Path:
-    """Train (or continue) a run in `out`, then export its mesh, video and preview."""
+def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
+        source_checkpoint: Path | None = None) -> Path:
+    """Train (or continue) a run in `out`, stage by stage (threed/stages.py), then export its mesh, video and
+    preview. With `resume`, finished stages are skipped and an unfinished one continues from its newest
+    checkpoint. `source_checkpoint` (magic3d-refine) is a NeRF checkpoint of another run that stands for
+    this run's finished NeRF stage: a copy of its weights is written to out/checkpoints."""
     from threed import methods
 
     out = Path(out)
@@ -71,43 +75,174 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
         raise UserError('the prompt is empty: pass --prompt "a yellow rubber duck"')
     created = not out.exists()
     check_writable(out)
-    try:
-        guidance = method.build_guidance(cfg, device)
-    except BaseException:
-        if created and not any(out.iterdir()):
-            out.rmdir()  # leave no empty run directory behind a failed start
-        raise
-    trainer = Trainer(cfg, device, guidance, run_dir=out)
-    if resume:
-        trainer.load_state_dict(load_checkpoint(latest_checkpoint(out), device))
-    save_config(cfg, out / "config.yaml")
-    if progress:
-        print(f"threed: {trainer.describe()} | run directory: {out}", flush=True)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    stats = trainer.fit(cfg.steps, progress=progress)
-    peak = peak_memory_mb(device)
-    start = time.perf_counter()
-    export_run(out, trainer=trainer)
-    append_jsonl(out / "metrics.jsonl", {
-        "step": trainer.step, "done": True, "wall_time_s": round(stats["train_time_s"], 3),
-        "segment_wall_time_s": round(stats["segment_time_s"], 3), "segment_steps": stats["segment_steps"],
-        "it_per_s": round(stats["it_per_s"], 4), "peak_memory_mb": round(peak, 1),
-        "export_time_s": round(time.perf_counter() - start, 3), "device": device,
-    })
+    started = False
+    coarse: Trainer | None = None  # the NeRF stage, kept in memory for the mesh stage's start
+    guidance = None
+    done_stats: dict[str, dict] = {}
+    for stage in method.stages:
+        if stage == "nerf" and source_checkpoint is not None:
+            continue  # another run's: its weights are copied once the next stage's prior has loaded
+        if resume and stage != method.stages[-1] and stages.finished(out, cfg, stage):
+            continue  # (the last stage always runs: a finished one still exports and closes the run's record)
+        stage_cfg = stages.stage_config(cfg, stage)
+        if coarse is not None:  # free the NeRF stage's prior before loading this stage's
+            coarse.guidance = guidance = None
+            gc.collect()
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        try:
+            guidance = method.build_guidance(stage_cfg, device)
+        except BaseException:
+            if not started and created and not any(out.iterdir()):
+                out.rmdir()  # leave no empty run directory behind a failed start
+            raise
+        if not started and source_checkpoint is not None and not list_checkpoints(out):
+            copied = copy_nerf_weights(source_checkpoint, out)
+            append_jsonl(out / "metrics.jsonl", {"step": cfg.steps, "stage": "nerf", "stage_done": True,
+                                                 "copied_from": str(Path(source_checkpoint).resolve()),
+                                                 "checkpoint": str(copied.relative_to(out))})
+        if stage == "nerf":
+            trainer = stages.nerf_trainer(cfg, device, guidance, out, resume=resume)
+            if not started:
+                save_config(cfg, out / "config.yaml")
+        else:
+            if not started:
+                save_config(cfg, out / "config.yaml")
+            init_start = time.perf_counter()
+            if not stages.started(out, "mesh"):
+                coarse = coarse or stages.nerf_trainer(cfg, device, None, out, resume=True, weights_only=True)
+                level = coarse_level(out, coarse, progress)
+            else:
+                level = None
+            trainer = stages.mesh_trainer(cfg, device, guidance, out, coarse, level, progress=progress)
+            coarse = None
+            done_stats.setdefault("mesh", {})["init_time_s"] = time.perf_counter() - init_start
+        started = True
+        if progress:
+            tag = f"{stage} stage | " if len(method.stages) > 1 else ""
+            print(f"threed: {tag}{trainer.describe()} | run directory: {out}", flush=True)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        stats = trainer.fit(stages.stage_steps(cfg, stage), progress=progress)
+        stats["peak_memory_mb"] = peak_memory_mb(device)
+        start = time.perf_counter()
+        final = stage == method.stages[-1]
+        if final:
+            export_run(out, trainer=trainer)
+        else:
+            coarse_export(out, trainer, progress)
+        stats["export_time_s"] = time.perf_counter() - start
+        done_stats.setdefault(stage, {}).update(stats)
+        if not final:
+            append_jsonl(out / "metrics.jsonl", {
+                "step": trainer.step, "stage": stage, "stage_done": True, **_stage_record(stats), "device": device})
+            coarse = trainer
+            continue
+        append_jsonl(out / "metrics.jsonl", final_record(out, cfg, method.stages, done_stats, trainer, device))
     write_run_report(out)
     return out
 
 
-def load_trainer(run_dir: Path, device: str | None = None, overrides: list[str] | None = None) -> Trainer:
-    """A guidance-less Trainer holding the run's last checkpoint (for export and evaluation)."""
+def _stage_record(stats: dict) -> dict:
+    return {"wall_time_s": round(stats["train_time_s"], 3), "segment_wall_time_s": round(stats["segment_time_s"], 3),
+            "segment_steps": stats["segment_steps"], "it_per_s": round(stats["it_per_s"], 4),
+            "peak_memory_mb": round(stats["peak_memory_mb"], 1), "export_time_s": round(stats["export_time_s"], 3)}
+
+
+def final_record(out: Path, cfg: Config, stage_names: tuple[str, ...], done: dict[str, dict], trainer: Trainer,
+                 device: str) -> dict:
+    """The run's closing metrics.jsonl record. One stage: its numbers, as always. Several: training time and
+    steps summed over the stages (`wall_time_s`, `it_per_s`), this segment's (`segment_*`), and each stage's
+    own numbers prefixed with its name (`nerf_wall_time_s`, `mesh_it_per_s`, `mesh_init_time_s`, ...); a
+    stage finished in an earlier segment contributes the numbers of its record in metrics.jsonl."""
+    last = done[stage_names[-1]]
+    if len(stage_names) == 1:
+        return {"step": trainer.step, "done": True, **_stage_record(last), "device": device}
+    records, _ = read_metrics(out)
+    per_stage: dict[str, dict] = {}
+    for name in stage_names:
+        if name in done and "train_time_s" in done[name]:
+            per_stage[name] = _stage_record(done[name])
+            if "init_time_s" in done[name]:
+                per_stage[name]["init_time_s"] = round(done[name]["init_time_s"], 3)
+        else:
+            previous = [r for r in records if r.get("stage") == name and r.get("stage_done")]
+            per_stage[name] = {k: v for k, v in previous[-1].items() if k not in ("step", "stage", "stage_done",
+                                                                                  "device")} if previous else {}
+    total_time = sum(s.get("wall_time_s", 0.0) for s in per_stage.values())
+    total_steps = cfg.steps + trainer.step
+    trained = [done[n] for n in stage_names if "train_time_s" in done.get(n, {})]
+    record = {"step": total_steps, "done": True, "wall_time_s": round(total_time, 3),
+              "segment_wall_time_s": round(sum(s["segment_time_s"] for s in trained), 3),
+              "segment_steps": sum(s["segment_steps"] for s in trained),
+              "it_per_s": round(total_steps / total_time, 4) if total_time > 0 else 0.0,
+              "peak_memory_mb": round(max(s["peak_memory_mb"] for s in trained), 1),
+              "export_time_s": round(last["export_time_s"], 3), "device": device}
+    for name, values in per_stage.items():
+        record.update({f"{name}_{k}": v for k, v in values.items() if k != "segment_steps"})
+    return record
+
+
+def copy_nerf_weights(source: Path, out: Path) -> Path:
+    """Copy a NeRF checkpoint's weights (not its optimiser state, which a refinement never uses) into
+    out/checkpoints under the same step-*.pt name; returns the new file."""
+    from threed.io import atomic_torch_save
+
+    state = load_checkpoint(source, "cpu")
+    keep = {k: state[k] for k in ("step", "field", "background", "renderer", "config") if k in state}
+    keep["copied_from"] = str(Path(source).resolve())
+    path = out / "checkpoints" / Path(source).name
+    atomic_torch_save(keep, path)
+    return path
+
+
+def coarse_export(run_dir: Path, trainer: Trainer, progress: bool = True) -> list[Path]:
+    """The NeRF stage's mesh of a multi-stage run: mesh-coarse.<fmt> and mesh-coarse.json (level, step)."""
+    return export_run(run_dir, trainer=trainer, video=False, name=COARSE)
+
+
+def coarse_level(run_dir: Path, coarse: Trainer, progress: bool = True) -> float:
+    """The density level of the NeRF stage's mesh, where the mesh stage's surface starts: read from
+    mesh-coarse.json when it was exported from the same step, else exported (again) now."""
+    info_path = Path(run_dir) / f"{COARSE}.json"
+    if info_path.exists():
+        try:
+            info = json.loads(info_path.read_text())
+            if info.get("step") == coarse.step and isinstance(info.get("threshold"), (int, float)):
+                return float(info["threshold"])
+        except json.JSONDecodeError:
+            pass
+    if progress:
+        print(f"threed: exporting the NeRF stage's mesh ({COARSE}.*) to start the mesh stage from", flush=True)
+    coarse_export(run_dir, coarse, progress)
+    return float(json.loads(info_path.read_text())["threshold"])
+
+
+def stage_progress(run_dir: Path, cfg: Config) -> list[tuple[str, int, int]]:
+    """(stage, step of its newest checkpoint, its step count) for each stage of the run's method."""
+    from threed import methods
+
+    return [(s, stages.latest_step(run_dir, s), stages.stage_steps(cfg, s)) for s in methods.get(cfg.method).stages]
+
+
+def load_trainer(run_dir: Path, device: str | None = None, overrides: list[str] | None = None,
+                 stage: str | None = None) -> Trainer:
+    """A guidance-less Trainer holding the run's last checkpoint (for export and evaluation): that of `stage`,
+    by default the last stage that has one."""
+    from threed import methods
+
     cfg = load_run_config(run_dir, overrides)
     device = resolve_device(device or "auto")
     cfg.device = device
-    trainer = Trainer(cfg, device, guidance=None, run_dir=Path(run_dir))
-    trainer.load_state_dict(load_checkpoint(latest_checkpoint(run_dir), device), weights_only=True)
-    trainer.field.eval()
-    trainer.background.eval()
+    names = methods.get(cfg.method).stages
+    if stage is None:
+        stage = next((s for s in reversed(names) if s != "nerf" and stages.started(run_dir, s)), "nerf")
+    if stage == "mesh":
+        trainer = stages.mesh_trainer(cfg, device, None, Path(run_dir), weights_only=True)
+    else:
+        trainer = Trainer(cfg, device, guidance=None, run_dir=Path(run_dir))
+        trainer.load_state_dict(load_checkpoint(latest_checkpoint(run_dir), device), weights_only=True)
+    trainer.scene.eval()
     return trainer
 
 
@@ -116,7 +251,7 @@ def render_cameras(trainer: Trainer, cameras: Cameras, shading: str) -> tuple[np
     """(images uint8 (B,H,W,3), opacity float (B,H,W)) rendered one camera at a time."""
     images, opacity = [], []
     for i in range(len(cameras)):
-        out = trainer.renderer(trainer.field, trainer.background, cameras.subset(i).to(trainer.device), shading)
+        out = trainer.scene.render(cameras.subset(i).to(trainer.device), shading)
         images.append((out.rgb[0].clamp(0, 1) * 255).round().byte().cpu().numpy())
         opacity.append(out.opacity[0, ..., 0].float().cpu().numpy())
     return np.stack(images), np.stack(opacity)
@@ -161,19 +296,35 @@ def extract(trainer: Trainer, resolution: int | None = None, threshold: float | 
 
 def export_run(run_dir: Path, formats: tuple[str, ...] | None = None, resolution: int | None = None,
                threshold: float | None = None, trainer: Trainer | None = None, video: bool | None = None,
-               device: str | None = None) -> list[Path]:
-    """Write mesh.<fmt> for each format, and turntable.mp4 and preview.png as the config says
-    (`video=True`/`False` forces both on or off)."""
+               device: str | None = None, name: str | None = None) -> list[Path]:
+    """Write <name>.<fmt> for each format and <name>.json, and turntable.mp4 and preview.png as the config
+    says (`video=True`/`False` forces both on or off). The mesh is that of the trainer's scene (by default the
+    run's last stage): marching cubes of a NeRF (`resolution`, `threshold`), or a mesh stage's DMTet surface.
+    `name` defaults to mesh, or mesh-coarse for the NeRF stage of a method with later stages."""
     from exporters import export_mesh
     from exporters.video import write_image_grid, write_video
+    from threed import methods
+    from threed.scenes.mesh import MeshScene
 
     run_dir = Path(run_dir)
     trainer = trainer or load_trainer(run_dir, device)
     cfg = trainer.cfg
-    trainer.field.eval()
-    trainer.background.eval()
-    mesh, level = extract(trainer, resolution, threshold)
-    written = export_mesh(mesh, run_dir, formats or cfg.export.formats)
+    trainer.scene.eval()
+    if isinstance(trainer.scene, MeshScene):
+        if resolution is not None or threshold is not None:
+            raise UserError("--resolution and --threshold set a NeRF's marching cubes; this run's mesh comes from "
+                            "its mesh stage (DMTet): drop them")
+        mesh = trainer.scene.export_mesh(cfg.export.keep_components, cfg.export.decimate_faces)
+        info = {"stage": "mesh", "step": trainer.step, "tet_grid_cells": list(trainer.scene.geometry.grid.cells)}
+    else:
+        mesh, level = extract(trainer, resolution, threshold)
+        info = {"threshold": float(level)}
+        if len(methods.get(cfg.method).stages) > 1:
+            info.update(stage="nerf", step=trainer.step)
+            name = name or COARSE
+    name = name or "mesh"
+    info.update(vertices=int(len(mesh.vertices)), faces=int(len(mesh.faces)))
+    written = export_mesh(mesh, run_dir, formats or cfg.export.formats, name=name)
     if cfg.export.video if video is None else video:
         size = cfg.export.video_resolution
         frames, _ = render_cameras(trainer, orbit_cameras(cfg.camera, cfg.export.video_frames, size, size), "albedo")
@@ -189,8 +340,7 @@ def export_run(run_dir: Path, formats: tuple[str, ...] | None = None, resolution
         path = run_dir / "preview.png"
         write_image_grid(list(colour) + list(plain), path, cols=n)
         written.append(path)
-    info = {"threshold": float(level), "vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces))}
-    atomic_write_text(run_dir / "mesh.json", json.dumps(info, indent=1))
+    atomic_write_text(run_dir / f"{name}.json", json.dumps(info, indent=1))
     written.append(write_run_report(run_dir))  # the page embeds the mesh: rewrite it with every export
     return written
 
@@ -206,3 +356,13 @@ def default_out_dir(cfg: Config) -> Path:
         path = Path(f"{base}-{i}")
     return path
 
+
+
+def default_refine_dir(source: Path) -> Path:
+    """SOURCE-refine beside the run being refined, with a numeric suffix if taken."""
+    base = Path(str(Path(source)).rstrip("/\\") + "-refine")
+    path, i = base, 1
+    while path.exists() and any(path.iterdir()):
+        i += 1
+        path = Path(f"{base}-{i}")
+    return path
