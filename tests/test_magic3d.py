@@ -1,0 +1,182 @@
+"""`threed run --method magic3d` and `--method magic3d-refine --from` end to end on tiny random models (the
+real pipeline, tiny sizes), stage-by-stage resume, and every bad input ending in one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from helpers_gltf import validate_gltf
+from threed.cli import main
+from threed.config import save_config
+from threed.pipeline import load_run_config
+from threed.spec import RunOptions, resolve
+
+# The tiny sizes of tests/test_cli.py for the NeRF stage, and a small mesh stage.
+TINY = ["render.width=16", "render.height=16", "render.num_samples=24", "render.occupancy_resolution=16",
+        "field.n_levels=4", "field.max_resolution=64", "field.log2_hashmap_size=12", "guidance.sd.resolution=32",
+        "export.resolution=32", "export.video_frames=4", "export.video_resolution=32", "export.preview_views=2",
+        "log_every=1", "checkpoint_every=2"]
+TINY_MESH = ["mesh.steps=2", "mesh.resolution=16", "mesh.width=32", "mesh.height=32"]
+
+slow = pytest.mark.slow  # tests on the two training fixtures (~1 min together on a shared 2-core CPU)
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def magic3d_run(tiny_sd_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("m3d") / "duck"
+    code = main(["run", "--method", "magic3d", "--prompt", "a yellow rubber duck", "--preset", "magic3d-cpu",
+                 "--model", str(tiny_sd_dir), "--steps", "2", "--device", "cpu", "--out", str(out), "--quiet",
+                 *TINY, *TINY_MESH])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def coarse_run(tiny_sd_dir, tmp_path_factory):
+    """A finished DreamFusion run to refine."""
+    out = tmp_path_factory.mktemp("coarse") / "duck"
+    code = main(["run", "--prompt", "a yellow rubber duck", "--preset", "cpu-tiny", "--model", str(tiny_sd_dir),
+                 "--steps", "2", "--device", "cpu", "--out", str(out), "--quiet", *TINY])
+    assert code == 0
+    return out
+
+
+@slow
+def test_magic3d_writes_both_stages(magic3d_run):
+    out = magic3d_run
+    for name in ["config.yaml", "metrics.jsonl", "mesh.obj", "mesh.mtl", "mesh.glb", "mesh.json", "mesh-coarse.obj",
+                 "mesh-coarse.mtl", "mesh-coarse.glb", "mesh-coarse.json", "turntable.mp4", "preview.png",
+                 "report.html"]:
+        assert (out / name).is_file(), name
+    assert [p.name for p in sorted((out / "checkpoints").glob("*.pt"))] == ["step-000002.pt"]
+    assert [p.name for p in sorted((out / "checkpoints" / "fine").glob("*.pt"))] == ["step-000002.pt"]
+    recs = records(out)
+    steps = [(r.get("stage", "nerf"), r["step"]) for r in recs if "loss" in r]
+    assert steps == [("nerf", 1), ("nerf", 2), ("mesh", 3), ("mesh", 4)]  # the mesh stage continues the step axis
+    assert all(np.isfinite(r["loss"]) and "loss_normal_consistency" in r for r in recs if r.get("stage") == "mesh")
+    assert all(0.02 <= r["t"] <= 0.5 + 1e-3 for r in recs if r.get("stage") == "mesh")  # the stage's t range
+    stage_done = [r for r in recs if r.get("stage_done")]
+    assert len(stage_done) == 1 and stage_done[0]["stage"] == "nerf" and stage_done[0]["step"] == 2
+    final = recs[-1]
+    assert final["done"] and final["step"] == 4
+    for key in ("nerf_wall_time_s", "nerf_it_per_s", "mesh_wall_time_s", "mesh_it_per_s", "mesh_init_time_s"):
+        assert final[key] > 0, key
+    assert final["wall_time_s"] == pytest.approx(final["nerf_wall_time_s"] + final["mesh_wall_time_s"], abs=0.01)
+    coarse_info = json.loads((out / "mesh-coarse.json").read_text())
+    fine_info = json.loads((out / "mesh.json").read_text())
+    assert coarse_info["stage"] == "nerf" and coarse_info["threshold"] > 0 and fine_info["stage"] == "mesh"
+    page = (out / "report.html").read_text()
+    assert "mesh-coarse.glb" in page and "step 4 of 4" in page
+
+
+@slow
+def test_magic3d_meshes_load_and_validate(magic3d_run):
+    for name in ("mesh", "mesh-coarse"):
+        obj = trimesh.load(magic3d_run / f"{name}.obj", force="mesh", skip_materials=True)
+        glb = trimesh.load(magic3d_run / f"{name}.glb", force="mesh")
+        assert len(obj.faces) > 0 and len(glb.faces) == len(obj.faces)
+        assert validate_gltf(magic3d_run / f"{name}.glb")["issues"]["numErrors"] == 0
+    # the final mesh is the DMTet surface, not the coarse marching-cubes one
+    fine = trimesh.load(magic3d_run / "mesh.obj", force="mesh", skip_materials=True)
+    coarse = trimesh.load(magic3d_run / "mesh-coarse.obj", force="mesh", skip_materials=True)
+    assert len(fine.vertices) != len(coarse.vertices)
+
+
+@slow
+def test_magic3d_resumes_per_stage(magic3d_run, capsys):
+    out = magic3d_run
+    code, stdout, _ = run_cli(["run", "--resume", out], capsys)
+    assert code == 0 and "is finished (nerf stage step 2 of 2; mesh stage step 2 of 2)" in stdout
+    assert "mesh.steps=N" in stdout
+    code, _, err = run_cli(["run", "--resume", out, "--steps", "4"], capsys)
+    assert code == 2 and "--steps cannot change the nerf stage" in err and "mesh.steps=N" in err
+    code, _, err = run_cli(["run", "--resume", out, "mesh.steps=3", "--quiet"], capsys)
+    assert code == 0, err
+    assert [p.name for p in sorted((out / "checkpoints" / "fine").glob("*.pt"))][-1] == "step-000003.pt"
+    assert [p.name for p in sorted((out / "checkpoints").glob("*.pt"))] == ["step-000002.pt"]  # NeRF untouched
+    final = records(out)[-1]
+    assert final["done"] and final["step"] == 5 and final["segment_steps"] == 1
+    assert "nerf_wall_time_s" in final  # the NeRF stage's numbers, from its record of the first segment
+
+
+@slow
+def test_export_of_a_magic3d_run_is_its_mesh_stage(magic3d_run, capsys):
+    code, stdout, _ = run_cli(["export", magic3d_run, "--format", "ply"], capsys)
+    assert code == 0 and str(magic3d_run / "mesh.ply") in stdout
+    code, _, err = run_cli(["export", magic3d_run, "--resolution", "64"], capsys)
+    assert code == 2 and "mesh stage (DMTet)" in err
+
+
+@slow
+def test_refine_a_finished_coarse_run(coarse_run, tiny_sd_dir, capsys):
+    code, stdout, err = run_cli(["run", "--method", "magic3d-refine", "--from", coarse_run, "--preset", "magic3d-cpu",
+                                 "--device", "cpu", "--quiet", *TINY_MESH], capsys)
+    assert code == 0, err
+    out = coarse_run.parent / "duck-refine"
+    assert f"refining {coarse_run} from its NeRF checkpoint step-000002.pt" in stdout and str(out) in stdout
+    cfg = load_run_config(out)
+    source = load_run_config(coarse_run)
+    assert cfg.method == "magic3d-refine" and cfg.steps == 2 and cfg.mesh.steps == 2
+    assert (cfg.prompt, cfg.guidance.sd.model, cfg.field) == (source.prompt, source.guidance.sd.model, source.field)
+    copied = torch.load(out / "checkpoints" / "step-000002.pt", weights_only=False)
+    original = torch.load(coarse_run / "checkpoints" / "step-000002.pt", weights_only=False)
+    assert "optimizer" not in copied and copied["copied_from"].endswith("step-000002.pt")
+    assert all(torch.equal(copied["field"][k], original["field"][k]) for k in original["field"])
+    for name in ("mesh.obj", "mesh.glb", "mesh-coarse.obj", "mesh-coarse.glb", "checkpoints/fine/step-000002.pt"):
+        assert (out / name).is_file(), name
+    assert records(out)[0]["copied_from"].endswith("step-000002.pt") and records(out)[-1]["done"]
+    # the refined run resumes like any other; the source is left alone
+    code, stdout, _ = run_cli(["run", "--resume", out], capsys)
+    assert code == 0 and "is finished" in stdout
+    code, _, err = run_cli(["run", "--resume", out, "--steps", "3"], capsys)
+    assert code == 2 and "it comes from another run" in err
+    assert not (coarse_run / "checkpoints" / "fine").exists() and not (coarse_run / "mesh-coarse.obj").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--from", "NOT_A_RUN"], ["is not a threed run directory", "config.yaml"]),
+    (["--from", "NO_CHECKPOINT"], ["has no NeRF checkpoint", "method dreamfusion"]),
+    (["--from", "CLIP_RUN"], ["used the clip prior", "--guidance sd"]),
+    (["--from", "NO_CHECKPOINT", "--steps", "3"], ["--steps", "mesh.steps=N"]),
+    (["--from", "NO_CHECKPOINT", "--method", "dreamfusion"], ["method dreamfusion starts from scratch",
+                                                               "--method magic3d-refine"]),
+    (["--from", "NO_CHECKPOINT", "--resume", "NO_CHECKPOINT"], ["--from", "--resume"]),
+    (["--method", "magic3d-refine", "--prompt", "a duck"], ["magic3d-refine", "--from RUN_DIR"]),
+    (["--prompt", "a duck", "mesh.steps=10"], ["mesh.steps", "no mesh stage", "--method magic3d"]),
+    (["--method", "magic3d", "--prompt", "a duck", "mesh.shading=shiny"], ["mesh.shading", "albedo"]),
+    (["--method", "magic3d", "--prompt", "a duck", "mesh.t_max=1.5"], ["mesh.t_min/t_max"]),
+    (["--method", "magic3d", "--guidance", "clip", "--prompt", "a duck"], ["takes the stable_diffusion or oracle"]),
+])
+def test_bad_refine_and_mesh_input_is_one_line(args, words, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    no_checkpoint = tmp_path / "empty-run"
+    cfg, _ = resolve(RunOptions(prompt="a duck", preset="cpu-tiny"), cuda=False)
+    save_config(cfg, no_checkpoint / "config.yaml")
+    clip_run = tmp_path / "clip-run"
+    cfg, _ = resolve(RunOptions(prompt="a duck", method="clip"), cuda=False)
+    save_config(cfg, clip_run / "config.yaml")
+    (clip_run / "checkpoints").mkdir()
+    (clip_run / "checkpoints" / "step-000010.pt").write_bytes(b"never loaded: the prior is refused first")
+    names = {"NOT_A_RUN": tmp_path, "NO_CHECKPOINT": no_checkpoint, "CLIP_RUN": clip_run}
+    code, _, err = run_cli(["run", *[names.get(a, a) for a in args]], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("threed: error:") and "Traceback" not in err, err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    assert not (no_checkpoint.parent / "empty-run-refine").exists()  # nothing written
