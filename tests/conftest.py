@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes more than ~20 s on a CPU (deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
 
 
 @pytest.fixture(autouse=True)
