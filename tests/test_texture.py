@@ -140,7 +140,8 @@ def test_dilation_fills_texels_next_to_charts_with_their_colours():
     assert torch.equal(filled[grown_mask], grown[grown_mask])
     assert bool((filled[~grown_mask].sum(-1) > 0.5).all())  # nothing left black
 
-    one = push_pull_fill(*dilate(torch.where(mask[..., None], red, torch.zeros(3)), mask & (torch.arange(size) < 16), 2))
+    left = mask & (torch.arange(size) < 16)  # the red chart alone
+    one = push_pull_fill(*dilate(torch.where(left[..., None], red, torch.zeros(3)), left, 2))
     level = one.permute(2, 0, 1)[None]
     while level.shape[-1] > 1:
         level = torch.nn.functional.avg_pool2d(level, 2)

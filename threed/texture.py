@@ -9,7 +9,7 @@ and mipmaps at chart borders never blend in a background colour.
 
 Cost: xatlas's chart computation grows faster than linearly with the face count (measured on 2 CPU
 cores, a bumpy closed surface: 5k faces 0.2 s, 20k 1.3 s, 50k 6 s, 100k 22 s, 200k 89 s with
-xatlas's defaults; users report hours on million-face meshes), so meshes are decimated first and the
+xatlas's defaults; users report an hour on multi-million-face meshes), so meshes are decimated first and the
 chart area is bounded (see `unwrap`). Baking and writing are linear in texels and faces.
 """
 
@@ -58,9 +58,10 @@ def unwrap(vertices: np.ndarray, faces: np.ndarray, resolution: int = 1024, padd
     kept free around each chart at that size.
 
     Run time is bounded by three options. `max_chart_area` (a fraction of the surface area; 0 = no
-    bound) stops a chart from growing past that area: growing charts is where xatlas spends its time,
-    and on 2 CPU cores it cut a 50k-face unwrap from 6.0 s to 1.8 s and a 100k-face one from 22 s to 5.8 s
-    (200k: 89 s to 24 s), at the cost of atlas utilisation (0.72 to 0.61 at 50k). Chart growing runs
+    bound) stops a chart from growing past that area: growing charts is where xatlas spends its time
+    (packing options barely changed it). On a bumpy test surface on a shared 2-core CPU it cut a
+    50k-face unwrap from 6.0 s to 1.8 s, 100k from 22 s to 5.8 s and 200k from 89 s to 24 s, at the cost
+    of atlas utilisation (0.72 to 0.61 at 50k); docs/PERFORMANCE.md has the benchmark's table. Chart growing runs
     for one iteration (`max_iterations=1`) and packing places charts greedily (`bruteForce=False`):
     both are xatlas's defaults and are set explicitly because their alternatives multiply the cost.
     The face count itself is bounded by decimating first (`export_textured`'s `max_faces`).
@@ -225,13 +226,14 @@ def push_pull_fill(image: Tensor, mask: Tensor) -> Tensor:
 def bake_texture(vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray, uv_faces: np.ndarray | None,
                  albedo_fn: AlbedoFn, size: int = 1024, device: str | torch.device = "cpu",
                  progress: bool = True, *, gutter: int = 8, inset: float = 0.0,
-                 normals: np.ndarray | None = None, chunk: int = 65536) -> np.ndarray:
+                 normals: np.ndarray | None = None, chunk: int = 1 << 18) -> np.ndarray:
     """An (size, size, 3) uint8 texture whose texels hold `albedo_fn` at the surface points they map to.
 
     vertices (N, 3) and faces (M, 3) give the surface; uvs (T, 2) in [0, 1] (v up, image row 0 is
     v = 1) and uv_faces (M, 3) give each face's texture coordinates (None: uvs are per vertex and
     indexed by `faces`). albedo_fn maps (K, 3) points on `device` to (K, 3) colours in [0, 1]; it is
-    called in chunks of `chunk` points. `inset` moves each point that far against the interpolated
+    called in chunks of `chunk` points (large: threed's hash-grid field on a CPU answered 262k points
+    1.6x faster in one call than in 65k chunks). `inset` moves each point that far against the interpolated
     vertex normal (`normals`, or computed) before the lookup: a density field's albedo is trained on
     the dense side of its surface. Texels outside every chart are filled: `gutter` rings of
     neighbour means, then push-pull for the rest (see `dilate`, `push_pull_fill`). Both are needed:
@@ -268,10 +270,12 @@ def bake_texture(vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray, uv_fa
         points = points - float(inset) * direction
 
     colours = torch.empty(len(points), 3, dtype=torch.float32, device=device)
-    for start in tqdm(range(0, len(points), chunk), desc="bake texture", unit="chunk", leave=False,
-                      disable=not progress):
-        out = albedo_fn(points[start:start + chunk])
-        colours[start:start + chunk] = out.reshape(-1, 3).float().clamp(0.0, 1.0)
+    with tqdm(total=len(points), desc="bake texture", unit="texel", unit_scale=True, leave=False,
+              disable=not progress) as bar:
+        for start in range(0, len(points), chunk):
+            out = albedo_fn(points[start:start + chunk])
+            colours[start:start + chunk] = out.reshape(-1, 3).float().clamp(0.0, 1.0)
+            bar.update(min(chunk, len(points) - start))
 
     image = torch.zeros(size * size, 3, dtype=torch.float32, device=device)
     mask = torch.zeros(size * size, dtype=torch.bool, device=device)
@@ -291,8 +295,9 @@ def export_textured(vertices: np.ndarray, faces: np.ndarray, albedo_fn: AlbedoFn
     """Decimate to at most `max_faces`, unwrap, bake `albedo_fn` and write `name`.obj/.mtl/.png and/or
     `name`.glb into `out_dir`; returns the paths written.
 
-    50k faces by default: xatlas then takes about 2 s on 2 CPU cores (see `unwrap`), and a 1024^2
-    texture holds about 10 texels per triangle at the atlas's usual utilisation. Vertex normals are
+    50k faces by default: xatlas then takes 2-8 s on a shared 2-core CPU (see `unwrap`; with its
+    defaults 6-22 s, and it grows about quadratically beyond), and a 1024^2 texture still gives each
+    triangle about 10 texels (half the texels are covered on a bumpy test surface). Vertex normals are
     computed on the decimated mesh before the seams are cut, so shading does not break along them.
     `timings`, when given, receives each phase's wall time in seconds (decimate, unwrap, bake, write).
     """
