@@ -106,8 +106,8 @@ def test_sds_gradient_matches_a_hand_computation(tiny_sd_dir):
     assert torch.allclose(z.detach(), z_hand, atol=1e-6)
     assert torch.allclose(z.grad, grad / 3, rtol=0, atol=3e-5)
     assert out["loss"].item() == pytest.approx(0.5 * grad.pow(2).sum().item() / 3, rel=5e-6)
-    assert out["t"] == pytest.approx(t.float().mean().item() / 1000)
-    assert out["grad_norm"] == pytest.approx(grad.norm().item(), rel=5e-6)
+    assert float(out["t"]) == pytest.approx(t.float().mean().item() / 1000)
+    assert float(out["grad_norm"]) == pytest.approx(grad.norm().item(), rel=5e-6)
     # rgb.grad is the autograd of <stopgrad(grad / B), latents(rgb)>.
     rgb2 = rgb.detach().clone().requires_grad_(True)
     (expected,) = torch.autograd.grad((encode(rgb2) * (grad / 3)).sum(), rgb2)
@@ -219,7 +219,8 @@ def test_v_prediction_models_are_converted_to_epsilon(tiny_sd_dir):
     abar = sds.sd_alphas_cumprod()[t].view(-1, 1, 1, 1)
     x_t = abar.sqrt() * z + (1 - abar).sqrt() * eps
     v = abar.sqrt() * eps - (1 - abar).sqrt() * z
-    g.unet = lambda x, tt, encoder_hidden_states: SimpleNamespace(sample=torch.cat([v, v]))
+    g.unet = lambda x, tt, encoder_hidden_states, return_dict=True: (
+        (torch.cat([v, v]),) if not return_dict else SimpleNamespace(sample=torch.cat([v, v])))
     cond = torch.zeros(2, 77, 32)
     eps_hat = g.noise_prediction(x_t, t, cond, cond)
     assert torch.allclose(eps_hat, eps, atol=1e-5)
