@@ -132,8 +132,11 @@ class StableDiffusionGuidance:
         return self.text_encoder(tokens.input_ids.to(self.device))[0]
 
     def encode_images(self, rgb: Tensor) -> Tensor:
-        """(B, H, W, 3) in [0, 1] -> scaled latents (B, C, h, w), differentiable (compiled where configured)."""
-        return self._encode(rgb)
+        """(B, H, W, 3) in [0, 1] -> scaled latents (B, C, h, w), differentiable (compiled where configured).
+
+        The render comes in one layout whatever the shading produced (a textureless render may be an
+        expanded view), so a compiled encoder sees one input signature and compiles once."""
+        return self._encode(rgb.float().contiguous())
 
     def _encode_eager(self, rgb: Tensor) -> Tensor:
         """Upsample to the encoder's resolution (bilinear: the 64² render has no detail to alias), map to
