@@ -139,8 +139,8 @@ class StableDiffusionGuidance:
         return self._encode(rgb.float().contiguous())
 
     def _encode_eager(self, rgb: Tensor) -> Tensor:
-        """Upsample to the encoder's resolution (bilinear: the 64² render has no detail to alias), map to
-        [-1, 1] and encode.
+        """Resize to the encoder's resolution (bilinear; enlarging needs no antialiasing), map to [-1, 1]
+        and encode.
 
         SD's VAE: the posterior mean, not a sample: its posterior is narrow, a sample would only add noise
         to the gradient through the encoder, and the SDS noise already supplies the randomness. The tiny
