@@ -172,7 +172,7 @@ def main() -> None:
     # (a) the CUDA tests (they skip on a CPU)
     if "a" not in skip:
         s.run("a-cuda-tests", [py, "-m", "pytest", "-q", "-rs", "-m", "cuda", "tests/test_cuda.py", "-p", "no:cacheprovider"],
-              timeout=220, need=60)
+              timeout=180, need=60)
 
     # (b) one training step, the preset as it is
     # Options first, key=value overrides last (argparse takes the overrides as one trailing list).
