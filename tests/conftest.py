@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes more than ~20 s on a CPU (deselect with -m 'not slow')")
-    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU, skipped without one (run: pytest -m cuda tests/test_cuda.py)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -47,3 +47,11 @@ def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tiny_models import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_taesd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random AutoencoderTiny folder (TAESD architecture), built once per session."""
+    from tiny_models import build_tiny_taesd
+
+    return build_tiny_taesd(tmp_path_factory.mktemp("tiny-taesd") / "taesd")

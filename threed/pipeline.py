@@ -89,11 +89,13 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
     peak = peak_memory_mb(device)
     start = time.perf_counter()
     export_run(out, trainer=trainer)
+    compile_time = getattr(guidance, "compile_time_s", None)  # inside wall_time_s: the first step compiles
     append_jsonl(out / "metrics.jsonl", {
         "step": trainer.step, "done": True, "wall_time_s": round(stats["train_time_s"], 3),
         "segment_wall_time_s": round(stats["segment_time_s"], 3), "segment_steps": stats["segment_steps"],
         "it_per_s": round(stats["it_per_s"], 4), "peak_memory_mb": round(peak, 1),
         "export_time_s": round(time.perf_counter() - start, 3), "device": device,
+        **({"compile_time_s": round(compile_time, 3)} if compile_time is not None else {}),
     })
     write_run_report(out)
     return out
