@@ -26,6 +26,9 @@ setup(
         "imageio>=2.31",
         "imageio-ffmpeg>=0.4.9",
         "fast-simplification>=0.1.7",
+        # UV atlases for textured export: chart segmentation, parametrisation and packing in one
+        # maintained C++ library with wheels; none of that is ours to rewrite.
+        "xatlas>=0.0.11",
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "numpy",

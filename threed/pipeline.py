@@ -125,6 +125,7 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
             torch.cuda.reset_peak_memory_stats()
         stats = trainer.fit(stages.stage_steps(cfg, stage), progress=progress)
         stats["peak_memory_mb"] = peak_memory_mb(device)
+        stats["compile_time_s"] = getattr(guidance, "compile_time_s", None)  # inside wall_time_s: the first step
         start = time.perf_counter()
         final = stage == method.stages[-1]
         if final:
@@ -144,9 +145,11 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
 
 
 def _stage_record(stats: dict) -> dict:
+    compile_time = stats.get("compile_time_s")
     return {"wall_time_s": round(stats["train_time_s"], 3), "segment_wall_time_s": round(stats["segment_time_s"], 3),
             "segment_steps": stats["segment_steps"], "it_per_s": round(stats["it_per_s"], 4),
-            "peak_memory_mb": round(stats["peak_memory_mb"], 1), "export_time_s": round(stats["export_time_s"], 3)}
+            "peak_memory_mb": round(stats["peak_memory_mb"], 1), "export_time_s": round(stats["export_time_s"], 3),
+            **({"compile_time_s": round(compile_time, 3)} if compile_time is not None else {})}
 
 
 def final_record(out: Path, cfg: Config, stage_names: tuple[str, ...], done: dict[str, dict], trainer: Trainer,
@@ -157,7 +160,10 @@ def final_record(out: Path, cfg: Config, stage_names: tuple[str, ...], done: dic
     stage finished in an earlier segment contributes the numbers of its record in metrics.jsonl."""
     last = done[stage_names[-1]]
     if len(stage_names) == 1:
-        return {"step": trainer.step, "done": True, **_stage_record(last), "device": device}
+        record = _stage_record(last)
+        compile_time = record.pop("compile_time_s", None)
+        return {"step": trainer.step, "done": True, **record, "device": device,
+                **({"compile_time_s": compile_time} if compile_time is not None else {})}
     records, _ = read_metrics(out)
     per_stage: dict[str, dict] = {}
     for name in stage_names:

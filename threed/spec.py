@@ -253,8 +253,10 @@ def resolve_refine(opts: RunOptions, cuda: bool | None = None) -> tuple[Config, 
     return cfg, notes, checkpoint
 
 
-# Settings a resumed run may change: how long it trains, where, how often it logs and saves, and export.
-RESUMABLE = ("steps", "mesh.steps", "device", "log_every", "checkpoint_every", "keep_checkpoints")
+# Settings a resumed run may change: how long it trains (each stage), where, how often it logs and saves, how
+# the guidance is compiled (the same math), and export.
+RESUMABLE = ("steps", "mesh.steps", "device", "log_every", "checkpoint_every", "keep_checkpoints",
+             "guidance.sd.compile", "guidance.sd.compile_vae")
 RESUMABLE_PREFIXES = ("export.",)
 
 

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import Tensor
 
 from threed.cameras import sample_cameras
 from threed.config import Config, to_dict
-from threed.errors import UserError
+from threed.errors import Diverged, UserError
 from threed.io import append_jsonl, atomic_torch_save
 from threed.render.shading import pick_shading
 from threed.scenes import weight_used
@@ -33,10 +34,6 @@ class Interrupted(UserError):
     exit_code = 130
 
 
-class Diverged(UserError):
-    """The loss became NaN or infinite."""
-
-
 def checkpoints_in(folder: Path) -> list[Path]:
     """The step-*.pt files in `folder`, oldest first."""
     paths = [p for p in Path(folder).glob("step-*.pt") if CHECKPOINT_RE.search(p.name)]
@@ -48,9 +45,30 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return checkpoints_in(Path(run_dir) / "checkpoints")
 
 
-def sync(device: torch.device) -> None:
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _no_sync(device: torch.device) -> None:
+    pass
+
+
+Record = dict[str, "Tensor | float"]
+
+
+def as_floats(record: Record) -> dict[str, float]:
+    """A step's record as plain numbers: every tensor read back in one transfer per device (on a GPU each
+    read waits for the queued work, so the loop does this only on the steps it logs)."""
+    out = {k: float(v) for k, v in record.items() if not isinstance(v, Tensor)}
+    by_device: dict[torch.device, list[str]] = {}
+    for key, value in record.items():
+        if isinstance(value, Tensor):
+            by_device.setdefault(value.device, []).append(key)
+    for keys in by_device.values():
+        values = torch.stack([record[k].detach().reshape(()).double() for k in keys]).tolist()
+        out.update(zip(keys, values))
+    return {k: out[k] for k in record}
 
 
 class Trainer:
@@ -83,6 +101,9 @@ class Trainer:
         self.train_time_s = 0.0  # summed over every segment of a resumed run ...
         self.timed_steps = 0  # ... and the steps it covers (a 0.1 checkpoint carries no time)
         self.timings: dict[str, float] = {}
+        # Wait for the GPU after each phase, so that `timings` split the step (benchmarks); off, a step waits
+        # for the device once, for the finiteness check, and the host queues ahead of the GPU otherwise.
+        self.phase_timing = False
         self.log_extra: dict = {}
         self.log_step_offset = 0
         self.diverged_hint = "lower optim.lr or guidance.sd.guidance_scale and resume"
@@ -110,10 +131,15 @@ class Trainer:
         return weight_used(self.scene.losses, loss)
 
     # -- one iteration ------------------------------------------------------------------------
-    def train_step(self) -> dict[str, float]:
-        """Render a batch of random views, score it with the guidance, take one Adam step."""
+    def train_step(self) -> Record:
+        """Render a batch of random views, score it with the guidance, take one Adam step.
+
+        Returns the step's losses and the guidance's statistics as computed, tensors still on the device
+        (`as_floats` reads them): converting them here would wait for the GPU at every step.
+        """
         assert self.guidance is not None, "a Trainer without guidance can only render"
         cfg, dev = self.cfg, self.device
+        sync = _sync if self.phase_timing else _no_sync
         self.scene.train()
         t0 = time.perf_counter()
         self.scene.prepare(self.step, self.generator)
@@ -131,10 +157,12 @@ class Trainer:
         total = sum(getattr(weights, name)(self.step) * value for name, value in losses.items())
         sync(dev)
         t2 = time.perf_counter()
-        if not torch.isfinite(total):
-            raise Diverged(f"the loss became {total.item()} at step {self.step}")
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
+        # Checked once the backward is queued: the host waits for the device here, once per step, while the
+        # GPU works through the guidance and the backward. The optimiser never steps on a non-finite loss.
+        if not torch.isfinite(total):
+            raise Diverged(f"the loss became {total.item()} at step {self.step}")
         sync(dev)
         t3 = time.perf_counter()
         for group, schedule in zip(self.optimizer.param_groups, self.lr_schedules):
@@ -144,9 +172,10 @@ class Trainer:
         t4 = time.perf_counter()
         self.timings = {"render": t1 - t0, "guidance": t2 - t1, "backward": t3 - t2, "optimizer": t4 - t3}
         self.step += 1
-        record: dict[str, float] = {"loss": float(total.detach())}
-        record.update({f"loss_{k}": float(v.detach()) for k, v in losses.items()})
-        record.update({k: float(v) for k, v in g.items() if k != "loss" and isinstance(v, (int, float))})
+        record: Record = {"loss": total.detach()}
+        record.update({f"loss_{k}": v.detach() for k, v in losses.items()})
+        record.update({k: v.detach() if isinstance(v, Tensor) else float(v) for k, v in g.items()
+                       if k != "loss" and (isinstance(v, (int, float)) or (isinstance(v, Tensor) and v.numel() == 1))})
         return record
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -201,9 +230,10 @@ class Trainer:
                 self.timed_steps += 1
                 tick = now
                 bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4g}")
                 if self.step % cfg.log_every == 0 or self.step == steps:
-                    append_jsonl(metrics, {"step": self.step + self.log_step_offset, **self.log_extra, **record,
+                    values = as_floats(record)
+                    bar.set_postfix(loss=f"{values['loss']:.4g}")
+                    append_jsonl(metrics, {"step": self.step + self.log_step_offset, **self.log_extra, **values,
                                            "time_s": round(time.perf_counter() - start, 3)})
                 if cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()

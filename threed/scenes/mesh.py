@@ -29,7 +29,7 @@ from torch import Tensor
 
 from threed.cameras import Cameras
 from threed.config import Config
-from threed.errors import UserError, first_line
+from threed.errors import Diverged, UserError, first_line
 from threed.fields.dmtet import DMTetGeometry
 from threed.fields.nerf import NeRFField
 from threed.mesh_losses import laplacian_smoothing, normal_consistency
@@ -42,7 +42,7 @@ from threed.scenes import weight_used
 NEAR, FAR = 0.05, 100.0  # clip planes (scene units); objects sit in [-bound, bound]^3 at distance ~1.5-2
 
 
-class EmptySurface(UserError):
+class EmptySurface(Diverged):
     """The SDF has no zero crossing: there is no surface to render."""
 
 
