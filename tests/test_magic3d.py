@@ -21,7 +21,7 @@ TINY = ["render.width=16", "render.height=16", "render.num_samples=24", "render.
         "field.n_levels=4", "field.max_resolution=64", "field.log2_hashmap_size=12", "guidance.sd.resolution=32",
         "export.resolution=32", "export.video_frames=4", "export.video_resolution=32", "export.preview_views=2",
         "log_every=1", "checkpoint_every=2"]
-TINY_MESH = ["mesh.steps=2", "mesh.resolution=16", "mesh.width=32", "mesh.height=32"]
+TINY_MESH = ["mesh.steps=2", "mesh.resolution=16", "mesh.width=32", "mesh.height=32", "export.texture_size=64"]
 
 slow = pytest.mark.slow  # tests on the two training fixtures (~1 min together on a shared 2-core CPU)
 
@@ -84,17 +84,31 @@ def test_magic3d_writes_both_stages(magic3d_run):
     assert "mesh-coarse.glb" in page and "step 4 of 4" in page
 
 
+def assert_textured(folder, name="mesh"):
+    """OBJ + MTL + PNG with UVs, and a GLB whose material's base colour is an embedded texture."""
+    import pygltflib
+
+    obj = trimesh.load(folder / f"{name}.obj", force="mesh")
+    assert len(obj.faces) > 0 and obj.visual.kind == "texture" and obj.visual.uv.shape == (len(obj.vertices), 2)
+    assert "map_Kd" in (folder / f"{name}.mtl").read_text() and (folder / f"{name}.png").is_file()
+    gltf = pygltflib.GLTF2().load(str(folder / f"{name}.glb"))
+    assert gltf.materials[0].pbrMetallicRoughness.baseColorTexture is not None and len(gltf.images) == 1
+    assert gltf.meshes[0].primitives[0].attributes.TEXCOORD_0 is not None
+    assert validate_gltf(folder / f"{name}.glb")["issues"]["numErrors"] == 0
+
+
 @slow
 def test_magic3d_meshes_load_and_validate(magic3d_run):
-    for name in ("mesh", "mesh-coarse"):
-        obj = trimesh.load(magic3d_run / f"{name}.obj", force="mesh", skip_materials=True)
-        glb = trimesh.load(magic3d_run / f"{name}.glb", force="mesh")
-        assert len(obj.faces) > 0 and len(glb.faces) == len(obj.faces)
-        assert validate_gltf(magic3d_run / f"{name}.glb")["issues"]["numErrors"] == 0
-    # the final mesh is the DMTet surface, not the coarse marching-cubes one
-    fine = trimesh.load(magic3d_run / "mesh.obj", force="mesh", skip_materials=True)
+    """mesh.* (the mesh stage's) are textured, as the magic3d presets say; mesh-coarse.* keep vertex colours."""
+    import pygltflib
+
+    assert_textured(magic3d_run)
     coarse = trimesh.load(magic3d_run / "mesh-coarse.obj", force="mesh", skip_materials=True)
-    assert len(fine.vertices) != len(coarse.vertices)
+    glb = trimesh.load(magic3d_run / "mesh-coarse.glb", force="mesh")
+    assert len(coarse.faces) > 0 and len(glb.faces) == len(coarse.faces)
+    assert pygltflib.GLTF2().load(str(magic3d_run / "mesh-coarse.glb")).meshes[0].primitives[0].attributes.COLOR_0
+    assert validate_gltf(magic3d_run / "mesh-coarse.glb")["issues"]["numErrors"] == 0
+    assert json.loads((magic3d_run / "mesh.json").read_text())["texture"]["size"] == 64
 
 
 @slow
@@ -180,3 +194,15 @@ def test_bad_refine_and_mesh_input_is_one_line(args, words, capsys, tmp_path, mo
     for w in words:
         assert w in lines[0], (w, lines[0])
     assert not (no_checkpoint.parent / "empty-run-refine").exists()  # nothing written
+
+
+@slow
+def test_textured_export_of_a_nerf_run(coarse_run, capsys):
+    """`threed export DIR --texture` works for a DreamFusion run too (its field's albedo, baked)."""
+    code, stdout, err = run_cli(["export", coarse_run, "--texture", "--texture-size", "64"], capsys)
+    assert code == 0, err
+    assert str(coarse_run / "mesh.png") in stdout
+    assert_textured(coarse_run)
+    assert json.loads((coarse_run / "mesh.json").read_text())["texture"]["size"] == 64
+    code, _, err = run_cli(["export", coarse_run, "--no-texture", "--texture-size", "64"], capsys)
+    assert code == 2 and "--no-texture" in err

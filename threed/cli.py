@@ -77,6 +77,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resolution", type=int, help="marching-cubes grid per axis")
     p.add_argument("--threshold", type=float, help="density level (default: chosen automatically)")
     p.add_argument("--video", action="store_true", help="also render turntable.mp4 and preview.png")
+    p.add_argument("--texture", action=argparse.BooleanOptionalAction, default=None,
+                   help="OBJ and GLB with a baked albedo texture (UV atlas + PNG) instead of vertex colours "
+                        "[the run's export.texture]")
+    p.add_argument("--texture-size", dest="texture_size", type=int, help="texture side in pixels [1024]")
     p.add_argument("--device", help="cpu or cuda")
 
 
@@ -191,8 +195,14 @@ def cmd_export(args: argparse.Namespace) -> None:
             raise UserError(f"unknown export format '{fmt}': use obj, glb or ply")
     if args.resolution is not None and args.resolution < 8:
         raise UserError("--resolution must be at least 8")
+    if args.texture_size is not None:
+        if not 16 <= args.texture_size <= 16384:
+            raise UserError(f"--texture-size {args.texture_size} is out of range: pass 16 to 16384 (e.g. 1024)")
+        if args.texture is False:
+            raise UserError("--texture-size sets the baked texture, but --no-texture asks for none: drop one")
+    texture = True if args.texture_size is not None and args.texture is None else args.texture
     written = pipeline.export_run(run_dir, formats, args.resolution, args.threshold, video=args.video,
-                                  device=args.device)
+                                  device=args.device, texture=texture, texture_size=args.texture_size)
     for path in written:
         print(path)
 

@@ -244,6 +244,11 @@ class ExportConfig:
     keep_components: float = 0.05  # drop connected parts smaller than this fraction of the largest
     decimate_faces: int = 0  # target face count (0: off)
     formats: tuple[str, ...] = ("obj", "glb")
+    # OBJ and GLB with a baked albedo texture (threed/texture.py: decimate to texture_max_faces, xatlas UV
+    # atlas, texture_size² PNG) instead of vertex colours; PLY keeps vertex colours.
+    texture: bool = False
+    texture_size: int = 1024
+    texture_max_faces: int = 50000
     video: bool = True
     video_frames: int = 48
     video_resolution: int = 256
@@ -536,6 +541,8 @@ def validate(cfg: Config) -> None:
         (cfg.optim.lr.bounds()[0] > 0, "optim.lr", "must be positive"),
         (cfg.export.resolution >= 8, "export.resolution", "must be >= 8"),
         (cfg.export.video_resolution % 16 == 0, "export.video_resolution", "must be a multiple of 16 (video codecs)"),
+        (16 <= cfg.export.texture_size <= 16384, "export.texture_size", "must be in [16, 16384]"),
+        (cfg.export.texture_max_faces >= 4, "export.texture_max_faces", "must be >= 4"),
         (len(g.clip.models) == len(g.clip.pretrained), "guidance.clip.pretrained",
          "needs one entry per guidance.clip.models entry"),
     ]

@@ -129,7 +129,7 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
         start = time.perf_counter()
         final = stage == method.stages[-1]
         if final:
-            export_run(out, trainer=trainer)
+            export_run(out, trainer=trainer, progress=progress)
         else:
             coarse_export(out, trainer, progress)
         stats["export_time_s"] = time.perf_counter() - start
@@ -204,7 +204,7 @@ def copy_nerf_weights(source: Path, out: Path) -> Path:
 
 def coarse_export(run_dir: Path, trainer: Trainer, progress: bool = True) -> list[Path]:
     """The NeRF stage's mesh of a multi-stage run: mesh-coarse.<fmt> and mesh-coarse.json (level, step)."""
-    return export_run(run_dir, trainer=trainer, video=False, name=COARSE)
+    return export_run(run_dir, trainer=trainer, video=False, name=COARSE, texture=False, progress=progress)
 
 
 def coarse_level(run_dir: Path, coarse: Trainer, progress: bool = True) -> float:
@@ -302,11 +302,14 @@ def extract(trainer: Trainer, resolution: int | None = None, threshold: float | 
 
 def export_run(run_dir: Path, formats: tuple[str, ...] | None = None, resolution: int | None = None,
                threshold: float | None = None, trainer: Trainer | None = None, video: bool | None = None,
-               device: str | None = None, name: str | None = None) -> list[Path]:
+               device: str | None = None, name: str | None = None, texture: bool | None = None,
+               texture_size: int | None = None, progress: bool = True) -> list[Path]:
     """Write <name>.<fmt> for each format and <name>.json, and turntable.mp4 and preview.png as the config
     says (`video=True`/`False` forces both on or off). The mesh is that of the trainer's scene (by default the
     run's last stage): marching cubes of a NeRF (`resolution`, `threshold`), or a mesh stage's DMTet surface.
-    `name` defaults to mesh, or mesh-coarse for the NeRF stage of a method with later stages."""
+    `name` defaults to mesh, or mesh-coarse for the NeRF stage of a method with later stages. With `texture`
+    (default export.texture) OBJ and GLB carry a baked albedo texture (threed/texture.py) of the same field
+    that gives the vertex colours; PLY keeps vertex colours."""
     from exporters import export_mesh
     from exporters.video import write_image_grid, write_video
     from threed import methods
@@ -322,15 +325,29 @@ def export_run(run_dir: Path, formats: tuple[str, ...] | None = None, resolution
                             "its mesh stage (DMTet): drop them")
         mesh = trainer.scene.export_mesh(cfg.export.keep_components, cfg.export.decimate_faces)
         info = {"stage": "mesh", "step": trainer.step, "tet_grid_cells": list(trainer.scene.geometry.grid.cells)}
+        albedo_fn, inset = trainer.scene.texture.albedo, 0.0  # trained on the surface itself
     else:
         mesh, level = extract(trainer, resolution, threshold)
         info = {"threshold": float(level)}
         if len(methods.get(cfg.method).stages) > 1:
             info.update(stage="nerf", step=trainer.step)
             name = name or COARSE
+        # read half a marching-cubes cell inside, as the vertex colours are (threed.mesh.extract_mesh)
+        albedo_fn, inset = trainer.field.albedo, cfg.render.bound / ((resolution or cfg.export.resolution) - 1)
     name = name or "mesh"
     info.update(vertices=int(len(mesh.vertices)), faces=int(len(mesh.faces)))
-    written = export_mesh(mesh, run_dir, formats or cfg.export.formats, name=name)
+    formats = tuple(formats or cfg.export.formats)
+    textured = [f for f in formats if f in ("obj", "glb")] if (cfg.export.texture if texture is None else texture) else []
+    written = export_mesh(mesh, run_dir, [f for f in formats if f not in textured], name=name) if len(textured) < len(formats) else []
+    if textured:
+        from threed.texture import export_textured
+
+        size = texture_size or cfg.export.texture_size
+        timings: dict[str, float] = {}
+        written += export_textured(mesh.vertices, mesh.faces, albedo_fn, run_dir, textured, size,
+                                   cfg.export.texture_max_faces, trainer.device, progress, name=name, inset=inset,
+                                   timings=timings)
+        info["texture"] = {"size": size, "formats": textured, **{f"{k}_s": round(v, 3) for k, v in timings.items()}}
     if cfg.export.video if video is None else video:
         size = cfg.export.video_resolution
         frames, _ = render_cameras(trainer, orbit_cameras(cfg.camera, cfg.export.video_frames, size, size), "albedo")

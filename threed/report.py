@@ -321,7 +321,7 @@ def write_run_report(run_dir: Path | str) -> Path:
 
     body.append("<h2>Config</h2>")
     body.append(f"<pre>{_esc(config_text)}</pre>" if config_text else _placeholder("No config.yaml in this folder."))
-    files = [n for n in ("mesh.glb", "mesh.obj", "mesh.mtl", "mesh.ply", "mesh-coarse.glb", "mesh-coarse.obj",
+    files = [n for n in ("mesh.glb", "mesh.obj", "mesh.mtl", "mesh.png", "mesh.ply", "mesh-coarse.glb", "mesh-coarse.obj",
                          "mesh-coarse.mtl", "mesh-coarse.ply", "turntable.mp4", "preview.png", "config.yaml",
                          "metrics.jsonl", "mesh.json", "mesh-coarse.json") if _exists(run_dir, n)]
     if files:

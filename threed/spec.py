@@ -195,7 +195,8 @@ def check_mesh_section(cfg: Config, method: methods.Method) -> None:
 
 def resolve_refine(opts: RunOptions, cuda: bool | None = None) -> tuple[Config, list[str], Path]:
     """The Config of a run refining RUN_DIR = `opts.from_run` (magic3d-refine): RUN_DIR's config (its prompt,
-    prior, field and NeRF settings) with the method's preset's `mesh:` section, then the options and
+    prior, field and NeRF settings) with the method's preset's `mesh:` section (and its export.texture),
+    then the options and
     overrides; `steps` becomes the step of RUN_DIR's newest NeRF checkpoint, which is returned too and
     stands for the new run's finished NeRF stage. Notes say which checkpoint and preset were taken."""
     from threed.trainer import CHECKPOINT_RE, list_checkpoints
@@ -236,12 +237,16 @@ def resolve_refine(opts: RunOptions, cuda: bool | None = None) -> tuple[Config, 
             device = opts.device or saved.device or "auto"
             cuda = device.startswith("cuda") or (device in ("auto", "") and _cuda_visible())
         preset, _ = method.default_preset(prior, cuda)
-    mesh = load_yaml(preset_path(preset)).get("mesh")
+    preset_data = load_yaml(preset_path(preset))
+    mesh = preset_data.get("mesh")
     if not isinstance(mesh, dict):
         raise UserError(f"preset {preset} has no mesh: section to refine with: pass --preset magic3d (or another "
                         f"preset of magic3d)")
     notes.append(f"mesh stage settings from the {preset} preset")
     base.update(method=method.name, steps=step, mesh=mesh)
+    texture = (preset_data.get("export") or {}).get("texture")
+    if texture is not None:  # the refined mesh is exported as the preset says (textured, for magic3d's)
+        base["export"]["texture"] = texture
     base["guidance"]["type"] = prior
     overrides = option_overrides(opts, prior) + list(opts.overrides)
     cfg = build_config(base=base, overrides=overrides)
