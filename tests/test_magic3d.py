@@ -162,6 +162,26 @@ def test_refine_a_finished_coarse_run(coarse_run, tiny_sd_dir, capsys):
     assert not (coarse_run / "checkpoints" / "fine").exists() and not (coarse_run / "mesh-coarse.obj").exists()
 
 
+def test_magic3d_presets_and_method_choice():
+    """The GPU preset has Magic3D's / threestudio's magic3d-refine values; --guidance oracle takes the oracle
+    preset and a machine without CUDA the CPU one, saying so."""
+    from threed import methods
+    from threed.config import build_config
+
+    cfg = build_config("magic3d")
+    assert cfg.method == "magic3d" and methods.get("magic3d").stages == ("nerf", "mesh")
+    assert (cfg.render.width, cfg.steps) == (64, 10000)  # the coarse stage: DreamFusion's
+    m = cfg.mesh
+    assert (m.width, m.height, m.steps, m.resolution) == (512, 512, 5000, 128)
+    assert m.fovy == (30.0, 45.0) and m.distance == (1.5, 2.0) and (m.t_min(0), m.t_max(0)) == (0.02, 0.5)
+    assert cfg.guidance.sd.guidance_scale == 100.0 and m.lr_texture(0) == 0.01 and m.lr_background(0) == 0.0
+    assert cfg.export.texture
+    oracle, _ = resolve(RunOptions(method="magic3d", reference="shape.ply"), cuda=True)
+    assert oracle.guidance.type == "oracle" and oracle.mesh.width == build_config("magic3d-oracle").mesh.width
+    cpu, notes = resolve(RunOptions(method="magic3d", prompt="a duck"), cuda=False)
+    assert cpu.mesh.width == build_config("magic3d-cpu").mesh.width and "magic3d-cpu" in notes[0]
+
+
 @pytest.mark.parametrize("args, words", [
     (["--from", "NOT_A_RUN"], ["is not a threed run directory", "config.yaml"]),
     (["--from", "NO_CHECKPOINT"], ["has no NeRF checkpoint", "method dreamfusion"]),

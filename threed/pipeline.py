@@ -176,12 +176,13 @@ def final_record(out: Path, cfg: Config, stage_names: tuple[str, ...], done: dic
             per_stage[name] = {k: v for k, v in previous[-1].items() if k not in ("step", "stage", "stage_done",
                                                                                   "device")} if previous else {}
     total_time = sum(s.get("wall_time_s", 0.0) for s in per_stage.values())
-    total_steps = cfg.steps + trainer.step
+    # it/s over the stages trained here (a refinement's NeRF stage was trained in another run)
+    trained_steps = sum(stages.stage_steps(cfg, n) for n in stage_names if "wall_time_s" in per_stage[n])
     trained = [done[n] for n in stage_names if "train_time_s" in done.get(n, {})]
-    record = {"step": total_steps, "done": True, "wall_time_s": round(total_time, 3),
+    record = {"step": cfg.steps + trainer.step, "done": True, "wall_time_s": round(total_time, 3),
               "segment_wall_time_s": round(sum(s["segment_time_s"] for s in trained), 3),
               "segment_steps": sum(s["segment_steps"] for s in trained),
-              "it_per_s": round(total_steps / total_time, 4) if total_time > 0 else 0.0,
+              "it_per_s": round(trained_steps / total_time, 4) if total_time > 0 else 0.0,
               "peak_memory_mb": round(max(s["peak_memory_mb"] for s in trained), 1),
               "export_time_s": round(last["export_time_s"], 3), "device": device}
     for name, values in per_stage.items():
