@@ -12,8 +12,12 @@ import argparse
 import difflib
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from threed.errors import UserError
+
+if TYPE_CHECKING:
+    from threed.config import Config
 
 EPILOG = "Config overrides: key=value after the options, e.g. render.width=128 optim.lr=0.005"
 
@@ -155,7 +159,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(f"threed: done: {out}")
 
 
-def check_stages_to_resume(run_dir: Path, saved, cfg, progress: list[tuple[str, int, int]],
+def check_stages_to_resume(run_dir: Path, saved: Config, cfg: Config, progress: list[tuple[str, int, int]],
                            args: argparse.Namespace) -> bool:
     """For a run of several stages: whether there is anything to train; a stage that has finished and been
     followed by the next cannot grow (its successor started from it)."""

@@ -24,7 +24,8 @@ STAGES = ("nerf", "mesh")
 
 
 def checkpoint_dir(run_dir: Path, stage: str) -> Path:
-    return Path(run_dir) / "checkpoints" / ("fine" if stage == "mesh" else "")
+    folder = Path(run_dir) / "checkpoints"
+    return folder / "fine" if stage == "mesh" else folder
 
 
 def stage_steps(cfg: Config, stage: str) -> int:

@@ -21,7 +21,7 @@ from threed.config import Config, to_dict
 from threed.errors import Diverged, UserError
 from threed.io import append_jsonl, atomic_torch_save
 from threed.render.shading import pick_shading
-from threed.scenes import weight_used
+from threed.scenes import Scene, weight_used
 from threed.scenes.nerf import NeRFScene
 
 Guidance = Callable[..., dict]
@@ -78,7 +78,7 @@ class Trainer:
     by `log_step_offset` (a later stage continues the run's step axis)."""
 
     def __init__(self, cfg: Config, device: str, guidance: Guidance | None, run_dir: Path | None = None,
-                 scene=None, checkpoint_dir: Path | None = None):
+                 scene: Scene | None = None, checkpoint_dir: Path | None = None):
         self.cfg = cfg
         self.device = torch.device(device)
         self.run_dir = Path(run_dir) if run_dir is not None else None

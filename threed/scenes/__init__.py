@@ -16,7 +16,41 @@ Magic3D's fine stage: a DMTet surface + texture field + rasterizer + background.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+    from threed.cameras import Cameras
+    from threed.render.volume import RenderOutput
+    from threed.schedule import Schedule
+
+
+class Scene(Protocol):
+    """What the training loop needs of a stage's scene (see the module docstring)."""
+
+    losses: Any
+    background: Any
+
+    def param_groups(self) -> list[tuple[list[Tensor], Schedule]]: ...
+
+    def prepare(self, step: int, generator: torch.Generator | None = None) -> None: ...
+
+    def render(self, cameras: Cameras, shading: str, need_normals: bool = False,
+               generator: torch.Generator | None = None) -> RenderOutput: ...
+
+    def regularisers(self, out: RenderOutput, step: int) -> dict[str, Tensor]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def train(self) -> None: ...
+
+    def eval(self) -> None: ...
+
+    def describe(self) -> str: ...
 
 
 def weight_used(losses: Any, name: str) -> bool:

@@ -11,6 +11,7 @@ from threed.errors import UserError, first_line
 from threed.fields.nerf import NeRFField
 from threed.render.background import Background
 from threed.render.volume import RenderOutput, VolumeRenderer
+from threed.schedule import Schedule
 from threed.scenes import weight_used
 
 
@@ -26,7 +27,7 @@ class NeRFScene:
         self.renderer = VolumeRenderer(cfg.render, self.device)
         self.losses = cfg.loss
 
-    def param_groups(self) -> list[tuple[list[Tensor], object]]:
+    def param_groups(self) -> list[tuple[list[Tensor], Schedule]]:
         groups = [(list(self.field.parameters()), self.cfg.optim.lr)]
         bg_params = list(self.background.parameters())
         if bg_params:
