@@ -34,7 +34,9 @@ setup(
     extras_require={
         # nerfacc JIT-builds its CUDA kernels on first use on a GPU; tinycudann must be built from source.
         "cuda": ["nerfacc>=0.5.3"],
-        "test": ["pytest>=7", "pygltflib>=1.16"],
+        # threed bench --ray: entries as Ray tasks across GPUs and nodes (imported only when asked for).
+        "ray": ["ray>=2.9"],
+        "test": ["pytest>=7", "pygltflib>=1.16", "ray>=2.9"],
     },
     entry_points={"console_scripts": ["threed=threed.cli:main"]},
 )
