@@ -38,6 +38,21 @@ TINY_CLIP = ["guidance.clip.resolution=32", "guidance.clip.num_augs=1"]
 FAULTS = Path(__file__).resolve().parent / "fault_injection"  # its sitecustomize.py makes chosen children die
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One PyTorch thread here and in the entries' child processes: these models are so small that a second
+    thread only adds synchronisation, and on a busy shared 2-core machine it made tiny CLIP steps 1 it/s
+    instead of 26 it/s (measured). The thread count does not change what these tests check."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory) -> str:
     return write_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-bench-clip.json")
@@ -337,6 +352,18 @@ def test_reference_scores_only_methods_that_see_it(tmp_path, capsys, fake_pipeli
     assert "Chamfer-L1" in report and "| dreamfusion-oracle |" in report
 
 
+def test_progress_of_training_and_evaluation_is_shown(tmp_path, capsys, fake_pipeline, tiny_clip):
+    """Without --quiet: the bench's bar (steps, entries done / running / failed) and the evaluation's bar
+    (rendered views, naming the entry and stage); the evaluation used to print one line and sit silent."""
+    prompts = write_prompts(tmp_path / "p.txt", "a cat", "a dog")
+    argv = [a for a in fast_args(prompts, tmp_path / "out", "clip", tiny_clip) if a != "--quiet"]
+    rc, stdout, err = run_cli(argv, capsys)
+    assert rc == 0
+    assert "entries: 2 done, 0 running, 0 failed, 2 in all" in err and "4/4 [" in err  # 2 entries x 2 steps
+    assert re.search(r"evaluating: 100%.*8/8 .*view", err) and "clip/a-dog" in err
+    assert "bench: evaluating 2 runs (2 views x 2 shadings" in err + stdout
+
+
 # -- end to end with tiny random models -----------------------------------------------------------
 
 def e2e_argv(prompts: str, out: Path, tiny_clip: str, methods: str = "sds,clip", *extra: str) -> list[str]:
@@ -434,8 +461,10 @@ def test_bench_resumes_after_an_interruption(e2e, tmp_path, capsys):
 def test_each_run_reports_its_own_peak_memory_and_settings(e2e):
     """Each entry trains in a child process, so its peak memory is its own. Before, all trained in the
     bench's process, whose high-water mark only grows: the clip runs (trained after the dreamfusion runs,
-    which render 96² here) reported at least the dreamfusion runs' peak. Measured (shared 2-core CPU):
-    dreamfusion 1003 MB, clip 814 MB; the margin comes from the bigger renders and the diffusers stack."""
+    which render 96² here) reported at least the dreamfusion runs' peak. A child must not report its
+    parent's size either (getrusage's ru_maxrss survives fork and exec: from this ~1 GB test process every
+    child reported 1002 MB). Measured (VmHWM, shared 2-core CPU): dreamfusion 996-1016 MB, clip 813 MB;
+    the margin comes from the bigger renders and the diffusers stack."""
     out = e2e["out"]
     rows = rows_of(out)
     peaks = {m: [float(r["peak_memory_mb"]) for r in rows if r["method"] == m] for m in ("dreamfusion", "clip")}
@@ -550,3 +579,36 @@ def test_ctrl_c_stops_the_entry_keeps_its_checkpoint_and_exits_130(tmp_path, cap
     assert not (out / "results.csv").exists()
     rc, stdout, _ = run_cli(argv, capsys)
     assert rc == 0 and f"resuming in {run_dir}" in stdout and bench.final_record(run_dir)["step"] == 3
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_ray_bench_stops_the_running_tasks_and_keeps_their_checkpoints(ray_cluster, tmp_path,
+                                                                                      tiny_clip):
+    """A Ctrl-C in the bench (raised here in its progress loop once the entry has trained a step) cancels
+    the Ray tasks; the running one stops its child, which saves a checkpoint, and the bench re-raises."""
+    from threed import bench_ray
+
+    fault(ray_cluster["faults"], "none of these prompts", 0, "exit")
+    prompts = write_prompts(tmp_path / "p.txt", "a cat")
+    out = tmp_path / "out"
+    (entry,) = plan_of(e2e_argv(prompts, out, tiny_clip, "clip", "--steps", "2000"))
+
+    class CtrlC:
+        """Progress that presses Ctrl-C once the entry has logged a step."""
+
+        def write(self, line: str) -> None:
+            pass
+
+        def finish(self, entry, status: dict) -> None:
+            raise AssertionError(f"the entry ended: {status}")
+
+        def poll(self, candidates=None) -> None:
+            if bench.last_step(entry.run_dir) >= 1:
+                raise KeyboardInterrupt
+
+    out.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        bench_ray.connect("local").train([entry], [entry], CtrlC(), 1, out)
+    assert bench.final_record(entry.run_dir) is None
+    assert list((entry.run_dir / "checkpoints").glob("step-*.pt"))
+    assert "interrupted at step" in entry.log_path.read_text()

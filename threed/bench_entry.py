@@ -52,6 +52,10 @@ def main(argv: list[str]) -> int:
     import faulthandler
 
     faulthandler.enable()  # a segfault leaves a traceback in the entry's log
+    # Ctrl-C (forwarded by the parent) must raise KeyboardInterrupt, so the trainer saves a checkpoint, even
+    # where the parent blocks or ignores SIGINT and this process inherited that (Ray's workers do).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     return train(*argv)
 
@@ -80,6 +84,7 @@ def train(config_path: str, run_dir: str, result_path: str) -> int:
     except KeyboardInterrupt:  # before training started (Interrupted covers training)
         return finish("interrupted", "interrupted", code=EXIT_INTERRUPTED)
     except Interrupted as e:
+        print(f"bench entry: {e}", flush=True)
         return finish("interrupted", str(e), code=EXIT_INTERRUPTED)
     except Diverged as e:
         return finish("diverged", str(e), code=EXIT_DIVERGED)
