@@ -222,7 +222,11 @@ def method_prior(method: registry.Method, guidance: str | None, preset: str | No
     else its preset's, else its default."""
     for item in reversed(own):
         if _override_key(item) == "guidance.type":
-            return spec.canonical_prior(str(parse_override(item)["guidance"]["type"]))
+            prior = spec.canonical_prior(str(parse_override(item)["guidance"]["type"]))
+            if prior not in method.priors:
+                raise UserError(f"{method.name}:{item}: method {method.name} takes the {' or '.join(method.priors)} "
+                                f"prior, not {prior}: drop the override")
+            return prior
     if guidance and spec.canonical_prior(guidance) in method.priors:
         return spec.canonical_prior(guidance)
     if preset:
@@ -279,17 +283,21 @@ def make_plan(args: argparse.Namespace, cuda: bool | None = None) -> tuple[list[
         prior = spec.canonical_prior(opts.guidance)
         raise UserError(f"--guidance {opts.guidance}: no method of this bench takes the {prior} prior ({used}); "
                         f"add --methods {registry.for_prior(prior).name}")
+    def unused(what: str, prior: str) -> UserError:
+        takers = [m.name for m in methods if prior in m.priors]
+        fix = (f"pass --guidance {prior} ({', '.join(takers)} take{'s' if len(takers) == 1 else ''} it)" if takers
+               else f"add --methods {registry.for_prior(prior).name}")
+        return UserError(f"{what} concerns the {prior} prior, which no method of this bench uses ({used}): "
+                         f"drop it, or {fix}")
+
     for name in spec.given(opts):
         concerns = spec.OPTIONS[name][1]
         if concerns is not None and concerns not in priors.values():
-            raise UserError(f"{spec.flag(name)} concerns the {concerns} prior, which no method of this bench uses "
-                            f"({used}): drop it, or pass --guidance {concerns} or --methods "
-                            f"{registry.for_prior(concerns).name}")
+            raise unused(spec.flag(name), concerns)
     for item in plain:
         prior = _prior_of_key(_override_key(item))
         if prior is not None and prior not in priors.values():
-            raise UserError(f"{item} concerns the {prior} prior, which no method of this bench uses ({used}): "
-                            f"drop it")
+            raise unused(item, prior)
     if cuda is None:
         cuda = cuda_wanted(args.device)
     notes: list[str] = []

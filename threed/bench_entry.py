@@ -54,7 +54,8 @@ def main(argv: list[str]) -> int:
     faulthandler.enable()  # a segfault leaves a traceback in the entry's log
     # Ctrl-C (forwarded by the parent) must raise KeyboardInterrupt, so the trainer saves a checkpoint, even
     # where the parent blocks or ignores SIGINT and this process inherited that (Ray's workers do).
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if hasattr(signal, "pthread_sigmask"):  # POSIX
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     return train(*argv)
