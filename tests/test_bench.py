@@ -364,6 +364,20 @@ def test_progress_of_training_and_evaluation_is_shown(tmp_path, capsys, fake_pip
     assert "bench: evaluating 2 runs (2 views x 2 shadings" in err + stdout
 
 
+def test_a_ray_task_that_cannot_see_the_bench_folder_says_so_and_a_crash_survives_pickling(tmp_path):
+    """A node without the shared --out folder fails its entry with the fix; a crashed entry's status travels
+    inside the exception Ray pickles back to the bench."""
+    import pickle
+
+    from threed import bench_ray
+
+    (tmp_path / bench_ray.TOKEN_FILE).write_text("this bench's token")
+    status = bench_ray.run_task({}, str(tmp_path / bench_ray.TOKEN_FILE), "another bench's token")
+    assert status["status"] == "failed" and "every Ray node mounts at the same path" in status["error"]
+    crash = pickle.loads(pickle.dumps(bench_ray.EntryCrashed({"status": "failed", "error": "crashed: killed"})))
+    assert crash.status == {"status": "failed", "error": "crashed: killed"} and str(crash) == "crashed: killed"
+
+
 # -- end to end with tiny random models -----------------------------------------------------------
 
 def e2e_argv(prompts: str, out: Path, tiny_clip: str, methods: str = "sds,clip", *extra: str) -> list[str]:

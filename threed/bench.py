@@ -958,20 +958,31 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
-    from threed.config import resolve_device
-    from threed.pipeline import check_writable
-
-    start = time.perf_counter()
     cluster = None
-    if getattr(args, "ray", None) and "=" in args.ray:
-        raise UserError(f"--ray took the override {args.ray} as its address: write --ray=auto (or local, or an "
-                        f"address) before key=value overrides")
     if getattr(args, "ray", None):
+        if "=" in args.ray:
+            raise UserError(f"--ray took the override {args.ray} as its address: write --ray=auto (or local, or an "
+                            f"address) before key=value overrides")
         from threed import bench_ray
 
         read_prompts(args.prompts)  # bad input fails before a cluster starts
         parse_methods(args.methods)
         cluster = bench_ray.connect(args.ray)
+    try:
+        run(args, cluster)
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def run(args: argparse.Namespace, cluster=None) -> None:
+    """The bench: plan, train (serially, or on `cluster`, a bench_ray.Cluster), evaluate, write results."""
+    from tqdm import tqdm
+
+    from threed.config import resolve_device
+    from threed.pipeline import check_writable
+
+    start = time.perf_counter()
     plan, notes = make_plan(args, cuda=cuda_wanted(args.device, cluster.gpus if cluster else None))
     if cluster is not None:
         cluster.check(plan, args.device, args.ray_cpus)
@@ -991,7 +1002,7 @@ def main(args: argparse.Namespace) -> None:
         "reference": spec.absolute(args.reference) if args.reference else None,
         "ray": cluster.describe() if cluster else None,
     }
-    say = print if args.quiet else __import__("tqdm").tqdm.write
+    say = print if args.quiet else tqdm.write
     for note in dict.fromkeys(notes):
         say(f"bench: {note}")
     statuses, todo = pending(plan, say)
@@ -1011,7 +1022,7 @@ def main(args: argparse.Namespace) -> None:
     finally:
         progress.close()
         if cluster is not None:
-            cluster.close()
+            cluster.close()  # evaluation needs no cluster
 
     evals = evaluate_all(plan, evaluator, args.eval_views, args.eval_size, device, args.quiet)
     text_emb = evaluator.texts(prompts) if any(v is not None for v in evals.values()) else None

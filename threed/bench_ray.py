@@ -148,7 +148,9 @@ class Cluster:
             return {"status": "failed", "error": f"the Ray worker died ({type(e).__name__}: {first_line(e)})"}
 
     def close(self) -> None:
+        """Disconnect, once, if this bench connected: a local Ray it started stops, a cluster runs on."""
         if self.started:
+            self.started = False
             self.ray.shutdown()
 
 
