@@ -16,7 +16,6 @@ import datetime
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,27 +23,6 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))  # tiny_models: the offline CLIP tokenizer and tiny SD
-
-
-def build_random_sd(arch_dir: Path, out: Path) -> Path:
-    """A diffusers folder with SD's real-size architecture and random weights (for speed only)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-    from tiny_models import build_clip_tokenizer
-
-    load = lambda name: {k: v for k, v in json.loads((arch_dir / name).read_text()).items()  # noqa: E731
-                         if not k.startswith("_")}
-    torch.manual_seed(0)
-    UNet2DConditionModel(**load("unet.json")).save_pretrained(out / "unet")
-    AutoencoderKL(**load("vae.json")).save_pretrained(out / "vae")
-    CLIPTextModel(CLIPTextConfig(**load("text.json"))).save_pretrained(out / "text_encoder")
-    build_clip_tokenizer().save_pretrained(out / "tokenizer")
-    sched = load("scheduler.json")
-    DDPMScheduler(**{k: sched[k] for k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps",
-                                            "prediction_type", "steps_offset", "clip_sample")}).save_pretrained(
-        out / "scheduler")
-    return out
 
 
 def main() -> None:
@@ -62,6 +40,7 @@ def main() -> None:
 
     from threed.config import build_config, resolve_device
     from threed.methods import build_guidance
+    from threed.random_models import build_random_sd, build_tiny_sd
     from threed.trainer import Trainer, peak_memory_mb
 
     device = resolve_device(args.device)
@@ -69,8 +48,6 @@ def main() -> None:
         model = args.model
         if model is None:
             if args.tiny_sd:
-                from tiny_models import build_tiny_sd
-
                 model = str(build_tiny_sd(Path(tmp) / "sd"))
             else:
                 model = str(build_random_sd(Path(args.arch), Path(tmp) / "sd"))

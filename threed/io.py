@@ -1,38 +1,18 @@
-"""Atomic file writes: a crash or Ctrl-C never leaves a half-written file behind."""
+"""Atomic file writes: a crash or Ctrl-C never leaves a half-written file behind.
+
+The one implementation lives in `exporters.atomic` (exporters import nothing from threed, so the shared
+helper sits on their side); results follow the umask like a plain open().
+"""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from exporters.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 
-@contextlib.contextmanager
-def atomic_path(path: Path | str) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def atomic_write_text(path: Path | str, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+__all__ = ["append_jsonl", "atomic_path", "atomic_torch_save", "atomic_write_bytes", "atomic_write_text"]
 
 
 def atomic_torch_save(obj: Any, path: Path | str) -> None:

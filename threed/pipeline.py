@@ -152,7 +152,7 @@ def export_run(run_dir: Path, formats: tuple[str, ...] | None = None, resolution
                device: str | None = None) -> list[Path]:
     """Write mesh.<fmt> for each format, and turntable.mp4 and preview.png as the config says
     (`video=True`/`False` forces both on or off)."""
-    from exporters import export_mesh
+    from exporters import UnknownFormatError, export_mesh
     from exporters.video import write_image_grid, write_video
 
     run_dir = Path(run_dir)
@@ -161,7 +161,11 @@ def export_run(run_dir: Path, formats: tuple[str, ...] | None = None, resolution
     trainer.field.eval()
     trainer.background.eval()
     mesh, level = extract(trainer, resolution, threshold)
-    written = export_mesh(mesh, run_dir, formats or cfg.export.formats)
+    try:
+        written = export_mesh(run_dir, formats or cfg.export.formats, mesh.vertices, mesh.faces, mesh.colors,
+                              mesh.normals)
+    except UnknownFormatError as e:
+        raise UserError(str(e)) from None
     if cfg.export.video if video is None else video:
         size = cfg.export.video_resolution
         frames, _ = render_cameras(trainer, orbit_cameras(cfg.camera, cfg.export.video_frames, size, size), "albedo")
