@@ -33,7 +33,8 @@ def mesh_arrays(vertices, faces, colors=None, normals=None) -> MeshArrays:
         if value is not None:
             value = np.ascontiguousarray(value, dtype=np.float32)
             if value.shape != v.shape:
-                raise ValueError(f"{name} must be an (N, 3) array matching the {len(v)} vertices, got shape {value.shape}")
+                raise ValueError(f"{name} must be an (N, 3) array matching the {len(v)} vertices, "
+                                 f"got shape {value.shape}")
             if name == "colors":
                 value = np.clip(value, 0.0, 1.0)
         out.append(value)

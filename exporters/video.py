@@ -40,7 +40,8 @@ def require_mp4_writer() -> None:
     try:
         imageio_ffmpeg.get_ffmpeg_exe()
     except RuntimeError:
-        raise ImportError(f"imageio-ffmpeg finds no ffmpeg binary ({MP4_WRITER_HINT}, or set IMAGEIO_FFMPEG_EXE)") from None
+        raise ImportError(f"imageio-ffmpeg finds no ffmpeg binary ({MP4_WRITER_HINT}, "
+                          "or set IMAGEIO_FFMPEG_EXE)") from None
 
 
 def write_video(frames: Sequence[np.ndarray], path: Path | str, fps: int, progress: bool | None = False) -> Path:

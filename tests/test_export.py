@@ -61,7 +61,8 @@ def test_each_mesh_file_has_its_own_metadata(untrained):
         assert entry["bytes"] == (run_dir / name).stat().st_size and entry["format"] == name[-3:]
     assert meta["mesh.obj"]["resolution"] == meta["mesh.glb"]["resolution"] == 24
     assert meta["mesh.ply"]["resolution"] == 16
-    assert meta["mesh.ply"]["threshold"] == 3.0 and meta["mesh.obj"]["threshold"] == meta["mesh.glb"]["threshold"] == 5.0
+    assert meta["mesh.ply"]["threshold"] == 3.0
+    assert meta["mesh.obj"]["threshold"] == meta["mesh.glb"]["threshold"] == 5.0
     assert meta["mesh.obj"]["faces"] != meta["mesh.ply"]["faces"]
     # an entry whose file is gone is dropped at the next export; so is the old single-record layout
     (run_dir / "mesh.glb").unlink()

@@ -273,7 +273,8 @@ def chamfer_line(mesh_path: Path | str, reference: Path | str) -> str:
     try:
         ref = trimesh.load(reference, force="mesh")
     except Exception as e:  # trimesh raises many types for unreadable files
-        raise UserError(f"cannot read the reference mesh {reference} ({first_line(e)}): pass an OBJ, PLY or GLB") from None
+        raise UserError(f"cannot read the reference mesh {reference} ({first_line(e)}): "
+                        "pass an OBJ, PLY or GLB") from None
     pred = trimesh.load(mesh_path, force="mesh")
     if len(pred.faces) == 0 or len(ref.faces) == 0:
         return f"Chamfer-L1 from {Path(mesh_path).name} to {Path(reference).name}: undefined (a mesh is empty)"
