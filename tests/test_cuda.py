@@ -57,10 +57,10 @@ def sd21_random(tmp_path_factory) -> Path:
     given = os.environ.get("THREED_SD21_RANDOM")
     if given:
         return Path(given)
-    sys.path.insert(0, str(ROOT / "examples"))
-    from benchmark_step import build_random_sd
+    from threed.random_models import build_random_sd
 
-    return build_random_sd(ROOT / "examples" / "sd21-base-architecture", tmp_path_factory.mktemp("sd21") / "sd", "cuda")
+    return build_random_sd(ROOT / "examples" / "sd21-base-architecture", tmp_path_factory.mktemp("sd21") / "sd",
+                           device="cuda")
 
 
 def one_camera(size: int):

@@ -116,7 +116,8 @@ def cmd_run(args: argparse.Namespace) -> None:
             print(f"threed: {run_dir} is finished (step {step} of {cfg.steps}); nothing changed. Pass --steps N "
                   f"(N > {step}) to train on, or re-export with `threed export {run_dir}`")
             return
-        out = pipeline.run(cfg, run_dir, resume=True, progress=not args.quiet)
+        out = run_dir
+        written = pipeline.run(cfg, run_dir, resume=True, progress=not args.quiet)
     else:
         cfg, notes = spec.resolve(opts)
         for note in notes:
@@ -127,7 +128,9 @@ def cmd_run(args: argparse.Namespace) -> None:
         if (out / "config.yaml").exists():
             raise UserError(f"{out} already holds a run: continue it with `threed run --resume {out}` "
                             "or pass another --out")
-        out = pipeline.run(cfg, out, progress=not args.quiet)
+        written = pipeline.run(cfg, out, progress=not args.quiet)
+    reference = cfg.guidance.oracle.reference if cfg.guidance.type == "oracle" else None
+    print(pipeline.written_summary(written, reference))
     print(f"threed: done: {out}")
 
 
@@ -145,8 +148,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise UserError("--resolution must be at least 8")
     written = pipeline.export_run(run_dir, formats, args.resolution, args.threshold, video=args.video,
                                   device=args.device)
-    for path in written:
-        print(path)
+    cfg = pipeline.load_run_config(run_dir)
+    print(pipeline.written_summary(written, cfg.guidance.oracle.reference if cfg.guidance.type == "oracle" else None))
 
 
 def main(argv: list[str] | None = None) -> int:

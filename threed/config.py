@@ -92,7 +92,7 @@ class SDConfig:
     """Stable Diffusion prior (threed/guidance/stable_diffusion.py)."""
 
     model: str = DEFAULT_SD_MODEL  # hub id or local diffusers folder
-    revision: str = ""  # hub revision (branch, tag or commit); empty: the default branch
+    revision: str = ""  # hub revision (branch, tag or commit); empty: the one threed pins for its default id, else latest
     half_precision: bool = True  # fp16 weights on CUDA; always fp32 on CPU
     guidance_scale: float = 100.0  # classifier-free guidance
     resolution: int = 512  # image size fed to the VAE encoder

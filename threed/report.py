@@ -292,8 +292,11 @@ def write_run_report(run_dir: Path | str) -> Path:
             mesh_info = json.loads((run_dir / "mesh.json").read_text())
         except json.JSONDecodeError:
             pass
-    if isinstance(mesh_info, dict):
-        metrics.update({f"mesh {k}": v for k, v in mesh_info.items()})
+    # mesh.json describes each mesh file; show the one the viewer draws
+    meshes = mesh_info.get("meshes") if isinstance(mesh_info, dict) else None
+    shown = meshes.get("mesh.glb") or next(iter(meshes.values()), None) if isinstance(meshes, dict) and meshes else None
+    if isinstance(shown, dict):
+        metrics.update({f"mesh {k}": v for k, v in shown.items() if k in ("vertices", "faces", "threshold")})
     if records:
         metrics.update({k: v for k, v in records[-1].items() if k not in metrics and k != "time_s"})
     if metrics:
