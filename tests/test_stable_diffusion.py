@@ -418,3 +418,17 @@ def test_diffusers_attention_is_pytorch_sdpa(tiny_sd_dir):
     for model in (g.unet, g.vae):
         processors = model.attn_processors
         assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors.values())
+
+
+def test_the_default_id_is_fetched_at_its_pinned_revision(tmp_path, monkeypatch):
+    from threed.config import DEFAULT_SD_MODEL
+    from threed.guidance.models import PINNED_REVISIONS, pinned_revision
+
+    pin = PINNED_REVISIONS[DEFAULT_SD_MODEL]
+    assert len(pin) == 40 and pinned_revision(DEFAULT_SD_MODEL) == pin
+    assert pinned_revision(DEFAULT_SD_MODEL, "main") == "main"  # the user's revision wins
+    assert pinned_revision("someone/else") is None
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(UserError) as err:
+        StableDiffusionGuidance(GuidanceConfig(), PROMPT, "", CameraConfig(), "cpu", 0)
+    assert f"hf download {DEFAULT_SD_MODEL} --revision {pin}" in str(err.value)
