@@ -7,14 +7,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 # Tests never reach the network: the hub client must answer from the cache or fail at once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Without CUDA, Triton kernels run in Triton's interpreter (on CPU tensors). `triton.jit` reads the variable
+# when a kernel -- triton's own library included -- is decorated, so it is set before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes more than ~20 s on a CPU (deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (tests/test_cuda.py; skipped without one)")
 
 
 @pytest.fixture(autouse=True)

@@ -26,7 +26,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 class FieldConfig:
     """Hash-grid NeRF: density + albedo (see threed/fields/)."""
 
-    backend: Literal["auto", "torch", "tcnn"] = "auto"
+    backend: Literal["auto", "torch", "triton", "tcnn"] = "auto"  # auto: tcnn, else triton on CUDA, else torch
     n_levels: int = 16
     n_features_per_level: int = 2
     log2_hashmap_size: int = 19
