@@ -110,3 +110,75 @@ def test_occupancy_grid_skips_only_empty_space():
     assert 0.05 < occupied < 0.4  # the ball (and one cell around it), not the whole cube
     out = skipping(field, Background(cfg_skip).eval(), cam, "albedo")
     assert torch.allclose(out.opacity, full.opacity, atol=1e-6)
+
+
+# -- empty space: chunks of rays that meet no occupied cell, or miss the scene ---------------------------
+def small_field():
+    from threed.config import FieldConfig
+    from threed.fields.nerf import NeRFField
+
+    torch.manual_seed(0)
+    cfg = FieldConfig(backend="torch", n_levels=4, log2_hashmap_size=12, base_resolution=4, max_resolution=32,
+                      hidden_dim=16)
+    return NeRFField(cfg, 1.0)
+
+
+def count_field_points(field):
+    """Record how many points each call of `field(x)` receives."""
+    seen = []
+    forward = field.forward
+
+    def counting(x):
+        seen.append(len(x))
+        return forward(x)
+
+    field.forward = counting
+    return seen
+
+
+def looking_away(cam):
+    """The same camera turned by 180 degrees about its up axis: every ray leaves the scene cube unmet."""
+    cam.c2w[:, :3, 0] *= -1
+    cam.c2w[:, :3, 2] *= -1
+    return cam
+
+
+@pytest.mark.parametrize("case", ["empty_occupancy_grid", "camera_looking_away"])
+def test_render_of_only_empty_space_is_the_background(case):
+    """A training render (stratified samples, Lambertian shading, normals for the orientation loss, several
+    chunks) that sees nothing: opacity exactly 0, every pixel the background, and a backward pass."""
+    colour = (0.3, 0.5, 0.7)
+    cfg = RenderConfig(num_samples=32, occupancy_resolution=16, background="solid", background_color=colour,
+                       backend="torch", chunk_rays=50)
+    renderer = VolumeRenderer(cfg, "cpu")
+    field = small_field().train()
+    generator = torch.Generator().manual_seed(0)
+    renderer.update_occupancy(field, 0, generator)
+    cam = front_camera(size=15)
+    if case == "empty_occupancy_grid":
+        renderer.occupancy.binary.zero_()
+    else:
+        cam = looking_away(cam)
+    seen = count_field_points(field)
+    out = renderer(field, Background(cfg).train(), cam, "lambertian", need_normals=True, generator=generator)
+    assert len(seen) >= 5  # 225 rays in chunks of 50
+    if case == "empty_occupancy_grid":
+        assert set(seen) == {0}  # the field was evaluated on zero points in every chunk
+    assert out.opacity.abs().max().item() == 0.0
+    assert torch.allclose(out.rgb, torch.tensor(colour).expand_as(out.rgb))
+    assert out.orient.item() == 0.0 and out.depth.abs().max().item() == 0.0
+    (out.rgb.mean() + out.orient + out.opacity.mean()).backward()
+    grad = field.encoding.params.grad
+    assert grad is None or grad.abs().max().item() == 0.0
+
+
+def test_render_of_zero_rays():
+    cfg = RenderConfig(num_samples=16, occupancy_resolution=8, background="solid", backend="torch")
+    renderer = VolumeRenderer(cfg, "cpu")
+    field = small_field().train()
+    renderer.update_occupancy(field, 0)
+    cam = front_camera(size=0)
+    out = renderer(field, Background(cfg).train(), cam, "lambertian", need_normals=True,
+                   generator=torch.Generator().manual_seed(0))
+    assert out.rgb.shape == (1, 0, 0, 3) and out.opacity.shape == (1, 0, 0, 1)
+    assert out.orient.item() == 0.0
