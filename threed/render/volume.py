@@ -184,6 +184,7 @@ class VolumeRenderer(nn.Module):
         ray_indices, t_starts, t_ends = self.estimator.sampling(
             rays_o, rays_d, sigma_fn=sigma_fn, t_min=near, t_max=far, render_step_size=self.step_size,
             stratified=field.training, early_stop_eps=1e-4, alpha_thre=0.0)
+        ray_indices = ray_indices.long()  # nerfacc may return int32
         mid = (t_starts + t_ends) * 0.5
         pts = rays_o[ray_indices] + mid[:, None] * rays_d[ray_indices]
         sigma, albedo = field(pts)
