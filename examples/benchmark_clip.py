@@ -28,12 +28,12 @@ def measure(arch: str, size: int, augs: int, iters: int, warmup: int, device: st
     import torch
 
     from threed.cameras import orbit_cameras
-    from threed.config import CameraConfig, GuidanceConfig, resolve_device
+    from threed.config import CameraConfig, ClipConfig, GuidanceConfig, resolve_device
     from threed.guidance.clip import ClipGuidance
 
     device = resolve_device(device)
-    cfg = GuidanceConfig(type="clip", clip_models=(arch,), clip_pretrained=("none",), clip_resolution=224,
-                         clip_num_augs=augs, view_dependent_prompting=False)
+    cfg = GuidanceConfig(type="clip", view_dependent_prompting=False,
+                         clip=ClipConfig(models=(arch,), pretrained=("none",), resolution=224, num_augs=augs))
     guidance = ClipGuidance(cfg, "a DSLR photo of a hamburger", "", CameraConfig(), device, seed=0)
     cams = orbit_cameras(CameraConfig(), 1, size, size).to(device)
     rgb = torch.rand(1, size, size, 3, device=device, requires_grad=True)
@@ -73,7 +73,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--archs", default="ViT-B-32,ViT-L-14")
     p.add_argument("--sizes", default="128,224", help="render sizes (the CLIP input stays 224)")
-    p.add_argument("--augs", type=int, default=1, help="augmented crops per render (guidance.clip_num_augs)")
+    p.add_argument("--augs", type=int, default=1, help="augmented crops per render (guidance.clip.num_augs)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="auto")

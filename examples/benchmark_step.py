@@ -61,7 +61,7 @@ def main() -> None:
     args = p.parse_args()
 
     from threed.config import build_config, resolve_device
-    from threed.methods import build_guidance
+    from threed import methods
     from threed.trainer import Trainer, peak_memory_mb
 
     device = resolve_device(args.device)
@@ -75,10 +75,10 @@ def main() -> None:
             else:
                 model = str(build_random_sd(Path(args.arch), Path(tmp) / "sd"))
         # The tiny VAE downsamples 2x, not 8x: keep its latents (and the UNet's attention) small.
-        tiny = ["guidance.resolution=64"] if args.tiny_sd else []
-        cfg = build_config(args.preset, [f"guidance.model={model}", "prompt=a yellow rubber duck",
+        tiny = ["guidance.sd.resolution=64"] if args.tiny_sd else []
+        cfg = build_config(args.preset, [f"guidance.sd.model={model}", "prompt=a yellow rubber duck",
                                          f"device={device}", *tiny, *args.overrides])
-        guidance = build_guidance(cfg, device)
+        guidance = methods.get(cfg.method).build_guidance(cfg, device)
         trainer = Trainer(cfg, device, guidance, run_dir=Path(tmp) / "run")
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -97,8 +97,8 @@ def main() -> None:
             "device": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
             "torch": torch.__version__, "preset": args.preset, "model": args.model or ("tiny random SD" if args.tiny_sd else "SD-2.1-base architecture, random weights"),
             "field_backend": trainer.field.backend, "renderer_backend": trainer.renderer.backend,
-            "render": f"{cfg.render.width}x{cfg.render.height}", "guidance_resolution": cfg.guidance.resolution,
-            "half_precision": cfg.guidance.half_precision and device == "cuda",
+            "render": f"{cfg.render.width}x{cfg.render.height}", "guidance_resolution": cfg.guidance.sd.resolution,
+            "half_precision": cfg.guidance.sd.half_precision and device == "cuda",
             "steps_timed": args.steps, "median_ms": {k: round(v * 1000, 1) for k, v in med.items()},
             "it_per_s": round(1.0 / med["step"], 2), "peak_memory_mb": round(peak_memory_mb(device), 1),
             "peak_memory_kind": "CUDA max allocated" if device == "cuda" else "process max RSS",

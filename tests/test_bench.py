@@ -24,8 +24,8 @@ from threed.cli import main as cli  # noqa: E402
 # Small enough for a few seconds per run on a shared 2-core CPU (measured: 2-12 s per run).
 TINY_RUN = ["render.width=16", "render.height=16", "render.num_samples=16", "render.occupancy_resolution=16",
             "render.shading=albedo", "field.n_levels=4", "field.log2_hashmap_size=12", "field.max_resolution=64",
-            "field.hidden_dim=16", "loss.orient=0", "guidance.resolution=64", "guidance.clip_resolution=32",
-            "guidance.clip_num_augs=1", "export.resolution=16", "export.video=false", "export.preview_views=1",
+            "field.hidden_dim=16", "loss.orient=0", "guidance.sd.resolution=64", "guidance.clip.resolution=32",
+            "guidance.clip.num_augs=1", "export.resolution=16", "export.video=false", "export.preview_views=1",
             "export.video_resolution=16"]
 
 
@@ -161,8 +161,8 @@ def fake_pipeline(monkeypatch):
 
 def fast_args(prompts, out, methods, tiny_clip, *extra):
     return bench_args(prompts, out, methods, "--eval-clip-model", tiny_clip, "--eval-clip-pretrained", "none",
-                      "--eval-views", "2", "--eval-size", "32", f"guidance.clip_models=[{tiny_clip}]",
-                      "guidance.clip_pretrained=[none]", *extra)
+                      "--eval-views", "2", "--eval-size", "32", f"guidance.clip.models=[{tiny_clip}]",
+                      "guidance.clip.pretrained=[none]", *extra)
 
 
 def test_a_failed_run_is_reported_and_retried(tmp_path, capsys, fake_pipeline, tiny_clip):
@@ -222,8 +222,8 @@ def e2e(tmp_path_factory, tiny_sd_dir, tiny_clip):
     root = tmp_path_factory.mktemp("bench")
     prompts = write_prompts(root / "prompts.txt", "a red apple", "a blue chair")
     argv = bench_args(prompts, root / "out", "sds,clip", "--eval-clip-model", tiny_clip, "--eval-clip-pretrained",
-                      "none", "--eval-views", "2", "--eval-size", "32", f"guidance.model={tiny_sd_dir}",
-                      f"guidance.clip_models=[{tiny_clip}]", "guidance.clip_pretrained=[none]", *TINY_RUN)
+                      "none", "--eval-views", "2", "--eval-size", "32", f"guidance.sd.model={tiny_sd_dir}",
+                      f"guidance.clip.models=[{tiny_clip}]", "guidance.clip.pretrained=[none]", *TINY_RUN)
     start = time.perf_counter()
     rc = cli(argv)
     return {"rc": rc, "out": root / "out", "argv": argv, "seconds": time.perf_counter() - start}

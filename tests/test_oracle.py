@@ -12,7 +12,7 @@ import trimesh
 
 import shapes
 from threed.cameras import make_cameras
-from threed.config import GuidanceConfig, RenderConfig
+from threed.config import GuidanceConfig, OracleConfig, RenderConfig
 from threed.errors import UserError
 from threed.guidance import sds
 from threed.guidance.oracle import OracleGuidance, oracle_eps
@@ -37,7 +37,7 @@ def _cameras(n: int = 2):
 
 
 def _oracle(path: Path | str, views: int = 1, seed: int = 0, **kw) -> OracleGuidance:
-    cfg = GuidanceConfig(type="oracle", reference=str(path), oracle_views=views, **kw)
+    cfg = GuidanceConfig(type="oracle", oracle=OracleConfig(reference=str(path), views=views, **kw))
     return OracleGuidance(cfg, RenderConfig(width=RES, height=RES), "cpu", seed)
 
 
@@ -154,7 +154,7 @@ def test_reference_colors_and_default_color(reference: Path, tmp_path: Path) -> 
 
     plain = tmp_path / "plain.obj"
     trimesh.creation.icosphere(subdivisions=2, radius=0.5).export(plain)
-    guidance = _oracle(plain, oracle_color=(0.1, 0.6, 0.3))
+    guidance = _oracle(plain, color=(0.1, 0.6, 0.3))
     centre = guidance.render_reference(cams, "albedo", bg)[0, RES // 2, RES // 2]
     torch.testing.assert_close(centre, torch.tensor([0.1, 0.6, 0.3]), rtol=0, atol=1e-6)
 
@@ -173,5 +173,6 @@ def test_bad_references_raise_user_errors(tmp_path: Path) -> None:
     big = shapes.save(shapes.sphere(1.3), tmp_path / "big.ply")
     with pytest.raises(UserError, match=r"extends to 1\.3, beyond the scene bound 1: .*render\.bound=1\.3"):
         _oracle(big)
-    ok = OracleGuidance(GuidanceConfig(type="oracle", reference=str(big)), RenderConfig(bound=1.3), "cpu", 0)
+    ok = OracleGuidance(GuidanceConfig(type="oracle", oracle=OracleConfig(reference=str(big))), RenderConfig(bound=1.3),
+                        "cpu", 0)
     assert np.abs(ok.reference_mesh.vertices).max() == pytest.approx(1.3)

@@ -51,7 +51,7 @@ def _recover(shape: str, steps: int, tmp_path: Path) -> dict:
     """Train the oracle preset on `shape` and measure the exported mesh against the reference."""
     ref = shapes.ALL[shape]()
     reference = shapes.save(ref, tmp_path / f"{shape}.ply")
-    cfg = build_config("oracle", [f"guidance.reference={reference}", f"steps={steps}", "device=cpu",
+    cfg = build_config("oracle", [f"guidance.oracle.reference={reference}", f"steps={steps}", "device=cpu",
                                   "export.video=false", "export.preview_views=0", "export.formats=[obj]",
                                   "checkpoint_every=0"])
     run = pipeline.run(cfg, tmp_path / "run", progress=False)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from threed.cameras import make_cameras
-from threed.config import CameraConfig, GuidanceConfig
+from threed.config import CameraConfig, GuidanceConfig, SDConfig
 from threed.errors import UserError
 from threed.prompts import EmbeddingCache, PromptEmbeddings, cache_dir
 
@@ -115,7 +115,7 @@ def test_real_text_encoder_is_not_called_on_a_cache_hit(tiny_sd_dir, monkeypatch
         return original(self, texts)
 
     monkeypatch.setattr(StableDiffusionGuidance, "encode_text", counting)
-    cfg = GuidanceConfig(model=str(tiny_sd_dir), resolution=16)
+    cfg = GuidanceConfig(sd=SDConfig(model=str(tiny_sd_dir), resolution=16))
     first = StableDiffusionGuidance(cfg, "a yellow rubber duck", "", CameraConfig(), "cpu", 0)
     assert len(calls) == 1 and len(calls[0]) == 5
     second = StableDiffusionGuidance(cfg, "a yellow rubber duck", "", CameraConfig(), "cpu", 0)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from threed.config import GuidanceConfig
+from threed.schedule import Schedule
 from threed.guidance import sds
 
 
@@ -27,7 +28,7 @@ def test_schedule_matches_diffusers_scaled_linear():
 
 def test_timesteps_cover_the_configured_range():
     """10,000 draws over the 961 allowed integers hit both ends (miss chance (960/961)^10000 ~ 3e-5)."""
-    cfg = GuidanceConfig(t_range=(0.02, 0.98))
+    cfg = GuidanceConfig(t_min=Schedule.constant(0.02), t_max=Schedule.constant(0.98))
     t = sds.sample_timesteps(cfg, step=0, batch=10_000, num_train_timesteps=1000,
                              generator=torch.Generator().manual_seed(0))
     assert t.dtype == torch.long
@@ -41,22 +42,19 @@ def test_timesteps_are_reproducible_from_the_generator():
     assert torch.equal(a, b)
 
 
-def test_t_max_anneals_linearly_then_holds():
-    cfg = GuidanceConfig(t_range=(0.02, 0.98), t_max_end=0.5, t_anneal_steps=100)
-    assert sds.t_max_at(cfg, 0) == pytest.approx(0.98)
-    assert sds.t_max_at(cfg, 50) == pytest.approx(0.74)
-    assert sds.t_max_at(cfg, 100) == pytest.approx(0.5)
-    assert sds.t_max_at(cfg, 10_000) == pytest.approx(0.5)
+def test_annealed_t_max_bounds_the_draws():
+    cfg = GuidanceConfig(t_max=Schedule(0, 0.98, 0.5, 100))
+    early = sds.sample_timesteps(cfg, 0, 4000, 1000, torch.Generator().manual_seed(0))
     late = sds.sample_timesteps(cfg, 1000, 4000, 1000, torch.Generator().manual_seed(0))
+    assert int(early.max()) > 900  # 4000 draws over [20, 980]: P(all <= 900) = (881/961)^4000 ~ 0
     assert int(late.max()) <= 500 and int(late.min()) >= 20
 
 
-def test_annealing_never_goes_below_t_min_and_is_off_by_default():
-    below = GuidanceConfig(t_range=(0.3, 0.9), t_max_end=0.1, t_anneal_steps=10)
-    assert sds.t_max_at(below, 10) == pytest.approx(0.3)
-    t = sds.sample_timesteps(below, 10, 100, 1000, torch.Generator().manual_seed(0))
-    assert (t == 300).all()
-    assert sds.t_max_at(GuidanceConfig(t_range=(0.02, 0.98)), 10**6) == pytest.approx(0.98)
+def test_t_max_below_t_min_draws_t_min():
+    """A schedule that crosses t_min (allowed at steps between its ends) never draws below t_min."""
+    cfg = GuidanceConfig(t_min=Schedule.constant(0.3), t_max=Schedule(0, 0.9, 0.31, 10))
+    t = sds.sample_timesteps(cfg, 10, 100, 1000, torch.Generator().manual_seed(0))
+    assert int(t.min()) >= 300 and int(t.max()) <= 310
 
 
 def test_weights():

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from threed.cameras import make_cameras, view_names
-from threed.config import CameraConfig, GuidanceConfig
+from threed.config import CameraConfig, GuidanceConfig, SDConfig
 from threed.errors import UserError
 from threed.guidance import sds
 from threed.guidance.models import SD_SUBFOLDERS, resolve_pretrained
@@ -21,8 +21,8 @@ from threed.guidance.stable_diffusion import StableDiffusionGuidance
 PROMPT = "a yellow rubber duck"
 
 
-def make_guidance(model_dir, seed: int = 0, **overrides) -> StableDiffusionGuidance:
-    cfg = GuidanceConfig(model=str(model_dir), resolution=16, **overrides)
+def make_guidance(model_dir, seed: int = 0, **sd) -> StableDiffusionGuidance:
+    cfg = GuidanceConfig(sd=SDConfig(model=str(model_dir), resolution=16, **sd))
     return StableDiffusionGuidance(cfg, PROMPT, "", CameraConfig(), "cpu", seed)
 
 
@@ -124,15 +124,16 @@ def test_same_seed_same_loss_and_different_seed_differs(tiny_sd_dir):
 
 
 def test_resolution_must_fit_the_vae(tiny_sd_dir):
-    with pytest.raises(UserError, match="guidance.resolution"):
-        StableDiffusionGuidance(GuidanceConfig(model=str(tiny_sd_dir), resolution=15), PROMPT, "",
+    with pytest.raises(UserError, match="guidance.sd.resolution"):
+        StableDiffusionGuidance(GuidanceConfig(sd=SDConfig(model=str(tiny_sd_dir), resolution=15)), PROMPT, "",
                                 CameraConfig(), "cpu", 0)
 
 
 def test_empty_prompt_fails_before_loading(tmp_path):
     """The prompt is checked first, so even a missing model folder reports the prompt."""
     with pytest.raises(UserError, match="prompt is empty"):
-        StableDiffusionGuidance(GuidanceConfig(model=str(tmp_path / "nowhere")), "", "", CameraConfig(), "cpu", 0)
+        StableDiffusionGuidance(GuidanceConfig(sd=SDConfig(model=str(tmp_path / "nowhere"))), "", "", CameraConfig(),
+                                "cpu", 0)
 
 
 def test_missing_folder_is_a_user_error(tmp_path):

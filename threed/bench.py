@@ -162,10 +162,10 @@ def entry_config(method: str, preset: str, overrides: list[str], prompt: str, se
     if device:
         cfg.device = device
     if guidance_type == "oracle":
-        if not reference and not cfg.guidance.reference:
+        if not reference and not cfg.guidance.oracle.reference:
             raise UserError("method oracle needs a reference mesh: pass --reference MESH")
         if reference:
-            cfg.guidance.reference = str(Path(reference).expanduser().resolve())
+            cfg.guidance.oracle.reference = str(Path(reference).expanduser().resolve())
     validate(cfg)
     return cfg
 
@@ -206,9 +206,9 @@ def check_weights(plan: list[Entry], eval_model: str, eval_pretrained: str) -> N
     checked: set[tuple[str, str]] = set()
     for e in plan:
         g = e.cfg.guidance
-        needs = list(zip(g.clip_models, g.clip_pretrained)) if g.type == "clip" else []
+        needs = list(zip(g.clip.models, g.clip.pretrained)) if g.type == "clip" else []
         if g.type == "stable_diffusion":
-            needs.append(("sd", g.model))
+            needs.append(("sd", g.sd.model))
         for pair in needs:
             if pair in checked:
                 continue
@@ -403,7 +403,7 @@ def guidance_clips(cfg: Config) -> set[tuple[str, str]]:
 
     if cfg.guidance.type != "clip":
         return set()
-    return {canonical_id(n, p) for n, p in zip(cfg.guidance.clip_models, cfg.guidance.clip_pretrained)}
+    return {canonical_id(n, p) for n, p in zip(cfg.guidance.clip.models, cfg.guidance.clip.pretrained)}
 
 
 def collect(plan: list[Entry], statuses: dict[str, dict], evals: dict[str, dict | None],

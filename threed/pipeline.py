@@ -30,6 +30,14 @@ def check_writable(out: Path) -> None:
         raise UserError(f"cannot write to the output directory {out} ({e.strerror}): pass --out to a writable folder") from None
 
 
+def checkpoint_step(path: Path) -> int:
+    """The training step a checkpoint holds, from its file name (no need to load it)."""
+    from threed.trainer import CHECKPOINT_RE
+
+    match = CHECKPOINT_RE.search(Path(path).name)
+    return int(match.group(1)) if match else 0
+
+
 def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
@@ -53,16 +61,17 @@ def load_checkpoint(path: Path, device: str) -> dict:
 
 def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> Path:
     """Train (or continue) a run in `out`, then export its mesh, video and preview."""
-    from threed.methods import build_guidance
+    from threed import methods
 
     out = Path(out)
     device = resolve_device(cfg.device)
+    method = methods.get(cfg.method)
     if not cfg.prompt.strip() and cfg.guidance.type != "oracle":
         raise UserError('the prompt is empty: pass --prompt "a yellow rubber duck"')
     created = not out.exists()
     check_writable(out)
     try:
-        guidance = build_guidance(cfg, device)
+        guidance = method.build_guidance(cfg, device)
     except BaseException:
         if created and not any(out.iterdir()):
             out.rmdir()  # leave no empty run directory behind a failed start
@@ -81,6 +90,7 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
     export_run(out, trainer=trainer)
     append_jsonl(out / "metrics.jsonl", {
         "step": trainer.step, "done": True, "wall_time_s": round(stats["train_time_s"], 3),
+        "segment_wall_time_s": round(stats["segment_time_s"], 3), "segment_steps": stats["segment_steps"],
         "it_per_s": round(stats["it_per_s"], 4), "peak_memory_mb": round(peak, 1),
         "export_time_s": round(time.perf_counter() - start, 3), "device": device,
     })
@@ -184,7 +194,7 @@ def export_run(run_dir: Path, formats: tuple[str, ...] | None = None, resolution
 
 def default_out_dir(cfg: Config) -> Path:
     """outputs/<prompt slug> (or the reference's name), with a numeric suffix if taken."""
-    name = cfg.prompt or Path(cfg.guidance.reference).stem or cfg.method
+    name = cfg.prompt or Path(cfg.guidance.oracle.reference).stem or cfg.method
     slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:60] or "run"
     base = Path("outputs") / slug
     path, i = base, 1

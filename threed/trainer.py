@@ -59,14 +59,18 @@ class Trainer:
         self.background = Background(cfg.render).to(self.device)
         self.renderer = VolumeRenderer(cfg.render, self.device)
         self.guidance = guidance
-        groups = [{"params": list(self.field.parameters()), "lr": cfg.optim.lr}]
+        groups = [{"params": list(self.field.parameters()), "lr": cfg.optim.lr(0)}]
+        self.lr_schedules = [cfg.optim.lr]
         bg_params = list(self.background.parameters())
         if bg_params:
-            groups.append({"params": bg_params, "lr": cfg.optim.lr_background})
+            groups.append({"params": bg_params, "lr": cfg.optim.lr_background(0)})
+            self.lr_schedules.append(cfg.optim.lr_background)
         self.optimizer = torch.optim.Adam(groups, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                           weight_decay=cfg.optim.weight_decay)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
+        self.train_time_s = 0.0  # summed over every segment of a resumed run ...
+        self.timed_steps = 0  # ... and the steps it covers (a 0.1 checkpoint carries no time)
         self.timings: dict[str, float] = {}
 
     def describe(self) -> str:
@@ -84,21 +88,20 @@ class Trainer:
         return f"field backend: {field} | renderer: {renderer} | device: {self.device}"
 
     # -- losses -------------------------------------------------------------------------------
-    def transmittance_target(self) -> float:
-        start, end = self.cfg.loss.transmittance_target
-        frac = min(self.step / max(self.cfg.loss.transmittance_anneal_steps, 1), 1.0)
-        return start + frac * (end - start)
+    def uses(self, loss: str) -> bool:
+        """Whether a loss's weight schedule is ever non-zero (a loss that is never weighted is not computed)."""
+        return getattr(self.cfg.loss, loss).bounds()[1] > 0
 
     def regularisers(self, opacity: Tensor, orient: Tensor) -> dict[str, Tensor]:
         lc = self.cfg.loss
         out: dict[str, Tensor] = {}
-        if lc.opacity > 0:
+        if self.uses("opacity"):
             out["opacity"] = opacity.mean()
-        if lc.transmittance > 0:
-            out["transmittance"] = -torch.clamp((1.0 - opacity).mean(), max=self.transmittance_target())
-        if lc.orient > 0:
+        if self.uses("transmittance"):
+            out["transmittance"] = -torch.clamp((1.0 - opacity).mean(), max=lc.transmittance_target(self.step))
+        if self.uses("orient"):
             out["orient"] = orient
-        if lc.entropy > 0:
+        if self.uses("entropy"):
             a = opacity.clamp(1e-5, 1 - 1e-5)
             out["entropy"] = -(a * torch.log(a) + (1 - a) * torch.log(1 - a)).mean()
         return out
@@ -116,14 +119,14 @@ class Trainer:
                               self.generator, cfg.render.light_distance).to(dev)
         shading = pick_shading(cfg.render.shading, self.step, cfg.render.albedo_only_steps,
                                cfg.render.textureless_prob, self.generator)
-        out = self.renderer(self.field, self.background, cams, shading, need_normals=cfg.loss.orient > 0,
+        out = self.renderer(self.field, self.background, cams, shading, need_normals=self.uses("orient"),
                             generator=self.generator)
         sync(dev)
         t1 = time.perf_counter()
         g = self.guidance(out.rgb, cams, self.step, shading=shading, background=out.background.detach(),
                           opacity=out.opacity)
         losses = {"guidance": g["loss"], **self.regularisers(out.opacity, out.orient)}
-        total = sum(getattr(cfg.loss, name) * value for name, value in losses.items())
+        total = sum(getattr(cfg.loss, name)(self.step) * value for name, value in losses.items())
         sync(dev)
         t2 = time.perf_counter()
         if not torch.isfinite(total):
@@ -132,6 +135,8 @@ class Trainer:
         total.backward()
         sync(dev)
         t3 = time.perf_counter()
+        for group, schedule in zip(self.optimizer.param_groups, self.lr_schedules):
+            group["lr"] = schedule(self.step)
         self.optimizer.step()
         sync(dev)
         t4 = time.perf_counter()
@@ -150,6 +155,8 @@ class Trainer:
             "background": self.background.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
+            "train_time_s": self.train_time_s,
+            "timed_steps": self.timed_steps,
             "config": to_dict(self.cfg),
         }
         state["renderer"] = self.renderer.state_dict()  # occupancy grid (either backend)
@@ -170,6 +177,8 @@ class Trainer:
             return
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
+        self.train_time_s = float(state.get("train_time_s", 0.0))
+        self.timed_steps = int(state.get("timed_steps", 0))
 
     def save_checkpoint(self) -> Path:
         assert self.run_dir is not None
@@ -181,7 +190,8 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self, steps: int, progress: bool = True) -> dict[str, float]:
-        """Train until `self.step == steps`, logging to metrics.jsonl and checkpointing. Returns speed stats."""
+        """Train until `self.step == steps`, logging to metrics.jsonl and checkpointing. Returns speed stats:
+        this segment's time and steps, and the run's total training time over all segments."""
         from tqdm import tqdm
 
         assert self.run_dir is not None
@@ -190,10 +200,14 @@ class Trainer:
         metrics = self.run_dir / "metrics.jsonl"
         start_step, start = self.step, time.perf_counter()
         bar = tqdm(total=steps, initial=self.step, disable=not progress, dynamic_ncols=True, unit="it")
-        last_saved = self.step
+        last_saved, tick = self.step, start
         try:
             while self.step < steps:
                 record = self.train_step()
+                now = time.perf_counter()
+                self.train_time_s += now - tick
+                self.timed_steps += 1
+                tick = now
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4g}")
                 if self.step % cfg.log_every == 0 or self.step == steps:
@@ -210,13 +224,14 @@ class Trainer:
             bar.close()
             kept = list_checkpoints(self.run_dir)
             where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint had been written yet"
-            raise Diverged(f"{e}; {where}; lower optim.lr or guidance.guidance_scale and resume") from None
+            raise Diverged(f"{e}; {where}; lower optim.lr or guidance.sd.guidance_scale and resume") from None
         bar.close()
         if self.step != last_saved or not list_checkpoints(self.run_dir):
             self.save_checkpoint()
         elapsed = time.perf_counter() - start
-        done = self.step - start_step
-        return {"train_time_s": elapsed, "it_per_s": done / elapsed if elapsed > 0 and done else 0.0}
+        total = self.train_time_s
+        return {"segment_time_s": elapsed, "segment_steps": self.step - start_step, "train_time_s": total,
+                "it_per_s": self.timed_steps / total if total > 0 else 0.0}
 
 
 def peak_memory_mb(device: torch.device | str) -> float:

@@ -89,14 +89,14 @@ class ClipGuidance:
         self.cfg = cfg
         self.camera_cfg = camera_cfg
         self.device = torch.device(device)
-        self.num_augs = max(1, cfg.clip_num_augs)
+        self.num_augs = max(1, cfg.clip.num_augs)
         self.negative_weight = negative_weight if negative_prompt else 0.0
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         # View-dependent prompts (DreamFusion): one text per view name, picked per camera.
         self.texts = {v: view_prompt(prompt, v) if cfg.view_dependent_prompting else prompt for v in VIEWS}
         self.models = []
-        for name, pretrained in zip(cfg.clip_models, cfg.clip_pretrained):
-            model, mean_std, tokenizer = load_clip(name, pretrained, self.device, image_size=cfg.clip_resolution)
+        for name, pretrained in zip(cfg.clip.models, cfg.clip.pretrained):
+            model, mean_std, tokenizer = load_clip(name, pretrained, self.device, image_size=cfg.clip.resolution)
             text = encode_texts(model, tokenizer, [self.texts[v] for v in VIEWS])  # (len(VIEWS), D)
             negative = encode_texts(model, tokenizer, [negative_prompt]) if negative_prompt else None
             self.models.append((model, mean_std, text, negative))
@@ -112,7 +112,7 @@ class ClipGuidance:
             # is exact and keeps gradients to both colour and opacity.
             new_bg = random_backgrounds(b, h, w, self.generator).to(x.device, x.dtype)
             x = x + (1.0 - alpha) * (new_bg - old_bg)
-        return random_resized_crop(x, self.cfg.clip_resolution, self.crop_scale, self.generator)
+        return random_resized_crop(x, self.cfg.clip.resolution, self.crop_scale, self.generator)
 
     def __call__(self, rgb: Tensor, cameras: Cameras, step: int, shading: str, background: Tensor | None = None,
                  opacity: Tensor | None = None, **kwargs) -> dict[str, Tensor | float]:
@@ -122,7 +122,7 @@ class ClipGuidance:
         sims = []
         for model, mean_std, text, negative in self.models:
             images = self.augment(rgb, background, opacity)
-            emb = F.normalize(model.encode_image(preprocess(images, mean_std, self.cfg.clip_resolution)).float(), dim=-1)
+            emb = F.normalize(model.encode_image(preprocess(images, mean_std, self.cfg.clip.resolution)).float(), dim=-1)
             sim = (emb * text[view_idx]).sum(-1)
             loss = -sim.mean()
             if negative is not None:

@@ -100,11 +100,11 @@ class OracleGuidance:
         self.cfg = cfg
         self.render_cfg = render_cfg
         self.device = torch.device(device)
-        self.reference_mesh = load_reference(cfg.reference, render_cfg.bound)
+        self.reference_mesh = load_reference(cfg.oracle.reference, render_cfg.bound)
         mesh = self.reference_mesh
         self.vertices = torch.tensor(np.asarray(mesh.vertices), dtype=torch.float32, device=self.device)
         self.faces = torch.tensor(np.asarray(mesh.faces), dtype=torch.long, device=self.device)
-        self.colors = torch.tensor(reference_colors(mesh, cfg.oracle_color), dtype=torch.float32, device=self.device)
+        self.colors = torch.tensor(reference_colors(mesh, cfg.oracle.color), dtype=torch.float32, device=self.device)
         self.clusters = raycast.build_clusters(self.vertices, self.faces)
         self.normals = raycast.corner_normals(self.vertices, self.faces)
         self.alphas = sds.sd_alphas_cumprod().to(self.device)
@@ -121,8 +121,8 @@ class OracleGuidance:
         """K camera sets: the given cameras, then K-1 copies with azimuth/elevation jittered."""
         views = [cameras]
         b = len(cameras)
-        for _ in range(self.cfg.oracle_views - 1):
-            jitter = torch.randn(2, b, generator=self.generator) * self.cfg.oracle_jitter
+        for _ in range(self.cfg.oracle.views - 1):
+            jitter = torch.randn(2, b, generator=self.generator) * self.cfg.oracle.jitter
             elevation = (cameras.elevation.detach().cpu().float() + jitter[0]).clamp(-89.0, 89.0)
             azimuth = cameras.azimuth.detach().cpu().float() + jitter[1]
             views.append(make_cameras(elevation, azimuth, cameras.distance.detach().cpu().float(),

@@ -24,20 +24,12 @@ def sd_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.000
     return torch.cumprod(1.0 - betas, dim=0).float()
 
 
-def t_max_at(cfg: GuidanceConfig, step: int) -> float:
-    """Upper end of the t range, linearly annealed to `t_max_end` over `t_anneal_steps` (if set)."""
-    t_min, t_max = cfg.t_range
-    if cfg.t_max_end < 0 or cfg.t_anneal_steps <= 0:
-        return t_max
-    frac = min(step / cfg.t_anneal_steps, 1.0)
-    return max(t_min, t_max + frac * (cfg.t_max_end - t_max))
-
-
 def sample_timesteps(cfg: GuidanceConfig, step: int, batch: int, num_train_timesteps: int,
                      generator: torch.Generator) -> Tensor:
-    """Integer timesteps t ~ U[t_min, t_max] * T, one per image (long, on the CPU)."""
-    lo = int(cfg.t_range[0] * num_train_timesteps)
-    hi = max(lo, int(t_max_at(cfg, step) * num_train_timesteps))
+    """Integer timesteps t ~ U[t_min, t_max] * T, one per image (long, on the CPU); both ends are
+    schedules over the training step."""
+    lo = int(cfg.t_min(step) * num_train_timesteps)
+    hi = max(lo, int(cfg.t_max(step) * num_train_timesteps))
     return torch.randint(lo, hi + 1, (batch,), generator=generator).clamp_(0, num_train_timesteps - 1)
 
 

@@ -24,7 +24,7 @@ from threed.prompts import PromptEmbeddings, check_prompt
 
 class StableDiffusionGuidance:
     """The Guidance interface over a diffusers Stable Diffusion folder (unet, vae, text_encoder, tokenizer,
-    scheduler). Weights are frozen; fp16 on CUDA when `cfg.half_precision`, fp32 otherwise."""
+    scheduler). Weights are frozen; fp16 on CUDA when `guidance.sd.half_precision`, fp32 otherwise."""
 
     def __init__(self, cfg: GuidanceConfig, prompt: str, negative_prompt: str, camera_cfg: CameraConfig,
                  device: str, seed: int) -> None:
@@ -33,10 +33,11 @@ class StableDiffusionGuidance:
         from transformers.utils import logging as hf_logging
 
         self.cfg = cfg
+        self.sd = sd = cfg.sd
         self.device = torch.device(device)
-        self.dtype = torch.float16 if (self.device.type == "cuda" and cfg.half_precision) else torch.float32
+        self.dtype = torch.float16 if (self.device.type == "cuda" and sd.half_precision) else torch.float32
         check_prompt(prompt)  # before any download or load: a typo should cost no time
-        self.path = resolve_pretrained(cfg.model, "Stable Diffusion", required=SD_SUBFOLDERS)
+        self.path = resolve_pretrained(sd.model, "Stable Diffusion", required=SD_SUBFOLDERS)
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # a per-load bar for a local folder is noise in the run's output
         try:
@@ -63,13 +64,13 @@ class StableDiffusionGuidance:
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device, torch.float32)
         self.prediction_type = self.scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise UserError(f"Stable Diffusion model '{cfg.model}' predicts '{self.prediction_type}'; "
+            raise UserError(f"Stable Diffusion model '{sd.model}' predicts '{self.prediction_type}'; "
                             f"use a model that predicts epsilon or v")
         # Latent pixels per image pixel: the VAE halves the size once per block after the first.
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_scale = float(self.vae.config.scaling_factor)
-        if cfg.resolution % self.vae_scale_factor:
-            raise UserError(f"bad value for 'guidance.resolution': {cfg.resolution} is not a multiple of the VAE's "
+        if sd.resolution % self.vae_scale_factor:
+            raise UserError(f"bad value for 'guidance.sd.resolution': {sd.resolution} is not a multiple of the VAE's "
                             f"downsampling factor {self.vae_scale_factor}")
 
         self.generator = torch.Generator().manual_seed(seed)
@@ -92,7 +93,7 @@ class StableDiffusionGuidance:
         noise to the gradient through the encoder, and the SDS noise already supplies the randomness.
         """
         x = rgb.permute(0, 3, 1, 2)
-        size = (self.cfg.resolution, self.cfg.resolution)
+        size = (self.sd.resolution, self.sd.resolution)
         if tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=False)
         x = (x * 2.0 - 1.0).to(self.dtype)
@@ -111,7 +112,7 @@ class StableDiffusionGuidance:
                 abar = self.alphas_cumprod[t_in].view(-1, 1, 1, 1)
                 out = abar.sqrt() * out + (1.0 - abar).sqrt() * x_in.float()
             eps_uncond, eps_cond = out.chunk(2)
-            return eps_uncond + self.cfg.guidance_scale * (eps_cond - eps_uncond)
+            return eps_uncond + self.sd.guidance_scale * (eps_cond - eps_uncond)
 
     def __call__(self, rgb: Tensor, cameras: Cameras, step: int, shading: str = "albedo",
                  background: Tensor | None = None, **_: object) -> dict[str, Tensor | float]:

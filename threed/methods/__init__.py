@@ -1,33 +1,74 @@
-"""Methods: each composes the shared parts with one kind of guidance (a preset in configs/ + a short file)."""
+"""The method registry: a method composes the shared parts (field, renderer, prior, losses, stages).
+
+Each method is a preset in configs/ plus a short module defining `METHOD` and `build_guidance`. `threed run
+--method M` and `threed bench --methods M,...` both look methods up here, aliases included.
+"""
 
 from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
 
 from threed.config import Config
 from threed.errors import UserError
 
-# method name -> (module, default preset)
-METHODS = {
-    "dreamfusion": ("threed.methods.dreamfusion", "dreamfusion-sd"),
-    "clip": ("threed.methods.clip", "clip"),
-}
-ALIASES = {"sds": "dreamfusion"}
+# Modules defining one method each; importing them is cheap (models load only when a run starts).
+METHOD_MODULES = ("threed.methods.dreamfusion", "threed.methods.clip")
 
 
-def canonical(name: str) -> str:
-    name = ALIASES.get(name, name)
-    if name not in METHODS:
-        known = ", ".join(sorted([*METHODS, *ALIASES]))
-        raise UserError(f"unknown method '{name}': choose one of {known}")
-    return name
+@dataclass(frozen=True)
+class Method:
+    """What a method is made of. `priors` are the guidance.type values it accepts, its default first;
+    `stages` run in order (`nerf`: the volume field optimised through the renderer)."""
+
+    name: str
+    summary: str
+    preset: str  # the preset for a CUDA GPU
+    cpu_preset: str  # taken without --preset where no CUDA GPU is visible
+    priors: tuple[str, ...]
+    module: str
+    aliases: tuple[str, ...] = ()
+    stages: tuple[str, ...] = ("nerf",)
+    prior_presets: dict[str, str] = field(default_factory=dict)  # a preset tuned for a prior, e.g. oracle
+
+    def build_guidance(self, cfg: Config, device: str) -> Any:
+        """The guidance callable for cfg (see the method's module)."""
+        return importlib.import_module(self.module).build_guidance(cfg, device)
+
+    def default_preset(self, prior: str | None, cuda: bool) -> tuple[str, str]:
+        """(preset, why) when the user named none."""
+        if prior in self.prior_presets:
+            return self.prior_presets[prior], f"the {prior} prior"
+        if not cuda and self.cpu_preset != self.preset:
+            return self.cpu_preset, "no CUDA GPU is visible"
+        return self.preset, ""
 
 
-def default_preset(method: str) -> str:
-    return METHODS[canonical(method)][1]
+def _registry() -> dict[str, Method]:
+    methods = [importlib.import_module(m).METHOD for m in METHOD_MODULES]
+    return {m.name: m for m in methods}
 
 
-def build_guidance(cfg: Config, device: str):
-    """The guidance callable for cfg.method (see the method's module)."""
-    import importlib
+METHODS: dict[str, Method] = _registry()
+ALIASES: dict[str, str] = {alias: m.name for m in METHODS.values() for alias in m.aliases}
 
-    module = importlib.import_module(METHODS[canonical(cfg.method)][0])
-    return module.build_guidance(cfg, device)
+
+def names() -> list[str]:
+    """Every accepted method name, aliases included."""
+    return sorted([*METHODS, *ALIASES])
+
+
+def get(name: str) -> Method:
+    key = ALIASES.get(name.strip(), name.strip())
+    if key not in METHODS:
+        raise UserError(f"unknown method '{name}': choose one of {', '.join(names())}")
+    return METHODS[key]
+
+
+def for_prior(prior: str) -> Method:
+    """The method whose default prior is `prior` (used when only --guidance is given)."""
+    for method in METHODS.values():
+        if method.priors[0] == prior:
+            return method
+    return next(m for m in METHODS.values() if prior in m.priors)

@@ -4,12 +4,12 @@ with a transmittance regulariser (cfg.loss.transmittance) keeping the volume spa
 from __future__ import annotations
 
 from threed.config import Config
-from threed.errors import UserError
+from threed.methods import Method
+
+METHOD = Method(
+    name="clip", summary="CLIP guidance with Dream Fields' transmittance loss",
+    preset="clip", cpu_preset="clip-cpu", priors=("clip",), module=__name__, aliases=("dreamfields",))
 
 
 def build_guidance(cfg: Config, device: str):
-    if cfg.guidance.type != "clip":
-        raise UserError(f"method clip takes guidance.type clip, not '{cfg.guidance.type}'")
-    from threed.guidance.clip import ClipGuidance
-
-    return ClipGuidance(cfg.guidance, cfg.prompt, cfg.negative_prompt, cfg.camera, device, cfg.seed)
+    return cfg.guidance.build(cfg, device)

@@ -1,0 +1,50 @@
+"""Schedules: a constant or [start_step, start, end, end_step(, cosine)], evaluated at its ends and midpoint."""
+
+import math
+
+import pytest
+
+from threed.errors import UserError
+from threed.schedule import Schedule
+
+
+def test_linear_schedule_ends_and_midpoint():
+    s = Schedule.parse([100, 0.98, 0.5, 300], "guidance.t_max")
+    assert s(0) == 0.98 and s(100) == 0.98
+    assert s(200) == pytest.approx(0.74)
+    assert s(300) == 0.5 and s(10**6) == 0.5
+
+
+def test_cosine_schedule_eases_in_and_out():
+    s = Schedule.parse([0, 1.0, 0.0, 100, "cosine"], "optim.lr")
+    assert s(0) == 1.0 and s(100) == 0.0
+    assert s(50) == pytest.approx(0.5)
+    assert s(25) == pytest.approx(0.5 + 0.5 * math.cos(math.pi / 4))  # slower than linear (0.75) near the start
+
+
+def test_step_change_and_constant():
+    s = Schedule.parse([5000, 0.98, 0.5, 5001], "guidance.t_max")
+    assert s(5000) == 0.98 and s(5001) == 0.5
+    c = Schedule.parse(0.25, "loss.opacity")
+    assert c.is_constant and c(0) == c(10**9) == 0.25 and c.to_plain() == 0.25
+    assert Schedule.parse("1e-3", "optim.lr")(7) == 0.001  # YAML 1.1 reads 1e-3 as a string
+
+
+def test_round_trip_through_the_preset_form():
+    for plain in ([0, 1.0, 2.0, 10], [3, 0.5, 0.1, 7, "cosine"], 0.5):
+        assert Schedule.parse(plain, "k").to_plain() == plain
+
+
+@pytest.mark.parametrize("value, words", [
+    ([0, 1.0, 2.0], ["k", "start_step"]),
+    ([10, 1.0, 2.0, 5], ["end_step must be after start_step"]),
+    ([0, 1.0, 2.0, 5, "exp"], ["cosine"]),
+    ([0.5, 1.0, 2.0, 5], ["whole numbers"]),
+    ("fast", ["k", "number"]),
+    (True, ["k"]),
+])
+def test_bad_schedules_are_user_errors(value, words):
+    with pytest.raises(UserError) as e:
+        Schedule.parse(value, "k")
+    for w in words:
+        assert w in str(e.value)

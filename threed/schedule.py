@@ -1,0 +1,86 @@
+"""One schedule type for any scalar setting: t-range ends, loss weights, learning rates.
+
+In a preset a schedule is written as a plain number (constant) or as threestudio's list
+
+    [start_step, start_value, end_value, end_step]              linear from start to end
+    [start_step, start_value, end_value, end_step, cosine]      half-cosine ease from start to end
+
+The value is `start_value` up to `start_step`, `end_value` from `end_step` on, and in between moves
+linearly (or along a half cosine). `end_step == start_step + 1` makes a step change, e.g. ProlificDreamer's
+t_max dropping from 0.98 to 0.5 at step 5000: [5000, 0.98, 0.5, 5001].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from threed.errors import UserError
+
+Kind = Literal["linear", "cosine"]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    start_step: int
+    start: float
+    end: float
+    end_step: int
+    kind: Kind = "linear"
+
+    @classmethod
+    def constant(cls, value: float) -> Schedule:
+        return cls(0, float(value), float(value), 0)
+
+    @property
+    def is_constant(self) -> bool:
+        return self.start == self.end
+
+    def __call__(self, step: int) -> float:
+        if step <= self.start_step or self.is_constant:
+            return self.start
+        if step >= self.end_step:
+            return self.end
+        frac = (step - self.start_step) / (self.end_step - self.start_step)
+        if self.kind == "cosine":
+            frac = 0.5 - 0.5 * math.cos(math.pi * frac)
+        return self.start + frac * (self.end - self.start)
+
+    def bounds(self) -> tuple[float, float]:
+        """(smallest, largest) value the schedule takes."""
+        return min(self.start, self.end), max(self.start, self.end)
+
+    def to_plain(self) -> float | list:
+        """The preset form: a number when constant, else the list."""
+        if self.is_constant:
+            return self.start
+        out: list = [self.start_step, self.start, self.end, self.end_step]
+        return out + ["cosine"] if self.kind == "cosine" else out
+
+    @classmethod
+    def parse(cls, value: Any, key: str) -> Schedule:
+        """A number, a Schedule, or the list form; a UserError naming `key` otherwise."""
+        if isinstance(value, Schedule):
+            return value
+        hint = f"bad value {value!r} for '{key}': expected a number or [start_step, start, end, end_step(, cosine)]"
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise UserError(hint) from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return cls.constant(float(value))
+        if not isinstance(value, (list, tuple)) or len(value) not in (4, 5):
+            raise UserError(hint)
+        kind = value[4] if len(value) == 5 else "linear"
+        numbers = value[:4]
+        if kind not in ("linear", "cosine") or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                                   for v in numbers):
+            raise UserError(hint)
+        start_step, start, end, end_step = numbers
+        if int(start_step) != start_step or int(end_step) != end_step or start_step < 0:
+            raise UserError(f"bad value {list(value)!r} for '{key}': the steps must be whole numbers >= 0")
+        if end_step <= start_step and start != end:
+            raise UserError(f"bad value {list(value)!r} for '{key}': end_step must be after start_step")
+        return cls(int(start_step), float(start), float(end), int(end_step), kind)

@@ -1,0 +1,213 @@
+"""The run specification: how command-line options become a run's Config, in one place.
+
+`threed run`, `threed run --resume` and `threed bench` all go through `resolve` / `resume_config`:
+the method comes from --method, else the preset's `method:` key, else the prior; the preset from
+--preset, else the method's (its CPU preset where no CUDA GPU is visible, saying so); options are
+`key=value` overrides with friendly names, each concerning one prior, and the user's own overrides
+come last. Nothing is dropped silently: an option or key that would not take effect is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from threed import methods
+from threed.config import PRIOR_SECTIONS, Config, build_config, check_prior_sections, load_yaml, preset_path, to_dict
+from threed.errors import UserError
+
+PRIOR_ALIASES = {"sd": "stable_diffusion"}
+PRIORS = tuple(PRIOR_SECTIONS)
+
+
+@dataclass
+class RunOptions:
+    """The options people change every run (None: not given). Everything else is `overrides`."""
+
+    method: str | None = None
+    preset: str | None = None
+    guidance: str | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    model: str | None = None
+    reference: str | None = None
+    clip_model: str | None = None
+    clip_pretrained: str | None = None
+    steps: int | None = None
+    seed: int | None = None
+    device: str | None = None
+    overrides: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_args(cls, args: Any) -> RunOptions:
+        """From an argparse namespace (attributes it lacks are not given)."""
+        values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
+        values["overrides"] = list(values["overrides"] or [])
+        return cls(**values)
+
+
+# option -> (config key, the prior it concerns: None for every prior, list: comma-separated)
+OPTIONS: dict[str, tuple[str, str | None, bool]] = {
+    "prompt": ("prompt", None, False),
+    "negative_prompt": ("negative_prompt", None, False),
+    "model": ("guidance.sd.model", "stable_diffusion", False),
+    "reference": ("guidance.oracle.reference", "oracle", False),
+    "clip_model": ("guidance.clip.models", "clip", True),
+    "clip_pretrained": ("guidance.clip.pretrained", "clip", True),
+    "steps": ("steps", None, False),
+    "seed": ("seed", None, False),
+    "device": ("device", None, False),
+}
+
+
+def flag(option: str) -> str:
+    return "--" + option.replace("_", "-")
+
+
+def canonical_prior(name: str) -> str:
+    prior = PRIOR_ALIASES.get(name, name)
+    if prior not in PRIORS:
+        raise UserError(f"unknown prior '{name}' for --guidance: choose one of {', '.join(PRIORS)} (or sd)")
+    return prior
+
+
+def _quoted(value: str) -> str:
+    """A YAML single-quoted string, whatever it holds."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def given(opts: RunOptions) -> list[str]:
+    """The names of the options that were given."""
+    return [name for name in OPTIONS if getattr(opts, name) is not None]
+
+
+def option_overrides(opts: RunOptions, prior: str, only_concerning: bool = False) -> list[str]:
+    """`key=value` for each option given. An option for another prior than `prior` is an error, or, with
+    `only_concerning` (the bench applies model options to the methods they concern), skipped."""
+    out = []
+    for name in given(opts):
+        key, concerns, is_list = OPTIONS[name]
+        if concerns is not None and concerns != prior:
+            if only_concerning:
+                continue
+            raise UserError(f"{flag(name)} applies to the {concerns} prior, but this run's prior is {prior}: "
+                            f"drop it or pass --guidance {concerns}")
+        value = getattr(opts, name)
+        if name == "reference":
+            value = absolute(value)
+        if is_list:
+            out.append(f"{key}=[{', '.join(_quoted(v.strip()) for v in str(value).split(','))}]")
+        elif isinstance(value, str):
+            out.append(f"{key}={_quoted(value)}")
+        else:
+            out.append(f"{key}={value}")
+    return out
+
+
+def absolute(path: str) -> str:
+    """Reference meshes are stored as absolute paths, so a run can be resumed from any folder."""
+    return os.path.abspath(os.path.expanduser(path)) if path else path
+
+
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _inferred_prior(opts: RunOptions) -> str | None:
+    """The prior named by --guidance, or implied by an option only one prior takes (--reference: oracle)."""
+    if opts.guidance:
+        return canonical_prior(opts.guidance)
+    implied = {OPTIONS[name][1] for name in given(opts) if OPTIONS[name][1] not in (None, "stable_diffusion")}
+    return implied.pop() if len(implied) == 1 else None
+
+
+def choose_method(opts: RunOptions, preset_data: dict | None, prior: str | None) -> methods.Method:
+    """--method, else the preset's `method:`, else the method whose default prior is `prior`; an error only
+    when the method named and the preset's truly differ."""
+    from_preset = preset_data.get("method") if preset_data else None
+    if opts.method:
+        method = methods.get(opts.method)
+        if from_preset and methods.get(str(from_preset)).name != method.name:
+            raise UserError(f"preset {opts.preset} is for method {from_preset}, not {method.name}: "
+                            f"drop --method or pass a preset of {method.name} ({method.preset})")
+        return method
+    if from_preset:
+        return methods.get(str(from_preset))
+    return methods.for_prior(prior) if prior else methods.get("dreamfusion")
+
+
+def resolve(opts: RunOptions, cuda: bool | None = None, only_concerning: bool = False) -> tuple[Config, list[str]]:
+    """The Config of a new run, and notes for the user (e.g. which preset was taken and why)."""
+    preset_data = load_yaml(preset_path(opts.preset)) if opts.preset else None
+    prior = _inferred_prior(opts)
+    method = choose_method(opts, preset_data, prior)
+    notes: list[str] = []
+    preset = opts.preset
+    if preset is None:
+        if cuda is None:
+            device = (opts.device or "auto")
+            cuda = device.startswith("cuda") or (device in ("auto", "") and _cuda_visible())
+        preset, why = method.default_preset(prior, cuda)
+        if why == "no CUDA GPU is visible":
+            notes.append(f"no CUDA GPU is visible: using the {preset} preset (pass --preset {method.preset} "
+                         f"for the full-size one)")
+    preset_prior = ((preset_data if preset_data is not None else load_yaml(preset_path(preset)))
+                    .get("guidance", {}) or {}).get("type")
+    prior = prior or preset_prior or method.priors[0]
+    if prior not in method.priors:
+        raise UserError(f"method {method.name} takes the {' or '.join(method.priors)} prior, not {prior}: "
+                        f"pass --guidance {method.priors[0]} or another --method")
+    overrides = [f"method={method.name}", f"guidance.type={prior}", *option_overrides(opts, prior, only_concerning)]
+    cfg = build_config(preset, overrides + list(opts.overrides))
+    if cfg.method != method.name:
+        raise UserError(f"method={cfg.method} conflicts with the method {method.name} of this run: use --method")
+    if cfg.guidance.type not in method.priors:
+        raise UserError(f"method {method.name} takes the {' or '.join(method.priors)} prior, not "
+                        f"{cfg.guidance.type}: pass --guidance {method.priors[0]}")
+    check_prior_sections(cfg, {PRIOR_SECTIONS[cfg.guidance.type]})
+    cfg.guidance.oracle.reference = absolute(cfg.guidance.oracle.reference)
+    return cfg, notes
+
+
+# Settings a resumed run may change: how long it trains, where, how often it logs and saves, and export.
+RESUMABLE = ("steps", "device", "log_every", "checkpoint_every", "keep_checkpoints")
+RESUMABLE_PREFIXES = ("export.",)
+
+
+def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_config(saved: Config, opts: RunOptions) -> Config:
+    """The saved config of a run with the options of `threed run --resume`; any option or key that would
+    change what the run trains (prompt, model, seed, prior, ...) is an error naming it."""
+    if opts.preset:
+        raise UserError("--preset cannot change a run being resumed: drop it, or start a new run with --out")
+    if opts.method and methods.get(opts.method).name != saved.method:
+        raise UserError(f"--method {opts.method} differs from the run's method {saved.method}: drop it, or start "
+                        f"a new run with --out")
+    if opts.guidance and canonical_prior(opts.guidance) != saved.guidance.type:
+        raise UserError(f"--guidance {opts.guidance} differs from the run's prior {saved.guidance.type}: drop it, "
+                        f"or start a new run with --out")
+    before = _flat(to_dict(saved))
+    cfg = build_config(base=to_dict(saved), overrides=option_overrides(opts, saved.guidance.type) + opts.overrides)
+    after = _flat(to_dict(cfg))
+    changed = [k for k in after if after[k] != before.get(k)]
+    bad = [k for k in changed if k not in RESUMABLE and not k.startswith(RESUMABLE_PREFIXES)]
+    if bad:
+        by_key = {OPTIONS[name][0]: flag(name) for name in OPTIONS}
+        named = ", ".join(f"{by_key.get(k, k)} ({before.get(k)!r} -> {after[k]!r})" for k in bad)
+        raise UserError(f"a resumed run keeps its settings, but these would change: {named}; drop them, or start "
+                        f"a new run with --out (resumable: --steps, --device, {', '.join(RESUMABLE[2:])}, export.*)")
+    return cfg
+
