@@ -44,7 +44,7 @@ def main() -> None:
     p.add_argument("--renderers", default="torch,nerfacc", help="render.backend values to compare")
     p.add_argument("--shading", default="lambertian", choices=["albedo", "lambertian", "textureless"])
     p.add_argument("--normals", choices=["preset", "on", "off"], default="preset",
-                   help="compute normals for the orientation loss (preset: when its loss.orient > 0)")
+                   help="compute normals for the orientation loss (preset: when its loss.orient is ever > 0)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--max-seconds", type=float, default=30.0, help="stop repeating a row after this long")
@@ -91,7 +91,8 @@ def main() -> None:
                     except Exception as e:
                         row["status"] = f"failed: {first_line(e)}"
                         continue
-                    need_normals = cfg.loss.orient > 0 if args.normals == "preset" else args.normals == "on"
+                    orient_weight = cfg.loss.orient(0)
+                    need_normals = cfg.loss.orient.bounds()[1] > 0 if args.normals == "preset" else args.normals == "on"
                     row.update(field_backend_chosen=field.backend, renderer_backend_chosen=renderer.backend,
                                normals=need_normals)
                     generator = torch.Generator().manual_seed(0)
@@ -112,7 +113,7 @@ def main() -> None:
                                            generator=generator)
                             sync(device)
                             t1 = time.perf_counter()
-                            (out.rgb.mean() + cfg.loss.orient * out.orient + out.opacity.mean()).backward()
+                            (out.rgb.mean() + orient_weight * out.orient + out.opacity.mean()).backward()
                             sync(device)
                             t2 = time.perf_counter()
                             del out

@@ -151,7 +151,7 @@ def _recover_on_cuda(shape: str, render_backend: str, tmp_path: Path) -> dict:
     from threed.metrics import mesh_distance
 
     reference = shapes.save(shapes.ALL[shape](), tmp_path / f"{shape}.ply")
-    cfg = build_config("oracle", [f"guidance.reference={reference}", "device=cuda", f"render.backend={render_backend}",
+    cfg = build_config("oracle", [f"guidance.oracle.reference={reference}", "device=cuda", f"render.backend={render_backend}",
                                   "export.video=false", "export.preview_views=0", "export.formats=[obj]",
                                   "checkpoint_every=0"])
     run = pipeline.run(cfg, tmp_path / "run", progress=False)
