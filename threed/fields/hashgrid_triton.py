@@ -37,6 +37,7 @@ from threed.fields.hashgrid import TorchHashGrid
 
 BLOCK = 256  # points per program
 NUM_WARPS = 4
+FP_FUSION = False  # no FMA contraction: positions and weights round as in PyTorch (see above)
 
 
 @triton.jit
@@ -90,7 +91,7 @@ def _level_setup(x_ptr, scales_ptr, res_ptr, sizes_ptr, dense_ptr, offsets_ptr, 
     return gx, gy, gz, px - fx_, py - fy_, pz - fz_, res, size, dense, offset
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])  # the point count changes every call: compile once, not per divisibility
 def _hashgrid_fwd(x_ptr, table_ptr, out_ptr, scales_ptr, res_ptr, sizes_ptr, dense_ptr, offsets_ptr, n,
                   L: tl.constexpr, F: tl.constexpr, BLOCK: tl.constexpr):
     level = tl.program_id(1)
@@ -110,7 +111,7 @@ def _hashgrid_fwd(x_ptr, table_ptr, out_ptr, scales_ptr, res_ptr, sizes_ptr, den
     tl.store(out_ptr + out, acc, mask=mask2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _hashgrid_bwd(x_ptr, grad_out_ptr, grad_table_ptr, scales_ptr, res_ptr, sizes_ptr, dense_ptr, offsets_ptr,
                   n, L: tl.constexpr, F: tl.constexpr, BLOCK: tl.constexpr):
     level = tl.program_id(1)
@@ -137,9 +138,7 @@ class _HashGridFunction(torch.autograd.Function):
         n = x.shape[0]
         out = torch.empty(n, grid.output_dim, device=x.device, dtype=torch.float32)
         if n > 0:
-            _hashgrid_fwd[(triton.cdiv(n, grid.block), grid.n_levels)](
-                x, params, out, *grid.level_tensors(), n, L=grid.n_levels, F=grid.n_features, BLOCK=grid.block,
-                num_warps=grid.num_warps)
+            grid.launch(_hashgrid_fwd, n, x, params, out)
         ctx.save_for_backward(x)
         ctx.grid = grid
         ctx.table_numel = params.numel()
@@ -155,9 +154,7 @@ class _HashGridFunction(torch.autograd.Function):
             grad_table = torch.zeros(ctx.table_numel, device=x.device, dtype=torch.float32)
             n = x.shape[0]
             if n > 0:
-                _hashgrid_bwd[(triton.cdiv(n, grid.block), grid.n_levels)](
-                    x, grad_out.contiguous().float(), grad_table, *grid.level_tensors(), n, L=grid.n_levels,
-                    F=grid.n_features, BLOCK=grid.block, num_warps=grid.num_warps, enable_fp_fusion=False)
+                grid.launch(_hashgrid_bwd, n, x, grad_out.contiguous().float(), grad_table)
         return None, grad_table, None
 
 
@@ -188,8 +185,12 @@ class TritonHashGrid(TorchHashGrid):
         self.register_buffer("level_dense", torch.tensor(dense, dtype=torch.int32), persistent=False)
         self.register_buffer("level_offsets", torch.tensor(self.offsets[:-1], dtype=torch.int64), persistent=False)
 
-    def level_tensors(self) -> tuple[Tensor, ...]:
-        return (self.level_scales, self.level_resolutions, self.level_sizes, self.level_dense, self.level_offsets)
+    def launch(self, kernel, n: int, *tensors: Tensor) -> None:
+        """Run `kernel` over n points x all levels, with the per-level constants and compile options."""
+        kernel[(triton.cdiv(n, self.block), self.n_levels)](
+            *tensors, self.level_scales, self.level_resolutions, self.level_sizes, self.level_dense,
+            self.level_offsets, n, L=self.n_levels, F=self.n_features, BLOCK=self.block, num_warps=self.num_warps,
+            enable_fp_fusion=FP_FUSION)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (N, 3) in [0, 1] (clamped) -> (N, n_levels * n_features)."""
