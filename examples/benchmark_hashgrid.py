@@ -1,7 +1,7 @@
 """Hash-grid encoding speed per backend: forward and forward+backward medians (PyTorch, Triton, tiny-cuda-nn).
 
     python examples/benchmark_hashgrid.py                    # 64*64*128 points, 16 levels x 2 features, 2^19
-    python examples/benchmark_hashgrid.py --json hashgrid.json
+    python examples/benchmark_hashgrid.py --json hashgrid.json          # stops starting rows after --budget 55 s
     python examples/benchmark_hashgrid.py --triton-blocks 64,128,256,512 --triton-warps 2,4,8   # tune Triton
 
 The defaults are one dreamfusion-sd render's samples through its grid (configs/dreamfusion-sd.yaml). Every
@@ -77,6 +77,7 @@ def main() -> None:
     p.add_argument("--triton-warps", default="", help="comma-separated warp counts to sweep (default: the module's)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--budget", type=float, default=55.0, help="start no row after this many seconds (0: no limit)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
@@ -106,10 +107,14 @@ def main() -> None:
         variants.insert(0, ("torch", None, None))  # the reference for the agreement column
 
     rows = []
+    began = time.perf_counter()
     for backend, block, warps in variants:
         name = backend + (f" (block {block or 'default'}, warps {warps or 'default'})" if block or warps else "")
         row: dict = {"backend": name}
         rows.append(row)
+        if args.budget > 0 and time.perf_counter() - began > args.budget:
+            row["status"] = f"not run: past --budget {args.budget:g} s"
+            continue
         enc, reason = build(backend, cfg, device, block, warps)
         if enc is None:
             row["status"] = f"unavailable: {reason}"
@@ -158,7 +163,8 @@ def main() -> None:
         "torch": torch.__version__, "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
         "points": args.points, "levels": args.levels, "features": args.features,
         "log2_hashmap_size": args.log2_hashmap_size, "base_resolution": args.base_resolution,
-        "max_resolution": args.max_resolution, "repeats": args.repeats, "warmup": args.warmup, "results": rows,
+        "max_resolution": args.max_resolution, "repeats": args.repeats, "warmup": args.warmup, "budget_s": args.budget,
+        "results": rows,
     }
     try:
         import triton
@@ -172,7 +178,7 @@ def main() -> None:
     for r in rows:
         fmt = lambda k, spec: format(r[k], spec) if k in r else "-"  # noqa: E731
         print(f"{r['backend']:<40} {fmt('forward_ms', '10.3f'):>10} {fmt('forward_backward_ms', '10.3f'):>10} "
-              f"{fmt('first_call_s', '13.3f'):>13} {fmt('max_abs_diff_vs_torch', '11.2e'):>11}  {r['status']}")
+              f"{fmt('first_call_s', '13.3f'):>13} {fmt('max_abs_diff_vs_torch', '11.2e'):>11}  {r['status'].split(';')[0]}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
         print(f"wrote {args.json}")

@@ -262,6 +262,9 @@ def test_bench_end_to_end_writes_every_output(e2e):
             if part.endswith(".png"):
                 assert (out / part).exists(), part
     assert len(list((out / "evals").rglob("*.json"))) == 4
+    page = (out / "report.html").read_text()
+    for r in rows:
+        assert f'src="{r["run_dir"]}/report.html#viewer"' in page and (out / r["run_dir"] / "report.html").is_file()
 
 
 @pytest.mark.slow

@@ -106,8 +106,8 @@ def test_sds_gradient_matches_a_hand_computation(tiny_sd_dir):
     assert torch.allclose(z.detach(), z_hand, atol=1e-6)
     assert torch.allclose(z.grad, grad / 3, rtol=0, atol=3e-5)
     assert out["loss"].item() == pytest.approx(0.5 * grad.pow(2).sum().item() / 3, rel=5e-6)
-    assert out["t"] == pytest.approx(t.float().mean().item() / 1000)
-    assert out["grad_norm"] == pytest.approx(grad.norm().item(), rel=5e-6)
+    assert float(out["t"]) == pytest.approx(t.float().mean().item() / 1000)
+    assert float(out["grad_norm"]) == pytest.approx(grad.norm().item(), rel=5e-6)
     # rgb.grad is the autograd of <stopgrad(grad / B), latents(rgb)>.
     rgb2 = rgb.detach().clone().requires_grad_(True)
     (expected,) = torch.autograd.grad((encode(rgb2) * (grad / 3)).sum(), rgb2)
@@ -219,7 +219,8 @@ def test_v_prediction_models_are_converted_to_epsilon(tiny_sd_dir):
     abar = sds.sd_alphas_cumprod()[t].view(-1, 1, 1, 1)
     x_t = abar.sqrt() * z + (1 - abar).sqrt() * eps
     v = abar.sqrt() * eps - (1 - abar).sqrt() * z
-    g.unet = lambda x, tt, encoder_hidden_states: SimpleNamespace(sample=torch.cat([v, v]))
+    g.unet = lambda x, tt, encoder_hidden_states, return_dict=True: (
+        (torch.cat([v, v]),) if not return_dict else SimpleNamespace(sample=torch.cat([v, v])))
     cond = torch.zeros(2, 77, 32)
     eps_hat = g.noise_prediction(x_t, t, cond, cond)
     assert torch.allclose(eps_hat, eps, atol=1e-5)
@@ -279,3 +280,62 @@ def test_unreadable_weights_are_a_user_error(tiny_sd_dir, tmp_path):
     with pytest.raises(UserError, match="cannot load Stable Diffusion") as err:
         make_guidance(broken)
     assert "\n" not in str(err.value)
+
+
+# -- the tiny autoencoder (guidance.sd.vae=tiny) ----------------------------------------------------
+
+def test_tiny_autoencoder_replaces_the_vae_and_sd_needs_no_vae_folder(tiny_sd_dir, tiny_taesd_dir, tmp_path):
+    """With vae=tiny, SD's own VAE is not required; the latents are the tiny encoder's output of the render
+    upsampled and mapped to [-1, 1] (TAESD's latents come scaled for the UNet: factor 1), and the SDS
+    gradient reaches the render through it. Float32 on a CPU, same operations: exact."""
+    from diffusers import AutoencoderTiny
+
+    no_vae = tmp_path / "sd-without-vae"
+    shutil.copytree(tiny_sd_dir, no_vae)
+    shutil.rmtree(no_vae / "vae")
+    g = make_guidance(no_vae, vae="tiny", tiny_vae_model=str(tiny_taesd_dir))
+    assert isinstance(g.vae, AutoencoderTiny) and g.vae_scale_factor == 2 and g.latent_scale == 1.0
+    assert not any(p.requires_grad for p in g.vae.parameters())
+    rgb = torch.rand(3, 12, 12, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    z = g.encode_images(rgb)
+    x = F.interpolate(rgb.detach().permute(0, 3, 1, 2), size=(16, 16), mode="bilinear", align_corners=False)
+    reference = AutoencoderTiny.from_pretrained(tiny_taesd_dir).encoder(x * 2 - 1)
+    assert z.shape == (3, 4, 8, 8) and torch.equal(z.detach(), reference.detach())
+    g(rgb, three_cameras(), 0)["loss"].backward()
+    assert rgb.grad.abs().max() > 0 and torch.isfinite(rgb.grad).all()
+    with pytest.raises(UserError, match="lacks vae"):  # the full VAE still needs its folder
+        make_guidance(no_vae)
+
+
+def test_uncached_tiny_autoencoder_offline_fails_fast_naming_the_download(tiny_sd_dir, tmp_path, monkeypatch):
+    """Measured 0.001 s here; 10 s bounds a hub client that would retry instead of failing."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(UserError) as err:
+        make_guidance(tiny_sd_dir, vae="tiny")
+    message = str(err.value)
+    assert time.monotonic() - start < 10 and "\n" not in message
+    assert "'madebyollin/taesd' is not in the Hugging Face cache" in message
+    assert "hf download madebyollin/taesd" in message and "guidance.sd.tiny_vae_model=" in message
+
+
+def test_an_autoencoder_of_another_latent_space_is_refused(tiny_sd_dir, tmp_path):
+    from diffusers import AutoencoderTiny
+
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+                    num_decoder_blocks=(1, 1), latent_channels=16).save_pretrained(tmp_path / "taef")
+    with pytest.raises(UserError, match="16 latent channels but the UNet takes 4"):
+        make_guidance(tiny_sd_dir, vae="tiny", tiny_vae_model=str(tmp_path / "taef"))
+
+
+def test_diffusers_attention_is_pytorch_sdpa(tiny_sd_dir):
+    """Every attention of the UNet and the VAE runs through F.scaled_dot_product_attention (flash or
+    memory-efficient kernels on a GPU, one op for the compiler), diffusers' default under torch 2."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    g = make_guidance(tiny_sd_dir)
+    for model in (g.unet, g.vae):
+        processors = model.attn_processors
+        assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors.values())

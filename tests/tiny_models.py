@@ -36,9 +36,12 @@ def write_clip_bpe_files(folder: Path) -> Path:
     Vocabulary order (49,408 ids): 256 byte symbols, the same with the end-of-word marker `</w>`, the
     48,894 merge results, then <|startoftext|> and <|endoftext|>.
     """
-    import open_clip
+    import importlib.util
 
-    bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    # The vocabulary file inside the open_clip package, found without importing it (and its torchvision).
+    spec = importlib.util.find_spec("open_clip")
+    assert spec is not None and spec.submodule_search_locations, "open_clip_torch is not installed"
+    bpe = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
     lines = gzip.open(bpe).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1:CLIP_VOCAB - 256 * 2 - 2 + 1]]
     symbols = list(_bytes_to_unicode().values())
@@ -112,4 +115,21 @@ def build_tiny_sd(path: Path, seed: int = 0) -> Path:
         "requires_safety_checker": False,
     }
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path
+
+
+def build_tiny_taesd(path: Path, seed: int = 0) -> Path:
+    """An AutoencoderTiny folder (TAESD's architecture, diffusers layout as on the hub: config.json and
+    weights at the top) with tiny random weights; returns `path`.
+
+    Encoder: 2 blocks of width 8, so latents are half the image size, like build_tiny_sd's VAE; 4 latent
+    channels; scaling factor 1, as TAESD's latents come scaled for the UNet.
+    """
+    from diffusers import AutoencoderTiny
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    AutoencoderTiny(in_channels=3, out_channels=3, encoder_block_out_channels=(8, 8),
+                    decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1),
+                    latent_channels=4, scaling_factor=1.0).save_pretrained(path)
     return path

@@ -670,7 +670,11 @@ def main(args: argparse.Namespace) -> None:
                                                                    "runs": rows}), indent=1))
     plots = write_plots(out, rows, summary, meta["chance"])
     write_report(out, meta, rows, summary, plots)
-    print(f"bench: {len(plan)} runs in {time.perf_counter() - start:.0f} s; report: {out / 'report.md'}", flush=True)
+    from threed.report import write_bench_report
+
+    page = write_bench_report(out, rows, summary, meta)
+    print(f"bench: {len(plan)} runs in {time.perf_counter() - start:.0f} s; report: {out / 'report.md'}, {page}",
+          flush=True)
     failed = [r for r in rows if r["status"] != "done"]
     if failed:
         raise UserError(f"{len(failed)} of {len(rows)} runs did not finish ({', '.join(sorted({r['status'] for r in failed}))}; "

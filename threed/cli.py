@@ -1,4 +1,4 @@
-"""`threed run | export | bench`: the command line.
+"""`threed run | export | bench | view`: the command line.
 
 Options cover what people change every run; everything else is a `key=value` config override after the
 options (e.g. `render.width=128 guidance.sd.guidance_scale=50`). Bad input ends with one line naming the
@@ -86,12 +86,19 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
 
+def _add_view(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("view", help="serve a run or bench folder's report.html on 127.0.0.1 and print its URL")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--port", type=int, help="port [8000, or a free one if taken; 0: any free port]")
+
+
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="threed", description="Text-to-3D by optimisation.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_run(sub)
     _add_export(sub)
     _add_bench(sub)
+    _add_view(sub)
     return p
 
 
@@ -149,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
             cmd_run(args)
         elif args.command == "export":
             cmd_export(args)
+        elif args.command == "view":
+            from threed import report
+
+            report.view(args.dir, args.port)
         else:
             from threed import bench
 

@@ -1,4 +1,5 @@
-"""Atomic file writes: a crash or Ctrl-C never leaves a half-written file behind."""
+"""Files on disk: atomic writes (a crash or Ctrl-C never leaves a half-written file behind) and the folder
+where threed keeps what it can reuse between runs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,12 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+
+def cache_root() -> Path:
+    """`$THREED_CACHE`, default `~/.cache/threed`: prompt embeddings, compiled kernels."""
+    root = os.environ.get("THREED_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "threed"
 
 
 @contextlib.contextmanager

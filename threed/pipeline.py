@@ -1,7 +1,7 @@
 """Run directories: train a method into one, re-export from one, render views of one.
 
-A run directory holds config.yaml, checkpoints/step-*.pt, metrics.jsonl, mesh.<fmt>, turntable.mp4 and
-preview.png. Later stages (export, bench) read only these files.
+A run directory holds config.yaml, checkpoints/step-*.pt, metrics.jsonl, mesh.<fmt>, turntable.mp4,
+preview.png and report.html (threed/report.py). Later stages (export, bench, view) read only these files.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from threed.cameras import Cameras, make_cameras, orbit_cameras
 from threed.config import Config, build_config, load_yaml, resolve_device, save_config
 from threed.errors import UserError
 from threed.io import append_jsonl, atomic_write_text
+from threed.report import write_run_report
 from threed.trainer import Trainer, list_checkpoints, peak_memory_mb
 
 
@@ -88,12 +89,15 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
     peak = peak_memory_mb(device)
     start = time.perf_counter()
     export_run(out, trainer=trainer)
+    compile_time = getattr(guidance, "compile_time_s", None)  # inside wall_time_s: the first step compiles
     append_jsonl(out / "metrics.jsonl", {
         "step": trainer.step, "done": True, "wall_time_s": round(stats["train_time_s"], 3),
         "segment_wall_time_s": round(stats["segment_time_s"], 3), "segment_steps": stats["segment_steps"],
         "it_per_s": round(stats["it_per_s"], 4), "peak_memory_mb": round(peak, 1),
         "export_time_s": round(time.perf_counter() - start, 3), "device": device,
+        **({"compile_time_s": round(compile_time, 3)} if compile_time is not None else {}),
     })
+    write_run_report(out)
     return out
 
 
@@ -189,6 +193,7 @@ def export_run(run_dir: Path, formats: tuple[str, ...] | None = None, resolution
         written.append(path)
     info = {"threshold": float(level), "vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces))}
     atomic_write_text(run_dir / "mesh.json", json.dumps(info, indent=1))
+    written.append(write_run_report(run_dir))  # the page embeds the mesh: rewrite it with every export
     return written
 
 
