@@ -33,7 +33,7 @@ CompileMode = Literal["auto", "none", "default", "reduce-overhead", "max-autotun
 class FieldConfig:
     """Hash-grid NeRF: density + albedo (see threed/fields/)."""
 
-    backend: Literal["auto", "torch", "tcnn"] = "auto"
+    backend: Literal["auto", "torch", "triton", "tcnn"] = "auto"  # auto: tcnn, else triton on CUDA, else torch
     n_levels: int = 16
     n_features_per_level: int = 2
     log2_hashmap_size: int = 19
