@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import trimesh
 from PIL import Image
 
@@ -43,8 +44,6 @@ def one_thread():
     """One PyTorch thread here and in the entries' child processes: these models are so small that a second
     thread only adds synchronisation, and on a busy shared 2-core machine it made tiny CLIP steps 1 it/s
     instead of 26 it/s (measured). The thread count does not change what these tests check."""
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:
@@ -378,6 +377,86 @@ def test_a_ray_task_that_cannot_see_the_bench_folder_says_so_and_a_crash_survive
     assert crash.status == {"status": "failed", "error": "crashed: killed"} and str(crash) == "crashed: killed"
 
 
+def _unit(v) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float32)
+    return v / np.linalg.norm(v)
+
+
+E4 = np.eye(4, dtype=np.float32)  # the evaluator's text embedding of prompt p is e_p
+SCORED_PROMPTS = ["a red apple", "a blue chair", "a green frog", "a wooden boat"]
+# Two views' embeddings per (bench method, true prompt, shading); the comments give each result's cosine
+# to prompts 0..3 averaged over its views, its 0-based rank (a tie counts against the result) and cosine.
+DESIGNED = {
+    ("clip", 0, "albedo"): [E4[0], E4[0]],                              # 1, 0, 0, 0: rank 0, cos 1
+    ("clip", 1, "albedo"): [E4[2], _unit([0, 0.6, 0.8, 0])],            # 0, .3, .9, 0: rank 1, cos .3
+    ("clip", 2, "albedo"): [E4[0], E4[3]],                              # .5, 0, 0, .5: rank 3 (p1 ties), cos 0
+    ("clip", 3, "albedo"): [_unit([0.6, 0, 0, 0.8]), _unit([0.8, 0, 0, 0.6])],  # .7, 0, 0, .7: rank 1 (tie)
+    ("oracle", 0, "albedo"): [E4[0], E4[0]],                            # hit
+    ("oracle", 1, "albedo"): [E4[1], _unit([0, 1, 0.5, 0])],            # hit, cos (1 + .894) / 2 = .9472
+    ("oracle", 2, "albedo"): [E4[2], E4[2]],                            # hit
+    ("oracle", 3, "albedo"): [_unit([0.6, 0, 0.7, 0.4])] * 2,           # .597, 0, .697, .398: rank 2
+}
+for _p in range(4):
+    DESIGNED[("clip", _p, "textureless")] = [E4[_p], E4[_p]]            # every result a hit
+    DESIGNED[("oracle", _p, "textureless")] = [E4[0], E4[0]]            # all look like prompt 0: ranks 0, 3, 3, 3
+
+
+def test_ranks_and_r_precision_from_known_embeddings(tmp_path, capsys, fake_pipeline, tiny_clip, monkeypatch):
+    """4 prompts x 2 methods with hand-built view embeddings: every rank, cosine and R@1 is known exactly.
+
+    With 4 prompts a rank pattern like [0, 1, 3, 1] or R@1 values 0.25 / 1.0 / 0.75 / 0.25 split by shading
+    do not come out of a mix-up of prompts, shadings or methods (the tests these replace accepted any
+    rank in {0, 1} and any R@1 in {0, 0.5, 1} with 2 prompts)."""
+    import yaml
+
+    codes: list[np.ndarray] = []  # renders carry an index into this list in their pixels
+
+    def render_views(run_dir, n_views, shading, size, device=None, trainer=None):
+        prompt = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())["prompt"]
+        method = {"dreamfusion-oracle": "oracle"}.get(Path(run_dir).parent.name, Path(run_dir).parent.name)
+        views = DESIGNED[(method, SCORED_PROMPTS.index(prompt), shading)]
+        assert n_views == len(views)
+        images = np.zeros((n_views, size, size, 3), np.uint8)
+        for v, emb in enumerate(views):
+            images[v] = len(codes)
+            codes.append(emb)
+        return images
+
+    monkeypatch.setattr(pipeline, "render_views", render_views)
+    monkeypatch.setattr(bench.Evaluator, "images",
+                        lambda self, images: np.stack([codes[im[0, 0, 0]] for im in images]))
+    monkeypatch.setattr(bench.Evaluator, "texts", lambda self, texts: E4[[SCORED_PROMPTS.index(t) for t in texts]])
+    ref = tmp_path / "ref.obj"
+    trimesh.creation.box().export(ref)
+    prompts = write_prompts(tmp_path / "p.txt", *SCORED_PROMPTS)
+    out = tmp_path / "out"
+    rc, _, err = run_cli(fast_args(prompts, out, "clip,dreamfusion", tiny_clip, "--guidance", "oracle",
+                                   "--reference", str(ref)), capsys)
+    assert rc == 0, err
+
+    def name(r: dict) -> str:  # the oracle entries are dreamfusion's, in runs/dreamfusion-oracle/
+        return "oracle" if r["prior"] == "oracle" else r["method"]
+
+    rows = {(name(r), r["prompt"]): r for r in csv.DictReader(open(out / "results.csv"))}
+    expected = {  # (method, prompt): (rank colour, cosine colour, rank textureless)
+        ("clip", 0): (0, 1.0, 0), ("clip", 1): (1, 0.3, 0), ("clip", 2): (3, 0.0, 0), ("clip", 3): (1, 0.7, 0),
+        ("oracle", 0): (0, 1.0, 0), ("oracle", 1): (0, 0.9472, 3), ("oracle", 2): (0, 1.0, 3),
+        ("oracle", 3): (2, 0.398, 3),
+    }
+    for (method, p), (rank, cos, rank_plain) in expected.items():
+        row = rows[(method, SCORED_PROMPTS[p])]
+        assert (int(row["rank_color"]), int(row["rank_textureless"])) == (rank, rank_plain), (method, p)
+        assert float(row["clip_sim_color"]) == pytest.approx(cos, abs=1e-4), (method, p)
+    data = json.loads((out / "results.json").read_text())
+    assert data["benchmark"]["chance"] == 0.25
+    summary = {name(s): s for s in data["summary"]}
+    assert (summary["clip"]["r_at_1_color"], summary["clip"]["r_at_1_textureless"]) == (0.25, 1.0)
+    assert (summary["oracle"]["r_at_1_color"], summary["oracle"]["r_at_1_textureless"]) == (0.75, 0.25)
+    assert summary["clip"]["mean_clip_sim_color"] == pytest.approx((1.0 + 0.3 + 0.0 + 0.7) / 4, abs=1e-4)
+    assert summary["clip"]["inflated"] is True and summary["oracle"]["inflated"] is False
+    assert all(s["finished"] == 4 for s in summary.values())
+
+
 # -- end to end with tiny random models -----------------------------------------------------------
 
 def e2e_argv(prompts: str, out: Path, tiny_clip: str, methods: str = "sds,clip", *extra: str) -> list[str]:
@@ -408,22 +487,35 @@ def test_bench_end_to_end_writes_every_output(e2e):
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 4 and {(r["method"], r["prompt"]) for r in rows} == {
         (m, p) for m in ("dreamfusion", "clip") for p in ("a red apple", "a blue chair")}
+    # The evaluator is the tiny random CLIP (seeded): its text embeddings recompute each row's cosine and
+    # rank from the stored view embeddings, so a swapped prompt, shading or method would show.
+    from threed.r_precision import prompt_ranks, prompt_similarity
+
+    prompts = ["a red apple", "a blue chair"]
+    text = torch.from_numpy(bench.Evaluator(e2e["tiny_clip"], "none", "cpu").texts(prompts))
     for r in rows:
         assert r["status"] == "done" and r["steps"] == "2"
         assert float(r["wall_time_s"]) > 0 and float(r["it_per_s"]) > 0 and float(r["peak_memory_mb"]) > 0
-        assert int(r["faces"]) >= 0 and r["watertight"] in ("True", "False")
-        assert -1.0 <= float(r["clip_sim_color"]) <= 1.0 and r["rank_color"] in ("0", "1")
         run_dir = out / r["run_dir"]
         assert bench.final_record(run_dir) is not None and (run_dir / "mesh.obj").exists()
+        mesh = trimesh.load(run_dir / "mesh.obj", force="mesh")
+        assert (int(r["faces"]), r["watertight"]) == (len(mesh.faces), str(mesh.is_watertight))
+        ev = json.loads((out / "evals" / r["method"] / f"{run_dir.name}.json").read_text())
+        emb = torch.tensor(ev["emb_albedo"], dtype=torch.float32)[None]
+        truth = prompts.index(r["prompt"])
+        assert float(r["clip_sim_color"]) == pytest.approx(float(prompt_similarity(emb, text)[0, truth]), abs=1e-4)
+        assert int(r["rank_color"]) == int(prompt_ranks(emb, text, torch.tensor([truth]))[0])
         thumb = Image.open(out / r["thumbnail"])
         assert thumb.format == "PNG" and thumb.size == (2 * 96, 2 * 96)  # 2 views x (colour, textureless)
     data = json.loads((out / "results.json").read_text())
     assert data["benchmark"]["prompts"] == ["a red apple", "a blue chair"] and data["benchmark"]["chance"] == 0.5
     summary = {s["method"]: s for s in data["summary"]}
     assert summary["clip"]["inflated"] is True and summary["dreamfusion"]["inflated"] is False
-    for s in summary.values():
+    for method, s in summary.items():
         assert s["finished"] == 2
-        assert s["r_at_1_color"] in (0.0, 0.5, 1.0) and s["r_at_1_textureless"] in (0.0, 0.5, 1.0)
+        for short in ("color", "textureless"):  # R@1 is the share of the method's rows ranked first
+            ranks = [int(r[f"rank_{short}"]) for r in rows if r["method"] == method]
+            assert s[f"r_at_1_{short}"] == sum(k == 0 for k in ranks) / len(ranks)
     for name in ("r_precision.png", "time.png", "quality_vs_time.png"):
         img = Image.open(out / name)
         assert img.format == "PNG" and img.size[0] > 200
@@ -434,6 +526,9 @@ def test_bench_end_to_end_writes_every_output(e2e):
             if part.endswith(".png"):
                 assert (out / part).exists(), part
     assert len(list((out / "evals").rglob("*.json"))) == 4
+    page = (out / "report.html").read_text()
+    for r in rows:
+        assert f'src="{r["run_dir"]}/report.html#viewer"' in page and (out / r["run_dir"] / "report.html").is_file()
 
 
 @pytest.mark.slow

@@ -931,7 +931,10 @@ def write_outputs(out: Path, meta: dict, rows: list[dict], summary: list[dict]) 
                                                                    "runs": rows}), indent=1))
     plots = write_plots(out, rows, summary, meta["chance"])
     write_report(out, meta, rows, summary, plots)
-    return [out / "results.csv", out / "results.json", out / "report.md", *(out / p for p in plots)]
+    from threed.report import write_bench_report
+
+    page = write_bench_report(out, rows, summary, meta)
+    return [out / "results.csv", out / "results.json", out / "report.md", Path(page), *(out / p for p in plots)]
 
 
 # -- the command ----------------------------------------------------------------------------------

@@ -126,6 +126,16 @@ def orbit_cameras(cfg: CameraConfig, n: int, width: int, height: int, elevation:
 VIEWS = ("front", "side", "back", "overhead")
 
 
+def view_indices(cameras: Cameras, cfg: CameraConfig) -> Tensor:
+    """`view_names` as indices into VIEWS, computed where the cameras live: on a GPU, reading the angles
+    back to the host would wait for every kernel queued before. The same rules, in float64 as there."""
+    elevation, azimuth = cameras.elevation.double(), cameras.azimuth.double().abs()
+    index = torch.full(elevation.shape, VIEWS.index("side"), dtype=torch.long, device=elevation.device)
+    index = torch.where(azimuth > 180.0 - cfg.back_threshold, VIEWS.index("back"), index)
+    index = torch.where(azimuth < cfg.front_threshold, VIEWS.index("front"), index)
+    return torch.where(elevation > cfg.overhead_threshold, VIEWS.index("overhead"), index)
+
+
 def view_names(cameras: Cameras, cfg: CameraConfig) -> list[str]:
     """DreamFusion's view-dependent prompt suffixes, one per camera."""
     names = []

@@ -1,4 +1,4 @@
-"""`threed run | export | bench`: the command line.
+"""`threed run | export | bench | view`: the command line.
 
 Options cover what people change every run; everything else is a `key=value` config override after the
 options (e.g. `render.width=128 guidance.sd.guidance_scale=50`). Bad input ends with one line naming the
@@ -100,12 +100,19 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="config overrides for every method, or METHOD:key=value for one")
 
 
+def _add_view(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("view", help="serve a run or bench folder's report.html on 127.0.0.1 and print its URL")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--port", type=int, help="port [8000, or a free one if taken; 0: any free port]")
+
+
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="threed", description="Text-to-3D by optimisation.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_run(sub)
     _add_export(sub)
     _add_bench(sub)
+    _add_view(sub)
     return p
 
 
@@ -123,7 +130,8 @@ def cmd_run(args: argparse.Namespace) -> None:
             print(f"threed: {run_dir} is finished (step {step} of {cfg.steps}); nothing changed. Pass --steps N "
                   f"(N > {step}) to train on, or re-export with `threed export {run_dir}`")
             return
-        out = pipeline.run(cfg, run_dir, resume=True, progress=not args.quiet)
+        out = run_dir
+        written = pipeline.run(cfg, run_dir, resume=True, progress=not args.quiet)
     else:
         cfg, notes = spec.resolve(opts)
         for note in notes:
@@ -134,7 +142,9 @@ def cmd_run(args: argparse.Namespace) -> None:
         if (out / "config.yaml").exists():
             raise UserError(f"{out} already holds a run: continue it with `threed run --resume {out}` "
                             "or pass another --out")
-        out = pipeline.run(cfg, out, progress=not args.quiet)
+        written = pipeline.run(cfg, out, progress=not args.quiet)
+    reference = cfg.guidance.oracle.reference if cfg.guidance.type == "oracle" else None
+    print(pipeline.written_summary(written, reference))
     print(f"threed: done: {out}")
 
 
@@ -152,8 +162,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise UserError("--resolution must be at least 8")
     written = pipeline.export_run(run_dir, formats, args.resolution, args.threshold, video=args.video,
                                   device=args.device)
-    for path in written:
-        print(path)
+    cfg = pipeline.load_run_config(run_dir)
+    print(pipeline.written_summary(written, cfg.guidance.oracle.reference if cfg.guidance.type == "oracle" else None))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
             cmd_run(args)
         elif args.command == "export":
             cmd_export(args)
+        elif args.command == "view":
+            from threed import report
+
+            report.view(args.dir, args.port)
         else:
             from threed import bench
 

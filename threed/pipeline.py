@@ -1,22 +1,27 @@
 """Run directories: train a method into one, re-export from one, render views of one.
 
-A run directory holds config.yaml, checkpoints/step-*.pt, metrics.jsonl, mesh.<fmt>, turntable.mp4 and
-preview.png. Later stages (export, bench) read only these files.
+A run directory holds config.yaml, checkpoints/step-*.pt, metrics.jsonl, mesh.<fmt> (with mesh.json
+describing each mesh file), turntable.mp4, preview.png and report.html (threed/report.py). Later stages
+(export, bench, view) read only these files.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from threed.cameras import Cameras, make_cameras, orbit_cameras
 from threed.config import Config, build_config, load_yaml, resolve_device, save_config
-from threed.errors import UserError
+from threed.errors import UserError, first_line
 from threed.io import append_jsonl, atomic_write_text
+from threed.progress import bar
+from threed.report import write_run_report
 from threed.trainer import Trainer, list_checkpoints, peak_memory_mb
 
 
@@ -59,8 +64,9 @@ def load_checkpoint(path: Path, device: str) -> dict:
         raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): delete it to fall back to an older one") from None
 
 
-def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> Path:
-    """Train (or continue) a run in `out`, then export its mesh, video and preview."""
+def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> list[Path]:
+    """Train (or continue) a run in `out`, then export its mesh, video and preview. Returns the files the
+    export wrote (for the command's closing summary)."""
     from threed import methods
 
     out = Path(out)
@@ -87,14 +93,17 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> 
     stats = trainer.fit(cfg.steps, progress=progress)
     peak = peak_memory_mb(device)
     start = time.perf_counter()
-    export_run(out, trainer=trainer)
+    written = export_run(out, trainer=trainer, progress=progress)
+    compile_time = getattr(guidance, "compile_time_s", None)  # inside wall_time_s: the first step compiles
     append_jsonl(out / "metrics.jsonl", {
         "step": trainer.step, "done": True, "wall_time_s": round(stats["train_time_s"], 3),
         "segment_wall_time_s": round(stats["segment_time_s"], 3), "segment_steps": stats["segment_steps"],
         "it_per_s": round(stats["it_per_s"], 4), "peak_memory_mb": round(peak, 1),
         "export_time_s": round(time.perf_counter() - start, 3), "device": device,
+        **({"compile_time_s": round(compile_time, 3)} if compile_time is not None else {}),
     })
-    return out
+    write_run_report(out)
+    return written
 
 
 def load_trainer(run_dir: Path, device: str | None = None, overrides: list[str] | None = None) -> Trainer:
@@ -110,13 +119,17 @@ def load_trainer(run_dir: Path, device: str | None = None, overrides: list[str] 
 
 
 @torch.no_grad()
-def render_cameras(trainer: Trainer, cameras: Cameras, shading: str) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 (B,H,W,3), opacity float (B,H,W)) rendered one camera at a time."""
+def render_cameras(trainer: Trainer, cameras: Cameras, shading: str, progress: bool | None = False,
+                   desc: str = "rendering") -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (B,H,W,3), opacity float (B,H,W)) rendered one camera at a time; `progress` shows a
+    bar named `desc` over the views."""
     images, opacity = [], []
-    for i in range(len(cameras)):
-        out = trainer.renderer(trainer.field, trainer.background, cameras.subset(i).to(trainer.device), shading)
-        images.append((out.rgb[0].clamp(0, 1) * 255).round().byte().cpu().numpy())
-        opacity.append(out.opacity[0, ..., 0].float().cpu().numpy())
+    with bar(desc, len(cameras), progress, unit="view") as shown:
+        for i in range(len(cameras)):
+            out = trainer.renderer(trainer.field, trainer.background, cameras.subset(i).to(trainer.device), shading)
+            images.append((out.rgb[0].clamp(0, 1) * 255).round().byte().cpu().numpy())
+            opacity.append(out.opacity[0, ..., 0].float().cpu().numpy())
+            shown.update(1)
     return np.stack(images), np.stack(opacity)
 
 
@@ -138,58 +151,178 @@ def _silhouette_cameras(cfg: Config, size: int) -> Cameras:
                         size, size)
 
 
-def extract(trainer: Trainer, resolution: int | None = None, threshold: float | None = None):
-    """The run's mesh: marching cubes at a level chosen by silhouette agreement unless one is given."""
+def extract(trainer: Trainer, resolution: int | None = None, threshold: float | None = None,
+            progress: bool | None = False):
+    """The run's mesh: marching cubes at a level chosen by silhouette agreement unless one is given.
+
+    Uses only the field as it is (trained or not): a run exported at step 0 gives the initial blob.
+    """
     from threed.mesh import auto_threshold, density_grid, extract_mesh
 
     cfg = trainer.cfg
     res = resolution or cfg.export.resolution
     field, bound = trainer.field, cfg.render.bound
-    grid = density_grid(field.density, bound, res, trainer.device)
+    grid = density_grid(field.density, bound, res, trainer.device, progress=progress)
     level = cfg.export.threshold if threshold is None else threshold
     if level < 0:
         cams = _silhouette_cameras(cfg, 64)
-        _, opacity = render_cameras(trainer, cams, "albedo")
+        _, opacity = render_cameras(trainer, cams, "albedo", progress, "mesh level: silhouettes")
         rays_o, rays_d = cams.rays()
-        level = auto_threshold(grid, bound, rays_o, rays_d, torch.from_numpy(opacity))
+        level = auto_threshold(grid, bound, rays_o, rays_d, torch.from_numpy(opacity), progress=progress)
     mesh = extract_mesh(field.density, field.albedo, bound, res, level, cfg.export.keep_components,
-                        cfg.export.decimate_faces, device=trainer.device, grid=grid)
+                        cfg.export.decimate_faces, device=trainer.device, grid=grid, progress=progress)
     return mesh, level
+
+
+MESH_METADATA = "mesh.json"
+# pip names of modules an optional artifact's writer imports, for the install hint
+_PIP_NAMES = {"PIL": "pillow", "imageio_ffmpeg": "imageio-ffmpeg"}
+
+
+def warn(message: str) -> None:
+    print(f"threed: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _why_not_written(e: Exception) -> str:
+    """One line: what is missing and how to install it, or what went wrong."""
+    if isinstance(e, ModuleNotFoundError) and e.name:
+        module = e.name.split(".")[0]
+        return f"{module} is not installed (pip install {_PIP_NAMES.get(module, module)})"
+    if isinstance(e, ImportError):
+        return first_line(e)
+    return f"{type(e).__name__}: {first_line(e)}"
+
+
+def _write_optional(name: str, write: Callable[[], Path], written: list[Path]) -> None:
+    """Write an optional artifact; if that fails, one warning line and the export goes on (the mesh is
+    what a run is for; a missing MP4 encoder must not turn a finished run into a failed one)."""
+    try:
+        written.append(write())
+    except Exception as e:  # any failure of an optional file; Ctrl-C still stops the export
+        warn(f"{name} not written: {_why_not_written(e)}; the mesh and other files are written")
+
+
+def write_mesh_metadata(run_dir: Path, entries: dict[str, dict]) -> Path:
+    """Update mesh.json: one entry per mesh file, keyed by its file name.
+
+    Why one entry per file: exports can write different meshes (another resolution, level or format) to
+    the same run directory, so one record for "the mesh" could describe another mesh than mesh.glb. An
+    export replaces the entries of exactly the files it wrote; entries of files that no longer exist are
+    dropped; a mesh.json of the old single-record layout is discarded (it cannot say which file it meant).
+    """
+    path = Path(run_dir) / MESH_METADATA
+    meshes: dict[str, dict] = {}
+    try:
+        old = json.loads(path.read_text())
+        if isinstance(old, dict) and isinstance(old.get("meshes"), dict):
+            meshes = {k: v for k, v in old["meshes"].items() if (Path(run_dir) / k).is_file()}
+    except (OSError, ValueError):
+        pass
+    meshes.update(entries)
+    atomic_write_text(path, json.dumps({"meshes": dict(sorted(meshes.items()))}, indent=1))
+    return path
 
 
 def export_run(run_dir: Path, formats: tuple[str, ...] | None = None, resolution: int | None = None,
                threshold: float | None = None, trainer: Trainer | None = None, video: bool | None = None,
-               device: str | None = None) -> list[Path]:
-    """Write mesh.<fmt> for each format, and turntable.mp4 and preview.png as the config says
-    (`video=True`/`False` forces both on or off)."""
-    from exporters import export_mesh
-    from exporters.video import write_image_grid, write_video
+               device: str | None = None, progress: bool | None = None) -> list[Path]:
+    """Write mesh.<fmt> for each format (and mesh.json describing each), and turntable.mp4 and preview.png
+    as the config says (`video=True`/`False` forces both on or off). Returns every file written.
+
+    Each step shows a progress bar (`progress`: True, False, or None for only when stderr is a
+    terminal). The video and preview are optional: if one cannot be written (e.g. no MP4 encoder), a
+    one-line warning says why and the export still succeeds. Works on an untrained field too.
+    """
+    from exporters import UnknownFormatError, check_formats, export_mesh
+    import exporters.video as video_writer
 
     run_dir = Path(run_dir)
     trainer = trainer or load_trainer(run_dir, device)
     cfg = trainer.cfg
+    try:
+        formats = tuple(check_formats(formats or cfg.export.formats))  # before minutes of extraction
+    except UnknownFormatError as e:
+        raise UserError(f"{e} (--format or export.formats)") from None
     trainer.field.eval()
     trainer.background.eval()
-    mesh, level = extract(trainer, resolution, threshold)
-    written = export_mesh(mesh, run_dir, formats or cfg.export.formats)
+    res = resolution or cfg.export.resolution
+    mesh, level = extract(trainer, res, threshold, progress)
+    written = export_mesh(run_dir, formats, mesh.vertices, mesh.faces, mesh.colors, mesh.normals)
+    chosen = "given" if (cfg.export.threshold if threshold is None else threshold) >= 0 else "auto"
+    meshes = {p.name: {"format": p.suffix[1:], "bytes": p.stat().st_size, "vertices": int(len(mesh.vertices)),
+                       "faces": int(len(mesh.faces)), "threshold": float(level), "threshold_chosen": chosen,
+                       "resolution": int(res), "bound": float(cfg.render.bound),
+                       "decimate_faces": int(cfg.export.decimate_faces), "step": int(trainer.step)}
+              for p in written if p.suffix[1:] in formats}
+    written.append(write_mesh_metadata(run_dir, meshes))
+
     if cfg.export.video if video is None else video:
-        size = cfg.export.video_resolution
-        frames, _ = render_cameras(trainer, orbit_cameras(cfg.camera, cfg.export.video_frames, size, size), "albedo")
-        path = run_dir / "turntable.mp4"
-        write_video(list(frames), path, cfg.export.video_fps)
-        written.append(path)
+        def turntable() -> Path:
+            video_writer.require_mp4_writer()  # before rendering frames that could not be written
+            size = cfg.export.video_resolution
+            cams = orbit_cameras(cfg.camera, cfg.export.video_frames, size, size)
+            frames, _ = render_cameras(trainer, cams, "albedo", progress, "turntable frames")
+            return video_writer.write_video(list(frames), run_dir / "turntable.mp4", cfg.export.video_fps,
+                                            progress=progress)
+
+        _write_optional("turntable.mp4", turntable, written)
     n = cfg.export.preview_views if video is None or video else 0
     if n > 0:
-        side = max(16, min(256, cfg.export.video_resolution))
-        cams = orbit_cameras(cfg.camera, n, side, side)
-        colour, _ = render_cameras(trainer, cams, "albedo")
-        plain, _ = render_cameras(trainer, cams, "textureless")
-        path = run_dir / "preview.png"
-        write_image_grid(list(colour) + list(plain), path, cols=n)
-        written.append(path)
-    info = {"threshold": float(level), "vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces))}
-    atomic_write_text(run_dir / "mesh.json", json.dumps(info, indent=1))
+        def preview() -> Path:
+            side = max(16, min(256, cfg.export.video_resolution))
+            cams = orbit_cameras(cfg.camera, n, side, side)
+            colour, _ = render_cameras(trainer, cams, "albedo", progress, "preview: colour")
+            plain, _ = render_cameras(trainer, cams, "textureless", progress, "preview: textureless")
+            return video_writer.write_image_grid(list(colour) + list(plain), run_dir / "preview.png", cols=n)
+
+        _write_optional("preview.png", preview, written)
+    written.append(write_run_report(run_dir))  # the page embeds the mesh: rewrite it with every export
     return written
+
+
+def chamfer_line(mesh_path: Path | str, reference: Path | str) -> str:
+    """One line: the Chamfer-L1 distance (and F-score) from the mesh file to the reference mesh."""
+    import trimesh
+
+    from threed.metrics import mesh_distance
+
+    try:
+        ref = trimesh.load(reference, force="mesh")
+    except Exception as e:  # trimesh raises many types for unreadable files
+        raise UserError(f"cannot read the reference mesh {reference} ({first_line(e)}): "
+                        "pass an OBJ, PLY or GLB") from None
+    pred = trimesh.load(mesh_path, force="mesh")
+    if len(pred.faces) == 0 or len(ref.faces) == 0:
+        return f"Chamfer-L1 from {Path(mesh_path).name} to {Path(reference).name}: undefined (a mesh is empty)"
+    d = mesh_distance(pred, ref)
+    return (f"Chamfer-L1 from {Path(mesh_path).name} to {Path(reference).name}: {d['chamfer_l1']:.4g} "
+            f"({100 * d['chamfer_l1_rel']:.2f}% of the reference's diagonal), F-score@1%: {d['fscore_1pct']:.3f}")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def written_summary(paths: Sequence[Path | str], reference: Path | str | None = None) -> str:
+    """What a finished command wrote, for its last lines: the files with their sizes, and given a
+    reference mesh, the Chamfer distance from the (first) exported mesh to it."""
+    paths = [Path(p) for p in dict.fromkeys(paths)]
+    folders = {p.parent for p in paths}
+    common = folders.pop() if len(folders) == 1 else None
+    lines = [f"threed: wrote {len(paths)} file{'s' if len(paths) != 1 else ''}" + (f" in {common}:" if common else ":")]
+    width = max((len(p.name if common else str(p)) for p in paths), default=0)
+    for p in paths:
+        size = _size(p.stat().st_size) if p.exists() else "missing"
+        lines.append(f"  {(p.name if common else str(p)).ljust(width)}  {size}")
+    if reference is not None:
+        mesh = next((p for p in paths if p.suffix in (".obj", ".ply", ".glb") and p.exists()), None)
+        lines.append("threed: " + (chamfer_line(mesh, reference) if mesh else "no mesh was written to compare "
+                                   f"with {Path(reference).name}"))
+    return "\n".join(lines)
 
 
 def default_out_dir(cfg: Config) -> Path:

@@ -173,8 +173,10 @@ def resolve(opts: RunOptions, cuda: bool | None = None, only_concerning: bool = 
     return cfg, notes
 
 
-# Settings a resumed run may change: how long it trains, where, how often it logs and saves, and export.
-RESUMABLE = ("steps", "device", "log_every", "checkpoint_every", "keep_checkpoints")
+# Settings a resumed run may change: how long it trains, where, how often it logs and saves, how the guidance
+# is compiled (the same math), and export.
+RESUMABLE = ("steps", "device", "log_every", "checkpoint_every", "keep_checkpoints", "guidance.sd.compile",
+             "guidance.sd.compile_vae")
 RESUMABLE_PREFIXES = ("export.",)
 
 

@@ -44,9 +44,30 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(paths, key=lambda p: int(CHECKPOINT_RE.search(p.name).group(1)))  # type: ignore[union-attr]
 
 
-def sync(device: torch.device) -> None:
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _no_sync(device: torch.device) -> None:
+    pass
+
+
+Record = dict[str, "Tensor | float"]
+
+
+def as_floats(record: Record) -> dict[str, float]:
+    """A step's record as plain numbers: every tensor read back in one transfer per device (on a GPU each
+    read waits for the queued work, so the loop does this only on the steps it logs)."""
+    out = {k: float(v) for k, v in record.items() if not isinstance(v, Tensor)}
+    by_device: dict[torch.device, list[str]] = {}
+    for key, value in record.items():
+        if isinstance(value, Tensor):
+            by_device.setdefault(value.device, []).append(key)
+    for keys in by_device.values():
+        values = torch.stack([record[k].detach().reshape(()).double() for k in keys]).tolist()
+        out.update(zip(keys, values))
+    return {k: out[k] for k in record}
 
 
 class Trainer:
@@ -72,15 +93,22 @@ class Trainer:
         self.train_time_s = 0.0  # summed over every segment of a resumed run ...
         self.timed_steps = 0  # ... and the steps it covers (a 0.1 checkpoint carries no time)
         self.timings: dict[str, float] = {}
+        # Wait for the GPU after each phase, so that `timings` split the step (benchmarks); off, a step waits
+        # for the device once, for the finiteness check, and the host queues ahead of the GPU otherwise.
+        self.phase_timing = False
 
     def describe(self) -> str:
         """Which backends were chosen, and why a CUDA run is not using an accelerator."""
         field, renderer = self.field.backend, self.renderer.backend
         if self.device.type == "cuda":
-            if field == "torch" and self.cfg.field.backend == "auto":
+            if field == "triton" and self.cfg.field.backend == "auto":
                 field += " (tinycudann not importable)"
+            if field == "torch" and self.cfg.field.backend == "auto":
+                field += " (tinycudann and triton not importable)"
             if renderer == "torch" and self.cfg.render.backend == "auto":
                 renderer += " (nerfacc not importable)"
+        if field.startswith("triton") and self.cfg.field.normals == "analytic":
+            field += " (analytic normals: PyTorch path, the kernels have no d/dx)"
         return f"field backend: {field} | renderer: {renderer} | device: {self.device}"
 
     # -- losses -------------------------------------------------------------------------------
@@ -103,10 +131,15 @@ class Trainer:
         return out
 
     # -- one iteration ------------------------------------------------------------------------
-    def train_step(self) -> dict[str, float]:
-        """Render a batch of random views, score it with the guidance, take one Adam step."""
+    def train_step(self) -> Record:
+        """Render a batch of random views, score it with the guidance, take one Adam step.
+
+        Returns the step's losses and the guidance's statistics as computed, tensors still on the device
+        (`as_floats` reads them): converting them here would wait for the GPU at every step.
+        """
         assert self.guidance is not None, "a Trainer without guidance can only render"
         cfg, dev = self.cfg, self.device
+        sync = _sync if self.phase_timing else _no_sync
         self.field.train()
         self.background.train()
         t0 = time.perf_counter()
@@ -125,10 +158,12 @@ class Trainer:
         total = sum(getattr(cfg.loss, name)(self.step) * value for name, value in losses.items())
         sync(dev)
         t2 = time.perf_counter()
-        if not torch.isfinite(total):
-            raise Diverged(f"the loss became {total.item()} at step {self.step}")
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
+        # Checked once the backward is queued: the host waits for the device here, once per step, while the
+        # GPU works through the guidance and the backward. The optimiser never steps on a non-finite loss.
+        if not torch.isfinite(total):
+            raise Diverged(f"the loss became {total.item()} at step {self.step}")
         sync(dev)
         t3 = time.perf_counter()
         for group, schedule in zip(self.optimizer.param_groups, self.lr_schedules):
@@ -138,9 +173,10 @@ class Trainer:
         t4 = time.perf_counter()
         self.timings = {"render": t1 - t0, "guidance": t2 - t1, "backward": t3 - t2, "optimizer": t4 - t3}
         self.step += 1
-        record: dict[str, float] = {"loss": float(total.detach())}
-        record.update({f"loss_{k}": float(v.detach()) for k, v in losses.items()})
-        record.update({k: float(v) for k, v in g.items() if k != "loss" and isinstance(v, (int, float))})
+        record: Record = {"loss": total.detach()}
+        record.update({f"loss_{k}": v.detach() for k, v in losses.items()})
+        record.update({k: v.detach() if isinstance(v, Tensor) else float(v) for k, v in g.items()
+                       if k != "loss" and (isinstance(v, (int, float)) or (isinstance(v, Tensor) and v.numel() == 1))})
         return record
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -205,9 +241,10 @@ class Trainer:
                 self.timed_steps += 1
                 tick = now
                 bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4g}")
                 if self.step % cfg.log_every == 0 or self.step == steps:
-                    append_jsonl(metrics, {"step": self.step, **record, "time_s": round(time.perf_counter() - start, 3)})
+                    values = as_floats(record)
+                    bar.set_postfix(loss=f"{values['loss']:.4g}")
+                    append_jsonl(metrics, {"step": self.step, **values, "time_s": round(time.perf_counter() - start, 3)})
                 if cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
                     last_saved = self.step
