@@ -364,8 +364,8 @@ def test_oracle_recovers_a_torus_on_cuda(tmp_path):
     cfg = build_config("oracle", [f"guidance.oracle.reference={reference}", "steps=300", "device=cuda",
                                   "render.backend=torch", "export.video=false", "export.preview_views=0",
                                   "export.formats=[obj]", "checkpoint_every=0"])
-    run = pipeline.run(cfg, tmp_path / "run", progress=False)
-    pred = trimesh.load(run / "mesh.obj", force="mesh", process=False)
+    pipeline.run(cfg, tmp_path / "run", progress=False)
+    pred = trimesh.load(tmp_path / "run" / "mesh.obj", force="mesh", process=False)
     m = mesh_distance(pred, shapes.ALL["torus"]())
     report("oracle_cuda", shape="torus", steps=300, chamfer_l1_rel=float(m["chamfer_l1_rel"]),
            fscore_1pct=float(m["fscore_1pct"]))
