@@ -39,8 +39,10 @@ setup(
     extras_require={
         # nerfacc JIT-builds its CUDA kernels on first use on a GPU; tinycudann must be built from source.
         "cuda": ["nerfacc>=0.5.3"],
+        # threed bench --ray: entries as Ray tasks across GPUs and nodes (imported only when asked for).
+        "ray": ["ray>=2.9"],
         # playwright drives the system Chromium (apt-get install chromium) for the report pages' browser tests
-        "test": ["pytest>=7", "pygltflib>=1.16", "playwright>=1.40"],
+        "test": ["pytest>=7", "pygltflib>=1.16", "playwright>=1.40", "ray>=2.9"],
     },
     entry_points={"console_scripts": ["threed=threed.cli:main"]},
 )

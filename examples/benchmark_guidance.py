@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,8 +28,6 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-sys.path.insert(0, str(HERE))
 
 
 def sync(device: str) -> None:
@@ -92,14 +89,14 @@ def main() -> None:
         model = model or str(Path(args.models) / "sd")
         tiny_vae = tiny_vae or str(Path(args.models) / "taesd")
     if args.tiny_sd:
-        from tiny_models import build_tiny_sd, build_tiny_taesd
+        from threed.random_models import build_tiny_sd, build_tiny_taesd
 
         model = model or str(build_tiny_sd(Path(tmp.name) / "sd"))
         tiny_vae = tiny_vae or str(build_tiny_taesd(Path(tmp.name) / "taesd"))
     elif model is None:
-        from benchmark_step import build_random_sd
+        from threed.random_models import build_random_sd
 
-        model = str(build_random_sd(HERE / "sd21-base-architecture", Path(tmp.name) / "sd", device))
+        model = str(build_random_sd(HERE / "sd21-base-architecture", Path(tmp.name) / "sd", device=device))
 
     cams = make_cameras(torch.tensor([15.0]), torch.tensor([30.0]), torch.tensor([1.75]), torch.tensor([55.0]),
                         args.render, args.render).to(device)

@@ -25,7 +25,6 @@ import datetime
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,52 +32,6 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))  # tiny_models: the offline CLIP tokenizer and tiny SD
-
-
-def build_random_sd(arch_dir: Path, out: Path, device: str = "cpu") -> Path:
-    """A diffusers folder with SD's real-size architecture and random weights (for speed only).
-
-    On CUDA the weights are initialised on the GPU (seconds instead of a minute) and saved in fp16, the
-    precision the preset loads them in; on a CPU, fp32."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-    from tiny_models import build_clip_tokenizer
-
-    load = lambda name: {k: v for k, v in json.loads((arch_dir / name).read_text()).items()  # noqa: E731
-                         if not k.startswith("_")}
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    torch.manual_seed(0)
-    for name, make in (("unet", lambda: UNet2DConditionModel(**load("unet.json"))),
-                       ("vae", lambda: AutoencoderKL(**load("vae.json"))),
-                       ("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**load("text.json"))))):
-        try:
-            with torch.device(device):
-                model = make()
-        except (RuntimeError, TypeError, ValueError) as e:  # built on the CPU instead: slower, same result
-            print(f"building the {name} on {device} failed ({type(e).__name__}: {e}); building it on the CPU",
-                  file=sys.stderr)
-            model = make()
-        model.to(dtype).save_pretrained(out / name)
-        del model
-    build_clip_tokenizer().save_pretrained(out / "tokenizer")
-    sched = load("scheduler.json")
-    DDPMScheduler(**{k: sched[k] for k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps",
-                                            "prediction_type", "steps_offset", "clip_sample")}).save_pretrained(
-        out / "scheduler")
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return out
-
-
-def build_random_taesd(out: Path) -> Path:
-    """An AutoencoderTiny folder with TAESD's architecture (diffusers' defaults: 4 encoder blocks of width 64,
-    1/3/3/3 layers, 4 latent channels, scaling factor 1) and random weights."""
-    from diffusers import AutoencoderTiny
-
-    torch.manual_seed(0)
-    AutoencoderTiny().save_pretrained(out)
-    return out
 
 
 def guidance_compile_info(guidance: object) -> dict:
@@ -120,6 +73,7 @@ def main() -> None:
 
     from threed.config import build_config, resolve_device
     from threed import methods
+    from threed.random_models import build_random_sd, build_random_taesd, build_tiny_sd, build_tiny_taesd
     from threed.trainer import Trainer, peak_memory_mb
 
     device = resolve_device(args.device)
@@ -127,12 +81,10 @@ def main() -> None:
         start = time.perf_counter()
         out = Path(args.build_models)
         if args.tiny_sd:
-            from tiny_models import build_tiny_sd, build_tiny_taesd
-
             build_tiny_sd(out / "sd")
             build_tiny_taesd(out / "taesd")
         else:
-            build_random_sd(Path(args.arch), out / "sd", device)
+            build_random_sd(Path(args.arch), out / "sd", device=device)
             build_random_taesd(out / "taesd")
         print(json.dumps({"built": str(out), "seconds": round(time.perf_counter() - start, 1)}))
         return
@@ -140,19 +92,15 @@ def main() -> None:
         model = args.model
         if model is None:
             if args.tiny_sd:
-                from tiny_models import build_tiny_sd
-
                 model = str(build_tiny_sd(Path(tmp) / "sd"))
             else:
-                model = str(build_random_sd(Path(args.arch), Path(tmp) / "sd", device))
+                model = str(build_random_sd(Path(args.arch), Path(tmp) / "sd", device=device))
         # The tiny VAE downsamples 2x, not 8x: keep its latents (and the UNet's attention) small.
         tiny = ["guidance.sd.resolution=64"] if args.tiny_sd else []
         cfg = build_config(args.preset, [f"guidance.sd.model={model}", "prompt=a yellow rubber duck",
                                          f"device={device}", *tiny, *args.overrides])
         if cfg.guidance.sd.vae == "tiny" and not any(o.startswith("guidance.sd.tiny_vae_model=") for o in args.overrides):
             if args.tiny_sd:
-                from tiny_models import build_tiny_taesd
-
                 cfg.guidance.sd.tiny_vae_model = str(build_tiny_taesd(Path(tmp) / "taesd"))
             else:
                 cfg.guidance.sd.tiny_vae_model = str(build_random_taesd(Path(tmp) / "taesd"))

@@ -5,17 +5,19 @@ machine and read the table it prints last.
     python3 examples/gpu_session.py --out "$OUT"   # there (installs .whl/ itself); --budget 460 s by default
     python3 examples/gpu_session.py --out /tmp/s --dry-run   # the same plan on a CPU with tiny models
 
-Parts, each a subprocess with its own timeout, skipped when the budget cannot cover them:
+Parts, each a subprocess with its own timeout, skipped when the budget cannot cover them, in this order:
   setup  install the carried wheels; GPU, torch and Triton versions
   build  SD-2.1-base's real architecture and TAESD's with random weights (fp16, built on the GPU)
-  a      pytest -m cuda tests/test_cuda.py
-  b      benchmark_step.py, dreamfusion-sd: b1 the baseline (PyTorch field, eager guidance), b2 compiled
-         guidance with a cold compile cache, b3 the new configuration (Triton field where threed has it,
-         compiled guidance) with the cache warm
-  c      the fast preset (tiny autoencoder), compiled
-  d      guidance floors, eager and compiled (benchmark_guidance.py)
+  a      pytest -m cuda tests/ (hash grid, renderer, guidance, whole runs, oracle, rasterizer, DMTet, bake)
+         and tests/test_hashgrid_triton.py with the compiled kernels
+  b      benchmark_step.py, dreamfusion-sd: b1 the baseline (PyTorch field, eager guidance), b2 the new
+         configuration (Triton field where threed has it, compiled guidance) with a cold compile cache, b3
+         the same with the cache warm
   e      examples/benchmark_hashgrid.py and examples/benchmark_render.py, where present
+  g      examples/benchmark_rasterize.py at 512^2, 10k and 100k faces
+  c      the fast preset (tiny autoencoder), compiled
   f      threed run, dreamfusion-sd, 1000 steps and mesh export (no video), timed
+  d      guidance floors, eager and compiled (benchmark_guidance.py)
 Writes to --out: summary.txt (the table), results.json (every part's numbers), log.txt (each part's output,
 its tail when long), cuda_tests.jsonl (errors the CUDA tests measured). Everything else stays in --work.
 """
@@ -162,7 +164,8 @@ def main() -> None:
 
     setup(s)
     env = s.results.get("environment", {})
-    new_field = "triton" if "triton" in env.get("field_backends", []) else "torch"
+    # the Triton grid runs on CUDA (on a CPU only under the interpreter, far too slow for a dry run)
+    new_field = "triton" if "triton" in env.get("field_backends", []) and not dry else "torch"
     s.results["new_field_backend"] = new_field
 
     build = [py, "examples/benchmark_step.py", "--build-models", str(s.models), *dev] + (["--tiny-sd"] if dry else [])
@@ -171,8 +174,10 @@ def main() -> None:
 
     # (a) the CUDA tests (they skip on a CPU)
     if "a" not in skip:
-        s.run("a-cuda-tests", [py, "-m", "pytest", "-q", "-rs", "-m", "cuda", "tests/test_cuda.py", "-p", "no:cacheprovider"],
-              timeout=180, need=60)
+        s.run("a-cuda-tests", [py, "-m", "pytest", "-q", "-rs", "-m", "cuda", "tests/", "-p", "no:cacheprovider"],
+              timeout=200, need=60)
+        s.run("a-triton-grid-tests", [py, "-m", "pytest", "-q", "tests/test_hashgrid_triton.py", "-p",
+                                      "no:cacheprovider"], timeout=60, need=20)
 
     # (b) one training step, the preset as it is
     # Options first, key=value overrides last (argparse takes the overrides as one trailing list).
@@ -182,7 +187,8 @@ def main() -> None:
         preset, step_opts, step_over = "dreamfusion-sd", ["--steps", "15", "--warmup", "3"], []
     eager = ["guidance.sd.compile=none", "guidance.sd.compile_vae=none"]
     bench = [py, "examples/benchmark_step.py", *dev, *step_opts, "--model", sd]
-    plans = [("b1-baseline", "torch", eager, 100, 30), ("b2-compiled-cold", "torch", [], 260, 60),
+    # b2 and b3 are the same configuration: cold (compiling) and warm (the compile cache filled by b2)
+    plans = [("b1-baseline", "torch", eager, 100, 30), ("b2-compiled-cold", new_field, [], 260, 60),
              ("b3-new-warm", new_field, [], 150, 40)]
     for name, field, extra, timeout, need in plans:
         if "b" in skip:
@@ -192,6 +198,24 @@ def main() -> None:
                            f"field.backend={field}", *extra], timeout=timeout, need=need)
         if rec.get("status") == "ok":
             s.json_of(name, out)
+
+    # (e) the renderer's and hash grid's own benchmarks, where this checkout has them
+    if "e" not in skip:
+        for script in ("benchmark_hashgrid.py", "benchmark_render.py"):
+            if (REPO / "examples" / script).exists():
+                s.run(f"e-{script[:-3]}", [py, f"examples/{script}"] + (["--device", "cpu"] if dry else []),
+                      timeout=70, need=20)
+            else:
+                s.results["parts"][f"e-{script[:-3]}"] = {"status": "absent"}
+
+    # (g) the mesh stage's rasterizer alone at 512^2 (issue 8): forward + backward
+    if "g" not in skip:
+        out = s.work / "g-rasterize.json"
+        rec = s.run("g-rasterize", [py, "examples/benchmark_rasterize.py", "--json", str(out),
+                                    *(["--device", "cpu", "--faces", "2000", "--resolution", "64"] if dry else
+                                      ["--device", "cuda", "--faces", "10000,100000"])], timeout=60, need=20)
+        if rec.get("status") == "ok":
+            s.json_of("g-rasterize", out)
 
     # (c) the fast preset (tiny autoencoder: changes the math)
     if "c" not in skip:
@@ -203,27 +227,6 @@ def main() -> None:
                     timeout=150, need=40)
         if rec.get("status") == "ok":
             s.json_of("c-fast-preset", out)
-
-    # (d) guidance floors; the encoder under CUDA graphs too if the budget allows it
-    if "d" not in skip:
-        out = s.work / "d-floors.json"
-        floors = [py, "examples/benchmark_guidance.py", "--models", str(s.models), "--json", str(out), *dev]
-        floors += ["--tiny-sd", "--backend", "aot_eager", "--iters", "2", "--warmup", "1", "--resolution", "64",
-                   "--render", "32"] if dry else ["--iters", "20", "--warmup", "5"]
-        if s.left() > 300:
-            floors.append("--vae-cudagraphs")
-        rec = s.run("d-floors", floors, timeout=200, need=40)
-        if rec.get("status") == "ok":
-            s.json_of("d-floors", out)
-
-    # (e) the renderer's and hash grid's own benchmarks, where this checkout has them
-    if "e" not in skip:
-        for script in ("benchmark_hashgrid.py", "benchmark_render.py"):
-            if (REPO / "examples" / script).exists():
-                s.run(f"e-{script[:-3]}", [py, f"examples/{script}"] + (["--device", "cpu"] if dry else []),
-                      timeout=70, need=20)
-            else:
-                s.results["parts"][f"e-{script[:-3]}"] = {"status": "absent"}
 
     # (f) a short run end to end, export included (no video: no encoder is carried)
     if "f" not in skip:
@@ -239,6 +242,18 @@ def main() -> None:
             done = [x for x in lines if x.get("done")]
             rec["result"] = {"final": done[-1] if done else None, "last_logged": lines[-1] if lines else None,
                              "mesh": json.loads((run_dir / "mesh.json").read_text()) if (run_dir / "mesh.json").exists() else None}
+
+    # (d) guidance floors; the encoder under CUDA graphs too if the budget allows it
+    if "d" not in skip:
+        out = s.work / "d-floors.json"
+        floors = [py, "examples/benchmark_guidance.py", "--models", str(s.models), "--json", str(out), *dev]
+        floors += ["--tiny-sd", "--backend", "aot_eager", "--iters", "2", "--warmup", "1", "--resolution", "64",
+                   "--render", "32"] if dry else ["--iters", "20", "--warmup", "5"]
+        if s.left() > 300:
+            floors.append("--vae-cudagraphs")
+        rec = s.run("d-floors", floors, timeout=200, need=40)
+        if rec.get("status") == "ok":
+            s.json_of("d-floors", out)
 
     s.save()
     table = summary(s)

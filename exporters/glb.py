@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from threed.io import atomic_write_bytes
-from threed.mesh import Mesh
+from exporters.arrays import mesh_arrays
+from exporters.atomic import atomic_write_bytes
 
 _MAGIC = 0x46546C67  # "glTF"
 _JSON = 0x4E4F534A
@@ -38,8 +38,10 @@ def _unit(normals: np.ndarray) -> np.ndarray:
     return n.astype(np.float32)
 
 
-def glb_bytes(mesh: Mesh) -> bytes:
-    """The .glb file contents for `mesh`."""
+def glb_bytes(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None,
+              normals: np.ndarray | None = None) -> bytes:
+    """The .glb file contents for the mesh (arrays as for `write_glb`)."""
+    mesh = mesh_arrays(vertices, faces, colors, normals)
     positions = np.ascontiguousarray(mesh.vertices, dtype="<f4")
     attributes: list[tuple[str, np.ndarray]] = [("POSITION", positions)]
     if mesh.normals is not None:
@@ -91,7 +93,11 @@ def glb_bytes(mesh: Mesh) -> bytes:
             + struct.pack("<II", len(binary), _BIN) + binary)
 
 
-def write_glb(mesh: Mesh, path: Path | str) -> Path:
-    """Write `mesh` as a binary glTF to `path`; returns `path`."""
-    atomic_write_bytes(path, glb_bytes(mesh))
+def write_glb(path: Path | str, vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None,
+              normals: np.ndarray | None = None) -> Path:
+    """Write the mesh as a binary glTF to `path`; returns `path`.
+
+    vertices (N, 3), faces (M, 3) 0-based indices, optional colors (N, 3) in [0, 1] and normals (N, 3).
+    """
+    atomic_write_bytes(path, glb_bytes(vertices, faces, colors, normals))
     return Path(path)

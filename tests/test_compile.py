@@ -52,6 +52,12 @@ def test_cache_goes_under_threed_cache_unless_set(tmp_path, monkeypatch):
     assert compiling.setup_cache() == tmp_path / "threed" / "inductor"
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "threed" / "inductor")
     assert inductor_config.fx_graph_cache and functorch_config.enable_autograd_cache
+    # Inductor puts its own default in the environment when it first looks for its cache (seen on an H100:
+    # the compile went to /tmp/torchinductor_root); that is not a choice of the user's.
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    assert compiling.setup_cache() == tmp_path / "threed" / "inductor"
     # A folder or a switch the user chose is kept.
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     monkeypatch.setenv("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")

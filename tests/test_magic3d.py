@@ -59,8 +59,8 @@ def coarse_run(tiny_sd_dir, tmp_path_factory):
 @slow
 def test_magic3d_writes_both_stages(magic3d_run):
     out = magic3d_run
-    for name in ["config.yaml", "metrics.jsonl", "mesh.obj", "mesh.mtl", "mesh.glb", "mesh.json", "mesh-coarse.obj",
-                 "mesh-coarse.mtl", "mesh-coarse.glb", "mesh-coarse.json", "turntable.mp4", "preview.png",
+    for name in ["config.yaml", "metrics.jsonl", "mesh.obj", "mesh.mtl", "mesh.png", "mesh.glb", "mesh.json",
+                 "mesh-coarse.obj", "mesh-coarse.mtl", "mesh-coarse.glb", "turntable.mp4", "preview.png",
                  "report.html"]:
         assert (out / name).is_file(), name
     assert [p.name for p in sorted((out / "checkpoints").glob("*.pt"))] == ["step-000002.pt"]
@@ -77,9 +77,10 @@ def test_magic3d_writes_both_stages(magic3d_run):
     for key in ("nerf_wall_time_s", "nerf_it_per_s", "mesh_wall_time_s", "mesh_it_per_s", "mesh_init_time_s"):
         assert final[key] > 0, key
     assert final["wall_time_s"] == pytest.approx(final["nerf_wall_time_s"] + final["mesh_wall_time_s"], abs=0.01)
-    coarse_info = json.loads((out / "mesh-coarse.json").read_text())
-    fine_info = json.loads((out / "mesh.json").read_text())
-    assert coarse_info["stage"] == "nerf" and coarse_info["threshold"] > 0 and fine_info["stage"] == "mesh"
+    meshes = json.loads((out / "mesh.json").read_text())["meshes"]  # one entry per mesh file
+    coarse_info, fine_info = meshes["mesh-coarse.obj"], meshes["mesh.obj"]
+    assert coarse_info["stage"] == "nerf" and coarse_info["threshold"] > 0 and coarse_info["step"] == 2
+    assert fine_info["stage"] == "mesh" and fine_info["step"] == 2 and fine_info["texture_size"] == 64
     page = (out / "report.html").read_text()
     assert "mesh-coarse.glb" in page and "step 4 of 4" in page
 
@@ -108,7 +109,6 @@ def test_magic3d_meshes_load_and_validate(magic3d_run):
     assert len(coarse.faces) > 0 and len(glb.faces) == len(coarse.faces)
     assert pygltflib.GLTF2().load(str(magic3d_run / "mesh-coarse.glb")).meshes[0].primitives[0].attributes.COLOR_0
     assert validate_gltf(magic3d_run / "mesh-coarse.glb")["issues"]["numErrors"] == 0
-    assert json.loads((magic3d_run / "mesh.json").read_text())["texture"]["size"] == 64
 
 
 @slow
@@ -131,7 +131,8 @@ def test_magic3d_resumes_per_stage(magic3d_run, capsys):
 @slow
 def test_export_of_a_magic3d_run_is_its_mesh_stage(magic3d_run, capsys):
     code, stdout, _ = run_cli(["export", magic3d_run, "--format", "ply"], capsys)
-    assert code == 0 and str(magic3d_run / "mesh.ply") in stdout
+    assert code == 0 and "mesh.ply" in stdout
+    assert json.loads((magic3d_run / "mesh.json").read_text())["meshes"]["mesh.ply"]["stage"] == "mesh"
     code, _, err = run_cli(["export", magic3d_run, "--resolution", "64"], capsys)
     assert code == 2 and "mesh stage (DMTet)" in err
 
@@ -221,8 +222,8 @@ def test_textured_export_of_a_nerf_run(coarse_run, capsys):
     """`threed export DIR --texture` works for a DreamFusion run too (its field's albedo, baked)."""
     code, stdout, err = run_cli(["export", coarse_run, "--texture", "--texture-size", "64"], capsys)
     assert code == 0, err
-    assert str(coarse_run / "mesh.png") in stdout
+    assert "mesh.png" in stdout
     assert_textured(coarse_run)
-    assert json.loads((coarse_run / "mesh.json").read_text())["texture"]["size"] == 64
+    assert json.loads((coarse_run / "mesh.json").read_text())["meshes"]["mesh.glb"]["texture_size"] == 64
     code, _, err = run_cli(["export", coarse_run, "--no-texture", "--texture-size", "64"], capsys)
     assert code == 2 and "--no-texture" in err

@@ -13,6 +13,7 @@ minutes; the preset's own numbers are in configs/oracle.yaml.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,7 @@ def _recover(shape: str, steps: int, tmp_path: Path) -> dict:
         "constant_color_mae": float(np.abs(ref_colors.mean(0) - ref_colors[nearest]).mean()),
         "bbox_error_rel": float(np.abs(pred.bounds - ref.bounds).max()) / diagonal,
         "centroid_error_rel": float(np.linalg.norm(surface.mean(0) - sample_surface(ref, 20_000, 1).mean(0))) / diagonal,
-        "threshold": float(__import__("json").loads((run / "mesh.json").read_text())["threshold"]),
+        "threshold": float(json.loads((run / "mesh.json").read_text())["meshes"]["mesh.obj"]["threshold"]),
     })
     print(shape, steps, {k: round(v, 4) for k, v in out.items()})
     return out

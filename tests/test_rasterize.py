@@ -493,7 +493,6 @@ def _render(r: MeshRasterizer, pos, tri, attr, res):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_torch_backend_on_cuda_matches_cpu():
     """Same ops, same IEEE float32 arithmetic: the ids should agree everywhere but for round-off ties;
     bounds: 99.9 % of pixels, colours and gradients to 1e-4 relative."""
@@ -507,7 +506,6 @@ def test_torch_backend_on_cuda_matches_cpu():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_torch_backend_agrees_with_nvdiffrast():
     """nvdiffrast snaps vertices to a sub-pixel grid and has its own tie rules, so ids differ at a few edge
     pixels: bounds 99 % of pixels with equal ids, barycentrics within 1e-3 where they agree, antialiased

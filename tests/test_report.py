@@ -59,7 +59,7 @@ def make_run(run_dir: Path, prompt: str, glb: bool = True, video: bool = True, p
     run_dir.mkdir(parents=True, exist_ok=True)
     quoted = "'" + prompt.replace("'", "''") + "'"
     (run_dir / "config.yaml").write_text(f"prompt: {quoted}\nmethod: dreamfusion\nseed: 3\nsteps: {steps}\n"
-                                         "guidance:\n  type: stable_diffusion\n  guidance_scale: 100.0\n")
+                                         "guidance:\n  type: stable_diffusion\n  sd:\n    guidance_scale: 100.0\n")
     lines = [json.dumps({"step": s, "loss": 2.0 / s, "loss_guidance": 1.5 / s, "t": 0.5, "time_s": 0.1 * s})
              for s in range(1, steps + 1)]
     if done:
@@ -67,8 +67,10 @@ def make_run(run_dir: Path, prompt: str, glb: bool = True, video: bool = True, p
                                  "peak_memory_mb": 512.0, "export_time_s": 0.4, "device": "cpu"}))
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     if glb:
-        write_glb(coloured_mesh(), run_dir / "mesh.glb")
-        (run_dir / "mesh.json").write_text(json.dumps({"threshold": 10.0, "vertices": 162, "faces": 320}))
+        mesh = coloured_mesh()
+        write_glb(run_dir / "mesh.glb", mesh.vertices, mesh.faces, mesh.colors, mesh.normals)
+        (run_dir / "mesh.json").write_text(json.dumps({"meshes": {"mesh.glb": {"threshold": 10.0, "vertices": 162,
+                                                                               "faces": 320}}}))
     if video:  # 16 frames at 8 fps: a 2 s loop, long enough to see currentTime advance
         frames = [np.full((32, 32, 3), (16 * i, 80, 200 - 8 * i), np.uint8) for i in range(16)]
         write_video(frames, run_dir / "turntable.mp4", fps=8)
@@ -562,7 +564,7 @@ def test_a_mesh_too_large_to_embed_is_fetched_when_served(open_page, request):
 
 def test_an_empty_mesh_says_so(browser, tmp_path):
     run = make_run(tmp_path / "run", "a red ball", glb=False)
-    write_glb(Mesh(np.zeros((0, 3)), np.zeros((0, 3))), run / "mesh.glb")  # what a run that found no surface exports
+    write_glb(run / "mesh.glb", np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64))  # what a run that found no surface exports
     report.write_run_report(run)
     page = browser.new_page()
     errors: list[str] = []

@@ -320,7 +320,6 @@ def test_new_exporters_import_nothing_from_threed():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bake_on_cuda_matches_cpu(baked_sphere):
     """Coverage and baking on a GPU give the CPU's texture (float32 colour sums may round differently:
     at most one 8-bit level apart)."""

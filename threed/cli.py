@@ -48,21 +48,29 @@ class _Parser(argparse.ArgumentParser):
         return self
 
 
+def _add_model_options(p: argparse.ArgumentParser, bench: bool = False) -> None:
+    """The options that choose the prior and its models, shared by `run` and `bench` (in a bench each goes
+    to the methods whose prior it concerns)."""
+    p.add_argument("--negative-prompt", dest="negative_prompt")
+    p.add_argument("--model", help="Stable Diffusion: hub id or local diffusers folder")
+    p.add_argument("--guidance", choices=["stable_diffusion", "sd", "oracle", "clip"],
+                   help="the prior [the preset's or the method's]" if not bench else
+                        "the prior of every method that takes it [each method's own]")
+    p.add_argument("--reference", help="reference mesh for --guidance oracle (OBJ/PLY/GLB, scene coordinates)"
+                   + ("; oracle runs are scored against it" if bench else ""))
+    p.add_argument("--clip-model", dest="clip_model", help="open_clip architecture(s), comma-separated")
+    p.add_argument("--clip-pretrained", dest="clip_pretrained", help="tag | checkpoint path | none, comma-separated")
+
+
 def _add_run(sub: argparse._SubParsersAction) -> None:
     from threed import methods
 
     p = sub.add_parser("run", help="optimise a 3D asset from a text prompt (or a reference mesh)", epilog=EPILOG)
     p.add_argument("--prompt", help="text prompt, e.g. \"a yellow rubber duck\"")
-    p.add_argument("--negative-prompt", dest="negative_prompt")
     p.add_argument("--method", help=f"{', '.join(methods.names())} [from the preset or the prior; dreamfusion]")
     p.add_argument("--preset", help="a preset in configs/ or a .yaml file [the method's; its CPU preset "
                                     "where no CUDA GPU is visible]")
-    p.add_argument("--model", help="Stable Diffusion: hub id or local diffusers folder")
-    p.add_argument("--guidance", choices=["stable_diffusion", "sd", "oracle", "clip"],
-                   help="the prior [the preset's or the method's]")
-    p.add_argument("--reference", help="reference mesh for --guidance oracle (OBJ/PLY/GLB, scene coordinates)")
-    p.add_argument("--clip-model", dest="clip_model", help="open_clip architecture(s), comma-separated")
-    p.add_argument("--clip-pretrained", dest="clip_pretrained", help="tag | checkpoint path | none, comma-separated")
+    _add_model_options(p)
     p.add_argument("--steps", type=int, help="total optimisation steps")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu or cuda [cuda if available]")
@@ -89,11 +97,17 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="compare methods on the same prompts, seeds and budget", epilog=EPILOG)
+    p = sub.add_parser("bench", help="compare methods on the same prompts, seeds and budget",
+                       epilog="Config overrides: key=value after the options for every method (a key of one prior's "
+                              "section, e.g. guidance.sd.guidance_scale=50, for the methods using that prior), or "
+                              "METHOD:key=value for one method, e.g. clip:render.width=96")
     from threed import bench
 
     bench.add_arguments(p)
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    _add_model_options(p, bench=True)
+    p.add_argument("--device", help="cpu or cuda [cuda if available]")
+    p.add_argument("overrides", nargs="*", metavar="[METHOD:]key=value",
+                   help="config overrides for every method, or METHOD:key=value for one")
 
 
 def _add_view(sub: argparse._SubParsersAction) -> None:
@@ -133,7 +147,8 @@ def cmd_run(args: argparse.Namespace) -> None:
                 return
         elif not check_stages_to_resume(run_dir, saved, cfg, progress, args):
             return
-        out = pipeline.run(cfg, run_dir, resume=True, progress=not args.quiet)
+        out = run_dir
+        written = pipeline.run(cfg, run_dir, resume=True, progress=not args.quiet)
     elif args.from_run:
         cfg, notes, checkpoint = spec.resolve_refine(opts)
         for note in notes:
@@ -144,7 +159,7 @@ def cmd_run(args: argparse.Namespace) -> None:
                             "or pass another --out")
         if out.resolve() == Path(args.from_run).resolve():
             raise UserError("--out is the run being refined: pass another --out (default: DIR-refine)")
-        out = pipeline.run(cfg, out, progress=not args.quiet, source_checkpoint=checkpoint)
+        written = pipeline.run(cfg, out, progress=not args.quiet, source_checkpoint=checkpoint)
     else:
         cfg, notes = spec.resolve(opts)
         for note in notes:
@@ -155,7 +170,9 @@ def cmd_run(args: argparse.Namespace) -> None:
         if (out / "config.yaml").exists():
             raise UserError(f"{out} already holds a run: continue it with `threed run --resume {out}` "
                             "or pass another --out")
-        out = pipeline.run(cfg, out, progress=not args.quiet)
+        written = pipeline.run(cfg, out, progress=not args.quiet)
+    reference = cfg.guidance.oracle.reference if cfg.guidance.type == "oracle" else None
+    print(pipeline.written_summary(written, reference))
     print(f"threed: done: {out}")
 
 
@@ -207,8 +224,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     texture = True if args.texture_size is not None and args.texture is None else args.texture
     written = pipeline.export_run(run_dir, formats, args.resolution, args.threshold, video=args.video,
                                   device=args.device, texture=texture, texture_size=args.texture_size)
-    for path in written:
-        print(path)
+    cfg = pipeline.load_run_config(run_dir)
+    print(pipeline.written_summary(written, cfg.guidance.oracle.reference if cfg.guidance.type == "oracle" else None))
 
 
 def main(argv: list[str] | None = None) -> int:

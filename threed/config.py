@@ -33,7 +33,7 @@ CompileMode = Literal["auto", "none", "default", "reduce-overhead", "max-autotun
 class FieldConfig:
     """Hash-grid NeRF: density + albedo (see threed/fields/)."""
 
-    backend: Literal["auto", "torch", "tcnn"] = "auto"
+    backend: Literal["auto", "torch", "triton", "tcnn"] = "auto"  # auto: tcnn, else triton on CUDA, else torch
     n_levels: int = 16
     n_features_per_level: int = 2
     log2_hashmap_size: int = 19
@@ -92,7 +92,7 @@ class SDConfig:
     """Stable Diffusion prior (threed/guidance/stable_diffusion.py)."""
 
     model: str = DEFAULT_SD_MODEL  # hub id or local diffusers folder
-    revision: str = ""  # hub revision (branch, tag or commit); empty: the default branch
+    revision: str = ""  # hub revision (branch, tag or commit); empty: the one threed pins for its default id, else latest
     half_precision: bool = True  # fp16 weights on CUDA; always fp32 on CPU
     guidance_scale: float = 100.0  # classifier-free guidance
     resolution: int = 512  # image size fed to the VAE encoder

@@ -1,26 +1,29 @@
 """Run directories: train a method into one (stage by stage), re-export from one, render views of one.
 
-A run directory holds config.yaml, checkpoints/step-*.pt, metrics.jsonl, mesh.<fmt>, turntable.mp4,
-preview.png and report.html (threed/report.py); a method with a mesh stage (Magic3D) adds
-checkpoints/fine/step-*.pt and keeps its NeRF stage's mesh as mesh-coarse.<fmt> beside the final mesh.<fmt>.
-Later steps (export, bench, view) read only these files.
+A run directory holds config.yaml, checkpoints/step-*.pt, metrics.jsonl, mesh.<fmt> (with mesh.json
+describing each mesh file), turntable.mp4, preview.png and report.html (threed/report.py); a method with a
+mesh stage (Magic3D) adds checkpoints/fine/step-*.pt and keeps its NeRF stage's mesh as mesh-coarse.<fmt>
+beside the final mesh.<fmt>. Later steps (export, bench, view) read only these files.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import sys
 import time
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from threed.cameras import Cameras, make_cameras, orbit_cameras
 from threed.config import Config, build_config, load_yaml, resolve_device, save_config
-from threed.errors import UserError
+from threed.errors import UserError, first_line
 from threed.io import append_jsonl, atomic_write_text
 from threed import stages
+from threed.progress import bar
 from threed.report import read_metrics, write_run_report
 from threed.stages import load_checkpoint  # noqa: F401  (part of this module's interface)
 from threed.trainer import Trainer, list_checkpoints, peak_memory_mb
@@ -61,11 +64,12 @@ def latest_checkpoint(run_dir: Path) -> Path:
 
 
 def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
-        source_checkpoint: Path | None = None) -> Path:
+        source_checkpoint: Path | None = None) -> list[Path]:
     """Train (or continue) a run in `out`, stage by stage (threed/stages.py), then export its mesh, video and
     preview. With `resume`, finished stages are skipped and an unfinished one continues from its newest
     checkpoint. `source_checkpoint` (magic3d-refine) is a NeRF checkpoint of another run that stands for
-    this run's finished NeRF stage: a copy of its weights is written to out/checkpoints."""
+    this run's finished NeRF stage: a copy of its weights is written to out/checkpoints. Returns the files
+    the exports wrote (for the command's closing summary): the final stage's first, then the earlier ones'."""
     from threed import methods
 
     out = Path(out)
@@ -79,6 +83,8 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
     coarse: Trainer | None = None  # the NeRF stage, kept in memory for the mesh stage's start
     guidance = None
     done_stats: dict[str, dict] = {}
+    written: list[Path] = []
+    earlier: list[Path] = []  # files of earlier stages' exports
     for stage in method.stages:
         if stage == "nerf" and source_checkpoint is not None:
             continue  # another run's: its weights are copied once the next stage's prior has loaded
@@ -111,7 +117,7 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
             init_start = time.perf_counter()
             if not stages.started(out, "mesh"):
                 coarse = coarse or stages.nerf_trainer(cfg, device, None, out, resume=True, weights_only=True)
-                level = coarse_level(out, coarse, progress)
+                level = coarse_level(out, coarse, progress, earlier)
             else:
                 level = None
             trainer = stages.mesh_trainer(cfg, device, guidance, out, coarse, level, progress=progress)
@@ -129,9 +135,9 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
         start = time.perf_counter()
         final = stage == method.stages[-1]
         if final:
-            export_run(out, trainer=trainer, progress=progress)
+            written = export_run(out, trainer=trainer, progress=progress)
         else:
-            coarse_export(out, trainer, progress)
+            earlier += coarse_export(out, trainer, progress)
         stats["export_time_s"] = time.perf_counter() - start
         done_stats.setdefault(stage, {}).update(stats)
         if not final:
@@ -141,7 +147,7 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
             continue
         append_jsonl(out / "metrics.jsonl", final_record(out, cfg, method.stages, done_stats, trainer, device))
     write_run_report(out)
-    return out
+    return written + [p for p in earlier if p not in written]
 
 
 def _stage_record(stats: dict) -> dict:
@@ -203,26 +209,39 @@ def copy_nerf_weights(source: Path, out: Path) -> Path:
     return path
 
 
-def coarse_export(run_dir: Path, trainer: Trainer, progress: bool = True) -> list[Path]:
-    """The NeRF stage's mesh of a multi-stage run: mesh-coarse.<fmt> and mesh-coarse.json (level, step)."""
+def coarse_export(run_dir: Path, trainer: Trainer, progress: bool | None = True) -> list[Path]:
+    """The NeRF stage's mesh of a multi-stage run: mesh-coarse.<fmt> (vertex colours), described in mesh.json
+    with its level and step."""
     return export_run(run_dir, trainer=trainer, video=False, name=COARSE, texture=False, progress=progress)
 
 
-def coarse_level(run_dir: Path, coarse: Trainer, progress: bool = True) -> float:
-    """The density level of the NeRF stage's mesh, where the mesh stage's surface starts: read from
-    mesh-coarse.json when it was exported from the same step, else exported (again) now."""
-    info_path = Path(run_dir) / f"{COARSE}.json"
-    if info_path.exists():
-        try:
-            info = json.loads(info_path.read_text())
-            if info.get("step") == coarse.step and isinstance(info.get("threshold"), (int, float)):
-                return float(info["threshold"])
-        except json.JSONDecodeError:
-            pass
-    if progress:
-        print(f"threed: exporting the NeRF stage's mesh ({COARSE}.*) to start the mesh stage from", flush=True)
-    coarse_export(run_dir, coarse, progress)
-    return float(json.loads(info_path.read_text())["threshold"])
+def _coarse_entry(run_dir: Path, step: int) -> dict | None:
+    """mesh.json's entry of a mesh-coarse file exported from the NeRF stage at `step`, if any."""
+    try:
+        meshes = json.loads((Path(run_dir) / MESH_METADATA).read_text()).get("meshes", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    for name, entry in meshes.items():
+        if (name.startswith(f"{COARSE}.") and isinstance(entry, dict) and entry.get("step") == step
+                and isinstance(entry.get("threshold"), (int, float))):
+            return entry
+    return None
+
+
+def coarse_level(run_dir: Path, coarse: Trainer, progress: bool | None = True,
+                 written: list[Path] | None = None) -> float:
+    """The density level of the NeRF stage's mesh, where the mesh stage's surface starts: mesh.json's, when
+    mesh-coarse was exported from the same step, else exported (again) now (its files added to `written`)."""
+    entry = _coarse_entry(run_dir, coarse.step)
+    if entry is None:
+        if progress:
+            print(f"threed: exporting the NeRF stage's mesh ({COARSE}.*) to start the mesh stage from", flush=True)
+        files = coarse_export(run_dir, coarse, progress)
+        if written is not None:
+            written += files
+        entry = _coarse_entry(run_dir, coarse.step)
+        assert entry is not None, "the coarse export records its level in mesh.json"
+    return float(entry["threshold"])
 
 
 def stage_progress(run_dir: Path, cfg: Config) -> list[tuple[str, int, int]]:
@@ -254,13 +273,17 @@ def load_trainer(run_dir: Path, device: str | None = None, overrides: list[str] 
 
 
 @torch.no_grad()
-def render_cameras(trainer: Trainer, cameras: Cameras, shading: str) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 (B,H,W,3), opacity float (B,H,W)) rendered one camera at a time."""
+def render_cameras(trainer: Trainer, cameras: Cameras, shading: str, progress: bool | None = False,
+                   desc: str = "rendering") -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (B,H,W,3), opacity float (B,H,W)) rendered one camera at a time; `progress` shows a
+    bar named `desc` over the views."""
     images, opacity = [], []
-    for i in range(len(cameras)):
-        out = trainer.scene.render(cameras.subset(i).to(trainer.device), shading)
-        images.append((out.rgb[0].clamp(0, 1) * 255).round().byte().cpu().numpy())
-        opacity.append(out.opacity[0, ..., 0].float().cpu().numpy())
+    with bar(desc, len(cameras), progress, unit="view") as shown:
+        for i in range(len(cameras)):
+            out = trainer.scene.render(cameras.subset(i).to(trainer.device), shading)
+            images.append((out.rgb[0].clamp(0, 1) * 255).round().byte().cpu().numpy())
+            opacity.append(out.opacity[0, ..., 0].float().cpu().numpy())
+            shown.update(1)
     return np.stack(images), np.stack(opacity)
 
 
@@ -282,91 +305,217 @@ def _silhouette_cameras(cfg: Config, size: int) -> Cameras:
                         size, size)
 
 
-def extract(trainer: Trainer, resolution: int | None = None, threshold: float | None = None):
-    """The run's mesh: marching cubes at a level chosen by silhouette agreement unless one is given."""
+def extract(trainer: Trainer, resolution: int | None = None, threshold: float | None = None,
+            progress: bool | None = False):
+    """The run's mesh: marching cubes at a level chosen by silhouette agreement unless one is given.
+
+    Uses only the field as it is (trained or not): a run exported at step 0 gives the initial blob.
+    """
     from threed.mesh import auto_threshold, density_grid, extract_mesh
 
     cfg = trainer.cfg
     res = resolution or cfg.export.resolution
     field, bound = trainer.field, cfg.render.bound
-    grid = density_grid(field.density, bound, res, trainer.device)
+    grid = density_grid(field.density, bound, res, trainer.device, progress=progress)
     level = cfg.export.threshold if threshold is None else threshold
     if level < 0:
         cams = _silhouette_cameras(cfg, 64)
-        _, opacity = render_cameras(trainer, cams, "albedo")
+        _, opacity = render_cameras(trainer, cams, "albedo", progress, "mesh level: silhouettes")
         rays_o, rays_d = cams.rays()
-        level = auto_threshold(grid, bound, rays_o, rays_d, torch.from_numpy(opacity))
+        level = auto_threshold(grid, bound, rays_o, rays_d, torch.from_numpy(opacity), progress=progress)
     mesh = extract_mesh(field.density, field.albedo, bound, res, level, cfg.export.keep_components,
-                        cfg.export.decimate_faces, device=trainer.device, grid=grid)
+                        cfg.export.decimate_faces, device=trainer.device, grid=grid, progress=progress)
     return mesh, level
+
+
+MESH_METADATA = "mesh.json"
+# pip names of modules an optional artifact's writer imports, for the install hint
+_PIP_NAMES = {"PIL": "pillow", "imageio_ffmpeg": "imageio-ffmpeg"}
+
+
+def warn(message: str) -> None:
+    print(f"threed: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _why_not_written(e: Exception) -> str:
+    """One line: what is missing and how to install it, or what went wrong."""
+    if isinstance(e, ModuleNotFoundError) and e.name:
+        module = e.name.split(".")[0]
+        return f"{module} is not installed (pip install {_PIP_NAMES.get(module, module)})"
+    if isinstance(e, ImportError):
+        return first_line(e)
+    return f"{type(e).__name__}: {first_line(e)}"
+
+
+def _write_optional(name: str, write: Callable[[], Path], written: list[Path]) -> None:
+    """Write an optional artifact; if that fails, one warning line and the export goes on (the mesh is
+    what a run is for; a missing MP4 encoder must not turn a finished run into a failed one)."""
+    try:
+        written.append(write())
+    except Exception as e:  # any failure of an optional file; Ctrl-C still stops the export
+        warn(f"{name} not written: {_why_not_written(e)}; the mesh and other files are written")
+
+
+def write_mesh_metadata(run_dir: Path, entries: dict[str, dict]) -> Path:
+    """Update mesh.json: one entry per mesh file, keyed by its file name.
+
+    Why one entry per file: exports can write different meshes (another resolution, level or format) to
+    the same run directory, so one record for "the mesh" could describe another mesh than mesh.glb. An
+    export replaces the entries of exactly the files it wrote; entries of files that no longer exist are
+    dropped; a mesh.json of the old single-record layout is discarded (it cannot say which file it meant).
+    """
+    path = Path(run_dir) / MESH_METADATA
+    meshes: dict[str, dict] = {}
+    try:
+        old = json.loads(path.read_text())
+        if isinstance(old, dict) and isinstance(old.get("meshes"), dict):
+            meshes = {k: v for k, v in old["meshes"].items() if (Path(run_dir) / k).is_file()}
+    except (OSError, ValueError):
+        pass
+    meshes.update(entries)
+    atomic_write_text(path, json.dumps({"meshes": dict(sorted(meshes.items()))}, indent=1))
+    return path
 
 
 def export_run(run_dir: Path, formats: tuple[str, ...] | None = None, resolution: int | None = None,
                threshold: float | None = None, trainer: Trainer | None = None, video: bool | None = None,
-               device: str | None = None, name: str | None = None, texture: bool | None = None,
-               texture_size: int | None = None, progress: bool = True) -> list[Path]:
-    """Write <name>.<fmt> for each format and <name>.json, and turntable.mp4 and preview.png as the config
-    says (`video=True`/`False` forces both on or off). The mesh is that of the trainer's scene (by default the
-    run's last stage): marching cubes of a NeRF (`resolution`, `threshold`), or a mesh stage's DMTet surface.
-    `name` defaults to mesh, or mesh-coarse for the NeRF stage of a method with later stages. With `texture`
-    (default export.texture) OBJ and GLB carry a baked albedo texture (threed/texture.py) of the same field
-    that gives the vertex colours; PLY keeps vertex colours."""
-    from exporters import export_mesh
-    from exporters.video import write_image_grid, write_video
+               device: str | None = None, progress: bool | None = None, name: str | None = None,
+               texture: bool | None = None, texture_size: int | None = None) -> list[Path]:
+    """Write <name>.<fmt> for each format (and mesh.json describing each), and turntable.mp4 and preview.png
+    as the config says (`video=True`/`False` forces both on or off). Returns every file written.
+
+    The mesh is that of the trainer's scene (by default the run's last stage): marching cubes of a NeRF
+    (`resolution`, `threshold`), or a mesh stage's DMTet surface. `name` defaults to mesh, or mesh-coarse
+    for the NeRF stage of a method with later stages. With `texture` (default export.texture) OBJ and GLB
+    carry a baked albedo texture (threed/texture.py) of the field that gives the vertex colours; PLY keeps
+    vertex colours. Each step shows a progress bar (`progress`: True, False, or None for only when stderr
+    is a terminal). The video and preview are optional: if one cannot be written (e.g. no MP4 encoder), a
+    one-line warning says why and the export still succeeds. Works on an untrained field too.
+    """
+    from exporters import UnknownFormatError, check_formats, export_mesh
+    import exporters.video as video_writer
     from threed import methods
     from threed.scenes.mesh import MeshScene
 
     run_dir = Path(run_dir)
     trainer = trainer or load_trainer(run_dir, device)
     cfg = trainer.cfg
+    try:
+        formats = tuple(check_formats(formats or cfg.export.formats))  # before minutes of extraction
+    except UnknownFormatError as e:
+        raise UserError(f"{e} (--format or export.formats)") from None
     trainer.scene.eval()
     if isinstance(trainer.scene, MeshScene):
         if resolution is not None or threshold is not None:
             raise UserError("--resolution and --threshold set a NeRF's marching cubes; this run's mesh comes from "
                             "its mesh stage (DMTet): drop them")
         mesh = trainer.scene.export_mesh(cfg.export.keep_components, cfg.export.decimate_faces)
-        info = {"stage": "mesh", "step": trainer.step, "tet_grid_cells": list(trainer.scene.geometry.grid.cells)}
+        about: dict = {"stage": "mesh", "tet_grid_cells": list(trainer.scene.geometry.grid.cells)}
         albedo_fn, inset = trainer.scene.texture.albedo, 0.0  # trained on the surface itself
     else:
-        mesh, level = extract(trainer, resolution, threshold)
-        info = {"threshold": float(level)}
+        res = resolution or cfg.export.resolution
+        mesh, level = extract(trainer, res, threshold, progress)
+        chosen = "given" if (cfg.export.threshold if threshold is None else threshold) >= 0 else "auto"
+        about = {"threshold": float(level), "threshold_chosen": chosen, "resolution": int(res),
+                 "bound": float(cfg.render.bound)}
         if len(methods.get(cfg.method).stages) > 1:
-            info.update(stage="nerf", step=trainer.step)
+            about["stage"] = "nerf"
             name = name or COARSE
         # read half a marching-cubes cell inside, as the vertex colours are (threed.mesh.extract_mesh)
-        albedo_fn, inset = trainer.field.albedo, cfg.render.bound / ((resolution or cfg.export.resolution) - 1)
+        albedo_fn, inset = trainer.field.albedo, cfg.render.bound / (res - 1)
     name = name or "mesh"
-    info.update(vertices=int(len(mesh.vertices)), faces=int(len(mesh.faces)))
-    formats = tuple(formats or cfg.export.formats)
+    about.update(decimate_faces=int(cfg.export.decimate_faces), step=int(trainer.step))
     textured = [f for f in formats if f in ("obj", "glb")] if (cfg.export.texture if texture is None else texture) else []
-    written = export_mesh(mesh, run_dir, [f for f in formats if f not in textured], name=name) if len(textured) < len(formats) else []
+    plain = [f for f in formats if f not in textured]
+    written = export_mesh(run_dir, plain, mesh.vertices, mesh.faces, mesh.colors, mesh.normals, stem=name) if plain else []
+    meshes = {p.name: {"format": p.suffix[1:], "bytes": p.stat().st_size, "vertices": int(len(mesh.vertices)),
+                       "faces": int(len(mesh.faces)), **about}
+              for p in written if p.suffix[1:] in plain}
     if textured:
         from threed.texture import export_textured
 
         size = texture_size or cfg.export.texture_size
         timings: dict[str, float] = {}
-        written += export_textured(mesh.vertices, mesh.faces, albedo_fn, run_dir, textured, size,
-                                   cfg.export.texture_max_faces, trainer.device, progress, name=name, inset=inset,
-                                   timings=timings)
-        info["texture"] = {"size": size, "formats": textured, **{f"{k}_s": round(v, 3) for k, v in timings.items()}}
+        files = export_textured(mesh.vertices, mesh.faces, albedo_fn, run_dir, textured, size,
+                                cfg.export.texture_max_faces, trainer.device,
+                                sys.stderr.isatty() if progress is None else progress, name=name,
+                                inset=inset, timings=timings)
+        written += files
+        for p in files:
+            if p.suffix[1:] in textured:
+                meshes[p.name] = {"format": p.suffix[1:], "bytes": p.stat().st_size, "texture_size": int(size),
+                                  "faces_before_decimation": int(len(mesh.faces)),
+                                  "decimated_to_at_most": int(cfg.export.texture_max_faces), **about,
+                                  "texture_time_s": {k: round(v, 3) for k, v in timings.items()}}
+    written.append(write_mesh_metadata(run_dir, meshes))
+
     if cfg.export.video if video is None else video:
-        size = cfg.export.video_resolution
-        frames, _ = render_cameras(trainer, orbit_cameras(cfg.camera, cfg.export.video_frames, size, size), "albedo")
-        path = run_dir / "turntable.mp4"
-        write_video(list(frames), path, cfg.export.video_fps)
-        written.append(path)
+        def turntable() -> Path:
+            video_writer.require_mp4_writer()  # before rendering frames that could not be written
+            size = cfg.export.video_resolution
+            cams = orbit_cameras(cfg.camera, cfg.export.video_frames, size, size)
+            frames, _ = render_cameras(trainer, cams, "albedo", progress, "turntable frames")
+            return video_writer.write_video(list(frames), run_dir / "turntable.mp4", cfg.export.video_fps,
+                                            progress=progress)
+
+        _write_optional("turntable.mp4", turntable, written)
     n = cfg.export.preview_views if video is None or video else 0
     if n > 0:
-        side = max(16, min(256, cfg.export.video_resolution))
-        cams = orbit_cameras(cfg.camera, n, side, side)
-        colour, _ = render_cameras(trainer, cams, "albedo")
-        plain, _ = render_cameras(trainer, cams, "textureless")
-        path = run_dir / "preview.png"
-        write_image_grid(list(colour) + list(plain), path, cols=n)
-        written.append(path)
-    atomic_write_text(run_dir / f"{name}.json", json.dumps(info, indent=1))
+        def preview() -> Path:
+            side = max(16, min(256, cfg.export.video_resolution))
+            cams = orbit_cameras(cfg.camera, n, side, side)
+            colour, _ = render_cameras(trainer, cams, "albedo", progress, "preview: colour")
+            plain, _ = render_cameras(trainer, cams, "textureless", progress, "preview: textureless")
+            return video_writer.write_image_grid(list(colour) + list(plain), run_dir / "preview.png", cols=n)
+
+        _write_optional("preview.png", preview, written)
     written.append(write_run_report(run_dir))  # the page embeds the mesh: rewrite it with every export
     return written
+
+
+def chamfer_line(mesh_path: Path | str, reference: Path | str) -> str:
+    """One line: the Chamfer-L1 distance (and F-score) from the mesh file to the reference mesh."""
+    import trimesh
+
+    from threed.metrics import mesh_distance
+
+    try:
+        ref = trimesh.load(reference, force="mesh")
+    except Exception as e:  # trimesh raises many types for unreadable files
+        raise UserError(f"cannot read the reference mesh {reference} ({first_line(e)}): "
+                        "pass an OBJ, PLY or GLB") from None
+    pred = trimesh.load(mesh_path, force="mesh")
+    if len(pred.faces) == 0 or len(ref.faces) == 0:
+        return f"Chamfer-L1 from {Path(mesh_path).name} to {Path(reference).name}: undefined (a mesh is empty)"
+    d = mesh_distance(pred, ref)
+    return (f"Chamfer-L1 from {Path(mesh_path).name} to {Path(reference).name}: {d['chamfer_l1']:.4g} "
+            f"({100 * d['chamfer_l1_rel']:.2f}% of the reference's diagonal), F-score@1%: {d['fscore_1pct']:.3f}")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def written_summary(paths: Sequence[Path | str], reference: Path | str | None = None) -> str:
+    """What a finished command wrote, for its last lines: the files with their sizes, and given a
+    reference mesh, the Chamfer distance from the (first) exported mesh to it."""
+    paths = [Path(p) for p in dict.fromkeys(paths)]
+    folders = {p.parent for p in paths}
+    common = folders.pop() if len(folders) == 1 else None
+    lines = [f"threed: wrote {len(paths)} file{'s' if len(paths) != 1 else ''}" + (f" in {common}:" if common else ":")]
+    width = max((len(p.name if common else str(p)) for p in paths), default=0)
+    for p in paths:
+        size = _size(p.stat().st_size) if p.exists() else "missing"
+        lines.append(f"  {(p.name if common else str(p)).ljust(width)}  {size}")
+    if reference is not None:
+        mesh = next((p for p in paths if p.suffix in (".obj", ".ply", ".glb") and p.exists()), None)
+        lines.append("threed: " + (chamfer_line(mesh, reference) if mesh else "no mesh was written to compare "
+                                   f"with {Path(reference).name}"))
+    return "\n".join(lines)
 
 
 def default_out_dir(cfg: Config) -> Path:
@@ -379,7 +528,6 @@ def default_out_dir(cfg: Config) -> Path:
         i += 1
         path = Path(f"{base}-{i}")
     return path
-
 
 
 def default_refine_dir(source: Path) -> Path:

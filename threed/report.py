@@ -305,8 +305,12 @@ def write_run_report(run_dir: Path | str) -> Path:
             mesh_info = json.loads((run_dir / "mesh.json").read_text())
         except json.JSONDecodeError:
             pass
-    if isinstance(mesh_info, dict):
-        metrics.update({f"mesh {k}": v for k, v in mesh_info.items()})
+    # mesh.json describes each mesh file; show the one the viewer draws
+    meshes = mesh_info.get("meshes") if isinstance(mesh_info, dict) else None
+    shown = meshes.get("mesh.glb") or next(iter(meshes.values()), None) if isinstance(meshes, dict) and meshes else None
+    if isinstance(shown, dict):
+        metrics.update({f"mesh {k}": v for k, v in shown.items()
+                        if k in ("vertices", "faces", "threshold", "stage", "texture_size", "faces_before_decimation")})
     if records:
         metrics.update({k: v for k, v in records[-1].items() if k not in metrics and k != "time_s"})
     if metrics:
@@ -323,7 +327,7 @@ def write_run_report(run_dir: Path | str) -> Path:
     body.append(f"<pre>{_esc(config_text)}</pre>" if config_text else _placeholder("No config.yaml in this folder."))
     files = [n for n in ("mesh.glb", "mesh.obj", "mesh.mtl", "mesh.png", "mesh.ply", "mesh-coarse.glb", "mesh-coarse.obj",
                          "mesh-coarse.mtl", "mesh-coarse.ply", "turntable.mp4", "preview.png", "config.yaml",
-                         "metrics.jsonl", "mesh.json", "mesh-coarse.json") if _exists(run_dir, n)]
+                         "metrics.jsonl", "mesh.json") if _exists(run_dir, n)]
     if files:
         body.append("<h2>Files</h2><p>" + " · ".join(f'<a href="{_href(n)}">{_esc(n)}</a>' for n in files) + "</p>")
     body.append(embedded)

@@ -258,10 +258,21 @@ class Trainer:
 
 
 def peak_memory_mb(device: torch.device | str) -> float:
-    """Peak GPU memory allocated on CUDA, else the process's peak resident set size."""
+    """Peak GPU memory allocated on CUDA, else the process's peak resident set size. On Linux that is
+    VmHWM: getrusage's ru_maxrss also counts the memory of the process that started this one (it survives
+    fork and exec), so a run started by a large process (the bench) would report that process's size."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     import resource
+    import sys
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0  # bytes on macOS, kB elsewhere

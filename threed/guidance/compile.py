@@ -54,7 +54,17 @@ def setup_cache() -> Path:
     """Keep compiled graphs and kernels between runs: inductor's FX graph cache and AOT autograd cache
     under `$THREED_CACHE/inductor` (unless TORCHINDUCTOR_CACHE_DIR is set). A second run with the same
     networks and shapes then skips code generation; dynamo still traces (seconds)."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+    # Inductor writes its default (/tmp/torchinductor_<user>) into the environment the first time it asks
+    # for its cache folder, so "already set" can mean inductor's default rather than the user's choice:
+    # only a value other than that default is the user's.
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        inductor_default = default_cache_dir()
+    except (ImportError, AttributeError):  # another torch layout: keep any value already there
+        inductor_default = None
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, "", inductor_default):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "inductor")
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
     # Both flags are read from the environment when their config modules are imported: set them directly

@@ -24,7 +24,7 @@ from threed.config import CameraConfig, GuidanceConfig
 from threed.errors import UserError, first_line
 from threed.guidance import compile as compiling
 from threed.guidance import sds
-from threed.guidance.models import SD_SUBFOLDERS, model_identity, resolve_pretrained
+from threed.guidance.models import SD_SUBFOLDERS, model_identity, pinned_revision, resolve_pretrained
 from threed.prompts import PromptEmbeddings, check_prompt
 
 
@@ -46,7 +46,8 @@ class StableDiffusionGuidance:
         check_prompt(prompt)  # before any download or load: a typo should cost no time
         # With the tiny autoencoder, SD's own VAE is neither needed nor downloaded.
         required = tuple(p for p in SD_SUBFOLDERS if not (self.tiny_vae and p == "vae"))
-        self.path = resolve_pretrained(sd.model, "Stable Diffusion", required=required)
+        self.path = resolve_pretrained(sd.model, "Stable Diffusion", required=required,
+                                       revision=pinned_revision(sd.model, sd.revision))
         tiny_path = (resolve_pretrained(sd.tiny_vae_model, "tiny autoencoder (guidance.sd.vae=tiny)",
                                         required=("config.json",),
                                         extra_patterns=("diffusion_pytorch_model.safetensors",),

@@ -38,10 +38,14 @@ class NeRFScene:
         """Which backends were chosen, and why a CUDA run is not using an accelerator."""
         field, renderer = self.field.backend, self.renderer.backend
         if self.device.type == "cuda":
-            if field == "torch" and self.cfg.field.backend == "auto":
+            if field == "triton" and self.cfg.field.backend == "auto":
                 field += " (tinycudann not importable)"
+            if field == "torch" and self.cfg.field.backend == "auto":
+                field += " (tinycudann and triton not importable)"
             if renderer == "torch" and self.cfg.render.backend == "auto":
                 renderer += " (nerfacc not importable)"
+        if field.startswith("triton") and self.cfg.field.normals == "analytic":
+            field += " (analytic normals: PyTorch path, the kernels have no d/dx)"
         return f"field backend: {field} | renderer: {renderer}"
 
     def train(self) -> None:
