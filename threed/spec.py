@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from threed import methods
-from threed.config import PRIOR_SECTIONS, Config, build_config, check_prior_sections, load_yaml, preset_path, to_dict
+from threed.config import (PRIOR_SECTIONS, Config, build_config, check_prior_sections, flatten, load_yaml, preset_path,
+                           to_dict)
 from threed.errors import UserError
 
 PRIOR_ALIASES = {"sd": "stable_diffusion"}
@@ -180,16 +181,6 @@ RESUMABLE = ("steps", "device", "log_every", "checkpoint_every", "keep_checkpoin
 RESUMABLE_PREFIXES = ("export.",)
 
 
-def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def resume_config(saved: Config, opts: RunOptions) -> Config:
     """The saved config of a run with the options of `threed run --resume`; any option or key that would
     change what the run trains (prompt, model, seed, prior, ...) is an error naming it."""
@@ -201,9 +192,9 @@ def resume_config(saved: Config, opts: RunOptions) -> Config:
     if opts.guidance and canonical_prior(opts.guidance) != saved.guidance.type:
         raise UserError(f"--guidance {opts.guidance} differs from the run's prior {saved.guidance.type}: drop it, "
                         f"or start a new run with --out")
-    before = _flat(to_dict(saved))
+    before = flatten(to_dict(saved))
     cfg = build_config(base=to_dict(saved), overrides=option_overrides(opts, saved.guidance.type) + opts.overrides)
-    after = _flat(to_dict(cfg))
+    after = flatten(to_dict(cfg))
     changed = [k for k in after if after[k] != before.get(k)]
     bad = [k for k in changed if k not in RESUMABLE and not k.startswith(RESUMABLE_PREFIXES)]
     if bad:
