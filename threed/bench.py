@@ -36,7 +36,7 @@ import numpy as np
 
 from threed import methods as registry
 from threed import spec
-from threed.config import PRIOR_SECTIONS, Config, load_yaml, parse_override, preset_path, to_dict
+from threed.config import PRIOR_SECTIONS, Config, build_config, flatten, load_yaml, parse_override, preset_path, to_dict
 from threed.errors import UserError
 from threed.io import atomic_path, atomic_write_bytes, atomic_write_text
 
@@ -404,23 +404,13 @@ def check_same_run(entry: Entry) -> None:
     saved_path = entry.run_dir / "config.yaml"
     if not saved_path.exists():
         return
-    saved, wanted = _flatten(load_yaml(saved_path)), _flatten(to_dict(entry.cfg))
+    saved, wanted = flatten(to_dict(build_config(base=load_yaml(saved_path)))), flatten(to_dict(entry.cfg))
     ignored = {"device"}  # where it runs does not change what it computes
     diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k) and k not in ignored)
     if diff:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in diff[:3])
         raise UserError(f"{entry.run_dir} was made with other settings ({shown}); re-run with the same options "
                         f"or pass another --out")
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
 
 
 class Progress:

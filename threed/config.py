@@ -450,11 +450,12 @@ def load_yaml(path: Path) -> dict:
     return data
 
 
-def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: nested config data keyed by dotted keys."""
     out: dict[str, Any] = {}
     for k, v in data.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -463,7 +464,7 @@ def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
 def migrate(data: dict) -> dict:
     """A config saved by threed 0.1 (flat guidance keys, scalar annealers) in today's layout, so older
     run directories can still be resumed and exported. Today's configs pass through unchanged."""
-    flat = _flat(data)
+    flat = flatten(data)
     if not any(key in RENAMED for key in flat):
         return data
     moved = {"guidance.model", "guidance.half_precision", "guidance.guidance_scale", "guidance.resolution",

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from threed import methods
-from threed.config import (PRIOR_SECTIONS, Config, MeshConfig, build_config, check_prior_sections, load_yaml,
-                           preset_path, to_dict)
+from threed.config import (PRIOR_SECTIONS, Config, MeshConfig, build_config, check_prior_sections, flatten,
+                           load_yaml, preset_path, to_dict)
 from threed.errors import UserError
 
 PRIOR_ALIASES = {"sd": "stable_diffusion"}
@@ -185,8 +185,8 @@ def check_mesh_section(cfg: Config, method: methods.Method) -> None:
     """The `mesh:` section only concerns methods with a mesh stage; elsewhere a setting there would be ignored."""
     if "mesh" in method.stages:
         return
-    current, default = to_dict(cfg.mesh), to_dict(MeshConfig())
-    changed = [k for k in _flat(current) if _flat(current)[k] != _flat(default).get(k)]
+    current, default = flatten(to_dict(cfg.mesh)), flatten(to_dict(MeshConfig()))
+    changed = [k for k in current if current[k] != default.get(k)]
     if changed:
         keys = ", ".join(f"mesh.{k}" for k in changed[:4])
         raise UserError(f"{keys} set, but method {method.name} has no mesh stage: drop the setting or pass "
@@ -265,16 +265,6 @@ RESUMABLE = ("steps", "mesh.steps", "device", "log_every", "checkpoint_every", "
 RESUMABLE_PREFIXES = ("export.",)
 
 
-def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def resume_config(saved: Config, opts: RunOptions) -> Config:
     """The saved config of a run with the options of `threed run --resume`; any option or key that would
     change what the run trains (prompt, model, seed, prior, ...) is an error naming it."""
@@ -286,9 +276,9 @@ def resume_config(saved: Config, opts: RunOptions) -> Config:
     if opts.guidance and canonical_prior(opts.guidance) != saved.guidance.type:
         raise UserError(f"--guidance {opts.guidance} differs from the run's prior {saved.guidance.type}: drop it, "
                         f"or start a new run with --out")
-    before = _flat(to_dict(saved))
+    before = flatten(to_dict(saved))
     cfg = build_config(base=to_dict(saved), overrides=option_overrides(opts, saved.guidance.type) + opts.overrides)
-    after = _flat(to_dict(cfg))
+    after = flatten(to_dict(cfg))
     changed = [k for k in after if after[k] != before.get(k)]
     bad = [k for k in changed if k not in RESUMABLE and not k.startswith(RESUMABLE_PREFIXES)]
     if bad:
