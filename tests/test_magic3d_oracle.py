@@ -34,7 +34,8 @@ def test_the_mesh_stage_improves_on_the_nerf_mesh(tmp_path: Path) -> None:
     ref = shapes.torus()
     reference = shapes.save(ref, tmp_path / "torus.ply")
     cfg = build_config("magic3d-oracle", [f"guidance.oracle.reference={reference}", *SETTINGS])
-    run = pipeline.run(cfg, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    pipeline.run(cfg, run, progress=False)
     coarse = mesh_distance(trimesh.load(run / "mesh-coarse.obj", force="mesh", process=False), ref)
     fine = mesh_distance(trimesh.load(run / "mesh.obj", force="mesh", process=False), ref)
     done = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]

@@ -167,7 +167,8 @@ def test_the_mesh_stage_sees_its_own_cameras_render_size_and_t_range():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not (torch.cuda.is_available() and nvdiffrast_available("cuda")), reason="needs CUDA and nvdiffrast")
+@pytest.mark.skipif(not (torch.cuda.is_available() and nvdiffrast_available("cuda")),
+                    reason="needs CUDA and nvdiffrast")
 def test_nvdiffrast_and_torch_backends_render_alike():
     torch_scene, nv_scene = sphere_scene(48, device="cuda"), sphere_scene(48, rasterizer="nvdiffrast", device="cuda")
     nv_scene.texture.load_state_dict(torch_scene.texture.state_dict())

@@ -92,7 +92,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--texture", action=argparse.BooleanOptionalAction, default=None,
                    help="OBJ and GLB with a baked albedo texture (UV atlas + PNG) instead of vertex colours "
                         "[the run's export.texture]")
-    p.add_argument("--texture-size", dest="texture_size", type=int, help="texture side in pixels (implies --texture) [the run's export.texture_size]")
+    p.add_argument("--texture-size", dest="texture_size", type=int,
+                   help="texture side in pixels (implies --texture) [the run's export.texture_size]")
     p.add_argument("--device", help="cpu or cuda")
 
 

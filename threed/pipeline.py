@@ -425,9 +425,11 @@ def export_run(run_dir: Path, formats: tuple[str, ...] | None = None, resolution
         albedo_fn, inset = trainer.field.albedo, cfg.render.bound / (res - 1)
     name = name or "mesh"
     about.update(decimate_faces=int(cfg.export.decimate_faces), step=int(trainer.step))
-    textured = [f for f in formats if f in ("obj", "glb")] if (cfg.export.texture if texture is None else texture) else []
+    bake = cfg.export.texture if texture is None else texture
+    textured = [f for f in formats if f in ("obj", "glb")] if bake else []
     plain = [f for f in formats if f not in textured]
-    written = export_mesh(run_dir, plain, mesh.vertices, mesh.faces, mesh.colors, mesh.normals, stem=name) if plain else []
+    written = (export_mesh(run_dir, plain, mesh.vertices, mesh.faces, mesh.colors, mesh.normals, stem=name)
+               if plain else [])
     meshes = {p.name: {"format": p.suffix[1:], "bytes": p.stat().st_size, "vertices": int(len(mesh.vertices)),
                        "faces": int(len(mesh.faces)), **about}
               for p in written if p.suffix[1:] in plain}

@@ -325,9 +325,9 @@ def write_run_report(run_dir: Path | str) -> Path:
 
     body.append("<h2>Config</h2>")
     body.append(f"<pre>{_esc(config_text)}</pre>" if config_text else _placeholder("No config.yaml in this folder."))
-    files = [n for n in ("mesh.glb", "mesh.obj", "mesh.mtl", "mesh.png", "mesh.ply", "mesh-coarse.glb", "mesh-coarse.obj",
-                         "mesh-coarse.mtl", "mesh-coarse.ply", "turntable.mp4", "preview.png", "config.yaml",
-                         "metrics.jsonl", "mesh.json") if _exists(run_dir, n)]
+    files = [n for n in ("mesh.glb", "mesh.obj", "mesh.mtl", "mesh.png", "mesh.ply", "mesh-coarse.glb",
+                         "mesh-coarse.obj", "mesh-coarse.mtl", "mesh-coarse.ply", "turntable.mp4", "preview.png",
+                         "config.yaml", "metrics.jsonl", "mesh.json") if _exists(run_dir, n)]
     if files:
         body.append("<h2>Files</h2><p>" + " · ".join(f'<a href="{_href(n)}">{_esc(n)}</a>' for n in files) + "</p>")
     body.append(embedded)

@@ -39,7 +39,7 @@ def latest_step(run_dir: Path, stage: str) -> int:
 
 
 def finished(run_dir: Path, cfg: Config, stage: str) -> bool:
-    return bool(checkpoints_in(checkpoint_dir(run_dir, stage))) and latest_step(run_dir, stage) >= stage_steps(cfg, stage)
+    return started(run_dir, stage) and latest_step(run_dir, stage) >= stage_steps(cfg, stage)
 
 
 def started(run_dir: Path, stage: str) -> bool:
@@ -69,7 +69,8 @@ def load_checkpoint(path: Path, device: str) -> dict:
     try:
         return torch.load(path, map_location=device, weights_only=False)
     except Exception as e:  # a truncated or foreign file: say which one
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): delete it to fall back to an older one") from None
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): delete it to fall back to an older "
+                        f"one") from None
 
 
 def nerf_trainer(cfg: Config, device: str, guidance, run_dir: Path | None, resume: bool = False,

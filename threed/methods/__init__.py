@@ -1,7 +1,7 @@
 """The method registry: a method composes the shared parts (field, renderer, prior, losses, stages).
 
-Each method is a preset in configs/ plus a short module defining `METHOD` (or `METHODS`) and `build_guidance`. `threed run
---method M` and `threed bench --methods M,...` both look methods up here, aliases included.
+Each method is a preset in configs/ plus a short module defining `METHOD` (or `METHODS`) and `build_guidance`.
+`threed run --method M` and `threed bench --methods M,...` both look methods up here, aliases included.
 """
 
 from __future__ import annotations
