@@ -1,5 +1,8 @@
 """glTF 2.0 binary (.glb) writer: one mesh, one node, vertex colours under a white PBR material.
 
+glTF defines COLOR_0 as linear, while threed's albedo (like OBJ and PLY vertex colours and every image) is
+sRGB-encoded: colours are converted on the way in, or viewers would show the mesh too light.
+
 Written with `struct` and `json` rather than a library so the layout is exactly what the spec asks
 for: a JSON chunk padded with spaces and a BIN chunk padded with zeros, both to 4 bytes, and one
 buffer view per attribute (each a multiple of 4 bytes, so every view starts aligned).
@@ -38,6 +41,12 @@ def _unit(normals: np.ndarray) -> np.ndarray:
     return n.astype(np.float32)
 
 
+def srgb_to_linear(c: np.ndarray) -> np.ndarray:
+    """The sRGB transfer function inverted (IEC 61966-2-1), for values in [0, 1]."""
+    c = np.clip(np.asarray(c, dtype=np.float64), 0.0, 1.0)
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
 def glb_bytes(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None,
               normals: np.ndarray | None = None) -> bytes:
     """The .glb file contents for the mesh (arrays as for `write_glb`)."""
@@ -47,7 +56,7 @@ def glb_bytes(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None
     if mesh.normals is not None:
         attributes.append(("NORMAL", _unit(mesh.normals).astype("<f4")))
     if mesh.colors is not None:
-        attributes.append(("COLOR_0", np.clip(mesh.colors, 0.0, 1.0).astype("<f4")))
+        attributes.append(("COLOR_0", srgb_to_linear(mesh.colors).astype("<f4")))
     indices = np.ascontiguousarray(mesh.faces, dtype="<u4").reshape(-1)
 
     blob = bytearray()

@@ -13,6 +13,7 @@ import trimesh
 import trimesh.exchange.obj
 import trimesh.exchange.ply
 
+from exporters.glb import srgb_to_linear
 from exporters import (EXPORTERS, UnknownFormatError, check_formats, export_mesh, write_glb, write_image_grid,
                        write_obj, write_ply, write_video)
 from exporters.arrays import MeshArrays, mesh_arrays
@@ -85,7 +86,10 @@ def test_glb_round_trip_and_structure(mesh, tmp_path):
     np.testing.assert_array_equal(loaded.vertices, mesh.vertices)
     np.testing.assert_array_equal(loaded.faces, mesh.faces)
     colors = np.asarray(loaded.visual.vertex_attributes["color"], dtype=np.float64)
-    np.testing.assert_allclose(colors[:, :3], mesh.colors, atol=1e-6)
+    # glTF's COLOR_0 is linear: the sRGB albedo is decoded (0.5 -> 0.214, 0.04 -> 0.04 / 12.92)
+    np.testing.assert_allclose(colors[:, :3], srgb_to_linear(mesh.colors), atol=1e-6)
+    np.testing.assert_allclose(srgb_to_linear(np.array([0.0, 0.04, 0.5, 1.0])),
+                               [0.0, 0.04 / 12.92, 0.21404114, 1.0], atol=1e-7)
 
     gltf = pygltflib.GLTF2().load(str(path))
     assert gltf.asset.generator == "threed" and gltf.asset.version == "2.0"
