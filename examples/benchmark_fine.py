@@ -37,7 +37,6 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))  # tiny_models: the offline CLIP tokenizer and tiny SD
 
 
 def build_trainer(args, cfg, device: str, run_dir: Path):
@@ -68,20 +67,19 @@ def build_trainer(args, cfg, device: str, run_dir: Path):
 
 
 def measure(args, device: str, tmp: Path) -> dict:
-    from benchmark_step import build_random_sd, guidance_compile_info, sync
+    from benchmark_step import guidance_compile_info, sync
 
     from threed.config import build_config
     from threed.pipeline import load_run_config
+    from threed.random_models import build_random_sd, build_tiny_sd
     from threed.trainer import peak_memory_mb
 
     model = args.model
     if model is None:
         if args.tiny_sd:
-            from tiny_models import build_tiny_sd
-
             model = str(build_tiny_sd(tmp / "sd"))
         else:
-            model = str(build_random_sd(Path(args.arch), tmp / "sd", device))
+            model = str(build_random_sd(Path(args.arch), tmp / "sd", device=device))
     tiny = ["guidance.sd.resolution=64"] if args.tiny_sd else []  # the tiny VAE downsamples 2x, not 8x
     base = [f"device={device}", "prompt=a yellow rubber duck", f"guidance.sd.model={model}", *tiny]
     if args.from_run:

@@ -27,9 +27,12 @@ SETTINGS = ["steps=200", "mesh.steps=100", "device=cpu", "export.video=false", "
 
 
 def test_the_mesh_stage_improves_on_the_nerf_mesh(tmp_path: Path) -> None:
-    """Torus, NeRF stage 200 steps, mesh stage 100 steps (the preset's 96² renders, 64-cell grid).
+    """Torus, NeRF stage 200 steps, mesh stage 100 steps (the preset's 128² renders, 64-cell grid).
 
-    MEASURED
+    Measured (seed 0, 2-core CPU, 80 s): the NeRF's marching-cubes mesh 0.617% Chamfer-L1 of the diagonal,
+    F@1% 0.889; after the mesh stage 0.481%, F@1% 0.973 (0.78x the coarse Chamfer). Asserted: the mesh stage
+    removes at least 10% of the coarse Chamfer and does not lose F-score, and the final mesh is within 0.65%
+    (a third above the measured value).
     """
     ref = shapes.torus()
     reference = shapes.save(ref, tmp_path / "torus.ply")
@@ -41,5 +44,6 @@ def test_the_mesh_stage_improves_on_the_nerf_mesh(tmp_path: Path) -> None:
     done = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     print({"coarse": coarse, "fine": fine, "times": {k: v for k, v in done.items() if "time" in k}})
     assert done["done"] and done["step"] == 300
-    assert fine["chamfer_l1_rel"] <= 1.0 * coarse["chamfer_l1_rel"]
+    assert fine["chamfer_l1_rel"] <= 0.9 * coarse["chamfer_l1_rel"]
+    assert fine["chamfer_l1_rel"] <= 0.0065
     assert fine["fscore_1pct"] >= coarse["fscore_1pct"]
