@@ -227,6 +227,19 @@ def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     return normals.astype(np.float32)
 
 
+def clean_mesh(vertices: np.ndarray, faces: np.ndarray, keep_components: float = 0.05,
+               decimate_faces: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Drop degenerate faces, unused vertices and parts with fewer than `keep_components` x the largest
+    part's faces (floaters); then decimate to about `decimate_faces` faces when that is > 0."""
+    vertices, faces = _compact(vertices, faces)
+    faces = _keep_large_components(faces, len(vertices), keep_components)
+    vertices, faces = _compact(vertices, faces)
+    if decimate_faces > 0 and len(faces) > decimate_faces:
+        vertices, faces = decimate(vertices, faces, decimate_faces)
+        vertices, faces = _compact(vertices, faces)
+    return vertices, faces
+
+
 def decimate(vertices: np.ndarray, faces: np.ndarray, target_faces: int) -> tuple[np.ndarray, np.ndarray]:
     """Quadric edge-collapse decimation to about `target_faces` faces (fast_simplification)."""
     import fast_simplification

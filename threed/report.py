@@ -239,6 +239,15 @@ def _exists(run_dir: Path, name: str) -> bool:
     return (run_dir / name).is_file()
 
 
+def _has_mesh_stage(method: Any) -> bool:
+    from threed import methods
+
+    try:
+        return "mesh" in methods.get(str(method)).stages
+    except UserError:
+        return False
+
+
 def write_run_report(run_dir: Path | str) -> Path:
     """Write RUN_DIR/report.html (and report_files/) from what the run folder holds; returns its path."""
     run_dir = Path(run_dir)
@@ -252,8 +261,12 @@ def write_run_report(run_dir: Path | str) -> Path:
         prompt = f"reference {Path(str(guidance['reference'])).name}"
     title = prompt or run_dir.name
     steps_done = done["step"] if done else (records[-1]["step"] if records else 0)
+    total = cfg.get("steps", "?")
+    mesh_cfg = cfg.get("mesh") if isinstance(cfg.get("mesh"), dict) else {}
+    if isinstance(total, int) and isinstance(mesh_cfg.get("steps"), int) and _has_mesh_stage(cfg.get("method")):
+        total += mesh_cfg["steps"]  # the mesh stage continues the NeRF stage's step axis
     facts = [f"method {cfg.get('method', '?')}", f"prior {guidance.get('type', '?')}", f"seed {cfg.get('seed', '?')}",
-             f"step {steps_done} of {cfg.get('steps', '?')}" + ("" if done else " (not finished)")]
+             f"step {steps_done} of {total}" + ("" if done else " (not finished)")]
     if done and done.get("device"):
         facts.append(f"device {done['device']}")
 
@@ -296,7 +309,8 @@ def write_run_report(run_dir: Path | str) -> Path:
     meshes = mesh_info.get("meshes") if isinstance(mesh_info, dict) else None
     shown = meshes.get("mesh.glb") or next(iter(meshes.values()), None) if isinstance(meshes, dict) and meshes else None
     if isinstance(shown, dict):
-        metrics.update({f"mesh {k}": v for k, v in shown.items() if k in ("vertices", "faces", "threshold")})
+        metrics.update({f"mesh {k}": v for k, v in shown.items()
+                        if k in ("vertices", "faces", "threshold", "stage", "texture_size", "faces_before_decimation")})
     if records:
         metrics.update({k: v for k, v in records[-1].items() if k not in metrics and k != "time_s"})
     if metrics:
@@ -311,7 +325,8 @@ def write_run_report(run_dir: Path | str) -> Path:
 
     body.append("<h2>Config</h2>")
     body.append(f"<pre>{_esc(config_text)}</pre>" if config_text else _placeholder("No config.yaml in this folder."))
-    files = [n for n in ("mesh.glb", "mesh.obj", "mesh.mtl", "mesh.ply", "turntable.mp4", "preview.png",
+    files = [n for n in ("mesh.glb", "mesh.obj", "mesh.mtl", "mesh.png", "mesh.ply", "mesh-coarse.glb",
+                         "mesh-coarse.obj", "mesh-coarse.mtl", "mesh-coarse.ply", "turntable.mp4", "preview.png",
                          "config.yaml", "metrics.jsonl", "mesh.json") if _exists(run_dir, n)]
     if files:
         body.append("<h2>Files</h2><p>" + " · ".join(f'<a href="{_href(n)}">{_esc(n)}</a>' for n in files) + "</p>")
