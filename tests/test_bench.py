@@ -24,7 +24,7 @@ from test_clip import write_tiny_clip  # noqa: E402  (tests/ is on sys.path, see
 from threed import bench, bench_entry, methods, pipeline, spec  # noqa: E402
 from threed.cli import main as cli  # noqa: E402
 from threed.cli import parser  # noqa: E402
-from threed.config import load_yaml, to_dict  # noqa: E402
+from threed.config import DEFAULT_SD_MODEL, load_yaml, to_dict  # noqa: E402
 from threed.errors import UserError  # noqa: E402
 
 # Small enough for a few seconds per run on a shared 2-core CPU (measured: 2-12 s per run). A fixed density
@@ -165,6 +165,23 @@ def test_missing_clip_weights_offline_fail_before_any_training(tmp_path, capsys,
     line = error_line(err)
     assert rc == 2 and "ViT-B-32" in line and " --clip-pretrained" in line
     assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_the_weight_check_asks_for_the_files_and_revision_a_run_asks_for(tmp_path, monkeypatch, tiny_clip):
+    """The default Stable Diffusion id is checked at its pinned revision (threed.guidance.models), as the run
+    loads it; a folder is checked without one."""
+    from threed.guidance import models
+
+    calls = []
+    monkeypatch.setattr(models, "resolve_pretrained", lambda model, kind, **kw: calls.append((model, kw)) or model)
+    prompts = write_prompts(tmp_path / "p.txt", "a cat")
+    for extra in ([], ["--model", "/models/sd"]):
+        plan = plan_of(bench_args(prompts, tmp_path / "out", "sds", *extra))
+        bench.check_weights(plan, tiny_clip, "none")
+    (default, kw), (folder, kw_folder) = calls
+    assert default == DEFAULT_SD_MODEL and kw["revision"] == models.PINNED_REVISIONS[default]
+    assert kw["required"] == models.SD_SUBFOLDERS
+    assert folder == "/models/sd" and kw_folder["revision"] is None
 
 
 def test_slugs_are_distinct_and_readable():

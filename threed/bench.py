@@ -342,26 +342,29 @@ def _as_evaluator_error(e: UserError) -> UserError:
 def check_weights(plan: list[Entry], eval_model: str, eval_pretrained: str) -> None:
     """Every model the benchmark will need is on disk (or downloadable) before hours of training start."""
     from threed.clip_models import resolve_pretrained as resolve_clip
+    from threed.guidance.models import SD_SUBFOLDERS, pinned_revision
     from threed.guidance.models import resolve_pretrained as resolve_sd
 
     try:
         resolve_clip(eval_model, eval_pretrained)
     except UserError as e:
         raise _as_evaluator_error(e) from None
-    checked: set[tuple[str, str]] = set()
+    checked: set[tuple[str, ...]] = set()
     for e in plan:
         g = e.cfg.guidance
-        needs = list(zip(g.clip.models, g.clip.pretrained)) if g.type == "clip" else []
+        needs: list[tuple[str, ...]] = list(zip(g.clip.models, g.clip.pretrained)) if g.type == "clip" else []
         if g.type == "stable_diffusion":
-            needs.append(("sd", g.sd.model))
-        for pair in needs:
-            if pair in checked:
+            needs.append(("sd", g.sd.model, g.sd.revision, g.sd.vae))
+        for need in needs:
+            if need in checked:
                 continue
-            checked.add(pair)
-            if pair[0] == "sd":
-                resolve_sd(pair[1])
+            checked.add(need)
+            if need[0] == "sd":  # the files the run itself will ask for, at the same revision
+                _, model, revision, vae = need
+                required = tuple(p for p in SD_SUBFOLDERS if not (vae == "tiny" and p == "vae"))
+                resolve_sd(model, "Stable Diffusion", required=required, revision=pinned_revision(model, revision))
             else:
-                resolve_clip(*pair)
+                resolve_clip(*need)
 
 
 # -- training -------------------------------------------------------------------------------------
