@@ -93,6 +93,8 @@ class Trainer:
         out: dict[str, Tensor] = {}
         if self.uses("opacity"):
             out["opacity"] = opacity.mean()
+        if self.uses("sparsity"):
+            out["sparsity"] = (opacity ** 2 + 0.01).sqrt().mean()
         if self.uses("transmittance"):
             out["transmittance"] = -torch.clamp((1.0 - opacity).mean(), max=lc.transmittance_target(self.step))
         if self.uses("orient"):
@@ -111,8 +113,9 @@ class Trainer:
         self.background.train()
         t0 = time.perf_counter()
         self.renderer.update_occupancy(self.field, self.step, self.generator)
-        cams = sample_cameras(cfg.camera, cfg.render.batch_size, cfg.render.width, cfg.render.height,
-                              self.generator, cfg.render.light_distance).to(dev)
+        width, height = cfg.render.size(self.step)
+        cams = sample_cameras(cfg.camera, cfg.render.batch_size, width, height, self.generator,
+                              cfg.render.light_distance).to(dev)
         shading = pick_shading(cfg.render.shading, self.step, cfg.render.albedo_only_steps,
                                cfg.render.textureless_prob, self.generator)
         out = self.renderer(self.field, self.background, cams, shading, need_normals=self.uses("orient"),
@@ -156,6 +159,8 @@ class Trainer:
             "config": to_dict(self.cfg),
         }
         state["renderer"] = self.renderer.state_dict()  # occupancy grid (either backend)
+        if hasattr(self.guidance, "state_dict"):  # a guidance that trains too (VSD's LoRA, its optimiser, RNG)
+            state["guidance"] = self.guidance.state_dict()
         return state
 
     def load_state_dict(self, state: dict, weights_only: bool = False) -> None:
@@ -173,6 +178,8 @@ class Trainer:
             return
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
+        if "guidance" in state and hasattr(self.guidance, "load_state_dict"):
+            self.guidance.load_state_dict(state["guidance"])
         self.train_time_s = float(state.get("train_time_s", 0.0))
         self.timed_steps = int(state.get("timed_steps", 0))
 

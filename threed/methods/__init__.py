@@ -14,7 +14,7 @@ from threed.config import Config
 from threed.errors import UserError
 
 # Modules defining one method each; importing them is cheap (models load only when a run starts).
-METHOD_MODULES = ("threed.methods.dreamfusion", "threed.methods.clip")
+METHOD_MODULES = ("threed.methods.dreamfusion", "threed.methods.clip", "threed.methods.prolificdreamer")
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class Method:
     aliases: tuple[str, ...] = ()
     stages: tuple[str, ...] = ("nerf",)
     prior_presets: dict[str, str] = field(default_factory=dict)  # a preset tuned for a prior, e.g. oracle
+    sections: tuple[str, ...] = ()  # its own guidance.<section> settings (config.METHOD_SECTIONS), e.g. vsd
 
     def build_guidance(self, cfg: Config, device: str) -> Any:
         """The guidance callable for cfg (see the method's module)."""
