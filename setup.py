@@ -10,7 +10,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["threed", "threed.*", "exporters", "exporters.*"]),
-    package_data={"threed": ["../configs/*.yaml"]},
+    # the report pages' scripts and style, copied beside every report.html (threed/report.py)
+    package_data={"threed": ["../configs/*.yaml", "web/*.js", "web/*.css", "web/vendor/three.min.js",
+                             "web/vendor/LICENSE-three.txt"]},
     data_files=[],
     install_requires=[
         "torch>=2.1",
@@ -25,6 +27,9 @@ setup(
         "imageio>=2.31",
         "imageio-ffmpeg>=0.4.9",
         "fast-simplification>=0.1.7",
+        # UV atlases for textured export: chart segmentation, parametrisation and packing in one
+        # maintained C++ library with wheels; none of that is ours to rewrite.
+        "xatlas>=0.0.11",
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "numpy",
@@ -35,7 +40,10 @@ setup(
     extras_require={
         # nerfacc JIT-builds its CUDA kernels on first use on a GPU; tinycudann must be built from source.
         "cuda": ["nerfacc>=0.5.3"],
-        "test": ["pytest>=7", "pygltflib>=1.16"],
+        # threed bench --ray: entries as Ray tasks across GPUs and nodes (imported only when asked for).
+        "ray": ["ray>=2.9"],
+        # playwright drives the system Chromium (apt-get install chromium) for the report pages' browser tests
+        "test": ["pytest>=7", "pygltflib>=1.16", "playwright>=1.40", "ray>=2.9"],
     },
     entry_points={"console_scripts": ["threed=threed.cli:main"]},
 )

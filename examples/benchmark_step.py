@@ -2,11 +2,20 @@
 
     python examples/benchmark_step.py --preset dreamfusion-sd                    # real-size SD-2.1-base, random
     python examples/benchmark_step.py --preset dreamfusion-sd --model DIR_OR_ID  # your own weights
+    python examples/benchmark_step.py --preset dreamfusion-sd guidance.sd.compile=none guidance.sd.compile_vae=none
     python examples/benchmark_step.py --preset cpu-tiny --tiny-sd               # tiny random SD (CPU smoke)
+    python examples/benchmark_step.py --build-models DIR --device cuda          # build the random models once
 
 Without --model, the guidance is Stable Diffusion 2.1-base's real architecture (configs in
 examples/sd21-base-architecture/) with random weights: speed and memory do not depend on weight values,
-and no download is needed. Its renders mean nothing. Timings are medians over --steps after --warmup.
+and no download is needed. Its renders mean nothing. With `guidance.sd.vae=tiny` and no
+`guidance.sd.tiny_vae_model`, the tiny autoencoder is TAESD's architecture with random weights.
+
+Three timings, all after --warmup steps:
+- first_step_s: the first step alone, compiling included (cold or warm compile cache), and compile_s, the
+  guidance's own compile time (threed/guidance/compile.py), reported apart from the medians;
+- median_ms: the step split into phases, the trainer waiting for the GPU after each phase (--steps steps);
+- step_ms / it_per_s: whole steps as a run takes them, one wait for the GPU per step (--steps steps).
 """
 
 from __future__ import annotations
@@ -16,7 +25,6 @@ import datetime
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,27 +32,26 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))  # tiny_models: the offline CLIP tokenizer and tiny SD
 
 
-def build_random_sd(arch_dir: Path, out: Path) -> Path:
-    """A diffusers folder with SD's real-size architecture and random weights (for speed only)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-    from tiny_models import build_clip_tokenizer
+def guidance_compile_info(guidance: object) -> dict:
+    """How each guidance network ran: its compile mode, compile time, or why it fell back to eager."""
+    from threed.guidance.compile import CompiledFunction
 
-    load = lambda name: {k: v for k, v in json.loads((arch_dir / name).read_text()).items()  # noqa: E731
-                         if not k.startswith("_")}
-    torch.manual_seed(0)
-    UNet2DConditionModel(**load("unet.json")).save_pretrained(out / "unet")
-    AutoencoderKL(**load("vae.json")).save_pretrained(out / "vae")
-    CLIPTextModel(CLIPTextConfig(**load("text.json"))).save_pretrained(out / "text_encoder")
-    build_clip_tokenizer().save_pretrained(out / "tokenizer")
-    sched = load("scheduler.json")
-    DDPMScheduler(**{k: sched[k] for k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps",
-                                            "prediction_type", "steps_offset", "clip_sample")}).save_pretrained(
-        out / "scheduler")
-    return out
+    info = {}
+    for attr in ("_encode", "_noise"):
+        fn = getattr(guidance, attr, None)
+        if isinstance(fn, CompiledFunction):
+            info[fn.name] = {"mode": fn.mode, "compile_s": None if fn.seconds is None else round(fn.seconds, 2),
+                             "eager_fallback": fn.error}
+        elif fn is not None:
+            info[attr.strip("_")] = {"mode": "none"}
+    return info
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -57,50 +64,95 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--label", default="", help="a name for this configuration in the results")
+    p.add_argument("--build-models", metavar="DIR",
+                   help="only build the random models (DIR/sd: SD-2.1-base, DIR/taesd: TAESD) and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args()
+    process_start = time.perf_counter()
 
     from threed.config import build_config, resolve_device
     from threed import methods
+    from threed.random_models import build_random_sd, build_random_taesd, build_tiny_sd, build_tiny_taesd
     from threed.trainer import Trainer, peak_memory_mb
 
     device = resolve_device(args.device)
+    if args.build_models:
+        start = time.perf_counter()
+        out = Path(args.build_models)
+        if args.tiny_sd:
+            build_tiny_sd(out / "sd")
+            build_tiny_taesd(out / "taesd")
+        else:
+            build_random_sd(Path(args.arch), out / "sd", device=device)
+            build_random_taesd(out / "taesd")
+        print(json.dumps({"built": str(out), "seconds": round(time.perf_counter() - start, 1)}))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
             if args.tiny_sd:
-                from tiny_models import build_tiny_sd
-
                 model = str(build_tiny_sd(Path(tmp) / "sd"))
             else:
-                model = str(build_random_sd(Path(args.arch), Path(tmp) / "sd"))
+                model = str(build_random_sd(Path(args.arch), Path(tmp) / "sd", device=device))
         # The tiny VAE downsamples 2x, not 8x: keep its latents (and the UNet's attention) small.
         tiny = ["guidance.sd.resolution=64"] if args.tiny_sd else []
         cfg = build_config(args.preset, [f"guidance.sd.model={model}", "prompt=a yellow rubber duck",
                                          f"device={device}", *tiny, *args.overrides])
+        if cfg.guidance.sd.vae == "tiny" and not any(o.startswith("guidance.sd.tiny_vae_model=") for o in args.overrides):
+            if args.tiny_sd:
+                cfg.guidance.sd.tiny_vae_model = str(build_tiny_taesd(Path(tmp) / "taesd"))
+            else:
+                cfg.guidance.sd.tiny_vae_model = str(build_random_taesd(Path(tmp) / "taesd"))
         guidance = methods.get(cfg.method).build_guidance(cfg, device)
         trainer = Trainer(cfg, device, guidance, run_dir=Path(tmp) / "run")
+        setup_s = time.perf_counter() - process_start
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        phases: dict[str, list[float]] = {"render": [], "guidance": [], "backward": [], "optimizer": [], "step": []}
-        for i in range(args.warmup + args.steps):
+
+        sync(device)
+        start = time.perf_counter()
+        trainer.train_step()
+        sync(device)
+        first_step_s = time.perf_counter() - start
+        for _ in range(max(args.warmup - 1, 0)):
+            trainer.train_step()
+        sync(device)
+
+        trainer.phase_timing = True
+        phases: dict[str, list[float]] = {"render": [], "guidance": [], "backward": [], "optimizer": []}
+        for _ in range(args.steps):
+            trainer.train_step()
+            for k, v in trainer.timings.items():
+                phases[k].append(v)
+        trainer.phase_timing = False
+        steps: list[float] = []
+        for _ in range(args.steps):
             start = time.perf_counter()
             trainer.train_step()
-            total = time.perf_counter() - start
-            if i >= args.warmup:
-                for k, v in trainer.timings.items():
-                    phases[k].append(v)
-                phases["step"].append(total)
+            sync(device)
+            steps.append(time.perf_counter() - start)
+
         med = {k: statistics.median(v) for k, v in phases.items()}
+        step = statistics.median(steps)
         result = {
+            "label": args.label,
             "date": datetime.date.today().isoformat(),
             "device": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-            "torch": torch.__version__, "preset": args.preset, "model": args.model or ("tiny random SD" if args.tiny_sd else "SD-2.1-base architecture, random weights"),
+            "torch": torch.__version__, "preset": args.preset, "overrides": args.overrides,
+            "model": args.model or ("tiny random SD" if args.tiny_sd else "SD-2.1-base architecture, random weights"),
             "field_backend": trainer.field.backend, "renderer_backend": trainer.renderer.backend,
-            "render": f"{cfg.render.width}x{cfg.render.height}", "guidance_resolution": cfg.guidance.sd.resolution,
+            "render": f"{cfg.render.width}x{cfg.render.height}", "num_samples": cfg.render.num_samples,
+            "guidance_resolution": cfg.guidance.sd.resolution, "vae": cfg.guidance.sd.vae,
             "half_precision": cfg.guidance.sd.half_precision and device == "cuda",
-            "steps_timed": args.steps, "median_ms": {k: round(v * 1000, 1) for k, v in med.items()},
-            "it_per_s": round(1.0 / med["step"], 2), "peak_memory_mb": round(peak_memory_mb(device), 1),
+            "guidance_compile": guidance_compile_info(guidance),
+            "compile_s": None if getattr(guidance, "compile_time_s", None) is None else round(guidance.compile_time_s, 2),
+            "setup_s": round(setup_s, 2), "first_step_s": round(first_step_s, 2),
+            "steps_timed": args.steps, "warmup": args.warmup,
+            "median_ms": {k: round(v * 1000, 2) for k, v in med.items()},
+            "phase_sum_ms": round(sum(med.values()) * 1000, 2),
+            "step_ms": round(step * 1000, 2), "step_ms_max": round(max(steps) * 1000, 2),
+            "it_per_s": round(1.0 / step, 2), "peak_memory_mb": round(peak_memory_mb(device), 1),
             "peak_memory_kind": "CUDA max allocated" if device == "cuda" else "process max RSS",
         }
     print(json.dumps(result, indent=1))

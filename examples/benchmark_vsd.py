@@ -34,8 +34,6 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # benchmark_step.build_random_sd
-sys.path.insert(0, str(HERE.parent / "tests"))  # tiny_models
 
 
 def phase(args: argparse.Namespace) -> dict:
@@ -155,14 +153,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            if args.tiny_sd:
-                from tiny_models import build_tiny_sd
+            from threed.random_models import build_random_sd, build_tiny_sd
 
+            if args.tiny_sd:
                 model = str(build_tiny_sd(Path(tmp) / "sd"))
             else:
-                from benchmark_step import build_random_sd
-
-                model = str(build_random_sd(Path(args.arch), Path(tmp) / "sd"))
+                model = str(build_random_sd(Path(args.arch), Path(tmp) / "sd", device="cuda" if cuda else "cpu"))
         results = []
         for size in [int(s) for s in args.resolutions.split(",")]:
             for method in [m.strip() for m in args.methods.split(",")]:

@@ -1,5 +1,8 @@
 """glTF 2.0 binary (.glb) writer: one mesh, one node, vertex colours under a white PBR material.
 
+glTF defines COLOR_0 as linear, while threed's albedo (like OBJ and PLY vertex colours and every image) is
+sRGB-encoded: colours are converted on the way in, or viewers would show the mesh too light.
+
 Written with `struct` and `json` rather than a library so the layout is exactly what the spec asks
 for: a JSON chunk padded with spaces and a BIN chunk padded with zeros, both to 4 bytes, and one
 buffer view per attribute (each a multiple of 4 bytes, so every view starts aligned).
@@ -13,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from threed.io import atomic_write_bytes
-from threed.mesh import Mesh
+from exporters.arrays import mesh_arrays
+from exporters.atomic import atomic_write_bytes
 
 _MAGIC = 0x46546C67  # "glTF"
 _JSON = 0x4E4F534A
@@ -38,14 +41,22 @@ def _unit(normals: np.ndarray) -> np.ndarray:
     return n.astype(np.float32)
 
 
-def glb_bytes(mesh: Mesh) -> bytes:
-    """The .glb file contents for `mesh`."""
+def srgb_to_linear(c: np.ndarray) -> np.ndarray:
+    """The sRGB transfer function inverted (IEC 61966-2-1), for values in [0, 1]."""
+    c = np.clip(np.asarray(c, dtype=np.float64), 0.0, 1.0)
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+def glb_bytes(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None,
+              normals: np.ndarray | None = None) -> bytes:
+    """The .glb file contents for the mesh (arrays as for `write_glb`)."""
+    mesh = mesh_arrays(vertices, faces, colors, normals)
     positions = np.ascontiguousarray(mesh.vertices, dtype="<f4")
     attributes: list[tuple[str, np.ndarray]] = [("POSITION", positions)]
     if mesh.normals is not None:
         attributes.append(("NORMAL", _unit(mesh.normals).astype("<f4")))
     if mesh.colors is not None:
-        attributes.append(("COLOR_0", np.clip(mesh.colors, 0.0, 1.0).astype("<f4")))
+        attributes.append(("COLOR_0", srgb_to_linear(mesh.colors).astype("<f4")))
     indices = np.ascontiguousarray(mesh.faces, dtype="<u4").reshape(-1)
 
     blob = bytearray()
@@ -91,7 +102,11 @@ def glb_bytes(mesh: Mesh) -> bytes:
             + struct.pack("<II", len(binary), _BIN) + binary)
 
 
-def write_glb(mesh: Mesh, path: Path | str) -> Path:
-    """Write `mesh` as a binary glTF to `path`; returns `path`."""
-    atomic_write_bytes(path, glb_bytes(mesh))
+def write_glb(path: Path | str, vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None,
+              normals: np.ndarray | None = None) -> Path:
+    """Write the mesh as a binary glTF to `path`; returns `path`.
+
+    vertices (N, 3), faces (M, 3) 0-based indices, optional colors (N, 3) in [0, 1] and normals (N, 3).
+    """
+    atomic_write_bytes(path, glb_bytes(vertices, faces, colors, normals))
     return Path(path)

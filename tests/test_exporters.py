@@ -13,25 +13,27 @@ import trimesh
 import trimesh.exchange.obj
 import trimesh.exchange.ply
 
-from exporters import EXPORTERS, export_mesh, write_glb, write_image_grid, write_obj, write_ply, write_video
+from exporters.glb import srgb_to_linear
+from exporters import (EXPORTERS, UnknownFormatError, check_formats, export_mesh, write_glb, write_image_grid,
+                       write_obj, write_ply, write_video)
+from exporters.arrays import MeshArrays, mesh_arrays
 from exporters.glb import glb_bytes
 from helpers_gltf import validate_gltf
-from threed.errors import UserError
-from threed.mesh import Mesh, vertex_normals
 
 
-def make_mesh(colors: bool = True, normals: bool = True) -> Mesh:
-    """A closed icosphere with random vertex colours (seeded)."""
+def make_mesh(colors: bool = True, normals: bool = True) -> MeshArrays:
+    """A closed icosphere with random vertex colours (seeded), as the plain arrays exporters take:
+    `write_obj(path, *mesh)` is `write_obj(path, vertices, faces, colors, normals)`."""
     sphere = trimesh.creation.icosphere(subdivisions=2, radius=0.7)
     v = np.asarray(sphere.vertices, dtype=np.float32) + np.float32([0.1, -0.2, 0.3])
     f = np.asarray(sphere.faces, dtype=np.int64)
     rng = np.random.default_rng(0)
-    return Mesh(v, f, rng.random((len(v), 3)).astype(np.float32) if colors else None,
-                vertex_normals(v, f) if normals else None)
+    return MeshArrays(v, f, rng.random((len(v), 3)).astype(np.float32) if colors else None,
+                      np.asarray(sphere.vertex_normals, dtype=np.float32) if normals else None)
 
 
 @pytest.fixture
-def mesh() -> Mesh:
+def mesh() -> MeshArrays:
     return make_mesh()
 
 
@@ -55,7 +57,7 @@ def raw_normals(path) -> np.ndarray:
 
 def test_obj_round_trip(mesh, tmp_path):
     """Positions are written with 6 decimals (error <= 5e-7), colours with 4 and read back as uint8."""
-    path = write_obj(mesh, tmp_path / "mesh.obj")
+    path = write_obj(tmp_path / "mesh.obj", *mesh)
     # Vertex colours: trimesh prefers a material over them, so read them with materials skipped.
     loaded = load(path, skip_materials=True)
     np.testing.assert_allclose(loaded.vertices, mesh.vertices, atol=1e-6)
@@ -70,7 +72,7 @@ def test_obj_round_trip(mesh, tmp_path):
 
 
 def test_ply_round_trip(mesh, tmp_path):
-    path = write_ply(mesh, tmp_path / "mesh.ply")
+    path = write_ply(tmp_path / "mesh.ply", *mesh)
     loaded = load(path)
     np.testing.assert_array_equal(loaded.vertices, mesh.vertices)
     np.testing.assert_array_equal(loaded.faces, mesh.faces)
@@ -79,12 +81,15 @@ def test_ply_round_trip(mesh, tmp_path):
 
 
 def test_glb_round_trip_and_structure(mesh, tmp_path):
-    path = write_glb(mesh, tmp_path / "mesh.glb")
+    path = write_glb(tmp_path / "mesh.glb", *mesh)
     loaded = load(path)
     np.testing.assert_array_equal(loaded.vertices, mesh.vertices)
     np.testing.assert_array_equal(loaded.faces, mesh.faces)
     colors = np.asarray(loaded.visual.vertex_attributes["color"], dtype=np.float64)
-    np.testing.assert_allclose(colors[:, :3], mesh.colors, atol=1e-6)
+    # glTF's COLOR_0 is linear: the sRGB albedo is decoded (0.5 -> 0.214, 0.04 -> 0.04 / 12.92)
+    np.testing.assert_allclose(colors[:, :3], srgb_to_linear(mesh.colors), atol=1e-6)
+    np.testing.assert_allclose(srgb_to_linear(np.array([0.0, 0.04, 0.5, 1.0])),
+                               [0.0, 0.04 / 12.92, 0.21404114, 1.0], atol=1e-7)
 
     gltf = pygltflib.GLTF2().load(str(path))
     assert gltf.asset.generator == "threed" and gltf.asset.version == "2.0"
@@ -108,7 +113,7 @@ def test_glb_round_trip_and_structure(mesh, tmp_path):
 
 @pytest.mark.parametrize("colors,normals", [(True, True), (False, False)])
 def test_glb_passes_khronos_validator(tmp_path, colors, normals):
-    path = write_glb(make_mesh(colors, normals), tmp_path / "mesh.glb")
+    path = write_glb(tmp_path / "mesh.glb", *make_mesh(colors, normals))
     report = validate_gltf(path)
     issues = report["issues"]
     assert issues["numErrors"] == 0, issues["messages"]
@@ -118,7 +123,7 @@ def test_glb_passes_khronos_validator(tmp_path, colors, normals):
 
 def test_validator_reports_a_broken_glb(mesh, tmp_path):
     """The harness must see errors: a GLB whose POSITION bounds are wrong is rejected."""
-    data = glb_bytes(mesh)
+    data = glb_bytes(*mesh)
     json_length = struct.unpack_from("<I", data, 12)[0]
     document = json.loads(data[20:20 + json_length])
     document["accessors"][0]["max"] = [0.0, 0.0, 0.0]
@@ -135,18 +140,49 @@ def test_validator_reports_a_broken_glb(mesh, tmp_path):
 def test_meshes_without_colours_or_normals(tmp_path):
     bare = make_mesh(colors=False, normals=False)
     for fmt in ("obj", "ply", "glb"):
-        loaded = load(EXPORTERS[fmt](bare, tmp_path / f"bare.{fmt}"))
+        loaded = load(EXPORTERS[fmt](tmp_path / f"bare.{fmt}", bare.vertices, bare.faces))
         np.testing.assert_allclose(loaded.vertices, bare.vertices, atol=1e-6)
         np.testing.assert_array_equal(loaded.faces, bare.faces)
 
 
 def test_export_mesh_writes_each_format(mesh, tmp_path):
-    paths = export_mesh(mesh, tmp_path / "out", ["obj", "glb", "ply"])
-    assert [p.name for p in paths] == ["mesh.obj", "mesh.glb", "mesh.ply"]
+    paths = export_mesh(tmp_path / "out", [".OBJ", "glb", "ply", "obj"], *mesh)
+    assert [p.name for p in paths] == ["mesh.obj", "mesh.mtl", "mesh.glb", "mesh.ply"]  # every file written
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths)
     assert all(p.stat().st_size > 0 for p in paths)
-    with pytest.raises(UserError, match="stl"):
-        export_mesh(mesh, tmp_path / "bad", ["glb", "stl"])
+
+
+def test_unknown_format_is_a_plain_value_error_before_anything_is_written(mesh, tmp_path):
+    """exporters know nothing of threed's UserError: the caller turns this ValueError into its own message."""
+    with pytest.raises(UnknownFormatError, match="stl: choose from obj, glb, ply") as err:
+        export_mesh(tmp_path / "bad", ["glb", "stl"], *mesh)
+    assert isinstance(err.value, ValueError)
     assert not (tmp_path / "bad").exists()
+    assert check_formats(["GLB", ".ply", "glb"]) == ["glb", "ply"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m._replace(faces=m.faces + 1), "index vertices that do not exist"),
+    (lambda m: m._replace(faces=-m.faces), "index vertices that do not exist"),
+    (lambda m: m._replace(vertices=m.vertices[:, :2]), r"vertices must be an \(N, 3\) array"),
+    (lambda m: m._replace(faces=m.faces.reshape(-1, 2)), "faces must be an"),
+    (lambda m: m._replace(colors=m.colors[:-1]), "colors must be an"),
+    (lambda m: m._replace(normals=m.normals[:, :1]), "normals must be an"),
+])
+def test_arrays_that_are_not_a_mesh_are_rejected_before_writing(mesh, tmp_path, change, message):
+    bad = change(mesh)
+    for fmt, writer in EXPORTERS.items():
+        with pytest.raises(ValueError, match=message):
+            writer(tmp_path / f"bad.{fmt}", *bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_arrays_are_converted_and_colours_clipped():
+    m = make_mesh()
+    out = mesh_arrays(m.vertices.astype(np.float64), m.faces.astype(np.int32), m.colors * 3 - 1, m.normals)
+    assert out.vertices.dtype == np.float32 and out.faces.dtype == np.int64
+    assert out.colors.min() == 0.0 and out.colors.max() == 1.0
+    np.testing.assert_array_equal(out.colors, np.clip(m.colors * 3 - 1, 0, 1).astype(np.float32))
 
 
 def test_video_is_readable_with_frame_count(tmp_path):

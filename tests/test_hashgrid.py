@@ -90,3 +90,27 @@ def test_fused_gather_backward_matches_finite_differences():
     index = torch.randint(0, 10, (6, 8))
     weight = torch.rand(6, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(_WeightedGather.apply, (table, index, weight))
+
+
+def test_zero_points_forward_and_backward():
+    enc = TorchHashGrid(small_cfg())
+    x = torch.zeros(0, 3, requires_grad=True)
+    out = enc(x)
+    assert out.shape == (0, enc.output_dim)
+    out.sum().backward()
+    assert enc.params.grad is not None and enc.params.grad.abs().sum().item() == 0.0
+    assert x.grad is not None and x.grad.shape == (0, 3)
+
+
+def test_backend_choice_on_cpu(monkeypatch):
+    from threed.errors import UserError
+    from threed.fields.hashgrid import make_hashgrid
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert make_hashgrid(small_cfg(backend="auto"), "cpu")[1] == "torch"
+    with pytest.raises(UserError, match="field.backend=triton needs a CUDA device"):
+        make_hashgrid(small_cfg(backend="triton"), "cpu")
+    with pytest.raises(UserError, match="field.backend=tcnn needs CUDA"):
+        make_hashgrid(small_cfg(backend="tcnn"), "cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter does not make auto pick triton on a CPU
+    assert make_hashgrid(small_cfg(backend="auto"), "cpu")[1] == "torch"

@@ -120,6 +120,22 @@ def test_auto_threshold_matches_silhouette_of_hard_sphere(profile: str, radius: 
     assert abs(radius_at(level) - radius) < 0.01
 
 
+def test_level_search_and_extraction_show_progress_when_asked(capsys):
+    density = soft_sphere()
+    grid = density_grid(density, 1.0, 32, "cpu", progress=True)
+    rays_o, rays_d = _orbit()
+    b = (rays_o * rays_d).sum(-1)
+    silhouette = (b * b - ((rays_o * rays_o).sum(-1) - RADIUS ** 2) > 0).float()
+    auto_threshold(grid, 1.0, rays_o, rays_d, silhouette, progress=True)
+    extract_mesh(density, None, 1.0, 32, 25.0, decimate_faces=100, grid=grid, progress=True)
+    err = capsys.readouterr().err
+    for step in ("density grid 32^3", "mesh level: rays", "mesh level: surfaces", "fill cavities", "marching cubes",
+                 "clean-up", "decimation to 100 faces", "normals"):
+        assert step in err, step
+    extract_mesh(density, None, 1.0, 32, 25.0, grid=grid)  # the default: silent
+    assert capsys.readouterr().err == ""
+
+
 def test_empty_field_raises_user_error():
     empty = lambda p: torch.zeros(p.shape[0])  # noqa: E731
     with pytest.raises(UserError, match="empty"):

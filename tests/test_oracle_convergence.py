@@ -13,6 +13,7 @@ minutes; the preset's own numbers are in configs/oracle.yaml.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,8 @@ def _recover(shape: str, steps: int, tmp_path: Path) -> dict:
     cfg = build_config("oracle", [f"guidance.oracle.reference={reference}", f"steps={steps}", "device=cpu",
                                   "export.video=false", "export.preview_views=0", "export.formats=[obj]",
                                   "checkpoint_every=0"])
-    run = pipeline.run(cfg, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    pipeline.run(cfg, run, progress=False)
     pred = trimesh.load(run / "mesh.obj", force="mesh", process=False)
     colors = _obj_colors(run / "mesh.obj")
     assert colors.shape == (len(pred.vertices), 3)
@@ -69,7 +71,7 @@ def _recover(shape: str, steps: int, tmp_path: Path) -> dict:
         "constant_color_mae": float(np.abs(ref_colors.mean(0) - ref_colors[nearest]).mean()),
         "bbox_error_rel": float(np.abs(pred.bounds - ref.bounds).max()) / diagonal,
         "centroid_error_rel": float(np.linalg.norm(surface.mean(0) - sample_surface(ref, 20_000, 1).mean(0))) / diagonal,
-        "threshold": float(__import__("json").loads((run / "mesh.json").read_text())["threshold"]),
+        "threshold": float(json.loads((run / "mesh.json").read_text())["meshes"]["mesh.obj"]["threshold"]),
     })
     print(shape, steps, {k: round(v, 4) for k, v in out.items()})
     return out

@@ -122,3 +122,18 @@ def test_real_text_encoder_is_not_called_on_a_cache_hit(tiny_sd_dir, monkeypatch
     assert len(calls) == 1
     assert torch.equal(first.prompts.cond["side"], second.prompts.cond["side"])
     assert first.prompts.cond["side"].shape == (77, 32)
+
+
+def test_view_indices_on_the_device_agree_with_the_view_names():
+    """The index used to pick embeddings without a host read follows view_names' rules, on the thresholds
+    themselves too (their float64 comparisons are repeated exactly)."""
+    from threed.cameras import VIEWS, view_indices, view_names
+
+    cfg = CameraConfig(front_threshold=40.0, back_threshold=50.5, overhead_threshold=55.0)
+    g = torch.Generator().manual_seed(0)
+    elevations = torch.cat([torch.rand(300, generator=g) * 100 - 10, torch.tensor([55.0, 55.0, 10.0, 10.0, 10.0])])
+    azimuths = torch.cat([torch.rand(300, generator=g) * 360 - 180, torch.tensor([0.0, 40.0, 40.0, -129.5, 129.5])])
+    cams = cameras_at(elevations.tolist(), azimuths.tolist())
+    names = view_names(cams, cfg)
+    assert [VIEWS[i] for i in view_indices(cams, cfg).tolist()] == names
+    assert set(names) == set(VIEWS)

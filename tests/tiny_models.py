@@ -1,115 +1,13 @@
-"""Tiny randomly initialised models saved to disk in the layouts users download, for offline tests.
+"""Tiny randomly initialised models for offline tests: the builders live in `threed.random_models`
+(examples use them too); this module keeps the names tests import."""
 
-They exercise the same loading code as real weights (from_pretrained on a folder) in milliseconds. Their
-outputs mean nothing; tests check plumbing and mathematics, never image quality.
-"""
-
-from __future__ import annotations
-
-import gzip
-import json
-import tempfile
-from pathlib import Path
-
-import torch
-
-CLIP_CONTEXT = 77
-CLIP_VOCAB = 49408
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's reversible byte -> printable-unicode table (printable bytes map to themselves)."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table  # insertion order is the vocabulary order: printable bytes first
-
-
-def write_clip_bpe_files(folder: Path) -> Path:
-    """vocab.json + merges.txt in CLIP's format, derived from the merges open_clip ships.
-
-    Vocabulary order (49,408 ids): 256 byte symbols, the same with the end-of-word marker `</w>`, the
-    48,894 merge results, then <|startoftext|> and <|endoftext|>.
-    """
-    import open_clip
-
-    bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.open(bpe).read().decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1:CLIP_VOCAB - 256 * 2 - 2 + 1]]
-    symbols = list(_bytes_to_unicode().values())
-    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    assert len(vocab) == CLIP_VOCAB, len(vocab)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    return folder
-
-
-def build_clip_tokenizer(pad_token: str = "<|endoftext|>"):
-    """A CLIPTokenizer with CLIP's real vocabulary, built offline (the weights are what is tiny)."""
-    from transformers import CLIPTokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        write_clip_bpe_files(Path(tmp))
-        # Through from_pretrained: the constructor ignores vocab_file/merges_file keyword arguments.
-        return CLIPTokenizer.from_pretrained(tmp, model_max_length=CLIP_CONTEXT, pad_token=pad_token)
-
-
-def tiny_text_encoder_config(hidden: int = 32):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(vocab_size=CLIP_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-                          projection_dim=hidden, num_hidden_layers=2, num_attention_heads=2,
-                          max_position_embeddings=CLIP_CONTEXT, hidden_act="gelu",
-                          bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-
-
-def build_tiny_sd(path: Path, seed: int = 0) -> Path:
-    """A Stable Diffusion folder in the diffusers layout with tiny random weights; returns `path`.
-
-    UNet: 2 blocks (32, 64 channels), cross-attention width 32, sample size 8. VAE: 2 blocks, so latents
-    are half the image size, 4 latent channels. Text encoder: CLIP, width 32, 2 layers, 77 positions,
-    CLIP's vocabulary. Scheduler: SD's (scaled_linear 0.00085..0.012, 1000 steps, epsilon).
-    """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    path = Path(path)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8, use_linear_projection=True)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=8, sample_size=16, scaling_factor=0.18215)
-    text_encoder = CLIPTextModel(tiny_text_encoder_config())
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False,
-                              steps_offset=1)
-    unet.save_pretrained(path / "unet")
-    vae.save_pretrained(path / "vae")
-    text_encoder.save_pretrained(path / "text_encoder")
-    build_clip_tokenizer().save_pretrained(path / "tokenizer")
-    scheduler.save_pretrained(path / "scheduler")
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": __import__("diffusers").__version__,
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }
-    (path / "model_index.json").write_text(json.dumps(index, indent=2))
-    return path
+from threed.random_models import (  # noqa: F401
+    CLIP_CONTEXT,
+    CLIP_VOCAB,
+    build_clip_tokenizer,
+    build_random_sd,
+    build_tiny_sd,
+    build_tiny_taesd,
+    tiny_text_encoder_config,
+    write_clip_bpe_files,
+)

@@ -1,15 +1,20 @@
 """`threed bench`: every (prompt, method, seed) with one step budget, scored the same way.
 
-Each entry trains in its own run directory, DIR/runs/<method>/<prompt-slug>-s<seed>/, through the same
-`pipeline.run` as `threed run`. Then each finished run is rendered from K evenly spaced views (colour and
-textureless) and embedded by an evaluator CLIP; CLIP R-precision (DreamFusion) asks, per method, how
-often a result's own prompt ranks first among all prompts of the benchmark. Alongside: training time,
-it/s, peak memory, mesh faces and watertightness, and with --reference, Chamfer-L1 and F-score for
-methods whose prior sees the reference (oracle).
+Each entry's config comes from threed/spec.py, as for `threed run`: the method from the registry
+(aliases included), its preset, the model options that concern its prior, the plain `key=value`
+overrides and its own `METHOD:key=value` ones. Each entry trains in a child process
+(threed/bench_entry.py) in its own run directory, DIR/runs/<method>[-<prior>]/<prompt-slug>-s<seed>/,
+so its peak memory is its own and a crash ends only that entry; with `--ray` the entries are Ray tasks
+(threed/bench_ray.py) running the same child. Then each finished run is rendered from K evenly spaced
+views (colour and textureless) and embedded by an evaluator CLIP; CLIP R-precision (DreamFusion) asks,
+per method, how often a result's own prompt ranks first among all prompts of the benchmark. Alongside:
+training time, it/s, peak memory, mesh faces and watertightness, and with --reference, Chamfer-L1 and
+F-score for methods whose prior sees the reference (oracle).
 
 Everything is resumable: a run whose metrics.jsonl holds its "done" record is not retrained, an
 evaluation is cached in DIR/evals/ keyed by the run's final record and the evaluator, and every file is
-written atomically, so a crash or Ctrl-C loses at most the entry in progress.
+written atomically, so a crash or Ctrl-C loses at most the entries in progress (they keep their
+checkpoints).
 """
 
 from __future__ import annotations
@@ -21,55 +26,62 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from threed.config import Config, build_config, to_dict, validate
+from threed import methods as registry
+from threed import spec
+from threed.config import PRIOR_SECTIONS, Config, build_config, flatten, load_yaml, parse_override, preset_path, to_dict
 from threed.errors import UserError
 from threed.io import atomic_path, atomic_write_bytes, atomic_write_text
 
-# bench method -> (threed method, its default preset, the guidance type it forces or None)
-METHODS: dict[str, tuple[str, str, str]] = {
-    "sds": ("dreamfusion", "dreamfusion-sd", "stable_diffusion"),
-    "clip": ("clip", "clip", "clip"),
-    "oracle": ("dreamfusion", "oracle", "oracle"),
-}
-ALIASES = {"dreamfusion": "sds"}
 SHADINGS = ("albedo", "textureless")
 DISTANCE_KEYS = ("chamfer_l1", "chamfer_l1_rel", "fscore_1pct", "fscore_2pct")  # threed.metrics.mesh_distance
 DEFAULT_EVAL_CLIP = ("ViT-B-16", "openai")  # differs from the default guidance CLIP (ViT-B-32)
+DEFAULT_METHODS = "dreamfusion,clip"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The bench's own options; `threed run`'s model options are added by cli.py (shared definitions)."""
     p.add_argument("--prompts", required=True, metavar="FILE", help="one prompt per line (# starts a comment)")
-    p.add_argument("--methods", default="sds,clip", help="comma-separated: sds, clip, oracle [sds,clip]")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help=f"comma-separated: {', '.join(registry.names())} [{DEFAULT_METHODS}]")
     p.add_argument("--steps", type=int, required=True, help="optimisation steps for every run (the budget)")
     p.add_argument("--out", required=True, metavar="DIR", help="benchmark folder (runs, results, report)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds [0]")
     p.add_argument("--preset", action="append", default=[], metavar="[METHOD=]PRESET",
-                   help="preset for every method, or METHOD=PRESET for one (repeatable) "
-                        "[sds: dreamfusion-sd, clip: clip, oracle: oracle]")
+                   help="preset for every method, or METHOD=PRESET for one (repeatable) [each method's own; its "
+                        "CPU preset where no CUDA GPU is visible]")
     p.add_argument("--eval-clip-model", dest="eval_clip_model", default=DEFAULT_EVAL_CLIP[0],
                    help=f"evaluator CLIP architecture (open_clip name) [{DEFAULT_EVAL_CLIP[0]}]")
     p.add_argument("--eval-clip-pretrained", dest="eval_clip_pretrained", default=DEFAULT_EVAL_CLIP[1],
                    help=f"evaluator weights: tag | checkpoint path | none [{DEFAULT_EVAL_CLIP[1]}]")
     p.add_argument("--eval-views", dest="eval_views", type=int, default=8, help="views per result (K) [8]")
     p.add_argument("--eval-size", dest="eval_size", type=int, default=224, help="render size of those views [224]")
-    p.add_argument("--reference", metavar="MESH", help="reference mesh: the oracle's target, scored by Chamfer/F-score")
-    p.add_argument("--device", help="cpu or cuda [cuda if available]")
+    p.add_argument("--ray", nargs="?", const="auto", metavar="auto|local|ADDRESS",
+                   help="run the entries as Ray tasks: auto (a running cluster, else a local one), local (a new "
+                        "local one) or a cluster's address (pip install 'threed[ray]')")
+    p.add_argument("--ray-cpus", dest="ray_cpus", type=float, default=1.0,
+                   help="CPUs per Ray task [1]; each task also takes one GPU where the cluster has GPUs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 # -- the plan ---------------------------------------------------------------------------------------
 
+def method_label(method: str, prior: str) -> str:
+    """A method's name in folders and tables: the method, and its prior when not the method's default."""
+    return method if prior == registry.get(method).priors[0] else f"{method}-{prior}"
+
+
 @dataclasses.dataclass
 class Entry:
-    method: str
+    method: str  # the registry's name
+    prior: str  # guidance.type
     prompt: str
     prompt_index: int
     seed: int
@@ -77,10 +89,15 @@ class Entry:
     run_dir: Path
     eval_path: Path
     thumb_path: Path
+    log_path: Path
+
+    @property
+    def label(self) -> str:
+        return method_label(self.method, self.prior)
 
     @property
     def name(self) -> str:
-        return f"{self.method}/{self.run_dir.name}"
+        return f"{self.label}/{self.run_dir.name}"
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -107,19 +124,28 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def parse_methods(text: str) -> list[str]:
-    methods = []
+def get_method(name: str, where: str) -> registry.Method:
+    """A method from the registry (aliases included); a prior's name gets the spelling that selects it."""
+    try:
+        return registry.get(name)
+    except UserError:
+        prior = spec.PRIOR_ALIASES.get(name.strip(), name.strip())
+        if prior in spec.PRIORS:
+            method = registry.for_prior(prior).name
+            raise UserError(f"'{name.strip()}' in {where} is a prior, not a method: pass --methods {method} "
+                            f"--guidance {prior}" + (" --reference MESH" if prior == "oracle" else "")) from None
+        raise UserError(f"unknown method '{name.strip()}' in {where}: choose one of {', '.join(registry.names())}") from None
+
+
+def parse_methods(text: str) -> list[registry.Method]:
+    found: dict[str, registry.Method] = {}
     for name in (m.strip() for m in text.split(",")):
-        if not name:
-            continue
-        name = ALIASES.get(name, name)
-        if name not in METHODS:
-            raise UserError(f"unknown method '{name}' in --methods: choose from {', '.join(METHODS)}")
-        if name not in methods:
-            methods.append(name)
-    if not methods:
-        raise UserError("--methods is empty: pass e.g. --methods sds,clip")
-    return methods
+        if name:
+            method = get_method(name, "--methods")
+            found.setdefault(method.name, method)
+    if not found:
+        raise UserError("--methods is empty: pass e.g. --methods dreamfusion,clip")
+    return list(found.values())
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -132,19 +158,97 @@ def parse_seeds(text: str) -> list[int]:
     return list(dict.fromkeys(seeds))
 
 
-def parse_presets(items: list[str], methods: list[str]) -> dict[str, str]:
-    presets = {m: METHODS[m][1] for m in methods}
+def parse_presets(items: list[str], methods: list[registry.Method]) -> dict[str, str | None]:
+    """--preset P (every method) and --preset METHOD=P (one method, whatever the order); None: the method's
+    own preset, chosen by spec.resolve."""
+    every: str | None = None
+    own: dict[str, str] = {}
+    names = [m.name for m in methods]
     for item in items:
         if "=" in item:
-            method, preset = (s.strip() for s in item.split("=", 1))
-            method = ALIASES.get(method, method)
-            if method not in METHODS:
-                raise UserError(f"unknown method '{method}' in --preset {item}: choose from {', '.join(METHODS)}")
-            if method in presets:
-                presets[method] = preset
+            name, preset = (s.strip() for s in item.split("=", 1))
+            method = get_method(name, f"--preset {item}")
+            if method.name not in names:
+                raise UserError(f"--preset {item} is for method {method.name}, which is not in --methods "
+                                f"({', '.join(names)}): add it or drop the preset")
+            if method.name in own:
+                raise UserError(f"two presets for method {method.name} (--preset {method.name}={own[method.name]} "
+                                f"and --preset {item}): keep one")
+            own[method.name] = preset
         else:
-            presets = {m: item.strip() for m in methods}
-    return presets
+            if every is not None:
+                raise UserError(f"two presets for every method (--preset {every} and --preset {item}): keep one, "
+                                f"or write --preset METHOD=PRESET")
+            every = item.strip()
+    return {name: own.get(name, every) for name in names}
+
+
+def split_overrides(items: list[str], methods: list[registry.Method]) -> tuple[list[str], dict[str, list[str]]]:
+    """Plain `key=value` overrides (for every method) and `METHOD:key=value` ones (for that method)."""
+    plain: list[str] = []
+    own: dict[str, list[str]] = {m.name: [] for m in methods}
+    for item in items:
+        key = item.split("=", 1)[0]
+        if ":" in key:
+            name, rest = item.split(":", 1)
+            method = get_method(name, f"the override {item}")
+            if method.name not in own:
+                raise UserError(f"the override {item} is for method {method.name}, which is not in --methods "
+                                f"({', '.join(own)}): add it or drop the override")
+            own[method.name].append(rest)
+        else:
+            if key.strip() == "guidance.type":
+                raise UserError(f"{item} would set one prior for every method: pass --guidance "
+                                f"{item.split('=', 1)[1].strip()} (applied to the methods that take it) or "
+                                f"METHOD:guidance.type=... for one method")
+            plain.append(item)
+    return plain, own
+
+
+def _override_key(item: str) -> str:
+    return item.split("=", 1)[0].strip()
+
+
+def _prior_of_key(key: str) -> str | None:
+    """The prior whose section `key` is in (guidance.sd.* -> stable_diffusion), or None."""
+    for prior, section in PRIOR_SECTIONS.items():
+        if key.startswith(f"guidance.{section}."):
+            return prior
+    return None
+
+
+def method_prior(method: registry.Method, guidance: str | None, preset: str | None, own: list[str]) -> str:
+    """The method's prior: its own guidance.type override, else --guidance where the method takes that prior,
+    else its preset's, else its default."""
+    for item in reversed(own):
+        if _override_key(item) == "guidance.type":
+            prior = spec.canonical_prior(str(parse_override(item)["guidance"]["type"]))
+            if prior not in method.priors:
+                raise UserError(f"{method.name}:{item}: method {method.name} takes the {' or '.join(method.priors)} "
+                                f"prior, not {prior}: drop the override")
+            return prior
+    if guidance and spec.canonical_prior(guidance) in method.priors:
+        return spec.canonical_prior(guidance)
+    if preset:
+        from_preset = (load_yaml(preset_path(preset)).get("guidance", {}) or {}).get("type")
+        if from_preset:
+            return str(from_preset)
+    return method.priors[0]
+
+
+def cuda_wanted(device: str | None, cluster_gpus: bool | None = None) -> bool:
+    """Whether runs will have a CUDA GPU (picks each method's GPU or CPU preset), as `threed run` decides;
+    with Ray, whether the cluster has GPUs."""
+    device = device or "auto"
+    if device.startswith("cuda"):
+        return True
+    if device not in ("auto", ""):
+        return False
+    if cluster_gpus is not None:
+        return cluster_gpus
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def slugify(prompt: str) -> str:
@@ -153,24 +257,12 @@ def slugify(prompt: str) -> str:
     return f"{words}-{hashlib.sha1(prompt.encode()).hexdigest()[:6]}"
 
 
-def entry_config(method: str, preset: str, overrides: list[str], prompt: str, seed: int, steps: int,
-                 reference: str | None, device: str | None) -> Config:
-    """The preset and overrides, with the bench's prompt, seed and budget, and the method's prior forced."""
-    threed_method, _, guidance_type = METHODS[method]
-    cfg = build_config(preset, [*overrides, f"method={threed_method}", f"guidance.type={guidance_type}"])
-    cfg.prompt, cfg.seed, cfg.steps = prompt, seed, steps
-    if device:
-        cfg.device = device
-    if guidance_type == "oracle":
-        if not reference and not cfg.guidance.oracle.reference:
-            raise UserError("method oracle needs a reference mesh: pass --reference MESH")
-        if reference:
-            cfg.guidance.oracle.reference = str(Path(reference).expanduser().resolve())
-    validate(cfg)
-    return cfg
+def make_plan(args: argparse.Namespace, cuda: bool | None = None) -> tuple[list[Entry], list[str]]:
+    """Every entry with its config (through spec.resolve, as `threed run`), and notes for the user.
 
-
-def make_plan(args: argparse.Namespace) -> list[Entry]:
+    Model options (--model, --clip-model, --reference, ...) and plain overrides of a prior's section
+    (guidance.sd.*, ...) go to the methods whose prior they concern; one that concerns no method of the
+    bench is an error. `cuda`: whether the runs will see a CUDA GPU (None: this machine's)."""
     prompts = read_prompts(args.prompts)
     methods = parse_methods(args.methods)
     seeds = parse_seeds(args.seeds)
@@ -183,18 +275,68 @@ def make_plan(args: argparse.Namespace) -> list[Entry]:
     if args.reference and not Path(args.reference).expanduser().is_file():
         raise UserError(f"reference mesh {args.reference} not found: pass an existing OBJ/PLY/GLB file")
     presets = parse_presets(args.preset, methods)
+    plain, own = split_overrides(list(getattr(args, "overrides", None) or []), methods)
+    opts = spec.RunOptions.from_args(args)
+    priors = {m.name: method_prior(m, opts.guidance, presets[m.name], own[m.name]) for m in methods}
+    used = ", ".join(f"{m.name} ({priors[m.name]})" for m in methods)
+    if opts.guidance and spec.canonical_prior(opts.guidance) not in priors.values():
+        prior = spec.canonical_prior(opts.guidance)
+        raise UserError(f"--guidance {opts.guidance}: no method of this bench takes the {prior} prior ({used}); "
+                        f"add --methods {registry.for_prior(prior).name}")
+    def unused(what: str, prior: str) -> UserError:
+        takers = [m.name for m in methods if prior in m.priors]
+        fix = (f"pass --guidance {prior} ({', '.join(takers)} take{'s' if len(takers) == 1 else ''} it)" if takers
+               else f"add --methods {registry.for_prior(prior).name}")
+        return UserError(f"{what} concerns the {prior} prior, which no method of this bench uses ({used}): "
+                         f"drop it, or {fix}")
+
+    for name in spec.given(opts):
+        concerns = spec.OPTIONS[name][1]
+        if concerns is not None and concerns not in priors.values():
+            raise unused(spec.flag(name), concerns)
+    for item in plain:
+        prior = _prior_of_key(_override_key(item))
+        if prior is not None and prior not in priors.values():
+            raise unused(item, prior)
+    if cuda is None:
+        cuda = cuda_wanted(args.device)
+    notes: list[str] = []
+    for m in methods:
+        if presets[m.name]:
+            from_preset = load_yaml(preset_path(presets[m.name])).get("method")
+            if from_preset and registry.get(str(from_preset)).name != m.name:
+                raise UserError(f"preset {presets[m.name]} is for method {from_preset}, not {m.name}: pass "
+                                f"--preset METHOD=PRESET for each method (e.g. --preset {m.name}={m.preset})")
+        else:
+            preset, why = m.default_preset(priors[m.name], cuda)
+            if why == "no CUDA GPU is visible":
+                notes.append(f"no CUDA GPU is visible: {method_label(m.name, priors[m.name])} uses the {preset} "
+                             f"preset (pass --preset {m.name}={m.preset} for the full-size one)")
+
     out = Path(args.out)
-    overrides = list(getattr(args, "overrides", None) or [])
     plan = []
-    for method in methods:
+    for m in methods:
+        prior = priors[m.name]
+        label = method_label(m.name, prior)
+        overrides = [o for o in plain if _prior_of_key(_override_key(o)) in (None, prior)] + own[m.name]
         for i, prompt in enumerate(prompts):
             for seed in seeds:
-                cfg = entry_config(method, presets[method], overrides, prompt, seed, args.steps, args.reference,
-                                   args.device)
+                run_opts = dataclasses.replace(opts, method=m.name, preset=presets[m.name], guidance=prior,
+                                               prompt=prompt, seed=seed, overrides=overrides)
+                cfg, _ = spec.resolve(run_opts, cuda=cuda, only_concerning=True)
+                if cfg.guidance.type == "oracle" and not cfg.guidance.oracle.reference:
+                    raise UserError(f"{label} uses the oracle prior, which needs a reference mesh: pass --reference MESH")
                 stem = f"{slugify(prompt)}-s{seed}"
-                plan.append(Entry(method, prompt, i, seed, cfg, out / "runs" / method / stem,
-                                  out / "evals" / method / f"{stem}.json", out / "thumbs" / method / f"{stem}.png"))
-    return plan
+                plan.append(Entry(m.name, prior, prompt, i, seed, cfg, out / "runs" / label / stem,
+                                  out / "evals" / label / f"{stem}.json", out / "thumbs" / label / f"{stem}.png",
+                                  out / "logs" / label / f"{stem}.log"))
+    return plan, notes
+
+
+def _as_evaluator_error(e: UserError) -> UserError:
+    """A CLIP loading error phrased for the evaluator's own flags."""
+    text = str(e).replace("--clip-pretrained", "--eval-clip-pretrained").replace("--clip-model", "--eval-clip-model")
+    return UserError(f"evaluator CLIP: {text}")
 
 
 def check_weights(plan: list[Entry], eval_model: str, eval_pretrained: str) -> None:
@@ -202,7 +344,10 @@ def check_weights(plan: list[Entry], eval_model: str, eval_pretrained: str) -> N
     from threed.clip_models import resolve_pretrained as resolve_clip
     from threed.guidance.models import resolve_pretrained as resolve_sd
 
-    resolve_clip(eval_model, eval_pretrained)
+    try:
+        resolve_clip(eval_model, eval_pretrained)
+    except UserError as e:
+        raise _as_evaluator_error(e) from None
     checked: set[tuple[str, str]] = set()
     for e in plan:
         g = e.cfg.guidance
@@ -237,14 +382,29 @@ def final_record(run_dir: Path) -> dict | None:
     return done
 
 
+def last_step(run_dir: Path) -> int:
+    """The last step a run logged (its metrics.jsonl's tail), 0 if none: progress of a running entry."""
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - 4096))
+            tail = f.read().decode("utf-8", errors="ignore")
+    except OSError:
+        return 0
+    for line in reversed(tail.splitlines()):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return 0
+
+
 def check_same_run(entry: Entry) -> None:
     """A run directory from an earlier bench must have been made with the same config."""
-    from threed.config import load_yaml
-
     saved_path = entry.run_dir / "config.yaml"
     if not saved_path.exists():
         return
-    saved, wanted = _flatten(load_yaml(saved_path)), _flatten(to_dict(entry.cfg))
+    saved, wanted = flatten(to_dict(build_config(base=load_yaml(saved_path)))), flatten(to_dict(entry.cfg))
     ignored = {"device"}  # where it runs does not change what it computes
     diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k) and k not in ignored)
     if diff:
@@ -253,42 +413,133 @@ def check_same_run(entry: Entry) -> None:
                         f"or pass another --out")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+class Progress:
+    """One bar for the whole bench, counted in optimisation steps (so its ETA weighs long runs right), with
+    entries done / running / failed beside it. Running entries' steps come from their metrics.jsonl."""
+
+    POLL_S = 1.0
+
+    def __init__(self, plan: list[Entry], statuses: dict[str, dict], quiet: bool):
+        from threed.trainer import list_checkpoints
+        from tqdm import tqdm
+
+        from threed.pipeline import checkpoint_step
+
+        self.plan, self.quiet = plan, quiet
+        self.reached: dict[str, int] = {}
+        for e in plan:
+            if e.name in statuses:
+                self.reached[e.name] = e.cfg.steps
+            else:
+                kept = list_checkpoints(e.run_dir)
+                self.reached[e.name] = min(checkpoint_step(kept[-1]), e.cfg.steps) if kept else 0
+        self.statuses = statuses
+        self.running: dict[str, Entry] = {}
+        self.started = time.time()
+        self.last_poll = 0.0
+        self.bar = tqdm(total=sum(e.cfg.steps for e in plan), initial=sum(self.reached.values()), unit="step",
+                        desc="bench", disable=quiet, dynamic_ncols=True, smoothing=0.05)
+        self._postfix()
+
+    def _postfix(self) -> None:
+        done = sum(s["status"] == "done" for s in self.statuses.values())
+        failed = len(self.statuses) - done
+        self.bar.set_postfix_str(f"entries: {done} done, {len(self.running)} running, {failed} failed, "
+                                 f"{len(self.plan)} in all", refresh=True)
+
+    def write(self, line: str) -> None:
+        from tqdm import tqdm
+
+        if self.quiet:
+            print(line, flush=True)
         else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
+            tqdm.write(line)
+
+    def start(self, entry: Entry) -> None:
+        self.running[entry.name] = entry
+        self._postfix()
+
+    def finish(self, entry: Entry, status: dict) -> None:
+        self.running.pop(entry.name, None)
+        self.statuses[entry.name] = status
+        self.reached[entry.name] = entry.cfg.steps
+        self._update()
+
+    def poll(self, candidates: list[Entry] | None = None) -> None:
+        """Read the steps of running entries; `candidates` (Ray: every entry not finished) count as running
+        once their log file was written by this bench."""
+        now = time.monotonic()
+        if now - self.last_poll < self.POLL_S:
+            return
+        self.last_poll = now
+        if candidates is not None:
+            for e in candidates:
+                try:
+                    if e.name not in self.running and e.log_path.stat().st_mtime >= self.started:
+                        self.running[e.name] = e
+                except OSError:
+                    pass
+        for e in self.running.values():
+            self.reached[e.name] = max(self.reached[e.name], min(last_step(e.run_dir), e.cfg.steps))
+        self._update()
+
+    def _update(self) -> None:
+        self.bar.n = sum(self.reached.values())
+        self._postfix()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
-def train(entry: Entry, index: int, total: int, quiet: bool) -> dict:
-    """Train the entry unless it is done; returns {"status": done|failed|diverged, "error": ...}."""
-    from threed import pipeline
-    from threed.trainer import Diverged, Interrupted, list_checkpoints
+def tag(entry: Entry, plan: list[Entry]) -> str:
+    return f"bench: [{plan.index(entry) + 1}/{len(plan)}] {entry.label} '{entry.prompt}' seed {entry.seed}"
 
-    tag = f"bench: [{index}/{total}] {entry.method} '{entry.prompt}' seed {entry.seed}"
-    check_same_run(entry)
-    if final_record(entry.run_dir) is not None:
-        print(f"{tag}: done already, skipped", flush=True)
-        return {"status": "done", "error": ""}
-    resume = bool(list_checkpoints(entry.run_dir))
-    print(f"{tag}: {'resuming' if resume else 'training'} in {entry.run_dir}", flush=True)
-    try:
-        pipeline.run(entry.cfg, entry.run_dir, resume=resume, progress=not quiet)
-    except Interrupted as e:
-        raise Interrupted(f"{e}; or re-run the same `threed bench` command to continue the whole benchmark") from None
-    except Diverged as e:
-        print(f"{tag}: diverged: {e}", file=sys.stderr, flush=True)
-        return {"status": "diverged", "error": str(e)}
-    except UserError:
-        raise
-    except Exception as e:  # e.g. CUDA out of memory: a result of this entry, not of the benchmark
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"{tag}: failed: {type(e).__name__}: {first}", file=sys.stderr, flush=True)
-        return {"status": "failed", "error": f"{type(e).__name__}: {first}"}
-    return {"status": "done", "error": ""}
+
+def status_line(entry: Entry, plan: list[Entry], status: dict) -> str:
+    if status["status"] == "done":
+        return f"{tag(entry, plan)}: done"
+    return f"{tag(entry, plan)}: {status['status']}: {status['error']}"
+
+
+def pending(plan: list[Entry], progress_write) -> tuple[dict[str, dict], list[Entry]]:
+    """Entries already done (skipped) and those to train; a run directory made with other settings is an
+    error before anything starts."""
+    for entry in plan:
+        check_same_run(entry)
+    statuses: dict[str, dict] = {}
+    todo = []
+    for entry in plan:
+        if final_record(entry.run_dir) is not None:
+            statuses[entry.name] = {"status": "done", "error": ""}
+            progress_write(f"{tag(entry, plan)}: done already, skipped")
+        else:
+            todo.append(entry)
+    return statuses, todo
+
+
+def entry_task(entry: Entry) -> dict:
+    """What a child needs to train an entry (plain data: it travels to Ray workers)."""
+    return {"config": to_dict(entry.cfg), "run_dir": str(entry.run_dir.absolute()),
+            "log_path": str(entry.log_path.absolute()), "cwd": os.getcwd()}
+
+
+def train_serial(plan: list[Entry], todo: list[Entry], progress: Progress) -> None:
+    """Each entry in a child process, one after another; a crash is retried once (as Ray would)."""
+    from threed.bench_entry import RETRIES, run_entry
+    from threed.trainer import list_checkpoints
+
+    for entry in todo:
+        resume = bool(list_checkpoints(entry.run_dir))
+        progress.write(f"{tag(entry, plan)}: {'resuming' if resume else 'training'} in {entry.run_dir}")
+        progress.start(entry)
+        task = entry_task(entry)
+        for attempt in range(1 + RETRIES):
+            status = run_entry(task["config"], task["run_dir"], task["log_path"], task["cwd"], tick=progress.poll)
+            if not status.pop("retry", False) or attempt == RETRIES:
+                break
+            progress.write(f"{tag(entry, plan)}: {status['error']}; retrying")
+        progress.finish(entry, status)
+        progress.write(status_line(entry, plan, status))
 
 
 # -- evaluation -----------------------------------------------------------------------------------
@@ -304,7 +555,10 @@ class Evaluator:
         if self._loaded is None:
             from threed.clip_models import load_clip
 
-            self._loaded = load_clip(self.name, self.pretrained, self.device)
+            try:
+                self._loaded = load_clip(self.name, self.pretrained, self.device)
+            except UserError as e:
+                raise _as_evaluator_error(e) from None
         return self._loaded
 
     def images(self, images: np.ndarray) -> np.ndarray:
@@ -351,15 +605,7 @@ def eval_key(entry: Entry, evaluator: Evaluator, views: int, size: int, done: di
             "run": {k: done.get(k) for k in ("step", "wall_time_s")}}
 
 
-def evaluate(entry: Entry, evaluator: Evaluator, views: int, size: int, reference: str | None,
-             device: str) -> dict | None:
-    """The entry's cached evaluation, computed (renders, embeddings, mesh stats, thumbnail) if missing."""
-    from threed import pipeline
-
-    done = final_record(entry.run_dir)
-    if done is None:
-        return None
-    key = eval_key(entry, evaluator, views, size, done)
+def cached_evaluation(entry: Entry, key: dict) -> dict | None:
     if entry.eval_path.exists() and entry.thumb_path.exists():
         try:
             cached = json.loads(entry.eval_path.read_text())
@@ -367,16 +613,67 @@ def evaluate(entry: Entry, evaluator: Evaluator, views: int, size: int, referenc
                 return cached
         except json.JSONDecodeError:
             pass
-    print(f"bench: evaluating {entry.name}", flush=True)
+    return None
+
+
+def evaluate(entry: Entry, evaluator: Evaluator, views: int, size: int, device: str, step=None) -> dict:
+    """Render, embed and measure one finished run, and write its thumbnail and cached evaluation.
+    `step(what, views_done)` reports progress."""
+    from threed import pipeline
+
+    step = step or (lambda what, n: None)
+    done = final_record(entry.run_dir) or {}
+    step("loading", 0)
     trainer = pipeline.load_trainer(entry.run_dir, device)
-    renders = {s: pipeline.render_views(entry.run_dir, views, s, size, device, trainer=trainer) for s in SHADINGS}
-    result: dict[str, Any] = {"key": key, "done": done}
+    renders = {}
+    for s in SHADINGS:
+        step(f"rendering {s}", 0)
+        renders[s] = pipeline.render_views(entry.run_dir, views, s, size, device, trainer=trainer)
+        step(f"rendered {s}", views)
+    result: dict[str, Any] = {"key": eval_key(entry, evaluator, views, size, done), "done": done}
+    step("embedding", 0)
     for s in SHADINGS:
         result[f"emb_{s}"] = evaluator.images(renders[s]).round(6).tolist()
-    result.update(mesh_stats(entry.run_dir, reference if entry.cfg.guidance.type == "oracle" else None))
+    step("mesh statistics", 0)
+    reference = entry.cfg.guidance.oracle.reference if entry.prior == "oracle" else None
+    result.update(mesh_stats(entry.run_dir, reference))
     write_thumbnail(entry.thumb_path, renders)
     atomic_write_text(entry.eval_path, json.dumps(result))
     return result
+
+
+def evaluate_all(plan: list[Entry], evaluator: Evaluator, views: int, size: int, device: str,
+                 quiet: bool) -> dict[str, dict | None]:
+    """Every finished entry's evaluation: cached ones as they are, the others computed with a progress bar
+    counted in rendered views."""
+    from tqdm import tqdm
+
+    evals: dict[str, dict | None] = {}
+    todo = []
+    for entry in plan:
+        done = final_record(entry.run_dir)
+        if done is None:
+            evals[entry.name] = None
+            continue
+        evals[entry.name] = cached_evaluation(entry, eval_key(entry, evaluator, views, size, done))
+        if evals[entry.name] is None:
+            todo.append(entry)
+    if not todo:
+        return evals
+    say = print if quiet else tqdm.write
+    say(f"bench: evaluating {len(todo)} runs ({views} views x {len(SHADINGS)} shadings of {size} px each) with "
+        f"the evaluator CLIP {evaluator.name} ({evaluator.pretrained}) on {device}")
+    with tqdm(total=len(todo) * views * len(SHADINGS), unit="view", desc="evaluating", disable=quiet,
+              dynamic_ncols=True) as bar:
+        for entry in todo:
+            def step(what: str, n: int, name: str = entry.name) -> None:
+                bar.update(n)
+                bar.set_postfix_str(f"{name}: {what}", refresh=True)
+
+            if quiet:
+                print(f"bench: evaluating {entry.name}", flush=True)
+            evals[entry.name] = evaluate(entry, evaluator, views, size, device, step)
+    return evals
 
 
 def write_thumbnail(path: Path, renders: dict[str, np.ndarray], max_views: int = 4, side: int = 96) -> None:
@@ -418,11 +715,12 @@ def collect(plan: list[Entry], statuses: dict[str, dict], evals: dict[str, dict 
     rows = []
     for e in plan:
         ev = evals.get(e.name)
-        done = (ev or {}).get("done") or final_record(e.run_dir) or {}
+        done = final_record(e.run_dir) or {}  # the run's latest record (a cached evaluation may hold an older one)
         row: dict[str, Any] = {
-            "method": e.method, "prompt": e.prompt, "seed": e.seed,
+            "method": e.method, "prior": e.prior, "prompt": e.prompt, "seed": e.seed,
             "status": statuses.get(e.name, {}).get("status", "missing"),
             "steps": done.get("step", ""), "wall_time_s": done.get("wall_time_s", ""),
+            "segment_wall_time_s": done.get("segment_wall_time_s", ""),
             "it_per_s": done.get("it_per_s", ""), "peak_memory_mb": done.get("peak_memory_mb", ""),
             "device": done.get("device", ""),
         }
@@ -443,12 +741,13 @@ def collect(plan: list[Entry], statuses: dict[str, dict], evals: dict[str, dict 
         rows.append(row)
 
     summary = []
-    for method in dict.fromkeys(e.method for e in plan):
+    for method in dict.fromkeys(e.method for e in plan):  # one prior per method in a bench
         entries = [e for e in plan if e.method == method]
         scored = [e for e in entries if evals.get(e.name) is not None]
         inflated = any(eval_id in guidance_clips(e.cfg) for e in entries)
         mrows = [r for r in rows if r["method"] == method and r["status"] == "done"]
-        s: dict[str, Any] = {"method": method, "runs": len(entries), "finished": len(scored), "inflated": inflated}
+        s: dict[str, Any] = {"method": method, "prior": entries[0].prior, "runs": len(entries),
+                             "finished": len(scored), "inflated": inflated}
         for shading, short in zip(SHADINGS, ("color", "textureless")):
             if scored and text_emb is not None:
                 emb = torch.tensor([evals[e.name][f"emb_{shading}"] for e in scored], dtype=torch.float32)
@@ -536,7 +835,8 @@ def write_plots(out: Path, rows: list[dict], summary: list[dict], chance: float)
         vals = [np.nan_to_num(s[f"r_at_1_{short}"], nan=0.0) for s in summary]
         ax.bar(x + (j - 0.5) * 0.38, vals, width=0.38, label=label)
     ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
-    ax.set_xticks(x, [m + (" *" if s["inflated"] else "") for m, s in zip(methods, summary)])
+    labels = [method_label(s["method"], s["prior"]) for s in summary]
+    ax.set_xticks(x, [m + (" *" if s["inflated"] else "") for m, s in zip(labels, summary)])
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("CLIP R@1")
     ax.set_title("CLIP R-precision per method" + (" (* inflated)" if any(s["inflated"] for s in summary) else ""))
@@ -549,17 +849,17 @@ def write_plots(out: Path, rows: list[dict], summary: list[dict], chance: float)
     lo = [means[i] - min(t) if t else 0.0 for i, t in enumerate(times)]
     hi = [max(t) - means[i] if t else 0.0 for i, t in enumerate(times)]
     ax.bar(x, means, yerr=[lo, hi], capsize=4, color="tab:orange")
-    ax.set_xticks(x, methods)
+    ax.set_xticks(x, labels)
     ax.set_ylabel("training time per run (s)")
     ax.set_title("Time per method (mean, min-max)")
     save(fig, "time.png")
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    for m in methods:
+    for m, label in zip(methods, labels):
         pts = [(float(r["wall_time_s"]), float(r["clip_sim_color"])) for r in rows
                if r["method"] == m and r["wall_time_s"] != "" and r.get("clip_sim_color") is not None]
         if pts:
-            ax.scatter(*zip(*pts), label=m, s=30)
+            ax.scatter(*zip(*pts), label=label, s=30)
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("evaluator CLIP similarity to own prompt")
     ax.set_title("Quality against time (one point per run)")
@@ -584,7 +884,7 @@ def write_report(out: Path, meta: dict, rows: list[dict], summary: list[dict], p
     ]
     for s in summary:
         mark = " (inflated)" if s["inflated"] else ""
-        line = (f"| {s['method']} | {s['finished']}/{s['runs']} | {_fmt(s['r_at_1_color'])}{mark} | "
+        line = (f"| {method_label(s['method'], s['prior'])} | {s['finished']}/{s['runs']} | {_fmt(s['r_at_1_color'])}{mark} | "
                 f"{_fmt(s['r_at_1_textureless'])}{mark} | {_fmt(s['mean_clip_sim_color'])} | "
                 f"{_fmt(s['mean_wall_time_s'])} | {_fmt(s['mean_it_per_s'])} | {_fmt(s['max_peak_memory_mb'])} | "
                 f"{_fmt(s['mean_faces'], 0)} | {_fmt(s['watertight_fraction'], 2)} |")
@@ -596,8 +896,9 @@ def write_report(out: Path, meta: dict, rows: list[dict], summary: list[dict], p
                   "to please it; pick another --eval-clip-model for a fair score."]
     lines += ["", "R@1: fraction of a method's results whose own prompt has the highest evaluator-CLIP similarity "
               "(averaged over views) among all prompts of the benchmark. CLIP sim: mean similarity to the own prompt "
-              "(colour). Time: training steps only, per run. Peak memory: GPU memory allocated on CUDA, else the "
-              "process's peak resident memory. Watertight: fraction of meshes that are closed manifolds.", ""]
+              "(colour). Time: training steps only, per run, summed over resumed segments. Peak memory: of the run's own "
+              "process (each run trains in a child process): GPU memory allocated on CUDA, else its peak resident "
+              "memory. Watertight: fraction of meshes that are closed manifolds.", ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     lines += ["## Runs", "", "| method | prompt | seed | status | rank colour | rank textureless | CLIP sim | time (s) "
@@ -605,12 +906,25 @@ def write_report(out: Path, meta: dict, rows: list[dict], summary: list[dict], p
     for r in rows:
         thumb = f"![]({r['thumbnail']})" if r["thumbnail"] else ""
         status = r["status"] + (f": {r['error']}" if r["error"] else "")
-        lines.append(f"| {r['method']} | {r['prompt'].replace('|', '/')} | {r['seed']} | {status.replace('|', '/')} | "
+        lines.append(f"| {method_label(r['method'], r['prior'])} | {r['prompt'].replace('|', '/')} | {r['seed']} | {status.replace('|', '/')} | "
                      f"{_rank(r.get('rank_color'))} | {_rank(r.get('rank_textureless'))} | "
                      f"{_fmt(r.get('clip_sim_color'))} | {_fmt(r['wall_time_s'])} | {_fmt(r['it_per_s'])} | "
                      f"{_fmt(r.get('faces'))} | {_fmt(r.get('watertight'))} | {thumb} |")
     lines += ["", "Rank: position of the run's own prompt among all prompts (1 = retrieved)."]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+def write_outputs(out: Path, meta: dict, rows: list[dict], summary: list[dict]) -> list[Path]:
+    """Everything the bench writes from its results: tables, plots and report (one place to add to)."""
+    write_csv(out / "results.csv", rows)
+    atomic_write_text(out / "results.json", json.dumps(_json_safe({"benchmark": meta, "summary": summary,
+                                                                   "runs": rows}), indent=1))
+    plots = write_plots(out, rows, summary, meta["chance"])
+    write_report(out, meta, rows, summary, plots)
+    from threed.report import write_bench_report
+
+    page = write_bench_report(out, rows, summary, meta)
+    return [out / "results.csv", out / "results.json", out / "report.md", Path(page), *(out / p for p in plots)]
 
 
 # -- the command ----------------------------------------------------------------------------------
@@ -623,54 +937,92 @@ def command_line(args: argparse.Namespace) -> str:
              "--out", str(args.out), "--seeds", args.seeds]
     for item in args.preset:
         parts += ["--preset", item]
+    for name in spec.OPTIONS:
+        if name not in ("prompt", "steps", "seed") and getattr(args, name, None) is not None:
+            parts += [spec.flag(name), str(getattr(args, name))]
+    if getattr(args, "guidance", None):
+        parts += ["--guidance", args.guidance]
     parts += ["--eval-clip-model", args.eval_clip_model, "--eval-clip-pretrained", args.eval_clip_pretrained,
               "--eval-views", str(args.eval_views), "--eval-size", str(args.eval_size)]
-    for opt in ("reference", "device"):
-        if getattr(args, opt):
-            parts += [f"--{opt}", getattr(args, opt)]
+    if getattr(args, "ray", None):
+        parts += [f"--ray={args.ray}", "--ray-cpus", f"{args.ray_cpus:g}"]
     parts += list(getattr(args, "overrides", None) or [])
     return " ".join(shlex.quote(str(p)) for p in parts)
 
 
 def main(args: argparse.Namespace) -> None:
+    cluster = None
+    if getattr(args, "ray", None):
+        if "=" in args.ray:
+            raise UserError(f"--ray took the override {args.ray} as its address: write --ray=auto (or local, or an "
+                            f"address) before key=value overrides")
+        from threed import bench_ray
+
+        read_prompts(args.prompts)  # bad input fails before a cluster starts
+        parse_methods(args.methods)
+        cluster = bench_ray.connect(args.ray)
+    try:
+        run(args, cluster)
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def run(args: argparse.Namespace, cluster=None) -> None:
+    """The bench: plan, train (serially, or on `cluster`, a bench_ray.Cluster), evaluate, write results."""
+    from tqdm import tqdm
+
     from threed.config import resolve_device
+    from threed.pipeline import check_writable
 
     start = time.perf_counter()
-    plan = make_plan(args)
+    plan, notes = make_plan(args, cuda=cuda_wanted(args.device, cluster.gpus if cluster else None))
+    if cluster is not None:
+        cluster.check(plan, args.device, args.ray_cpus)
     prompts = read_prompts(args.prompts)
     out = Path(args.out)
     check_weights(plan, args.eval_clip_model, args.eval_clip_pretrained)
-    from threed.pipeline import check_writable
-
     check_writable(out)
     device = resolve_device(args.device or "auto")
     evaluator = Evaluator(args.eval_clip_model, args.eval_clip_pretrained, device)
     meta = {
         "command": command_line(args),
         "prompts": prompts, "methods": list(dict.fromkeys(e.method for e in plan)),
+        "priors": {e.method: e.prior for e in plan},
         "seeds": parse_seeds(args.seeds), "steps": args.steps,
         "evaluator": [args.eval_clip_model, args.eval_clip_pretrained], "views": args.eval_views,
         "size": args.eval_size, "chance": 1.0 / len(prompts),
-        "reference": str(Path(args.reference).resolve()) if args.reference else None,
+        "reference": spec.absolute(args.reference) if args.reference else None,
+        "ray": cluster.describe() if cluster else None,
     }
+    say = print if args.quiet else tqdm.write
+    for note in dict.fromkeys(notes):
+        say(f"bench: {note}")
+    statuses, todo = pending(plan, say)
+    progress = Progress(plan, statuses, args.quiet)
+    try:
+        if cluster is not None:
+            cluster.train(plan, todo, progress, args.ray_cpus, out)
+        else:
+            train_serial(plan, todo, progress)
+    except KeyboardInterrupt:
+        progress.close()
+        finished = sum(s["status"] == "done" for s in statuses.values())
+        from threed.trainer import Interrupted
 
-    statuses = {}
-    for i, entry in enumerate(plan, 1):
-        statuses[entry.name] = train(entry, i, len(plan), args.quiet)
+        raise Interrupted(f"interrupted: {finished} of {len(plan)} runs are finished and the interrupted ones kept "
+                          f"their checkpoints; re-run the same command to continue") from None
+    finally:
+        progress.close()
+        if cluster is not None:
+            cluster.close()  # evaluation needs no cluster
 
-    evals: dict[str, dict | None] = {}
-    for entry in plan:
-        if statuses[entry.name]["status"] == "done":
-            evals[entry.name] = evaluate(entry, evaluator, args.eval_views, args.eval_size, args.reference, device)
+    evals = evaluate_all(plan, evaluator, args.eval_views, args.eval_size, device, args.quiet)
     text_emb = evaluator.texts(prompts) if any(v is not None for v in evals.values()) else None
-
     rows, summary = collect(plan, statuses, evals, text_emb, evaluator, out)
-    write_csv(out / "results.csv", rows)
-    atomic_write_text(out / "results.json", json.dumps(_json_safe({"benchmark": meta, "summary": summary,
-                                                                   "runs": rows}), indent=1))
-    plots = write_plots(out, rows, summary, meta["chance"])
-    write_report(out, meta, rows, summary, plots)
-    print(f"bench: {len(plan)} runs in {time.perf_counter() - start:.0f} s; report: {out / 'report.md'}", flush=True)
+    written = write_outputs(out, meta, rows, summary)
+    print(f"bench: {len(plan)} runs in {time.perf_counter() - start:.0f} s; wrote "
+          f"{', '.join(str(p) for p in written)} and the runs in {out / 'runs'}", flush=True)
     failed = [r for r in rows if r["status"] != "done"]
     if failed:
         raise UserError(f"{len(failed)} of {len(rows)} runs did not finish ({', '.join(sorted({r['status'] for r in failed}))}; "

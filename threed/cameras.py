@@ -54,6 +54,19 @@ class Cameras:
         origins = self.c2w[:, None, None, :3, 3].expand_as(dirs)
         return origins, dirs
 
+    def clip_matrices(self, near: float = 0.05, far: float = 100.0) -> Tensor:
+        """(B, 4, 4) world -> clip space (OpenGL perspective, as nvdiffrast takes it). A point's clip-space x/w
+        and y/w are the normalised device coordinates of the pixel its ray passes through, matching `rays()`:
+        pixel column i, row j (row 0 at the top) sits at x = (2i + 1) / W - 1, y = 1 - (2j + 1) / H."""
+        f = 1.0 / torch.tan(0.5 * self.fovy)
+        proj = torch.zeros(len(self), 4, 4, device=self.c2w.device, dtype=self.c2w.dtype)
+        proj[:, 0, 0] = f * (self.height / self.width)
+        proj[:, 1, 1] = f
+        proj[:, 2, 2] = (far + near) / (near - far)
+        proj[:, 2, 3] = 2.0 * far * near / (near - far)
+        proj[:, 3, 2] = -1.0
+        return proj @ torch.linalg.inv(self.c2w)
+
     def subset(self, index: int) -> "Cameras":
         s = slice(index, index + 1)
         return Cameras(self.c2w[s], self.fovy[s], self.elevation[s], self.azimuth[s], self.distance[s],
@@ -124,6 +137,16 @@ def orbit_cameras(cfg: CameraConfig, n: int, width: int, height: int, elevation:
 
 
 VIEWS = ("front", "side", "back", "overhead")
+
+
+def view_indices(cameras: Cameras, cfg: CameraConfig) -> Tensor:
+    """`view_names` as indices into VIEWS, computed where the cameras live: on a GPU, reading the angles
+    back to the host would wait for every kernel queued before. The same rules, in float64 as there."""
+    elevation, azimuth = cameras.elevation.double(), cameras.azimuth.double().abs()
+    index = torch.full(elevation.shape, VIEWS.index("side"), dtype=torch.long, device=elevation.device)
+    index = torch.where(azimuth > 180.0 - cfg.back_threshold, VIEWS.index("back"), index)
+    index = torch.where(azimuth < cfg.front_threshold, VIEWS.index("front"), index)
+    return torch.where(elevation > cfg.overhead_threshold, VIEWS.index("overhead"), index)
 
 
 def view_names(cameras: Cameras, cfg: CameraConfig) -> list[str]:

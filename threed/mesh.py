@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from threed.errors import UserError
+from threed.progress import bar
 
 DensityFn = Callable[[Tensor], Tensor]
 AlbedoFn = Callable[[Tensor], Tensor]
@@ -50,23 +51,25 @@ def _lattice(bound: float, resolution: int) -> Tensor:
 
 @torch.no_grad()
 def density_grid(density_fn: DensityFn, bound: float, resolution: int, device: str | torch.device,
-                 chunk: int = 65536) -> Tensor:
+                 chunk: int = 65536, progress: bool | None = False) -> Tensor:
     """Densities at the lattice linspace(-bound, bound, R)^3 as an (R, R, R) CPU tensor, [i, j, k] = x, y, z.
 
     Points are generated chunk by chunk from flat indices so a 256^3 grid never holds all its
-    coordinates in memory at once.
+    coordinates in memory at once. `progress`: a bar over the points (see threed.progress).
     """
     if resolution < 2:
         raise UserError(f"mesh resolution must be at least 2, got {resolution}: pass export.resolution=128 or more")
     axis = _lattice(bound, resolution).to(device)
     total = resolution ** 3
     out = torch.empty(total, dtype=torch.float32)
-    for start in range(0, total, chunk):
-        idx = torch.arange(start, min(start + chunk, total), device=device)
-        i, rem = idx // (resolution * resolution), idx % (resolution * resolution)
-        j, k = rem // resolution, rem % resolution
-        points = torch.stack([axis[i], axis[j], axis[k]], dim=-1)
-        out[start:start + len(idx)] = density_fn(points).reshape(-1).float().cpu()
+    with bar(f"density grid {resolution}^3", total, progress, unit="pt", unit_scale=True) as shown:
+        for start in range(0, total, chunk):
+            idx = torch.arange(start, min(start + chunk, total), device=device)
+            i, rem = idx // (resolution * resolution), idx % (resolution * resolution)
+            j, k = rem // resolution, rem % resolution
+            points = torch.stack([axis[i], axis[j], axis[k]], dim=-1)
+            out[start:start + len(idx)] = density_fn(points).reshape(-1).float().cpu()
+            shown.update(len(idx))
     return out.reshape(resolution, resolution, resolution)
 
 
@@ -81,7 +84,7 @@ def _box_interval(origins: Tensor, dirs: Tensor, bound: float) -> tuple[Tensor, 
 
 @torch.no_grad()
 def _ray_max_density(grid: Tensor, bound: float, origins: Tensor, dirs: Tensor, samples: int,
-                     chunk: int = 4096) -> Tensor:
+                     chunk: int = 4096, advance: Callable[[int], object] = lambda n: None) -> Tensor:
     """Largest trilinearly interpolated density along each ray inside the box; (N,) for (N, 3) rays."""
     # grid_sample reads (x, y, z) coordinates against a (D, H, W) = (z, y, x) volume.
     volume = grid.permute(2, 1, 0)[None, None].contiguous().float()
@@ -97,12 +100,13 @@ def _ray_max_density(grid: Tensor, bound: float, origins: Tensor, dirs: Tensor, 
         coords = (points / bound).clamp(-1.0, 1.0)
         values = F.grid_sample(volume, coords[None, :, :, None, :], mode="bilinear", align_corners=True)
         out[r] = values[0, 0, :, :, 0].amax(dim=-1)
+        advance(len(r))
     return out
 
 
 @torch.no_grad()
 def auto_threshold(grid: Tensor, bound: float, rays_o: Tensor, rays_d: Tensor, target_opacity: Tensor,
-                   levels: int = 32, plateau_tolerance: float = 0.01) -> float:
+                   levels: int = 32, plateau_tolerance: float = 0.01, progress: bool | None = False) -> float:
     """Density level whose surface's silhouettes best match the field's rendered opacity (largest IoU).
 
     Why: the density at which a trained field's renders turn opaque drifts during training and
@@ -117,7 +121,7 @@ def auto_threshold(grid: Tensor, bound: float, rays_o: Tensor, rays_d: Tensor, t
     `levels` log-spaced candidates span robust percentiles of the positive densities (a trained field's
     surface is a steep, roughly exponential ramp), then as many again refine between the winner's neighbours.
     Among the levels within `plateau_tolerance` of the best IoU, the one with the least surface area wins
-    (see below).
+    (see below). `progress`: a bar over the rays, then the surfaces measured.
     """
     grid = grid.detach().float().cpu()
     positive = grid[grid > 0].numpy()
@@ -134,7 +138,9 @@ def auto_threshold(grid: Tensor, bound: float, rays_o: Tensor, rays_d: Tensor, t
         low = high * 1e-4
     origins = rays_o.detach().float().cpu().reshape(-1, 3)
     dirs = rays_d.detach().float().cpu().reshape(-1, 3)
-    peak = _ray_max_density(grid, bound, origins, dirs, samples=2 * grid.shape[0]).double()
+    shown = bar("mesh level: rays", len(origins), progress, unit="ray", unit_scale=True)
+    with shown:
+        peak = _ray_max_density(grid, bound, origins, dirs, samples=2 * grid.shape[0], advance=shown.update).double()
 
     def iou_of(candidates: Tensor) -> Tensor:
         hit = peak[None, :] > candidates[:, None]  # (levels, rays)
@@ -157,7 +163,11 @@ def auto_threshold(grid: Tensor, bound: float, rays_o: Tensor, rays_d: Tensor, t
     if len(plateau) > 12:
         plateau = plateau[torch.linspace(0, len(plateau) - 1, 12).round().long()]
     coarse_grid = grid[::2, ::2, ::2].numpy() if grid.shape[0] > 64 else grid.numpy()
-    areas = [_surface_area(coarse_grid, float(level)) for level in plateau]
+    areas = []
+    with bar("mesh level: surfaces", len(plateau), progress, unit="level") as shown:
+        for level in plateau:
+            areas.append(_surface_area(coarse_grid, float(level)))
+            shown.update(1)
     return float(plateau[int(np.argmin(areas))])
 
 
@@ -217,6 +227,19 @@ def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     return normals.astype(np.float32)
 
 
+def clean_mesh(vertices: np.ndarray, faces: np.ndarray, keep_components: float = 0.05,
+               decimate_faces: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Drop degenerate faces, unused vertices and parts with fewer than `keep_components` x the largest
+    part's faces (floaters); then decimate to about `decimate_faces` faces when that is > 0."""
+    vertices, faces = _compact(vertices, faces)
+    faces = _keep_large_components(faces, len(vertices), keep_components)
+    vertices, faces = _compact(vertices, faces)
+    if decimate_faces > 0 and len(faces) > decimate_faces:
+        vertices, faces = decimate(vertices, faces, decimate_faces)
+        vertices, faces = _compact(vertices, faces)
+    return vertices, faces
+
+
 def decimate(vertices: np.ndarray, faces: np.ndarray, target_faces: int) -> tuple[np.ndarray, np.ndarray]:
     """Quadric edge-collapse decimation to about `target_faces` faces (fast_simplification)."""
     import fast_simplification
@@ -240,19 +263,21 @@ def _colors(albedo_fn: AlbedoFn, vertices: np.ndarray, device: str | torch.devic
 
 def extract_mesh(density_fn: DensityFn, albedo_fn: AlbedoFn | None, bound: float, resolution: int,
                  threshold: float, keep_components: float = 0.05, decimate_faces: int = 0,
-                 device: str | torch.device = "cpu", grid: Tensor | None = None) -> Mesh:
+                 device: str | torch.device = "cpu", grid: Tensor | None = None,
+                 progress: bool | None = False) -> Mesh:
     """Surface where density == `threshold`, as a cleaned, coloured, outward-facing triangle mesh.
 
     Cavities enclosed by the surface are filled. The grid is padded by one cell of empty space before marching cubes so that a part touching the
     box is closed off (watertight) instead of left open; such vertices are clamped back onto the box.
     Components with fewer than `keep_components` x the largest component's faces are floaters and are
     dropped. `grid` may be passed to reuse one already sampled (e.g. by `auto_threshold`'s caller).
+    `progress`: a bar over the stages (sampling the grid has its own).
     """
     import mcubes
     from scipy import ndimage
 
     if grid is None:
-        grid = density_grid(density_fn, bound, resolution, device)
+        grid = density_grid(density_fn, bound, resolution, device, progress=progress)
     grid = grid.detach().float().cpu()
     res = grid.shape[0]
     lo, hi = float(grid.min()), float(grid.max())
@@ -262,32 +287,51 @@ def extract_mesh(density_fn: DensityFn, albedo_fn: AlbedoFn | None, bound: float
     if not lo < threshold:
         raise UserError(f"the field is solid at density level {threshold:g} (min density {lo:g}): "
                         f"pass a higher export.threshold=...")
-    values = grid.numpy().astype(np.float64)
-    # Fill enclosed cavities: no camera sees inside a closed surface, so empty space there is interior
-    # the renders never trained, not geometry (it would come out as an inner surface).
-    solid = values > threshold
-    cavity = ndimage.binary_fill_holes(solid) & ~solid
-    if cavity.any():
-        values = np.where(cavity, hi, values)
-    padded = np.pad(values, 1, mode="constant", constant_values=min(lo, 0.0))
-    vertices, faces = mcubes.marching_cubes(padded, float(threshold))
-    # Index coordinates -> scene: padded index 1 is lattice index 0 (-bound), index R is +bound.
-    scale = 2.0 * bound / (res - 1)
-    vertices = np.clip((vertices - 1.0) * scale - bound, -bound, bound).astype(np.float32)
-    faces = np.asarray(faces, dtype=np.int64)
-    if len(faces) == 0:
-        raise UserError(f"no surface at density level {threshold:g}: train longer or pass export.threshold=...")
-    vertices, faces = _compact(vertices, faces)
-    faces = _keep_large_components(faces, len(vertices), keep_components)
-    vertices, faces = _compact(vertices, faces)
-    if decimate_faces > 0 and len(faces) > decimate_faces:
-        vertices, faces = decimate(vertices, faces, decimate_faces)
+    stages = ["fill cavities", "marching cubes", "clean-up"] + (["decimation"] if decimate_faces > 0 else [])
+    stages.append("normals" if albedo_fn is None else "normals, colours")
+    with bar("mesh", len(stages), progress, unit="stage") as shown:
+        begun: list[str] = []
+
+        def stage(name: str) -> None:
+            """Count the stage just finished and name the one starting."""
+            if begun:
+                shown.update(1)
+            begun.append(name)
+            shown.set_postfix_str(name)
+
+        stage(stages[0])
+        values = grid.numpy().astype(np.float64)
+        # Fill enclosed cavities: no camera sees inside a closed surface, so empty space there is interior
+        # the renders never trained, not geometry (it would come out as an inner surface).
+        solid = values > threshold
+        cavity = ndimage.binary_fill_holes(solid) & ~solid
+        if cavity.any():
+            values = np.where(cavity, hi, values)
+        padded = np.pad(values, 1, mode="constant", constant_values=min(lo, 0.0))
+        stage("marching cubes")
+        vertices, faces = mcubes.marching_cubes(padded, float(threshold))
+        # Index coordinates -> scene: padded index 1 is lattice index 0 (-bound), index R is +bound.
+        scale = 2.0 * bound / (res - 1)
+        vertices = np.clip((vertices - 1.0) * scale - bound, -bound, bound).astype(np.float32)
+        faces = np.asarray(faces, dtype=np.int64)
+        if len(faces) == 0:
+            raise UserError(f"no surface at density level {threshold:g}: train longer or pass export.threshold=...")
+        stage("clean-up")
         vertices, faces = _compact(vertices, faces)
-    normals = vertex_normals(vertices, faces)
-    colors = None
-    if albedo_fn is not None:
-        # Read the albedo half a cell inside the surface: renders weight the dense side of the level set,
-        # so that is where the albedo was trained; just outside it is barely constrained (oracle torus:
-        # colour error 0.036 half a cell inside against 0.099 on the level set).
-        colors = _colors(albedo_fn, vertices - 0.5 * scale * normals, device)
+        faces = _keep_large_components(faces, len(vertices), keep_components)
+        vertices, faces = _compact(vertices, faces)
+        if decimate_faces > 0:
+            stage(f"decimation to {decimate_faces} faces")
+            if len(faces) > decimate_faces:
+                vertices, faces = decimate(vertices, faces, decimate_faces)
+                vertices, faces = _compact(vertices, faces)
+        stage(stages[-1])
+        normals = vertex_normals(vertices, faces)
+        colors = None
+        if albedo_fn is not None:
+            # Read the albedo half a cell inside the surface: renders weight the dense side of the level set,
+            # so that is where the albedo was trained; just outside it is barely constrained (oracle torus:
+            # colour error 0.036 half a cell inside against 0.099 on the level set).
+            colors = _colors(albedo_fn, vertices - 0.5 * scale * normals, device)
+        shown.update(1)
     return Mesh(vertices=vertices, faces=faces, colors=colors, normals=normals)

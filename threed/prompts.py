@@ -10,24 +10,21 @@ work again.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from threed.cameras import VIEWS, Cameras, view_names
+from threed.cameras import VIEWS, Cameras, view_indices, view_names
 from threed.config import CameraConfig
 from threed.errors import UserError
-from threed.io import atomic_torch_save
+from threed.io import atomic_torch_save, cache_root
 
 
 def cache_dir() -> Path:
     """`$THREED_CACHE/embeddings`, default `~/.cache/threed/embeddings`."""
-    root = os.environ.get("THREED_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "threed"
-    return base / "embeddings"
+    return cache_root() / "embeddings"
 
 
 def cache_key(model_identity: str, text: str) -> str:
@@ -106,6 +103,7 @@ class PromptEmbeddings:
         values = self.cache.get_or_compute(ordered, encode)
         self.cond = {v: values[i].to(device=device, dtype=dtype) for i, v in enumerate(VIEWS)}
         self.uncond = values[-1].to(device=device, dtype=dtype)
+        self.cond_table = torch.stack([self.cond[v] for v in VIEWS])  # (len(VIEWS), L, D), indexed on the device
 
     def text_for(self, view: str) -> str:
         return view_prompt(self.prompt, view) if self.view_dependent else self.prompt
@@ -114,8 +112,9 @@ class PromptEmbeddings:
         return view_names(cameras, self.camera_cfg)
 
     def for_cameras(self, cameras: Cameras) -> tuple[Tensor, Tensor]:
-        """(cond, uncond), each (B, L, D): each camera's view prompt and the negative prompt."""
-        views = self.views(cameras)
-        cond = torch.stack([self.cond[v] for v in views])
-        uncond = self.uncond.expand(len(views), *self.uncond.shape)
+        """(cond, uncond), each (B, L, D): each camera's view prompt and the negative prompt. Picked by an
+        index on the device, so that a GPU step does not wait here for the render to finish."""
+        index = view_indices(cameras, self.camera_cfg).to(self.cond_table.device)
+        cond = self.cond_table.index_select(0, index)
+        uncond = self.uncond.expand(len(index), *self.uncond.shape)
         return cond, uncond

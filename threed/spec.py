@@ -5,6 +5,8 @@ the method comes from --method, else the preset's `method:` key, else the prior;
 --preset, else the method's (its CPU preset where no CUDA GPU is visible, saying so); options are
 `key=value` overrides with friendly names, each concerning one prior, and the user's own overrides
 come last. Nothing is dropped silently: an option or key that would not take effect is an error.
+`threed run --method magic3d-refine --from RUN_DIR` goes through `resolve_refine`: the config of RUN_DIR
+with the `mesh:` section of the method's preset.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from threed import methods
-from threed.config import PRIOR_SECTIONS, Config, build_config, check_prior_sections, load_yaml, preset_path, to_dict
+from threed.config import (PRIOR_SECTIONS, Config, MeshConfig, build_config, check_prior_sections, flatten,
+                           load_yaml, preset_path, to_dict)
 from threed.errors import UserError
 
 PRIOR_ALIASES = {"sd": "stable_diffusion"}
@@ -38,6 +42,7 @@ class RunOptions:
     steps: int | None = None
     seed: int | None = None
     device: str | None = None
+    from_run: str | None = None  # magic3d-refine: the run whose NeRF is refined
     overrides: list[str] = field(default_factory=list)
 
     @classmethod
@@ -145,6 +150,8 @@ def resolve(opts: RunOptions, cuda: bool | None = None, only_concerning: bool = 
     preset_data = load_yaml(preset_path(opts.preset)) if opts.preset else None
     prior = _inferred_prior(opts)
     method = choose_method(opts, preset_data, prior)
+    if method.refines:
+        raise UserError(f"{method.name} refines the NeRF of an existing run: pass --from RUN_DIR")
     notes: list[str] = []
     preset = opts.preset
     if preset is None:
@@ -169,23 +176,93 @@ def resolve(opts: RunOptions, cuda: bool | None = None, only_concerning: bool = 
         raise UserError(f"method {method.name} takes the {' or '.join(method.priors)} prior, not "
                         f"{cfg.guidance.type}: pass --guidance {method.priors[0]}")
     check_prior_sections(cfg, {PRIOR_SECTIONS[cfg.guidance.type], *method.sections})
+    check_mesh_section(cfg, method)
     cfg.guidance.oracle.reference = absolute(cfg.guidance.oracle.reference)
     return cfg, notes
 
 
-# Settings a resumed run may change: how long it trains, where, how often it logs and saves, and export.
-RESUMABLE = ("steps", "device", "log_every", "checkpoint_every", "keep_checkpoints")
+def check_mesh_section(cfg: Config, method: methods.Method) -> None:
+    """The `mesh:` section only concerns methods with a mesh stage; elsewhere a setting there would be ignored."""
+    if "mesh" in method.stages:
+        return
+    current, default = flatten(to_dict(cfg.mesh)), flatten(to_dict(MeshConfig()))
+    changed = [k for k in current if current[k] != default.get(k)]
+    if changed:
+        keys = ", ".join(f"mesh.{k}" for k in changed[:4])
+        raise UserError(f"{keys} set, but method {method.name} has no mesh stage: drop the setting or pass "
+                        f"--method magic3d")
+
+
+def resolve_refine(opts: RunOptions, cuda: bool | None = None) -> tuple[Config, list[str], Path]:
+    """The Config of a run refining RUN_DIR = `opts.from_run` (magic3d-refine): RUN_DIR's config (its prompt,
+    prior, field and NeRF settings) with the method's preset's `mesh:` section (and its export.texture),
+    then the options and
+    overrides; `steps` becomes the step of RUN_DIR's newest NeRF checkpoint, which is returned too and
+    stands for the new run's finished NeRF stage. Notes say which checkpoint and preset were taken."""
+    from threed.trainer import CHECKPOINT_RE, list_checkpoints
+
+    source = Path(opts.from_run or "")
+    method = methods.get(opts.method or "magic3d-refine")
+    if not method.refines:
+        refining = [m.name for m in methods.METHODS.values() if m.refines]
+        raise UserError(f"--from refines an existing run; method {method.name} starts from scratch: pass "
+                        f"--method {refining[0]} or drop --from")
+    if opts.steps is not None:
+        raise UserError(f"--steps sets the NeRF stage's steps, which {method.name} takes from --from: pass "
+                        f"mesh.steps=N for the mesh stage")
+    if not (source / "config.yaml").is_file():
+        raise UserError(f"--from {source} is not a threed run directory (no config.yaml): pass the --out folder "
+                        f"of a `threed run`")
+    saved = build_config(base=load_yaml(source / "config.yaml"))
+    found = list_checkpoints(source)
+    if not found:
+        raise UserError(f"--from {source} (method {saved.method}) has no NeRF checkpoint (checkpoints/step-*.pt) "
+                        f"to refine: pass a run of dreamfusion or magic3d that has trained")
+    checkpoint = found[-1]
+    step = int(CHECKPOINT_RE.search(checkpoint.name).group(1))  # type: ignore[union-attr]
+    notes = [f"refining {source} from its NeRF checkpoint {checkpoint.name}"
+             + (f" (the run is unfinished: step {step} of {saved.steps})" if step < saved.steps else "")]
+    prior = canonical_prior(opts.guidance) if opts.guidance else saved.guidance.type
+    if prior not in method.priors:
+        raise UserError(f"{source} used the {saved.guidance.type} prior; {method.name} takes "
+                        f"{' or '.join(method.priors)}: pass --guidance sd (with --model) or --guidance oracle "
+                        f"(with --reference)")
+    base = to_dict(saved)
+    if prior != saved.guidance.type:  # the source's prior settings no longer apply
+        section = PRIOR_SECTIONS[saved.guidance.type]
+        base["guidance"][section] = to_dict(type(getattr(saved.guidance, section))())
+    preset = opts.preset
+    if preset is None:
+        if cuda is None:
+            device = opts.device or saved.device or "auto"
+            cuda = device.startswith("cuda") or (device in ("auto", "") and _cuda_visible())
+        preset, _ = method.default_preset(prior, cuda)
+    preset_data = load_yaml(preset_path(preset))
+    mesh = preset_data.get("mesh")
+    if not isinstance(mesh, dict):
+        raise UserError(f"preset {preset} has no mesh: section to refine with: pass --preset magic3d (or another "
+                        f"preset of magic3d)")
+    notes.append(f"mesh stage settings from the {preset} preset")
+    base.update(method=method.name, steps=step, mesh=mesh)
+    texture = (preset_data.get("export") or {}).get("texture")
+    if texture is not None:  # the refined mesh is exported as the preset says (textured, for magic3d's)
+        base["export"]["texture"] = texture
+    base["guidance"]["type"] = prior
+    overrides = option_overrides(opts, prior) + list(opts.overrides)
+    cfg = build_config(base=base, overrides=overrides)
+    if cfg.method != method.name or cfg.steps != step:
+        raise UserError(f"method and steps of a refinement come from --method and --from: drop the "
+                        f"method= and steps= overrides")
+    check_prior_sections(cfg, {PRIOR_SECTIONS[cfg.guidance.type]})
+    cfg.guidance.oracle.reference = absolute(cfg.guidance.oracle.reference)
+    return cfg, notes, checkpoint
+
+
+# Settings a resumed run may change: how long it trains (each stage), where, how often it logs and saves, how
+# the guidance is compiled (the same math), and export.
+RESUMABLE = ("steps", "mesh.steps", "device", "log_every", "checkpoint_every", "keep_checkpoints",
+             "guidance.sd.compile", "guidance.sd.compile_vae")
 RESUMABLE_PREFIXES = ("export.",)
-
-
-def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def resume_config(saved: Config, opts: RunOptions) -> Config:
@@ -199,15 +276,16 @@ def resume_config(saved: Config, opts: RunOptions) -> Config:
     if opts.guidance and canonical_prior(opts.guidance) != saved.guidance.type:
         raise UserError(f"--guidance {opts.guidance} differs from the run's prior {saved.guidance.type}: drop it, "
                         f"or start a new run with --out")
-    before = _flat(to_dict(saved))
+    before = flatten(to_dict(saved))
     cfg = build_config(base=to_dict(saved), overrides=option_overrides(opts, saved.guidance.type) + opts.overrides)
-    after = _flat(to_dict(cfg))
+    after = flatten(to_dict(cfg))
     changed = [k for k in after if after[k] != before.get(k)]
     bad = [k for k in changed if k not in RESUMABLE and not k.startswith(RESUMABLE_PREFIXES)]
     if bad:
         by_key = {OPTIONS[name][0]: flag(name) for name in OPTIONS}
         named = ", ".join(f"{by_key.get(k, k)} ({before.get(k)!r} -> {after[k]!r})" for k in bad)
         raise UserError(f"a resumed run keeps its settings, but these would change: {named}; drop them, or start "
-                        f"a new run with --out (resumable: --steps, --device, {', '.join(RESUMABLE[2:])}, export.*)")
+                        f"a new run with --out (resumable: --steps, --device, {', '.join(RESUMABLE[3:])}, "
+                        f"mesh.steps, export.*)")
     return cfg
 

@@ -1,8 +1,9 @@
-"""The one training loop: cameras -> field -> renderer -> guidance -> losses -> optimiser.
+"""The one training loop: cameras -> scene (field + renderer) -> guidance -> losses -> optimiser.
 
-Every method (DreamFusion SDS, the oracle prior, CLIP guidance) runs through `Trainer`; a method only
-chooses the guidance and the loss weights. Checkpoints are written atomically and the newest few kept;
-Ctrl-C saves one; a non-finite loss stops the run before the optimiser can spoil the field.
+Every method (DreamFusion SDS, the oracle prior, CLIP guidance) and every stage of one (Magic3D's NeRF, then
+its mesh) runs through `Trainer`; a method chooses the guidance and the loss weights, a stage its scene
+(threed/scenes/: what is optimised and how it is rendered). Checkpoints are written atomically and the
+newest few kept; Ctrl-C saves one; a non-finite loss stops the run before the optimiser can spoil the scene.
 """
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ from torch import Tensor
 
 from threed.cameras import sample_cameras
 from threed.config import Config, to_dict
-from threed.errors import UserError, first_line
-from threed.fields.nerf import NeRFField
+from threed.errors import Diverged, UserError
 from threed.io import append_jsonl, atomic_torch_save
-from threed.render.background import Background
 from threed.render.shading import pick_shading
-from threed.render.volume import VolumeRenderer
+from threed.scenes import Scene, weight_used
+from threed.scenes.nerf import NeRFScene
 
 Guidance = Callable[..., dict]
 CHECKPOINT_RE = re.compile(r"step-(\d+)\.pt$")
@@ -34,37 +34,66 @@ class Interrupted(UserError):
     exit_code = 130
 
 
-class Diverged(UserError):
-    """The loss became NaN or infinite."""
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoints of a run, oldest first."""
-    paths = [p for p in (Path(run_dir) / "checkpoints").glob("step-*.pt") if CHECKPOINT_RE.search(p.name)]
+def checkpoints_in(folder: Path) -> list[Path]:
+    """The step-*.pt files in `folder`, oldest first."""
+    paths = [p for p in Path(folder).glob("step-*.pt") if CHECKPOINT_RE.search(p.name)]
     return sorted(paths, key=lambda p: int(CHECKPOINT_RE.search(p.name).group(1)))  # type: ignore[union-attr]
 
 
-def sync(device: torch.device) -> None:
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints of a run's first (NeRF) stage, oldest first (later stages: threed/stages.py)."""
+    return checkpoints_in(Path(run_dir) / "checkpoints")
+
+
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+def _no_sync(device: torch.device) -> None:
+    pass
+
+
+Record = dict[str, "Tensor | float"]
+
+
+def as_floats(record: Record) -> dict[str, float]:
+    """A step's record as plain numbers: every tensor read back in one transfer per device (on a GPU each
+    read waits for the queued work, so the loop does this only on the steps it logs)."""
+    out = {k: float(v) for k, v in record.items() if not isinstance(v, Tensor)}
+    by_device: dict[torch.device, list[str]] = {}
+    for key, value in record.items():
+        if isinstance(value, Tensor):
+            by_device.setdefault(value.device, []).append(key)
+    for keys in by_device.values():
+        values = torch.stack([record[k].detach().reshape(()).double() for k in keys]).tolist()
+        out.update(zip(keys, values))
+    return {k: out[k] for k in record}
+
+
 class Trainer:
-    def __init__(self, cfg: Config, device: str, guidance: Guidance | None, run_dir: Path | None = None):
+    """Trains `scene` (default: a new NeRFScene of `cfg`) under `guidance`. `cfg` is the config as the stage
+    sees it (threed/stages.py: cameras, render size, t range); checkpoints go to `checkpoint_dir` (default
+    RUN/checkpoints) and per-step records to RUN/metrics.jsonl, with `log_extra` added and the step shifted
+    by `log_step_offset` (a later stage continues the run's step axis)."""
+
+    def __init__(self, cfg: Config, device: str, guidance: Guidance | None, run_dir: Path | None = None,
+                 scene: Scene | None = None, checkpoint_dir: Path | None = None):
         self.cfg = cfg
         self.device = torch.device(device)
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        torch.manual_seed(cfg.seed)  # the field's initial parameters
-        self.field = NeRFField(cfg.field, cfg.render.bound, self.device)
-        self.background = Background(cfg.render).to(self.device)
-        self.renderer = VolumeRenderer(cfg.render, self.device)
+        if checkpoint_dir is None and self.run_dir is not None:
+            checkpoint_dir = self.run_dir / "checkpoints"
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        if scene is None:
+            torch.manual_seed(cfg.seed)  # the field's initial parameters
+            scene = NeRFScene(cfg, self.device)
+        self.scene = scene
         self.guidance = guidance
-        groups = [{"params": list(self.field.parameters()), "lr": cfg.optim.lr(0)}]
-        self.lr_schedules = [cfg.optim.lr]
-        bg_params = list(self.background.parameters())
-        if bg_params:
-            groups.append({"params": bg_params, "lr": cfg.optim.lr_background(0)})
-            self.lr_schedules.append(cfg.optim.lr_background)
+        groups, self.lr_schedules = [], []
+        for params, schedule in scene.param_groups():
+            groups.append({"params": params, "lr": schedule(0)})
+            self.lr_schedules.append(schedule)
         self.optimizer = torch.optim.Adam(groups, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                           weight_decay=cfg.optim.weight_decay)
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -72,66 +101,69 @@ class Trainer:
         self.train_time_s = 0.0  # summed over every segment of a resumed run ...
         self.timed_steps = 0  # ... and the steps it covers (a 0.1 checkpoint carries no time)
         self.timings: dict[str, float] = {}
+        # Wait for the GPU after each phase, so that `timings` split the step (benchmarks); off, a step waits
+        # for the device once, for the finiteness check, and the host queues ahead of the GPU otherwise.
+        self.phase_timing = False
+        self.log_extra: dict = {}
+        self.log_step_offset = 0
+        self.diverged_hint = "lower optim.lr or guidance.sd.guidance_scale and resume"
+
+    # The NeRF scene's parts, as before scenes existed (export, evaluation and benchmarks use them).
+    @property
+    def field(self):
+        return self.scene.field
+
+    @property
+    def renderer(self):
+        return self.scene.renderer
+
+    @property
+    def background(self):
+        return self.scene.background
 
     def describe(self) -> str:
         """Which backends were chosen, and why a CUDA run is not using an accelerator."""
-        field, renderer = self.field.backend, self.renderer.backend
-        if self.device.type == "cuda":
-            if field == "torch" and self.cfg.field.backend == "auto":
-                field += " (tinycudann not importable)"
-            if renderer == "torch" and self.cfg.render.backend == "auto":
-                renderer += " (nerfacc not importable)"
-        return f"field backend: {field} | renderer: {renderer} | device: {self.device}"
+        return f"{self.scene.describe()} | device: {self.device}"
 
     # -- losses -------------------------------------------------------------------------------
     def uses(self, loss: str) -> bool:
         """Whether a loss's weight schedule is ever non-zero (a loss that is never weighted is not computed)."""
-        return getattr(self.cfg.loss, loss).bounds()[1] > 0
-
-    def regularisers(self, opacity: Tensor, orient: Tensor) -> dict[str, Tensor]:
-        lc = self.cfg.loss
-        out: dict[str, Tensor] = {}
-        if self.uses("opacity"):
-            out["opacity"] = opacity.mean()
-        if self.uses("sparsity"):
-            out["sparsity"] = (opacity ** 2 + 0.01).sqrt().mean()
-        if self.uses("transmittance"):
-            out["transmittance"] = -torch.clamp((1.0 - opacity).mean(), max=lc.transmittance_target(self.step))
-        if self.uses("orient"):
-            out["orient"] = orient
-        if self.uses("entropy"):
-            a = opacity.clamp(1e-5, 1 - 1e-5)
-            out["entropy"] = -(a * torch.log(a) + (1 - a) * torch.log(1 - a)).mean()
-        return out
+        return weight_used(self.scene.losses, loss)
 
     # -- one iteration ------------------------------------------------------------------------
-    def train_step(self) -> dict[str, float]:
-        """Render a batch of random views, score it with the guidance, take one Adam step."""
+    def train_step(self) -> Record:
+        """Render a batch of random views, score it with the guidance, take one Adam step.
+
+        Returns the step's losses and the guidance's statistics as computed, tensors still on the device
+        (`as_floats` reads them): converting them here would wait for the GPU at every step.
+        """
         assert self.guidance is not None, "a Trainer without guidance can only render"
         cfg, dev = self.cfg, self.device
-        self.field.train()
-        self.background.train()
+        sync = _sync if self.phase_timing else _no_sync
+        self.scene.train()
         t0 = time.perf_counter()
-        self.renderer.update_occupancy(self.field, self.step, self.generator)
+        self.scene.prepare(self.step, self.generator)
         width, height = cfg.render.size(self.step)
         cams = sample_cameras(cfg.camera, cfg.render.batch_size, width, height, self.generator,
                               cfg.render.light_distance).to(dev)
         shading = pick_shading(cfg.render.shading, self.step, cfg.render.albedo_only_steps,
                                cfg.render.textureless_prob, self.generator)
-        out = self.renderer(self.field, self.background, cams, shading, need_normals=self.uses("orient"),
-                            generator=self.generator)
+        out = self.scene.render(cams, shading, need_normals=self.uses("orient"), generator=self.generator)
         sync(dev)
         t1 = time.perf_counter()
         g = self.guidance(out.rgb, cams, self.step, shading=shading, background=out.background.detach(),
                           opacity=out.opacity)
-        losses = {"guidance": g["loss"], **self.regularisers(out.opacity, out.orient)}
-        total = sum(getattr(cfg.loss, name)(self.step) * value for name, value in losses.items())
+        losses = {"guidance": g["loss"], **self.scene.regularisers(out, self.step)}
+        weights = self.scene.losses
+        total = sum(getattr(weights, name)(self.step) * value for name, value in losses.items())
         sync(dev)
         t2 = time.perf_counter()
-        if not torch.isfinite(total):
-            raise Diverged(f"the loss became {total.item()} at step {self.step}")
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
+        # Checked once the backward is queued: the host waits for the device here, once per step, while the
+        # GPU works through the guidance and the backward. The optimiser never steps on a non-finite loss.
+        if not torch.isfinite(total):
+            raise Diverged(f"the loss became {total.item()} at step {self.step}")
         sync(dev)
         t3 = time.perf_counter()
         for group, schedule in zip(self.optimizer.param_groups, self.lr_schedules):
@@ -141,39 +173,30 @@ class Trainer:
         t4 = time.perf_counter()
         self.timings = {"render": t1 - t0, "guidance": t2 - t1, "backward": t3 - t2, "optimizer": t4 - t3}
         self.step += 1
-        record: dict[str, float] = {"loss": float(total.detach())}
-        record.update({f"loss_{k}": float(v.detach()) for k, v in losses.items()})
-        record.update({k: float(v) for k, v in g.items() if k != "loss" and isinstance(v, (int, float))})
+        record: Record = {"loss": total.detach()}
+        record.update({f"loss_{k}": v.detach() for k, v in losses.items()})
+        record.update({k: v.detach() if isinstance(v, Tensor) else float(v) for k, v in g.items()
+                       if k != "loss" and (isinstance(v, (int, float)) or (isinstance(v, Tensor) and v.numel() == 1))})
         return record
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:
         state = {
             "step": self.step,
-            "field": self.field.state_dict(),
-            "background": self.background.state_dict(),
+            **self.scene.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "train_time_s": self.train_time_s,
             "timed_steps": self.timed_steps,
             "config": to_dict(self.cfg),
         }
-        state["renderer"] = self.renderer.state_dict()  # occupancy grid (either backend)
         if hasattr(self.guidance, "state_dict"):  # a guidance that trains too (VSD's LoRA, its optimiser, RNG)
             state["guidance"] = self.guidance.state_dict()
         return state
 
     def load_state_dict(self, state: dict, weights_only: bool = False) -> None:
-        try:
-            self.field.load_state_dict(state["field"])
-        except RuntimeError as e:
-            raise UserError(f"the checkpoint does not match this field configuration ({first_line(e)})") from None
-        self.background.load_state_dict(state["background"])
+        self.scene.load_state_dict(state)
         self.step = int(state["step"])
-        try:
-            self.renderer.load_state_dict(state.get("renderer", {}))
-        except RuntimeError:  # saved by the other renderer backend: rebuild the grid from the field
-            self.renderer.rebuild_occupancy(self.field)
         if weights_only:
             return
         self.optimizer.load_state_dict(state["optimizer"])
@@ -184,10 +207,10 @@ class Trainer:
         self.timed_steps = int(state.get("timed_steps", 0))
 
     def save_checkpoint(self) -> Path:
-        assert self.run_dir is not None
-        path = self.run_dir / "checkpoints" / f"step-{self.step:06d}.pt"
+        assert self.checkpoint_dir is not None
+        path = self.checkpoint_dir / f"step-{self.step:06d}.pt"
         atomic_torch_save(self.state_dict(), path)
-        for old in list_checkpoints(self.run_dir)[:-max(self.cfg.keep_checkpoints, 1)]:
+        for old in checkpoints_in(self.checkpoint_dir)[:-max(self.cfg.keep_checkpoints, 1)]:
             old.unlink(missing_ok=True)
         return path
 
@@ -212,9 +235,11 @@ class Trainer:
                 self.timed_steps += 1
                 tick = now
                 bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4g}")
                 if self.step % cfg.log_every == 0 or self.step == steps:
-                    append_jsonl(metrics, {"step": self.step, **record, "time_s": round(time.perf_counter() - start, 3)})
+                    values = as_floats(record)
+                    bar.set_postfix(loss=f"{values['loss']:.4g}")
+                    append_jsonl(metrics, {"step": self.step + self.log_step_offset, **self.log_extra, **values,
+                                           "time_s": round(time.perf_counter() - start, 3)})
                 if cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
                     last_saved = self.step
@@ -225,11 +250,11 @@ class Trainer:
                               f"`threed run --resume {self.run_dir}`") from None
         except Diverged as e:
             bar.close()
-            kept = list_checkpoints(self.run_dir)
+            kept = checkpoints_in(self.checkpoint_dir)
             where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint had been written yet"
-            raise Diverged(f"{e}; {where}; lower optim.lr or guidance.sd.guidance_scale and resume") from None
+            raise Diverged(f"{e}; {where}; {self.diverged_hint}") from None
         bar.close()
-        if self.step != last_saved or not list_checkpoints(self.run_dir):
+        if self.step != last_saved or not checkpoints_in(self.checkpoint_dir):
             self.save_checkpoint()
         elapsed = time.perf_counter() - start
         total = self.train_time_s
@@ -238,10 +263,21 @@ class Trainer:
 
 
 def peak_memory_mb(device: torch.device | str) -> float:
-    """Peak GPU memory allocated on CUDA, else the process's peak resident set size."""
+    """Peak GPU memory allocated on CUDA, else the process's peak resident set size. On Linux that is
+    VmHWM: getrusage's ru_maxrss also counts the memory of the process that started this one (it survives
+    fork and exec), so a run started by a large process (the bench) would report that process's size."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     import resource
+    import sys
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0  # bytes on macOS, kB elsewhere

@@ -1,4 +1,5 @@
-"""Multiresolution hash encoding (Instant-NGP), with a pure-PyTorch and a tiny-cuda-nn backend.
+"""Multiresolution hash encoding (Instant-NGP): a pure-PyTorch, a Triton (hashgrid_triton.py) and a
+tiny-cuda-nn backend.
 
 The PyTorch backend follows tiny-cuda-nn's conventions so that both compute the same function from the
 same parameters: level l has scale s_l = base * b^l - 1 and resolution ceil(s_l) + 1; a point x in
@@ -11,6 +12,7 @@ trilinearly; parameters start uniform in [-1e-4, 1e-4].
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor, nn
@@ -80,7 +82,7 @@ class TorchHashGrid(nn.Module):
         self.output_dim = cfg.n_levels * self.n_features
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (N, 3) in [0, 1] -> (N, n_levels * n_features).
+        """x: (N, 3) in [0, 1] -> (N, n_levels * n_features); N may be 0.
 
         The 8 corner indices and trilinear weights of every level feed one fused gather-and-blend,
         so the (N, levels, 8, features) corner features are never materialised.
@@ -105,7 +107,7 @@ class TorchHashGrid(nn.Module):
             weights.append((w[0][:, None, None, :] * w[1][:, None, :, None] * w[2][:, :, None, None]).view(n, 8))
         index = torch.stack(indices, dim=1).view(-1, 8)
         weight = torch.stack(weights, dim=1).view(-1, 8)
-        return _WeightedGather.apply(table, index, weight).view(n, -1)
+        return _WeightedGather.apply(table, index, weight).view(n, self.output_dim)
 
 
 class TcnnHashGrid(nn.Module):
@@ -127,6 +129,8 @@ class TcnnHashGrid(nn.Module):
         self.output_dim = cfg.n_levels * cfg.n_features_per_level
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.shape[0] == 0:  # an empty batch never reaches the kernels; the output stays in the graph
+            return self.params[:0].float().view(0, 1).expand(0, self.output_dim)
         return self._encoding(x).float()
 
 
@@ -140,15 +144,39 @@ def tcnn_available(device: torch.device | str) -> bool:
     return True
 
 
+def triton_available(device: torch.device | str) -> bool:
+    """Triton kernels run on CUDA tensors; on CPU tensors only under its interpreter (TRITON_INTERPRET=1)."""
+    if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except (ImportError, OSError, RuntimeError):
+        return False
+    return True
+
+
 def make_hashgrid(cfg: FieldConfig, device: torch.device | str) -> tuple[nn.Module, str]:
-    """Pick the backend: tcnn on CUDA when importable (or when asked), else PyTorch. Returns (module, name)."""
+    """Pick the backend. Returns (module, name).
+
+    auto: tcnn on CUDA when importable, else triton on CUDA when importable, else PyTorch. An explicit
+    choice that cannot run is a UserError; triton on a CPU device only runs under TRITON_INTERPRET=1.
+    """
     from threed.errors import UserError
 
-    want = cfg.backend
+    want, device = cfg.backend, torch.device(device)
     if want == "tcnn" and not tcnn_available(device):
         raise UserError("field.backend=tcnn needs CUDA and tinycudann (pip install "
                         "git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch); "
-                        "use field.backend=torch")
+                        "use field.backend=triton or field.backend=torch")
+    if want == "triton" and not triton_available(device):
+        if device.type != "cuda":
+            raise UserError("field.backend=triton needs a CUDA device (on a CPU only with TRITON_INTERPRET=1, "
+                            "slowly, for tests); use field.backend=torch")
+        raise UserError("field.backend=triton needs the triton package (pip install triton); use field.backend=torch")
     if want == "tcnn" or (want == "auto" and tcnn_available(device)):
         return TcnnHashGrid(cfg).to(device), "tcnn"
+    if want == "triton" or (want == "auto" and device.type == "cuda" and triton_available(device)):
+        from threed.fields.hashgrid_triton import TritonHashGrid  # accelerator: imported only when chosen
+
+        return TritonHashGrid(cfg).to(device), "triton"
     return TorchHashGrid(cfg).to(device), "torch"

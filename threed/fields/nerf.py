@@ -64,7 +64,7 @@ class NeRFField(nn.Module):
         return self.mlp(self.encoding(unit.clamp(0.0, 1.0)))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x (N, 3) -> density (N,), albedo (N, 3)."""
+        """x (N, 3) -> density (N,), albedo (N, 3). N may be 0 (a chunk of rays that met no occupied space)."""
         raw = self._raw(x)
         return self._activate(raw[:, 0], x), torch.sigmoid(raw[:, 1:])
 

@@ -26,11 +26,19 @@ def sd_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.000
 
 def sample_timesteps(cfg: GuidanceConfig, step: int, batch: int, num_train_timesteps: int,
                      generator: torch.Generator) -> Tensor:
-    """Integer timesteps t ~ U[t_min, t_max] * T, one per image (long, on the CPU); both ends are
-    schedules over the training step."""
+    """Integer timesteps t ~ U[t_min, t_max] * T, one per image (long, on the generator's device); both
+    ends are schedules over the training step."""
     lo = int(cfg.t_min(step) * num_train_timesteps)
     hi = max(lo, int(cfg.t_max(step) * num_train_timesteps))
-    return torch.randint(lo, hi + 1, (batch,), generator=generator).clamp_(0, num_train_timesteps - 1)
+    return torch.randint(lo, hi + 1, (batch,), generator=generator,
+                         device=generator.device).clamp_(0, num_train_timesteps - 1)
+
+
+def add_noise(x: Tensor, noise: Tensor, alphas_cumprod_t: Tensor) -> Tensor:
+    """The forward diffusion x_t = sqrt(alpha_bar_t) x + sqrt(1 - alpha_bar_t) eps, alpha_bar_t per image
+    (shape (B,)). DDPMScheduler.add_noise computes the same, with a device copy and reshapes per call."""
+    abar = alphas_cumprod_t.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    return abar.sqrt() * x + (1.0 - abar).sqrt() * noise
 
 
 def weight(kind: str, alphas_cumprod_t: Tensor) -> Tensor:

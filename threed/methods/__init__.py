@@ -1,7 +1,7 @@
 """The method registry: a method composes the shared parts (field, renderer, prior, losses, stages).
 
-Each method is a preset in configs/ plus a short module defining `METHOD` and `build_guidance`. `threed run
---method M` and `threed bench --methods M,...` both look methods up here, aliases included.
+Each method is a preset in configs/ plus a short module defining `METHOD` (or `METHODS`) and `build_guidance`.
+`threed run --method M` and `threed bench --methods M,...` both look methods up here, aliases included.
 """
 
 from __future__ import annotations
@@ -14,13 +14,16 @@ from threed.config import Config
 from threed.errors import UserError
 
 # Modules defining one method each; importing them is cheap (models load only when a run starts).
-METHOD_MODULES = ("threed.methods.dreamfusion", "threed.methods.clip", "threed.methods.prolificdreamer")
+METHOD_MODULES = ("threed.methods.dreamfusion", "threed.methods.clip", "threed.methods.magic3d",
+                  "threed.methods.prolificdreamer")
 
 
 @dataclass(frozen=True)
 class Method:
     """What a method is made of. `priors` are the guidance.type values it accepts, its default first;
-    `stages` run in order (`nerf`: the volume field optimised through the renderer)."""
+    `stages` run in order (threed/stages.py: `nerf`, the volume field optimised through the renderer; `mesh`,
+    a DMTet surface and texture started from the NeRF and optimised through the rasterizer). A method with
+    `refines` takes its finished NeRF stage from another run (`threed run --from RUN_DIR`)."""
 
     name: str
     summary: str
@@ -31,6 +34,7 @@ class Method:
     aliases: tuple[str, ...] = ()
     stages: tuple[str, ...] = ("nerf",)
     prior_presets: dict[str, str] = field(default_factory=dict)  # a preset tuned for a prior, e.g. oracle
+    refines: bool = False
     sections: tuple[str, ...] = ()  # its own guidance.<section> settings (config.METHOD_SECTIONS), e.g. vsd
 
     def build_guidance(self, cfg: Config, device: str) -> Any:
@@ -47,7 +51,10 @@ class Method:
 
 
 def _registry() -> dict[str, Method]:
-    methods = [importlib.import_module(m).METHOD for m in METHOD_MODULES]
+    methods = []
+    for name in METHOD_MODULES:
+        module = importlib.import_module(name)
+        methods += list(getattr(module, "METHODS", None) or (module.METHOD,))
     return {m.name: m for m in methods}
 
 

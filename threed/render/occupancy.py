@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from threed.render.rng import uniform
+
 
 class OccupancyGrid(nn.Module):
     def __init__(self, bound: float, resolution: int, threshold: float, step_size: float, decay: float = 0.95):
@@ -29,12 +31,14 @@ class OccupancyGrid(nn.Module):
         r = self.resolution
         device = self.occs.device
         idx = torch.stack(torch.meshgrid(*[torch.arange(r, device=device)] * 3, indexing="ij"), -1).view(-1, 3)
-        jitter = torch.rand(idx.shape, generator=generator).to(device)
+        jitter = uniform(tuple(idx.shape), generator, device)
         pts = ((idx + jitter) / r * 2.0 - 1.0) * self.bound
         occ = torch.cat([density_fn(pts[i:i + chunk]) for i in range(0, len(pts), chunk)]) * self.step_size
         self.occs.copy_(torch.maximum(self.occs * self.decay, occ.view(r, r, r)))
-        positive = self.occs[self.occs > 0]
-        level = min(positive.mean().item(), self.threshold) if positive.numel() else self.threshold
+        # level = min(mean of the positive occupancies, threshold), computed on the device (no host sync)
+        positive = self.occs > 0
+        mean = (self.occs * positive).sum() / positive.sum().clamp_min(1)
+        level = torch.where(positive.any(), mean.clamp(max=self.threshold), self.threshold)
         grown = nn.functional.max_pool3d((self.occs > level).float()[None, None], 3, stride=1, padding=1)[0, 0]
         self.binary.copy_(grown > 0)
         self.updates += 1

@@ -1,13 +1,19 @@
 """Volume rendering of the field along camera rays: a pure-PyTorch path and a nerfacc path.
 
-Both evaluate the same quadrature: for samples t_i with spacing delta_i along a ray,
+Both evaluate the same quadrature (threed/render/quadrature.py): for samples t_i over intervals delta_i
+along a ray,
 
     alpha_i = 1 - exp(-sigma_i delta_i),   T_i = prod_{j<i} (1 - alpha_j),   w_i = alpha_i T_i,
     colour = sum_i w_i c_i + (1 - sum_i w_i) * background,
 
 with c_i the shaded albedo at the sample. The PyTorch path takes `num_samples` stratified samples between
-each ray's entry into and exit from the scene cube (any device). The nerfacc path (CUDA only) marches with
-step diagonal / num_samples and skips empty space with an occupancy grid.
+each ray's entry into and exit from the scene cube (any device) and skips the field where an occupancy grid
+says space is empty. The nerfacc path (CUDA only) marches with step diagonal / num_samples and skips empty
+space with nerfacc's occupancy grid. A chunk of rays may see no occupied space at all: both paths then
+evaluate the field on zero points and composite the background alone.
+
+Host syncs are kept to what compaction needs: one per chunk for the occupied samples (PyTorch path), one
+for the samples that get normals, none for random numbers (drawn on the device, threed/render/rng.py).
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from threed.errors import UserError
 from threed.fields.nerf import NeRFField
 from threed.render.background import Background
 from threed.render.occupancy import OccupancyGrid
+from threed.render.quadrature import accumulate_along_rays, weights_from_densities
+from threed.render.rng import uniform
 from threed.render.shading import shade
 
 
@@ -139,54 +147,57 @@ class VolumeRenderer(nn.Module):
 
         Normals cost six density evaluations each (finite differences), so they are computed only where a
         sample's weight is above 1e-4; elsewhere the sample is shaded with ambient light alone (n = 0) and
-        contributes nothing visible.
+        contributes nothing visible. Finding those samples is this function's one host sync.
         """
         if shading == "albedo" and not need_normals:
             return albedo, None
-        mask = weights.detach() > 1e-4
-        normal = torch.zeros_like(pts)
-        if mask.any():
-            normal = normal.index_put((mask,), field.normal(pts[mask]))
+        visible = (weights.detach() > 1e-4).nonzero().squeeze(1)
+        normal = torch.zeros_like(pts).index_put((visible,), field.normal(pts[visible]))
         color = shade(albedo, normal, pts, light, shading, self.cfg.ambient)
         orient = (normal * dirs).sum(-1).clamp_min(0.0) ** 2  # normals pointing away from the camera
         return color, orient
+
+    def _composite(self, field: NeRFField, pts: Tensor, dirs: Tensor, light: Tensor, albedo: Tensor,
+                   weights: Tensor, t: Tensor, ray_indices: Tensor | None, n_rays: int, shading: str,
+                   need_normals: bool) -> tuple[Tensor, ...]:
+        """Shade the samples and accumulate colour, opacity, depth and the orientation penalty per ray.
+
+        `weights` and `t` are batched (n_rays, S) when `ray_indices` is None, else packed (N,); the
+        per-sample tensors `pts`, `dirs`, `light`, `albedo` are flat (N, 3) in the same order.
+        """
+        color, orient = self._shade_samples(field, pts, dirs, light, albedo, weights.reshape(-1), shading,
+                                            need_normals)
+        rgb = accumulate_along_rays(weights, color.view(*weights.shape, 3), ray_indices, n_rays)
+        opacity = accumulate_along_rays(weights, None, ray_indices, n_rays)
+        depth = accumulate_along_rays(weights, t.view(*weights.shape, 1), ray_indices, n_rays)
+        orient_sum = (weights.reshape(-1) * orient).sum() if orient is not None else rgb.new_zeros(())
+        return rgb, opacity, depth, orient_sum
 
     def _render_torch(self, field: NeRFField, rays_o: Tensor, rays_d: Tensor, light: Tensor, shading: str,
                       need_normals: bool, generator: torch.Generator | None) -> tuple[Tensor, ...]:
         n, s = rays_o.shape[0], self.cfg.num_samples
         near, far = ray_aabb(rays_o, rays_d, self.cfg.bound)
         if field.training:
-            u = torch.rand(n, s, generator=generator).to(rays_o.device)
+            u = uniform((n, s), generator, rays_o.device)
         else:
             u = torch.full((n, s), 0.5, device=rays_o.device)
-        delta = ((far - near) / s)[:, None]  # (N, 1)
+        delta = ((far - near) / s)[:, None]  # (N, 1): each sample stands for its stratum of this length
         t = near[:, None] + (torch.arange(s, device=rays_o.device)[None] + u) * delta  # (N, S)
         pts = (rays_o[:, None] + t[..., None] * rays_d[:, None]).reshape(-1, 3)
         if self.occupancy is None:
             sigma, albedo = field(pts)
-        else:
-            occupied = self.occupancy.query(pts)
-            sigma, albedo = pts.new_zeros(len(pts)), pts.new_zeros(len(pts), 3)
-            if occupied.any():
-                s_occ, a_occ = field(pts[occupied])
-                sigma = sigma.index_put((occupied,), s_occ)
-                albedo = albedo.index_put((occupied,), a_occ)
-        alpha = 1.0 - torch.exp(-sigma.view(n, s) * delta)
-        trans = torch.cumprod(torch.cat([torch.ones(n, 1, device=alpha.device), 1.0 - alpha + 1e-10], -1), -1)[:, :-1]
-        w = alpha * trans
+        else:  # evaluate the field only in occupied cells (possibly none): one host sync for the count
+            occupied = self.occupancy.query(pts).nonzero().squeeze(1)
+            s_occ, a_occ = field(pts[occupied])
+            sigma = pts.new_zeros(len(pts)).index_put((occupied,), s_occ)
+            albedo = pts.new_zeros(len(pts), 3).index_put((occupied,), a_occ)
+        weights, _, _ = weights_from_densities(sigma.view(n, s), delta)
         dirs = rays_d[:, None].expand(n, s, 3).reshape(-1, 3)
         lights = light[:, None].expand(n, s, 3).reshape(-1, 3)
-        color, orient = self._shade_samples(field, pts, dirs, lights, albedo, w.view(-1), shading, need_normals)
-        rgb = (w[..., None] * color.view(n, s, 3)).sum(1)
-        opacity = w.sum(1, keepdim=True)
-        depth = (w * t).sum(1, keepdim=True)
-        orient_sum = (w * orient.view(n, s)).sum() if orient is not None else rgb.new_zeros(())
-        return rgb, opacity, depth, orient_sum
+        return self._composite(field, pts, dirs, lights, albedo, weights, t, None, n, shading, need_normals)
 
     def _render_nerfacc(self, field: NeRFField, rays_o: Tensor, rays_d: Tensor, light: Tensor, shading: str,
                         need_normals: bool, generator: torch.Generator | None) -> tuple[Tensor, ...]:
-        import nerfacc
-
         assert self.estimator is not None
         n = rays_o.shape[0]
         near, far = ray_aabb(rays_o, rays_d, self.cfg.bound)
@@ -195,20 +206,17 @@ class VolumeRenderer(nn.Module):
             mid = (t_starts + t_ends)[:, None] * 0.5
             return field.density(rays_o[ray_indices] + mid * rays_d[ray_indices])
 
+        # packed samples, grouped by ray in marching order; possibly none at all
         ray_indices, t_starts, t_ends = self.estimator.sampling(
             rays_o, rays_d, sigma_fn=sigma_fn, t_min=near, t_max=far, render_step_size=self.step_size,
             stratified=field.training, early_stop_eps=1e-4, alpha_thre=0.0)
-        mid = ((t_starts + t_ends) * 0.5)[:, None]
-        pts = rays_o[ray_indices] + mid * rays_d[ray_indices]
+        ray_indices = ray_indices.long()  # nerfacc may return int32
+        mid = (t_starts + t_ends) * 0.5
+        pts = rays_o[ray_indices] + mid[:, None] * rays_d[ray_indices]
         sigma, albedo = field(pts)
-        weights, _, _ = nerfacc.render_weight_from_density(t_starts, t_ends, sigma, ray_indices=ray_indices, n_rays=n)
-        color, orient = self._shade_samples(field, pts, rays_d[ray_indices], light[ray_indices], albedo, weights,
-                                            shading, need_normals)
-        rgb = nerfacc.accumulate_along_rays(weights, color, ray_indices=ray_indices, n_rays=n)
-        opacity = nerfacc.accumulate_along_rays(weights, None, ray_indices=ray_indices, n_rays=n)
-        depth = nerfacc.accumulate_along_rays(weights, mid, ray_indices=ray_indices, n_rays=n)
-        orient_sum = (weights * orient).sum() if orient is not None else rgb.new_zeros(())
-        return rgb, opacity, depth, orient_sum
+        weights, _, _ = weights_from_densities(sigma, t_ends - t_starts, ray_indices, n)
+        return self._composite(field, pts, rays_d[ray_indices], light[ray_indices], albedo, weights, mid,
+                               ray_indices, n, shading, need_normals)
 
     def forward(self, field: NeRFField, background: Background, cameras: Cameras, shading: str,
                 need_normals: bool = False, generator: torch.Generator | None = None) -> RenderOutput:
@@ -223,13 +231,13 @@ class VolumeRenderer(nn.Module):
         chunk = self.cfg.chunk_rays
         limit = self.cfg.checkpoint_rays
         recompute = torch.is_grad_enabled() and 0 < limit < flat_o.shape[0]
-        for i in range(0, flat_o.shape[0], chunk):
+        for i in range(0, max(flat_o.shape[0], 1), chunk):  # zero rays: one empty chunk
             sl = slice(i, i + chunk)
             args = (field, flat_o[sl], flat_d[sl], light[sl], shading, need_normals, generator)
             parts.append(checkpointed(render, args, generator) if recompute else render(*args))
         rgb = torch.cat([p[0] for p in parts]).view(b, h, w, 3)
         opacity = torch.cat([p[1] for p in parts]).view(b, h, w, 1)
         depth = torch.cat([p[2] for p in parts]).view(b, h, w, 1)
-        orient = torch.stack([p[3] for p in parts]).sum() / flat_o.shape[0]
+        orient = torch.stack([p[3] for p in parts]).sum() / max(flat_o.shape[0], 1)
         bg = background(rays_d, generator)
         return RenderOutput(rgb + (1.0 - opacity) * bg, opacity, depth, bg, orient)

@@ -1,0 +1,322 @@
+"""One GPU measurement session, in priority order, inside a fixed time budget: run it once on a bare CUDA
+machine and read the table it prints last.
+
+    bash examples/gpu_wheels.sh                    # here, with the package index: .whl/ (~13 MB)
+    python3 examples/gpu_session.py --out "$OUT"   # there (installs .whl/ itself); --budget 460 s by default
+    python3 examples/gpu_session.py --out /tmp/s --dry-run   # the same plan on a CPU with tiny models
+
+Parts, each a subprocess with its own timeout, skipped when the budget cannot cover them, in this order:
+  setup  install the carried wheels; GPU, torch and Triton versions
+  build  SD-2.1-base's real architecture and TAESD's with random weights (fp16, built on the GPU)
+  a      pytest -m cuda tests/ (hash grid, renderer, guidance, whole runs, oracle, rasterizer, DMTet, bake)
+         and tests/test_hashgrid_triton.py with the compiled kernels
+  b      benchmark_step.py, dreamfusion-sd: b1 the baseline (PyTorch field, eager guidance), b2 the new
+         configuration (Triton field where threed has it, compiled guidance) with a cold compile cache, b3
+         the same with the cache warm
+  e      examples/benchmark_hashgrid.py and examples/benchmark_render.py, where present
+  g      examples/benchmark_rasterize.py at 512^2, 10k and 100k faces
+  c      the fast preset (tiny autoencoder), compiled
+  f      threed run, dreamfusion-sd, 1000 steps and mesh export (no video), timed
+  d      guidance floors, eager and compiled (benchmark_guidance.py)
+Writes to --out: summary.txt (the table), results.json (every part's numbers), log.txt (each part's output,
+its tail when long), cuda_tests.jsonl (errors the CUDA tests measured). Everything else stays in --work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LOG_TAIL_LINES = 400
+
+
+class Session:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.out = Path(args.out)
+        self.work = Path(args.work)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.start = time.monotonic()
+        self.deadline = self.start + args.budget
+        self.results: dict = {"budget_s": args.budget, "dry_run": args.dry_run, "parts": {}}
+        self.log = open(self.out / "log.txt", "w")
+        self.env = dict(os.environ)
+        site = str(self.work / "site")
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (site, str(REPO), self.env.get("PYTHONPATH", "")) if p)
+        self.env["PYTHONUNBUFFERED"] = "1"
+        self.env["HF_HUB_OFFLINE"] = "1"
+        self.env["THREED_CACHE"] = str(self.work / "threed-cache")  # starts empty: the first compile is cold
+        self.env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        self.env["THREED_TEST_REPORT"] = str(self.out / "cuda_tests.jsonl")
+        self.models = self.work / "models"
+        self.env["THREED_SD21_RANDOM"] = str(self.models / "sd")
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def note(self, text: str) -> None:
+        stamp = f"[{time.monotonic() - self.start:6.1f} s] "
+        print(stamp + text, flush=True)
+        self.log.write(stamp + text + "\n")
+        self.log.flush()
+
+    def run(self, name: str, cmd: list[str], timeout: float, need: float = 20.0) -> dict:
+        """Run one part; its output goes to work/<name>.log and its tail to log.txt. Skipped when less than
+        `need` seconds of the budget are left; cut at min(timeout, what is left)."""
+        left = self.left()
+        record: dict = {"cmd": " ".join(cmd)}
+        if left < need:
+            record.update(status="skipped", why=f"{left:.0f} s of the budget left, {need:.0f} s needed")
+            self.note(f"{name}: skipped ({record['why']})")
+            self.results["parts"][name] = record
+            return record
+        limit = max(1.0, min(timeout, left))
+        self.note(f"{name}: {record['cmd']}  (limit {limit:.0f} s)")
+        log_path = self.work / f"{name}.log"
+        start = time.monotonic()
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                rc = proc.wait(timeout=limit)
+                status = "ok" if rc == 0 else f"failed (exit {rc})"
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # the compile workers too
+                proc.wait()
+                rc, status = None, f"timed out after {limit:.0f} s"
+        record.update(status=status, rc=rc, seconds=round(time.monotonic() - start, 1), log=str(log_path))
+        lines = log_path.read_text(errors="replace").splitlines()
+        shown = lines[-LOG_TAIL_LINES:]
+        self.log.write(f"\n===== {name}: {status}, {record['seconds']} s, {len(lines)} lines"
+                       f"{' (tail)' if len(lines) > len(shown) else ''} =====\n" + "\n".join(shown) + "\n\n")
+        self.log.flush()
+        self.note(f"{name}: {status} in {record['seconds']} s")
+        self.results["parts"][name] = record
+        return record
+
+    def json_of(self, name: str, path: Path) -> dict | None:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        self.results["parts"][name]["result"] = data
+        return data
+
+    def save(self) -> None:
+        self.results["elapsed_s"] = round(time.monotonic() - self.start, 1)
+        (self.out / "results.json").write_text(json.dumps(self.results, indent=1))
+
+
+def python() -> str:
+    return sys.executable or "python3"
+
+
+def setup(s: Session) -> None:
+    wheels = sorted((REPO / ".whl").glob("*.whl"))
+    if wheels and not s.args.dry_run:
+        s.run("setup-wheels", [python(), "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                               "--no-cache-dir", "--upgrade", "--target", str(s.work / "site"), *map(str, wheels)],
+              timeout=90, need=5)
+    probe = ("import json, platform, torch, typing\n"
+             "from threed.config import FieldConfig\n"
+             "info = {'python': platform.python_version(), 'torch': torch.__version__,\n"
+             "        'cuda': torch.cuda.is_available(),\n"
+             "        'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None,\n"
+             "        'field_backends': list(typing.get_args(typing.get_type_hints(FieldConfig)['backend']))}\n"
+             "for m in ('triton', 'diffusers', 'transformers', 'accelerate', 'nerfacc', 'imageio_ffmpeg', 'open_clip'):\n"
+             "    try:\n"
+             "        mod = __import__(m); info[m] = getattr(mod, '__version__', 'yes')\n"
+             "    except Exception as e:\n"
+             "        info[m] = 'missing: ' + type(e).__name__\n"
+             "print(json.dumps(info))\n")
+    rec = s.run("setup-probe", [python(), "-c", probe], timeout=60, need=5)
+    try:
+        s.results["environment"] = json.loads(Path(rec["log"]).read_text().strip().splitlines()[-1])
+    except (KeyError, OSError, ValueError, IndexError):
+        s.results["environment"] = {}
+    if not s.args.dry_run:
+        s.run("setup-nvidia-smi", ["nvidia-smi", "--query-gpu=name,memory.total,clocks.sm,clocks.max.sm,"
+                                                 "temperature.gpu,power.draw", "--format=csv"], timeout=20, need=5)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.environ.get("OUT", "gpu-session"))
+    p.add_argument("--work", default="/tmp/threed-gpu-session")
+    p.add_argument("--budget", type=float, default=460.0, help="seconds for the whole session")
+    p.add_argument("--skip", default="", help="comma-separated parts to leave out, e.g. e,f")
+    p.add_argument("--dry-run", action="store_true", help="the same plan on a CPU with tiny models and sizes")
+    args = p.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    s = Session(args)
+    dry = args.dry_run
+    py = python()
+    dev = ["--device", "cpu"] if dry else ["--device", "cuda"]
+    s.note(f"threed GPU session: budget {args.budget:.0f} s, out {s.out}, work {s.work}{' (dry run)' if dry else ''}")
+
+    setup(s)
+    env = s.results.get("environment", {})
+    # the Triton grid runs on CUDA (on a CPU only under the interpreter, far too slow for a dry run)
+    new_field = "triton" if "triton" in env.get("field_backends", []) and not dry else "torch"
+    s.results["new_field_backend"] = new_field
+
+    build = [py, "examples/benchmark_step.py", "--build-models", str(s.models), *dev] + (["--tiny-sd"] if dry else [])
+    s.run("build", build, timeout=150, need=30)
+    sd, taesd = str(s.models / "sd"), str(s.models / "taesd")
+
+    # (a) the CUDA tests (they skip on a CPU)
+    if "a" not in skip:
+        s.run("a-cuda-tests", [py, "-m", "pytest", "-q", "-rs", "-m", "cuda", "tests/", "-p", "no:cacheprovider"],
+              timeout=200, need=60)
+        s.run("a-triton-grid-tests", [py, "-m", "pytest", "-q", "tests/test_hashgrid_triton.py", "-p",
+                                      "no:cacheprovider"], timeout=60, need=20)
+
+    # (b) one training step, the preset as it is
+    # Options first, key=value overrides last (argparse takes the overrides as one trailing list).
+    if dry:
+        preset, step_opts, step_over = "cpu-tiny", ["--tiny-sd", "--steps", "2", "--warmup", "1"], ["guidance.sd.resolution=64"]
+    else:
+        preset, step_opts, step_over = "dreamfusion-sd", ["--steps", "15", "--warmup", "3"], []
+    eager = ["guidance.sd.compile=none", "guidance.sd.compile_vae=none"]
+    bench = [py, "examples/benchmark_step.py", *dev, *step_opts, "--model", sd]
+    # b2 and b3 are the same configuration: cold (compiling) and warm (the compile cache filled by b2)
+    plans = [("b1-baseline", "torch", eager, 100, 30), ("b2-compiled-cold", new_field, [], 260, 60),
+             ("b3-new-warm", new_field, [], 150, 40)]
+    for name, field, extra, timeout, need in plans:
+        if "b" in skip:
+            break
+        out = s.work / f"{name}.json"
+        rec = s.run(name, [*bench, "--preset", preset, "--label", name, "--json", str(out), *step_over,
+                           f"field.backend={field}", *extra], timeout=timeout, need=need)
+        if rec.get("status") == "ok":
+            s.json_of(name, out)
+
+    # (e) the renderer's and hash grid's own benchmarks, where this checkout has them
+    if "e" not in skip:
+        for script in ("benchmark_hashgrid.py", "benchmark_render.py"):
+            if (REPO / "examples" / script).exists():
+                s.run(f"e-{script[:-3]}", [py, f"examples/{script}"] + (["--device", "cpu"] if dry else []),
+                      timeout=70, need=20)
+            else:
+                s.results["parts"][f"e-{script[:-3]}"] = {"status": "absent"}
+
+    # (g) the mesh stage's rasterizer alone at 512^2 (issue 8): forward + backward
+    if "g" not in skip:
+        out = s.work / "g-rasterize.json"
+        rec = s.run("g-rasterize", [py, "examples/benchmark_rasterize.py", "--json", str(out),
+                                    *(["--device", "cpu", "--faces", "2000", "--resolution", "64"] if dry else
+                                      ["--device", "cuda", "--faces", "10000,100000"])], timeout=60, need=20)
+        if rec.get("status") == "ok":
+            s.json_of("g-rasterize", out)
+
+    # (c) the fast preset (tiny autoencoder: changes the math)
+    if "c" not in skip:
+        out = s.work / "c-fast.json"
+        fast = "cpu-tiny" if dry else "dreamfusion-sd-fast"
+        extra = ["guidance.sd.vae=tiny"] if dry else []
+        rec = s.run("c-fast-preset", [*bench, "--preset", fast, "--label", "c-fast", "--json", str(out), *step_over,
+                                      f"field.backend={new_field}", f"guidance.sd.tiny_vae_model={taesd}", *extra],
+                    timeout=150, need=40)
+        if rec.get("status") == "ok":
+            s.json_of("c-fast-preset", out)
+
+    # (f) a short run end to end, export included (no video: no encoder is carried)
+    if "f" not in skip:
+        run_dir = s.work / "f-run"
+        steps = "3" if dry else "1000"
+        run_preset = ["--preset", "cpu-tiny", "guidance.sd.resolution=64"] if dry else ["--preset", "dreamfusion-sd"]
+        rec = s.run("f-end-to-end", [py, "-m", "threed.cli", "run", "--prompt", "a yellow rubber duck", "--model", sd,
+                                     "--steps", steps, "--out", str(run_dir), "--quiet", *dev, *run_preset,
+                                     "export.video=false", f"field.backend={new_field}"], timeout=200, need=60)
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists():
+            lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+            done = [x for x in lines if x.get("done")]
+            rec["result"] = {"final": done[-1] if done else None, "last_logged": lines[-1] if lines else None,
+                             "mesh": json.loads((run_dir / "mesh.json").read_text()) if (run_dir / "mesh.json").exists() else None}
+
+    # (d) guidance floors; the encoder under CUDA graphs too if the budget allows it
+    if "d" not in skip:
+        out = s.work / "d-floors.json"
+        floors = [py, "examples/benchmark_guidance.py", "--models", str(s.models), "--json", str(out), *dev]
+        floors += ["--tiny-sd", "--backend", "aot_eager", "--iters", "2", "--warmup", "1", "--resolution", "64",
+                   "--render", "32"] if dry else ["--iters", "20", "--warmup", "5"]
+        if s.left() > 300:
+            floors.append("--vae-cudagraphs")
+        rec = s.run("d-floors", floors, timeout=200, need=40)
+        if rec.get("status") == "ok":
+            s.json_of("d-floors", out)
+
+    s.save()
+    table = summary(s)
+    (s.out / "summary.txt").write_text(table + "\n")
+    s.log.write("\n" + table + "\n")
+    s.log.close()
+    print("\n" + table, flush=True)
+
+
+def summary(s: Session) -> str:
+    """The table printed last: one line per measurement, '-' where a part did not run."""
+    parts = s.results["parts"]
+    env = s.results.get("environment", {})
+    rows = [f"threed GPU session, {time.strftime('%Y-%m-%d')}, {env.get('gpu') or 'no GPU'}, torch {env.get('torch')}, "
+            f"triton {env.get('triton')}, diffusers {env.get('diffusers')}; {s.results['elapsed_s']} s of "
+            f"{s.results['budget_s']:.0f}" + (" (DRY RUN, CPU, tiny models)" if s.results["dry_run"] else ""),
+            "part | status | seconds"]
+    rows += [f"{name} | {r.get('status')} | {r.get('seconds', '-')}" for name, r in parts.items()]
+    a = parts.get("a-cuda-tests")
+    if a and a.get("log"):
+        tail = [ln for ln in Path(a["log"]).read_text(errors="replace").splitlines() if ln.strip()]
+        rows.append(f"cuda tests: {tail[-1] if tail else '-'}")
+    rows.append("")
+    rows.append("step (benchmark_step.py) | field | guidance compile | compile s | first step s | step ms | it/s | "
+                "render / guidance / backward / optim ms (phase-synced) | peak MB")
+    for name in ("b1-baseline", "b2-compiled-cold", "b3-new-warm", "c-fast-preset"):
+        r = (parts.get(name) or {}).get("result")
+        if not r:
+            rows.append(f"{name} | - | - | - | - | - | - | - | -")
+            continue
+        modes = ", ".join(f"{k} {v.get('mode')}{' FELL BACK' if v.get('eager_fallback') else ''}"
+                          for k, v in r["guidance_compile"].items())
+        m = r["median_ms"]
+        rows.append(f"{name} | {r['field_backend']}/{r['renderer_backend']} | {modes} | {r['compile_s']} | "
+                    f"{r['first_step_s']} | {r['step_ms']} | {r['it_per_s']} | {m['render']} / {m['guidance']} / "
+                    f"{m['backward']} / {m['optimizer']} | {r['peak_memory_mb']}")
+    d = (parts.get("d-floors") or {}).get("result")
+    rows.append("")
+    rows.append("floor (benchmark_guidance.py, median ms) | eager | compiled")
+    if d:
+        keys = ["unet_cfg2", "vae_encode_backward", "cudagraphs_vae_encode_backward", "sds_step", "tiny_vae_encode_backward"]
+        for k in keys:
+            e, c = d["eager"].get(k, {}), d["compiled"].get(k, {})
+            if e or c:
+                rows.append(f"{k} | {e.get('median_ms', '-')} | {c.get('median_ms', '-')}"
+                            + (f" | peak MB {e.get('peak_mb')} -> {c.get('peak_mb')}" if k == "sds_step" else ""))
+        rows.append(f"compile s: {json.dumps(d.get('compile_s'))}")
+    else:
+        rows.append("- | - | -")
+    f = (parts.get("f-end-to-end") or {}).get("result") or {}
+    final = f.get("final") or {}
+    rows.append("")
+    rows.append(f"end to end (f): {parts.get('f-end-to-end', {}).get('status', '-')}, process "
+                f"{parts.get('f-end-to-end', {}).get('seconds', '-')} s; train {final.get('wall_time_s', '-')} s at "
+                f"{final.get('it_per_s', '-')} it/s (compile {final.get('compile_time_s', '-')} s inside), export "
+                f"{final.get('export_time_s', '-')} s, peak {final.get('peak_memory_mb', '-')} MB, mesh {f.get('mesh')}")
+    measured = s.out / "cuda_tests.jsonl"
+    if measured.exists():
+        rows.append("")
+        rows.append("measured by the CUDA tests:")
+        rows += measured.read_text().splitlines()[-12:]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()

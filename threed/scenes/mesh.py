@@ -1,0 +1,243 @@
+"""Magic3D's fine-stage scene: a DMTet surface, textured by a field, rasterized at high resolution.
+
+Magic3D (Lin et al. 2023) refines the coarse NeRF as an explicit mesh: the surface is the zero level set of
+an SDF on a deformable tetrahedral grid (threed/fields/dmtet.py), extracted by marching tetrahedra every step
+so its vertices are differentiable in the SDF and offsets; it is rasterized (threed/render/rasterize.py,
+nvdiffrast's split: visibility without gradients, differentiable interpolation, antialiasing for silhouette
+gradients), shaded like the NeRF (threed/render/shading.py) with the mesh's interpolated vertex normals, and
+composited over the background. The same prior scores the renders (SDS), so a 512² render costs little
+more than a 64² one in the guidance: the VAE encodes at 512 either way.
+
+Starting point (`from_coarse`): the SDF is the coarse density's surface at the level the coarse export
+chose (`DMTetGeometry.from_density`, on a grid fitted to the object's box), and the texture field is a copy
+of the coarse NeRF field (hash grid + MLP), read through its albedo head: the fine stage inherits the coarse
+colours exactly (threestudio's `inherit_texture`), then optimises them on the surface. The background is the
+coarse one, frozen unless `mesh.lr_background` > 0 (as threestudio freezes it when refining).
+
+Image rows: the rasterizer's row 0 is the bottom of the view (NDC y = -1); renders are flipped to the
+top-row-first convention of `Cameras.rays()` before they leave `render`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from threed.cameras import Cameras
+from threed.config import Config
+from threed.errors import Diverged, UserError, first_line
+from threed.fields.dmtet import DMTetGeometry
+from threed.fields.nerf import NeRFField
+from threed.mesh_losses import laplacian_smoothing, normal_consistency
+from threed.render.background import Background
+from threed.render.rasterize import MeshRasterizer, edge_topology
+from threed.render.shading import shade
+from threed.render.volume import RenderOutput
+from threed.schedule import Schedule
+from threed.scenes import weight_used
+
+NEAR, FAR = 0.05, 100.0  # clip planes (scene units); objects sit in [-bound, bound]^3 at distance ~1.5-2
+
+
+class EmptySurface(Diverged):
+    """The SDF has no zero crossing: there is no surface to render."""
+
+
+def vertex_normals(vertices: Tensor, faces: Tensor) -> Tensor:
+    """(V, 3) unit normals, the area-weighted mean of the adjacent faces' normals (differentiable)."""
+    v0, v1, v2 = vertices[faces[:, 0]], vertices[faces[:, 1]], vertices[faces[:, 2]]
+    cross = torch.cross(v1 - v0, v2 - v0, dim=-1)  # 2 * area * normal
+    acc = torch.zeros_like(vertices).index_add(0, faces.reshape(-1), cross.repeat_interleave(3, dim=0))
+    return F.normalize(acc, dim=-1, eps=1e-20)
+
+
+class MeshScene:
+    """DMTet geometry + texture field + rasterizer + background (see the module docstring)."""
+
+    def __init__(self, cfg: Config, geometry: DMTetGeometry, texture: NeRFField, background: Background,
+                 device: torch.device | str):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.geometry = geometry.to(self.device)
+        self.texture = texture.to(self.device)
+        self.background = background.to(self.device)
+        self.rasterizer = MeshRasterizer(cfg.mesh.rasterizer, self.device)
+        self.losses = cfg.mesh.loss
+        self.profile = False  # time the parts of `render` (synchronising the device) into `timings`
+        self.timings: dict[str, float] = {}
+        self._mesh: tuple[Tensor, Tensor] | None = None  # the last render's surface, for the regularisers
+
+    @property
+    def renderer(self) -> MeshRasterizer:
+        return self.rasterizer
+
+    # -- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def from_coarse(cls, cfg: Config, field: NeRFField, background: Background, level: float,
+                    device: torch.device | str, progress: bool = True) -> "MeshScene":
+        """The fine stage's start from a coarse NeRF: surface at density `level`, texture = copy of `field`."""
+        m = cfg.mesh
+        field.eval()
+        geometry = DMTetGeometry.from_density(field.density, level, bound=cfg.render.bound, resolution=m.resolution,
+                                              keep_components=cfg.export.keep_components, device=device,
+                                              progress=progress, deform=m.deform_scale > 0,
+                                              deform_scale=m.deform_scale)
+        texture = NeRFField(cfg.field, cfg.render.bound, device)
+        texture.load_state_dict(field.state_dict())
+        bg = Background(cfg.render).to(device)
+        bg.load_state_dict(background.state_dict())
+        return cls(cfg, geometry, texture, bg, device)
+
+    @classmethod
+    def from_state(cls, cfg: Config, state: dict, device: torch.device | str) -> "MeshScene":
+        """The scene a mesh-stage checkpoint holds (its tetrahedral grid included)."""
+        if "geometry" not in state:
+            raise UserError("the checkpoint holds no mesh-stage geometry: pass a checkpoints/fine/step-*.pt file")
+        geometry = DMTetGeometry.from_state_dict(state["geometry"], device, deform_scale=cfg.mesh.deform_scale)
+        scene = cls(cfg, geometry, NeRFField(cfg.field, cfg.render.bound, device), Background(cfg.render), device)
+        scene.load_state_dict(state)
+        return scene
+
+    # -- the Scene interface (threed/scenes/__init__.py) ----------------------------------------------
+    def param_groups(self) -> list[tuple[list[Tensor], Schedule]]:
+        """SDF, deformation, texture and background, each with its schedule; a part whose learning rate is
+        zero throughout is frozen (no group, no gradient)."""
+        m = self.cfg.mesh
+        parts: list[tuple[list[Tensor], Schedule]] = [([self.geometry.sdf], m.lr_sdf)]
+        if self.geometry.deformation is not None:
+            parts.append(([self.geometry.deformation], m.lr_deformation))
+        parts.append((list(self.texture.parameters()), m.lr_texture))
+        bg_params = list(self.background.parameters())
+        if bg_params:
+            parts.append((bg_params, m.lr_background))
+        groups = []
+        for params, schedule in parts:
+            if schedule.bounds()[1] > 0:
+                groups.append((params, schedule))
+            else:
+                for p in params:
+                    p.requires_grad_(False)
+        if not groups:
+            raise UserError("every mesh-stage learning rate is 0 (mesh.lr_sdf, lr_deformation, lr_texture, "
+                            "lr_background): set one above 0")
+        return groups
+
+    def describe(self) -> str:
+        cells = "x".join(str(c) for c in self.geometry.grid.cells)
+        raster = self.rasterizer.backend
+        if self.device.type == "cuda" and raster == "torch" and self.cfg.mesh.rasterizer == "auto":
+            raster += " (nvdiffrast not importable)"
+        return (f"mesh rasterizer: {raster} | tetrahedral grid: {cells} cells | texture field backend: "
+                f"{self.texture.backend}")
+
+    def train(self) -> None:
+        self.texture.train()
+        self.background.train()
+
+    def eval(self) -> None:
+        self.texture.eval()
+        self.background.eval()
+
+    def prepare(self, step: int, generator: torch.Generator | None = None) -> None:
+        pass
+
+    def _tick(self, name: str, start: float) -> float:
+        if not self.profile:
+            return start
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[name] = self.timings.get(name, 0.0) + now - start
+        return now
+
+    def render(self, cameras: Cameras, shading: str, need_normals: bool = False,
+               generator: torch.Generator | None = None) -> RenderOutput:
+        """Render every camera: (B, H, W, *) images like the volume renderer's, rows top first."""
+        self.timings = {}
+        t = time.perf_counter()
+        vertices, faces = self.geometry.extract()
+        if faces.shape[0] == 0:
+            raise EmptySurface("the mesh stage's surface vanished (the SDF has no zero crossing)")
+        self._mesh = (vertices, faces)
+        t = self._tick("extract", t)
+        b, h, w = len(cameras), cameras.height, cameras.width
+        homogeneous = torch.cat([vertices, torch.ones_like(vertices[:, :1])], dim=-1)
+        pos = torch.einsum("bij,vj->bvi", cameras.clip_matrices(NEAR, FAR).to(vertices.dtype), homogeneous)
+        rast = self.rasterizer.rasterize(pos, faces, (h, w))
+        attrs = torch.cat([vertices, vertex_normals(vertices, faces)], dim=-1)[None]
+        surface = self.rasterizer.interpolate(attrs, rast, faces)  # (B, H, W, 6): position, normal
+        t = self._tick("rasterize", t)
+        hit = rast[..., 3] > 0  # (B, H, W), rows bottom first
+        points = surface[..., :3][hit]
+        if shading == "textureless":
+            albedo = points.new_ones(points.shape[0], 3)  # shade() uses the lighting alone
+        else:
+            albedo = self.texture.albedo(points)
+        normal = light = None
+        if shading != "albedo":
+            normal = F.normalize(surface[..., 3:][hit], dim=-1, eps=1e-20)
+            light = cameras.light_position[:, None, None, :].expand(b, h, w, 3)[hit]
+        color = shade(albedo, normal, points, light, shading, self.cfg.render.ambient)
+        t = self._tick("texture", t)
+        rays_o, rays_d = cameras.rays()
+        bg = self.background(rays_d, generator)  # rows top first
+        composite = torch.where(hit[..., None], surface.new_zeros(b, h, w, 3).index_put((hit,), color), bg.flip(1))
+        distance = (points - rays_o.flip(1)[hit]).norm(dim=-1)
+        depth = surface.new_zeros(b, h, w).index_put((hit,), distance)[..., None]
+        topology = edge_topology(faces, vertices.shape[0]) if self.rasterizer.backend == "torch" else None
+        image = torch.cat([composite, hit[..., None].to(composite.dtype)], dim=-1)
+        image = self.rasterizer.antialias(image.contiguous(), rast, pos, faces, topology)
+        self._tick("antialias", t)
+        rgb, opacity = image[..., :3].flip(1), image[..., 3:].flip(1)
+        return RenderOutput(rgb, opacity, depth.flip(1), bg, rgb.new_zeros(()))
+
+    def regularisers(self, out: RenderOutput, step: int) -> dict[str, Tensor]:
+        """Smoothness of the surface last rendered, and DMTet's sign-flip term (see threed/mesh_losses.py)."""
+        assert self._mesh is not None, "render before asking for the regularisers"
+        vertices, faces = self._mesh
+        lc = self.losses
+        result: dict[str, Tensor] = {}
+        if weight_used(lc, "normal_consistency"):
+            result["normal_consistency"] = normal_consistency(vertices, faces)
+        if weight_used(lc, "laplacian"):
+            result["laplacian"] = laplacian_smoothing(vertices, faces)
+        if weight_used(lc, "sign_flip"):
+            result["sign_flip"] = self.geometry.sign_flip_loss()
+        return result
+
+    def state_dict(self) -> dict:
+        return {"geometry": self.geometry.state_dict(), "texture": self.texture.state_dict(),
+                "background": self.background.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "geometry" not in state:
+            raise UserError("the checkpoint holds no mesh-stage geometry: pass a checkpoints/fine/step-*.pt file")
+        try:
+            self.geometry.load_state_dict(state["geometry"])
+            self.texture.load_state_dict(state["texture"])
+        except RuntimeError as e:
+            raise UserError(f"the checkpoint does not match this mesh-stage configuration ({first_line(e)})") from None
+        self.background.load_state_dict(state["background"])
+
+    # -- export -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def export_mesh(self, keep_components: float = 0.05, decimate_faces: int = 0):
+        """The current surface as a `threed.mesh.Mesh` with vertex albedo from the texture field, cleaned like
+        the NeRF export (floaters dropped, optional decimation)."""
+        from threed.mesh import Mesh, clean_mesh, vertex_normals as np_vertex_normals
+
+        vertices, faces = self.geometry.extract()
+        if faces.shape[0] == 0:
+            raise EmptySurface("the mesh stage's surface is empty (the SDF has no zero crossing): resume from an "
+                               "earlier checkpoint or lower mesh.lr_sdf")
+        v, f = clean_mesh(vertices.float().cpu().numpy(), faces.cpu().numpy(), keep_components, decimate_faces)
+        colors = []
+        for start in range(0, len(v), 65536):
+            points = torch.from_numpy(v[start:start + 65536]).to(self.device)
+            colors.append(self.texture.albedo(points).float().clamp(0, 1).cpu().numpy())
+        colors_np = np.concatenate(colors) if colors else np.zeros((0, 3), np.float32)
+        return Mesh(vertices=v, faces=f, colors=colors_np, normals=np_vertex_normals(v, f))
