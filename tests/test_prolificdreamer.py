@@ -34,7 +34,8 @@ def test_preset_has_prolificdreamers_stage_one_values():
     assert g.vsd.lora_model == ""  # one shared UNet unless the paper's separate SD 2.1 base is asked for
     assert cfg.camera.distance == (1.0, 1.5) and cfg.camera.fovy == (40.0, 70.0)
     assert cfg.loss.sparsity(0) == 10.0 and (cfg.loss.entropy(10000), cfg.loss.entropy(10001)) == (0.0, 1000.0)
-    assert methods.get("prolificdreamer").stages == ("nerf",)
+    assert methods.get("prolificdreamer").stages == ("nerf", "mesh")
+    assert cfg.mesh.width == 512 and cfg.mesh.steps == 5000 and cfg.export.texture  # the mesh stage, under VSD
 
 
 def test_method_presets_are_chosen_like_the_others():
@@ -118,8 +119,8 @@ def test_chunk_checkpointing_gives_the_same_render_gradients_and_random_stream()
 
 
 def test_prolificdreamer_run_end_to_end(tiny_sd_dir, tmp_path, capsys):
-    """`threed run --method prolificdreamer` on the tiny SD writes the run directory; the checkpoint carries
-    the particle score; the render size switches at render.hires_step."""
+    """`threed run --method prolificdreamer` on the tiny SD trains both stages and writes the run directory;
+    each stage's checkpoints carry its own particle score; the render size switches at render.hires_step."""
     out = tmp_path / "pineapple"
     code = main(["run", "--method", "prolificdreamer", "--prompt", "a pineapple", "--model", str(tiny_sd_dir),
                  "--steps", "3", "--device", "cpu", "--out", str(out), "--quiet",
@@ -127,16 +128,23 @@ def test_prolificdreamer_run_end_to_end(tiny_sd_dir, tmp_path, capsys):
                  "render.hires_height=24", "render.num_samples=16", "render.occupancy_resolution=16",
                  "field.n_levels=4", "field.max_resolution=64", "field.log2_hashmap_size=12",
                  "guidance.sd.resolution=32", "export.resolution=32", "export.video_frames=4",
-                 "export.video_resolution=32", "export.preview_views=2", "log_every=1", "checkpoint_every=3"])
+                 "export.video_resolution=32", "export.preview_views=2", "log_every=1", "checkpoint_every=3",
+                 "mesh.steps=2", "mesh.resolution=16", "mesh.width=32", "mesh.height=32", "export.texture_size=64"])
     assert code == 0, capsys.readouterr().err
-    for name in ["config.yaml", "metrics.jsonl", "mesh.obj", "mesh.glb", "turntable.mp4", "preview.png"]:
+    for name in ["config.yaml", "metrics.jsonl", "mesh.obj", "mesh.png", "mesh.glb", "mesh-coarse.obj",
+                 "turntable.mp4", "preview.png"]:
         assert (out / name).is_file(), name
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if not r.get("done")]
-    assert [r["step"] for r in steps] == [1, 2, 3]
-    assert all(r["particle_loss"] > 0 and "loss_sparsity" in r for r in steps)
-    state = torch.load(out / "checkpoints" / "step-000003.pt", weights_only=False)
-    assert any("lora_B" in k for k in state["guidance"]["params"])
-    assert "camera_embedding.linear_2.weight" in state["guidance"]["params"]
-    assert state["guidance"]["optimizer"]["state"]  # AdamW moments of the LoRA
+    nerf = [r for r in records if "loss" in r and r.get("stage", "nerf") == "nerf"]
+    mesh = [r for r in records if "loss" in r and r.get("stage") == "mesh"]
+    assert [r["step"] for r in nerf] == [1, 2, 3] and [r["step"] for r in mesh] == [4, 5]
+    assert all(r["particle_loss"] > 0 and "loss_sparsity" in r for r in nerf)
+    assert all(r["particle_loss"] > 0 and "loss_normal_consistency" in r for r in mesh)
+    fine = sorted((out / "checkpoints" / "fine").glob("step-*.pt"))
+    assert fine
+    for checkpoint in (out / "checkpoints" / "step-000003.pt", *fine):
+        state = torch.load(checkpoint, weights_only=False)
+        assert any("lora_B" in k for k in state["guidance"]["params"]), checkpoint
+        assert "camera_embedding.linear_2.weight" in state["guidance"]["params"]
+        assert state["guidance"]["optimizer"]["state"]  # AdamW moments of the LoRA
     assert "threed: done" in capsys.readouterr().out

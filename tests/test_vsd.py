@@ -254,6 +254,7 @@ def test_resume_continues_the_particle_score_bit_for_bit(prior, tiny_sd_dir, tmp
     assert [r["step"] for r in records] == [1, 2, 3, 4] and all(r["particle_loss"] > 0 for r in records)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_half_precision_base_with_float32_lora(tiny_sd_dir):
     """On CUDA the shared UNet is fp16 and frozen, the LoRA and camera MLP train in fp32 over it, and the

@@ -312,6 +312,10 @@ class StableDiffusionVSD(ParticleScore):
         return text.expand(batch, *text.shape)
 
     def __call__(self, rgb: Tensor, cameras: Cameras, step: int, **_: object) -> dict[str, Tensor | float]:
+        if self.sd.cudagraphs:
+            from threed.guidance import compile as compiling
+
+            compiling.new_iteration()
         batch = rgb.shape[0]
         t0 = sync(self.device)
         latents = self.sd.encode_images(rgb).float()
