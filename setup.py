@@ -20,6 +20,7 @@ setup(
         "transformers>=4.40",
         "huggingface_hub>=0.23",
         "safetensors",
+        "peft>=0.17",  # LoRA adapters on the UNet (ProlificDreamer's particle score), via diffusers' add_adapter
         "open_clip_torch>=2.24",
         "trimesh>=4.0",
         "pymcubes>=0.1.4",

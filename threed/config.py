@@ -69,6 +69,20 @@ class RenderConfig:
     background: Literal["mlp", "solid", "random"] = "mlp"
     background_color: tuple[float, float, float] = (1.0, 1.0, 1.0)
     chunk_rays: int = 16384
+    # ProlificDreamer renders small while the coarse shape forms, then at full size: from `hires_step` on the
+    # training renders are hires_width x hires_height (< 0: never).
+    hires_step: int = -1
+    hires_width: int = 512
+    hires_height: int = 512
+    # Above this many rays per batch (e.g. 512x512), each chunk's activations are recomputed in backward
+    # (gradient checkpointing) instead of kept: memory of one chunk for about one more forward (0: never).
+    checkpoint_rays: int = 65536
+
+    def size(self, step: int) -> tuple[int, int]:
+        """(width, height) of the training renders at `step`."""
+        if 0 <= self.hires_step <= step:
+            return self.hires_width, self.hires_height
+        return self.width, self.height
 
 
 @dataclass
@@ -143,6 +157,27 @@ class ClipConfig:
 
 
 @dataclass
+class VSDConfig:
+    """Variational score distillation (ProlificDreamer; threed/guidance/vsd.py), the prolificdreamer method's
+    own settings. The particle score is a LoRA on a Stable Diffusion UNet (stable_diffusion prior) or a small
+    pixel-space denoiser (oracle prior), conditioned on the camera and trained on the renders as they change."""
+
+    lora_model: str = ""  # the LoRA's base (hub id or folder); empty: guidance.sd.model, one shared UNet
+    lora_rank: int = 4
+    lora_alpha: float = 4.0  # the LoRA's output is scaled by alpha / rank
+    lora_lr: Schedule = Schedule.constant(1e-4)  # AdamW, its own step every training step
+    lora_t: tuple[float, float] = (0.0, 1.0)  # its training timesteps: t ~ U[lo, hi) * T
+    lora_samples: int = 1  # (t, noise) draws per render in its loss (threestudio's lora_n_timestamp_samples)
+    camera_dropout: float = 0.1  # probability of training it without the camera (zeros), as for CFG
+    denoiser_channels: tuple[int, ...] = (32, 64)  # oracle prior: widths of the pixel denoiser's levels
+
+    def build(self, cfg: Config, device: str) -> Any:
+        from threed.guidance.vsd import build_vsd
+
+        return build_vsd(cfg, device)
+
+
+@dataclass
 class GuidanceConfig:
     """The prior (`type`) and its own settings under guidance.<prior>; the score-distillation settings
     shared by the diffusion-style priors (stable_diffusion, oracle) sit at this level."""
@@ -156,6 +191,7 @@ class GuidanceConfig:
     sd: SDConfig = _field(default_factory=SDConfig)
     oracle: OracleConfig = _field(default_factory=OracleConfig)
     clip: ClipConfig = _field(default_factory=ClipConfig)
+    vsd: VSDConfig = _field(default_factory=VSDConfig)
 
     @property
     def prior(self) -> SDConfig | OracleConfig | ClipConfig:
@@ -169,6 +205,8 @@ class GuidanceConfig:
 
 # The section of each prior under `guidance.`; a section's keys only apply when its prior is used.
 PRIOR_SECTIONS = {"stable_diffusion": "sd", "oracle": "oracle", "clip": "clip"}
+# Sections under `guidance.` that only one method uses (threed.methods.Method.sections), and that method.
+METHOD_SECTIONS = {"vsd": "prolificdreamer"}
 
 
 @dataclass
@@ -191,6 +229,7 @@ class LossConfig:
     opacity: Schedule = Schedule.constant(0.0)  # mean rendered opacity: removes floaters the guidance cannot see
     transmittance: Schedule = Schedule.constant(0.0)  # Dream Fields: -min(target, mean transmittance)
     transmittance_target: Schedule = Schedule(0, 0.5, 0.88, 500)  # the target, annealed
+    sparsity: Schedule = Schedule.constant(0.0)  # ProlificDreamer: mean sqrt(opacity^2 + 0.01)
     orient: Schedule = Schedule.constant(0.0)  # DreamFusion normal orientation penalty
     entropy: Schedule = Schedule.constant(0.0)  # binary entropy of opacity: pushes it to 0 or 1
 
@@ -363,6 +402,9 @@ def _unknown_key(full: str, prefix: str, names: list[str]) -> UserError:
     options = [f"{prefix}{n}" for n in names]
     if section.startswith("guidance.") and section.count(".") == 1:
         prior = section.split(".")[1]
+        if prior in METHOD_SECTIONS:
+            return UserError(f"unknown config key '{full}' of the {METHOD_SECTIONS[prior]} method; its keys are: "
+                             f"{', '.join(options)}")
         return UserError(f"unknown config key '{full}' for the {prior} prior; its keys are: {', '.join(options)}")
     return UserError(f"unknown config key '{full}'; did you mean: {_nearest(full, options)}")
 
@@ -507,19 +549,26 @@ def section_values(obj: Any) -> dict[str, Any]:
     return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
 
+def _changed_keys(cfg: Config, section: str) -> str:
+    current = section_values(getattr(cfg.guidance, section))
+    default = section_values(type(getattr(cfg.guidance, section))())
+    return ", ".join(f"guidance.{section}.{k}" for k in current if current[k] != default[k])
+
+
 def check_prior_sections(cfg: Config, active: set[str]) -> None:
-    """A prior's section that the run does not use must hold its defaults: a setting there would be
-    silently ignored (e.g. guidance.clip.models on a Stable Diffusion run)."""
+    """A section under `guidance.` that the run does not use (`active`: its prior's and its method's) must
+    hold its defaults: a setting there would be silently ignored (e.g. guidance.clip.models on a Stable
+    Diffusion run, guidance.vsd.lora_rank on a DreamFusion run)."""
     for prior, section in PRIOR_SECTIONS.items():
-        if section in active:
-            continue
-        current = section_values(getattr(cfg.guidance, section))
-        default = section_values(type(getattr(cfg.guidance, section))())
-        changed = [k for k in current if current[k] != default[k]]
-        if changed:
-            keys = ", ".join(f"guidance.{section}.{k}" for k in changed)
+        keys = "" if section in active else _changed_keys(cfg, section)
+        if keys:
             raise UserError(f"{keys} set, but this run's prior is {cfg.guidance.type}, not {prior}: "
                             f"drop the setting or pass --guidance {prior}")
+    for section, method in METHOD_SECTIONS.items():
+        keys = "" if section in active else _changed_keys(cfg, section)
+        if keys:
+            raise UserError(f"{keys} set, but this run's method is {cfg.method}, not {method}: "
+                            f"drop the setting or pass --method {method}")
 
 
 def validate(cfg: Config) -> None:
@@ -532,6 +581,8 @@ def validate(cfg: Config) -> None:
         (cfg.render.num_samples >= 2, "render.num_samples", "must be >= 2"),
         (cfg.render.bound > 0, "render.bound", "must be positive"),
         (cfg.render.batch_size >= 1, "render.batch_size", "must be >= 1"),
+        (cfg.render.hires_width > 0 and cfg.render.hires_height > 0, "render.hires_width/height", "must be positive"),
+        (cfg.render.checkpoint_rays >= 0, "render.checkpoint_rays", "must be >= 0 (0: never)"),
         (0.0 <= cfg.render.textureless_prob <= 1.0, "render.textureless_prob", "must be in [0, 1]"),
         (0.0 < t_lo and t_hi < 1.0, "guidance.t_min/t_max", "must stay inside (0, 1)"),
         (g.t_min.start <= g.t_max.start and g.t_min.end <= g.t_max.end, "guidance.t_min",
@@ -546,8 +597,16 @@ def validate(cfg: Config) -> None:
         (cfg.export.texture_max_faces >= 4, "export.texture_max_faces", "must be >= 4"),
         (len(g.clip.models) == len(g.clip.pretrained), "guidance.clip.pretrained",
          "needs one entry per guidance.clip.models entry"),
+        (g.vsd.lora_rank >= 1, "guidance.vsd.lora_rank", "must be >= 1"),
+        (g.vsd.lora_samples >= 1, "guidance.vsd.lora_samples", "must be >= 1"),
+        (g.vsd.lora_lr.bounds()[0] > 0, "guidance.vsd.lora_lr", "must be positive"),
+        (0.0 <= g.vsd.lora_t[0] < g.vsd.lora_t[1] <= 1.0, "guidance.vsd.lora_t", "must be [lo, hi] with 0 <= lo < hi <= 1"),
+        (0.0 <= g.vsd.camera_dropout <= 1.0, "guidance.vsd.camera_dropout", "must be in [0, 1]"),
+        (len(g.vsd.denoiser_channels) >= 1 and min(g.vsd.denoiser_channels) >= 8
+         and all(c % 8 == 0 for c in g.vsd.denoiser_channels), "guidance.vsd.denoiser_channels",
+         "must be one or more multiples of 8"),
     ]
-    for name in ("guidance", "opacity", "transmittance", "orient", "entropy"):
+    for name in ("guidance", "opacity", "sparsity", "transmittance", "orient", "entropy"):
         checks.append((getattr(cfg.loss, name).bounds()[0] >= 0, f"loss.{name}", "must be >= 0"))
     m = cfg.mesh
     m_lo, m_hi = min(m.t_min.bounds()[0], m.t_max.bounds()[0]), max(m.t_min.bounds()[1], m.t_max.bounds()[1])

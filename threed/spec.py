@@ -175,7 +175,7 @@ def resolve(opts: RunOptions, cuda: bool | None = None, only_concerning: bool = 
     if cfg.guidance.type not in method.priors:
         raise UserError(f"method {method.name} takes the {' or '.join(method.priors)} prior, not "
                         f"{cfg.guidance.type}: pass --guidance {method.priors[0]}")
-    check_prior_sections(cfg, {PRIOR_SECTIONS[cfg.guidance.type]})
+    check_prior_sections(cfg, {PRIOR_SECTIONS[cfg.guidance.type], *method.sections})
     check_mesh_section(cfg, method)
     cfg.guidance.oracle.reference = absolute(cfg.guidance.oracle.reference)
     return cfg, notes

@@ -56,6 +56,7 @@ def stage_config(cfg: Config, stage: str) -> Config:
     m = cfg.mesh
     out.steps = m.steps
     out.render.width, out.render.height, out.render.batch_size = m.width, m.height, m.batch_size
+    out.render.hires_step = -1  # the mesh stage renders at its own size throughout
     out.render.shading, out.render.albedo_only_steps = m.shading, m.albedo_only_steps
     out.render.textureless_prob = m.textureless_prob
     out.camera.distance, out.camera.fovy, out.camera.elevation = m.distance, m.fovy, m.elevation

@@ -143,8 +143,9 @@ class Trainer:
         self.scene.train()
         t0 = time.perf_counter()
         self.scene.prepare(self.step, self.generator)
-        cams = sample_cameras(cfg.camera, cfg.render.batch_size, cfg.render.width, cfg.render.height,
-                              self.generator, cfg.render.light_distance).to(dev)
+        width, height = cfg.render.size(self.step)
+        cams = sample_cameras(cfg.camera, cfg.render.batch_size, width, height, self.generator,
+                              cfg.render.light_distance).to(dev)
         shading = pick_shading(cfg.render.shading, self.step, cfg.render.albedo_only_steps,
                                cfg.render.textureless_prob, self.generator)
         out = self.scene.render(cams, shading, need_normals=self.uses("orient"), generator=self.generator)
@@ -189,6 +190,8 @@ class Trainer:
             "timed_steps": self.timed_steps,
             "config": to_dict(self.cfg),
         }
+        if hasattr(self.guidance, "state_dict"):  # a guidance that trains too (VSD's LoRA, its optimiser, RNG)
+            state["guidance"] = self.guidance.state_dict()
         return state
 
     def load_state_dict(self, state: dict, weights_only: bool = False) -> None:
@@ -198,6 +201,8 @@ class Trainer:
             return
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
+        if "guidance" in state and hasattr(self.guidance, "load_state_dict"):
+            self.guidance.load_state_dict(state["guidance"])
         self.train_time_s = float(state.get("train_time_s", 0.0))
         self.timed_steps = int(state.get("timed_steps", 0))
 

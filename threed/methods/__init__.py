@@ -14,7 +14,8 @@ from threed.config import Config
 from threed.errors import UserError
 
 # Modules defining one method each; importing them is cheap (models load only when a run starts).
-METHOD_MODULES = ("threed.methods.dreamfusion", "threed.methods.clip", "threed.methods.magic3d")
+METHOD_MODULES = ("threed.methods.dreamfusion", "threed.methods.clip", "threed.methods.magic3d",
+                  "threed.methods.prolificdreamer")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Method:
     stages: tuple[str, ...] = ("nerf",)
     prior_presets: dict[str, str] = field(default_factory=dict)  # a preset tuned for a prior, e.g. oracle
     refines: bool = False
+    sections: tuple[str, ...] = ()  # its own guidance.<section> settings (config.METHOD_SECTIONS), e.g. vsd
 
     def build_guidance(self, cfg: Config, device: str) -> Any:
         """The guidance callable for cfg (see the method's module)."""

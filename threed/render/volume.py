@@ -65,6 +65,32 @@ def nerfacc_available(device: torch.device | str) -> bool:
     return True
 
 
+def checkpointed(fn, args: tuple, generator: torch.Generator | None) -> tuple[Tensor, ...]:
+    """fn(*args) with gradient checkpointing: its activations are recomputed in backward instead of kept.
+
+    torch.utils.checkpoint replays the global RNGs for the recomputation but not an explicit `generator`;
+    this rewinds it to where the first pass started, so the recomputed chunk takes the same stratified
+    samples, then puts it back, so the run's random stream is the same as without checkpointing.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    start = generator.get_state() if generator is not None else None
+    calls = [0]
+
+    def run(*inputs):
+        calls[0] += 1
+        if start is None or calls[0] == 1:
+            return fn(*inputs)
+        after = generator.get_state()
+        generator.set_state(start)
+        try:
+            return fn(*inputs)
+        finally:
+            generator.set_state(after)
+
+    return checkpoint(run, *args, use_reentrant=False)
+
+
 class VolumeRenderer(nn.Module):
     def __init__(self, cfg: RenderConfig, device: torch.device | str):
         super().__init__()
@@ -194,7 +220,8 @@ class VolumeRenderer(nn.Module):
 
     def forward(self, field: NeRFField, background: Background, cameras: Cameras, shading: str,
                 need_normals: bool = False, generator: torch.Generator | None = None) -> RenderOutput:
-        """Render every pixel of every camera. Rays are processed in chunks of `render.chunk_rays`."""
+        """Render every pixel of every camera. Rays are processed in chunks of `render.chunk_rays`; above
+        `render.checkpoint_rays` rays (with autograd on) each chunk is gradient-checkpointed."""
         rays_o, rays_d = cameras.rays()
         b, h, w = rays_o.shape[:3]
         light = cameras.light_position[:, None, None, :].expand(b, h, w, 3).reshape(-1, 3)
@@ -202,9 +229,12 @@ class VolumeRenderer(nn.Module):
         render = self._render_nerfacc if self.backend == "nerfacc" else self._render_torch
         parts = []
         chunk = self.cfg.chunk_rays
+        limit = self.cfg.checkpoint_rays
+        recompute = torch.is_grad_enabled() and 0 < limit < flat_o.shape[0]
         for i in range(0, max(flat_o.shape[0], 1), chunk):  # zero rays: one empty chunk
             sl = slice(i, i + chunk)
-            parts.append(render(field, flat_o[sl], flat_d[sl], light[sl], shading, need_normals, generator))
+            args = (field, flat_o[sl], flat_d[sl], light[sl], shading, need_normals, generator)
+            parts.append(checkpointed(render, args, generator) if recompute else render(*args))
         rgb = torch.cat([p[0] for p in parts]).view(b, h, w, 3)
         opacity = torch.cat([p[1] for p in parts]).view(b, h, w, 1)
         depth = torch.cat([p[2] for p in parts]).view(b, h, w, 1)

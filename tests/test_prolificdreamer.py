@@ -1,0 +1,150 @@
+"""The prolificdreamer method: its presets, its own guidance.vsd section, the 64 -> 512 render switch, the
+sparsity loss, chunk checkpointing at high resolution, and `threed run --method prolificdreamer` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from threed import methods, spec
+from threed.cli import main
+from threed.config import build_config
+from threed.errors import UserError
+from threed.fields.nerf import NeRFField
+from threed.render.background import Background
+from threed.render.volume import VolumeRenderer
+from threed.trainer import Trainer
+
+
+def resolve(cuda: bool = True, **kw):
+    return spec.resolve(spec.RunOptions(**kw), cuda=cuda)
+
+
+def test_preset_has_prolificdreamers_stage_one_values():
+    cfg = build_config("prolificdreamer")
+    assert cfg.method == "prolificdreamer" and cfg.steps == 25000
+    assert cfg.render.size(0) == (64, 64) and cfg.render.size(4999) == (64, 64)
+    assert cfg.render.size(5000) == (512, 512) and cfg.render.bound == 1.0
+    g = cfg.guidance
+    assert g.sd.guidance_scale == 7.5 and g.t_min(0) == 0.02
+    assert (g.t_max(5000), g.t_max(5001)) == (0.98, 0.5)
+    assert g.vsd.lora_lr(0) == 1e-4 and g.vsd.camera_dropout == 0.1 and g.vsd.lora_t == (0.0, 1.0)
+    assert g.vsd.lora_model == ""  # one shared UNet unless the paper's separate SD 2.1 base is asked for
+    assert cfg.camera.distance == (1.0, 1.5) and cfg.camera.fovy == (40.0, 70.0)
+    assert cfg.loss.sparsity(0) == 10.0 and (cfg.loss.entropy(10000), cfg.loss.entropy(10001)) == (0.0, 1000.0)
+    assert methods.get("prolificdreamer").stages == ("nerf", "mesh")
+    assert cfg.mesh.width == 512 and cfg.mesh.steps == 5000 and cfg.export.texture  # the mesh stage, under VSD
+
+
+def test_method_presets_are_chosen_like_the_others():
+    cfg, notes = resolve(method="prolificdreamer", prompt="a pineapple")
+    assert cfg.method == "prolificdreamer" and cfg.steps == 25000 and notes == []
+    cfg, notes = resolve(cuda=False, method="vsd", prompt="a pineapple")
+    assert cfg.steps == build_config("prolificdreamer-cpu").steps and "prolificdreamer-cpu" in notes[0]
+    cfg, _ = resolve(method="prolificdreamer", guidance="oracle", reference="shape.ply")
+    assert cfg.guidance.type == "oracle" and cfg.steps == build_config("prolificdreamer-oracle").steps
+    assert resolve(reference="shape.ply")[0].method == "dreamfusion"  # the oracle alone stays DreamFusion's
+
+
+def test_vsd_settings_belong_to_prolificdreamer_only(tmp_path):
+    with pytest.raises(UserError, match="guidance.vsd.lora_rank set, but this run's method is dreamfusion, not "
+                                        "prolificdreamer: drop the setting or pass --method prolificdreamer"):
+        resolve(prompt="x", overrides=["guidance.vsd.lora_rank=8"])
+    cfg, _ = resolve(method="prolificdreamer", prompt="x", overrides=["guidance.vsd.lora_rank=8"])
+    assert cfg.guidance.vsd.lora_rank == 8
+    with pytest.raises(UserError, match="unknown config key 'guidance.vsd.rank'; did you mean: guidance.vsd.lora_rank"):
+        build_config("prolificdreamer", ["guidance.vsd.rank=8"])
+    path = tmp_path / "mine.yaml"
+    path.write_text("method: prolificdreamer\nguidance:\n  vsd:\n    rank: 8\n")
+    with pytest.raises(UserError, match="unknown config key 'guidance.vsd.rank' of the prolificdreamer method; "
+                                        "its keys are: .*guidance.vsd.lora_rank"):
+        build_config(str(path))
+    with pytest.raises(UserError, match="guidance.vsd.camera_dropout"):
+        build_config("prolificdreamer", ["guidance.vsd.camera_dropout=1.5"])
+    with pytest.raises(UserError, match="method prolificdreamer takes the stable_diffusion or oracle prior"):
+        resolve(method="prolificdreamer", guidance="clip", prompt="x")
+
+
+class Recorder:
+    """A stand-in prior that records the render sizes it is given."""
+
+    def __init__(self):
+        self.sizes = []
+
+    def __call__(self, rgb, cameras, step, **_):
+        self.sizes.append((step, tuple(rgb.shape[1:3]), (cameras.height, cameras.width)))
+        return {"loss": ((rgb - 0.5) ** 2).mean()}
+
+
+def test_training_renders_switch_to_the_high_resolution(tmp_path):
+    cfg = build_config("cpu-tiny", ["render.width=8", "render.height=8", "render.hires_step=2",
+                                    "render.hires_width=16", "render.hires_height=12", "render.num_samples=8",
+                                    "field.n_levels=2", "field.max_resolution=32", "field.log2_hashmap_size=10",
+                                    "loss.sparsity=10", "loss.orient=0", "checkpoint_every=0"])
+    recorder = Recorder()
+    trainer = Trainer(cfg, "cpu", recorder, run_dir=tmp_path)
+    records = [trainer.train_step() for _ in range(4)]
+    assert [s[1] for s in recorder.sizes] == [(8, 8), (8, 8), (12, 16), (12, 16)]
+    assert all(s[1] == s[2] for s in recorder.sizes)
+    assert all(0.1 <= r["loss_sparsity"] <= 2 ** 0.5 for r in records)  # sqrt(o^2 + 0.01), o in [0, 1]
+
+
+def test_chunk_checkpointing_gives_the_same_render_gradients_and_random_stream():
+    """With render.checkpoint_rays below the ray count each chunk is recomputed in backward; the render, the
+    field's gradients and the generator's state afterwards equal the plain path's (stratified samples are
+    drawn from the generator, which the recomputation must replay)."""
+    from threed.cameras import make_cameras
+    from threed.config import FieldConfig, RenderConfig
+
+    results = []
+    for checkpoint_rays in (0, 100):
+        cfg = RenderConfig(backend="torch", num_samples=12, chunk_rays=64, checkpoint_rays=checkpoint_rays,
+                           occupancy_resolution=0, background="solid")
+        torch.manual_seed(0)
+        field = NeRFField(FieldConfig(backend="torch", n_levels=2, max_resolution=32, log2_hashmap_size=10,
+                                      hidden_dim=16), 1.0, "cpu").train()
+        cams = make_cameras(torch.tensor([20.0]), torch.tensor([30.0]), torch.tensor([2.0]), torch.tensor([50.0]),
+                            16, 16)
+        gen = torch.Generator().manual_seed(1)
+        out = VolumeRenderer(cfg, "cpu")(field, Background(cfg), cams, "albedo", generator=gen)
+        (out.rgb.square().sum() + out.opacity.sum()).backward()
+        grads = [p.grad.clone() for p in field.parameters()]
+        results.append((out.rgb.detach(), grads, gen.get_state(), torch.rand(3, generator=gen)))
+    (rgb_a, grads_a, state_a, next_a), (rgb_b, grads_b, state_b, next_b) = results
+    assert torch.equal(rgb_a, rgb_b) and torch.equal(state_a, state_b) and torch.equal(next_a, next_b)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads_a, grads_b))
+    assert any(a.abs().sum() > 0 for a in grads_a)
+
+
+def test_prolificdreamer_run_end_to_end(tiny_sd_dir, tmp_path, capsys):
+    """`threed run --method prolificdreamer` on the tiny SD trains both stages and writes the run directory;
+    each stage's checkpoints carry its own particle score; the render size switches at render.hires_step."""
+    out = tmp_path / "pineapple"
+    code = main(["run", "--method", "prolificdreamer", "--prompt", "a pineapple", "--model", str(tiny_sd_dir),
+                 "--steps", "3", "--device", "cpu", "--out", str(out), "--quiet",
+                 "render.width=16", "render.height=16", "render.hires_step=2", "render.hires_width=24",
+                 "render.hires_height=24", "render.num_samples=16", "render.occupancy_resolution=16",
+                 "field.n_levels=4", "field.max_resolution=64", "field.log2_hashmap_size=12",
+                 "guidance.sd.resolution=32", "export.resolution=32", "export.video_frames=4",
+                 "export.video_resolution=32", "export.preview_views=2", "log_every=1", "checkpoint_every=3",
+                 "mesh.steps=2", "mesh.resolution=16", "mesh.width=32", "mesh.height=32", "export.texture_size=64"])
+    assert code == 0, capsys.readouterr().err
+    for name in ["config.yaml", "metrics.jsonl", "mesh.obj", "mesh.png", "mesh.glb", "mesh-coarse.obj",
+                 "turntable.mp4", "preview.png"]:
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    nerf = [r for r in records if "loss" in r and r.get("stage", "nerf") == "nerf"]
+    mesh = [r for r in records if "loss" in r and r.get("stage") == "mesh"]
+    assert [r["step"] for r in nerf] == [1, 2, 3] and [r["step"] for r in mesh] == [4, 5]
+    assert all(r["particle_loss"] > 0 and "loss_sparsity" in r for r in nerf)
+    assert all(r["particle_loss"] > 0 and "loss_normal_consistency" in r for r in mesh)
+    fine = sorted((out / "checkpoints" / "fine").glob("step-*.pt"))
+    assert fine
+    for checkpoint in (out / "checkpoints" / "step-000003.pt", *fine):
+        state = torch.load(checkpoint, weights_only=False)
+        assert any("lora_B" in k for k in state["guidance"]["params"]), checkpoint
+        assert "camera_embedding.linear_2.weight" in state["guidance"]["params"]
+        assert state["guidance"]["optimizer"]["state"]  # AdamW moments of the LoRA
+    assert "threed: done" in capsys.readouterr().out
