@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -16,6 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # when a kernel -- triton's own library included -- is decorated, so it is set before anything imports triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The Ctrl-C tests need SIGINT delivered as in a terminal. A shell without job control starts background
+# commands with SIGINT ignored, which every child inherits (and Python then installs no KeyboardInterrupt
+# handler): restore the usual disposition here, for this process and the processes it starts.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_configure(config: pytest.Config) -> None:
