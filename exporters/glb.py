@@ -33,9 +33,10 @@ def _pad(data: bytes, fill: bytes) -> bytes:
     return data + fill * (-len(data) % 4)
 
 
-def _unit(normals: np.ndarray) -> np.ndarray:
-    """Re-normalise in float32: the validator rejects NORMAL vectors off unit length by > 5e-4."""
-    n = normals.astype(np.float64)
+def unit_normals(normals: np.ndarray) -> np.ndarray:
+    """Unit length in float32 (the validator rejects NORMAL vectors off unit length by > 5e-4); a zero
+    vector becomes +y rather than NaN."""
+    n = np.asarray(normals, dtype=np.float64).reshape(-1, 3)
     length = np.linalg.norm(n, axis=1, keepdims=True)
     n = np.where(length > 1e-12, n / np.maximum(length, 1e-12), np.array([0.0, 1.0, 0.0]))
     return n.astype(np.float32)
@@ -47,39 +48,40 @@ def srgb_to_linear(c: np.ndarray) -> np.ndarray:
     return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
 
 
-def glb_bytes(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None,
-              normals: np.ndarray | None = None) -> bytes:
-    """The .glb file contents for the mesh (arrays as for `write_glb`)."""
-    mesh = mesh_arrays(vertices, faces, colors, normals)
-    positions = np.ascontiguousarray(mesh.vertices, dtype="<f4")
-    attributes: list[tuple[str, np.ndarray]] = [("POSITION", positions)]
-    if mesh.normals is not None:
-        attributes.append(("NORMAL", _unit(mesh.normals).astype("<f4")))
-    if mesh.colors is not None:
-        attributes.append(("COLOR_0", srgb_to_linear(mesh.colors).astype("<f4")))
-    indices = np.ascontiguousarray(mesh.faces, dtype="<u4").reshape(-1)
-
+def pack_glb(attributes: list[tuple[str, np.ndarray, str]], indices: np.ndarray, material: dict,
+             images: list[tuple[str, bytes]] = (), extra: dict | None = None) -> bytes:
+    """A .glb of one mesh under one node with one material. Each vertex attribute (name, array, glTF type
+    such as "VEC3"; stored as float32) and the triangle indices get a buffer view of the one buffer, then
+    each image (name, PNG bytes) one of its own, listed under "images" in that order (what a texture's
+    `source` counts); `extra` adds top-level entries such as textures and samplers."""
     blob = bytearray()
     views: list[dict] = []
     accessors: list[dict] = []
     primitive_attributes: dict[str, int] = {}
 
-    def add_view(data: bytes, target: int) -> int:
+    def add_view(data: bytes, target: int | None) -> int:
         blob.extend(b"\x00" * (-len(blob) % 4))
-        views.append({"buffer": 0, "byteOffset": len(blob), "byteLength": len(data), "target": target})
+        view = {"buffer": 0, "byteOffset": len(blob), "byteLength": len(data)}
+        if target is not None:  # an image's view has no target
+            view["target"] = target
+        views.append(view)
         blob.extend(data)
         return len(views) - 1
 
-    for name, array in attributes:
+    for name, array, kind in attributes:
+        array = np.ascontiguousarray(array, dtype="<f4")
         accessor = {"bufferView": add_view(array.tobytes(), _ARRAY_BUFFER), "componentType": _FLOAT,
-                    "count": len(array), "type": "VEC3"}
-        if name == "POSITION":  # required by the spec for positions
+                    "count": len(array), "type": kind}
+        if name == "POSITION":  # bounds are required for positions
             accessor["min"] = [float(v) for v in array.min(axis=0)] if len(array) else [0.0] * 3
             accessor["max"] = [float(v) for v in array.max(axis=0)] if len(array) else [0.0] * 3
         accessors.append(accessor)
         primitive_attributes[name] = len(accessors) - 1
-    accessors.append({"bufferView": add_view(indices.tobytes(), _ELEMENT_ARRAY_BUFFER),
-                      "componentType": _UINT32, "count": int(indices.size), "type": "SCALAR"})
+    flat = np.ascontiguousarray(indices, dtype="<u4").reshape(-1)
+    accessors.append({"bufferView": add_view(flat.tobytes(), _ELEMENT_ARRAY_BUFFER),
+                      "componentType": _UINT32, "count": int(flat.size), "type": "SCALAR"})
+    image_entries = [{"bufferView": add_view(data, None), "mimeType": "image/png", "name": name}
+                     for name, data in images]
     binary = _pad(bytes(blob), b"\x00")
 
     document = {
@@ -90,8 +92,9 @@ def glb_bytes(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None
         "meshes": [{"name": "threed", "primitives": [{
             "attributes": primitive_attributes, "indices": len(accessors) - 1, "material": 0,
             "mode": _TRIANGLES}]}],
-        "materials": [{"name": "vertex_color", "pbrMetallicRoughness": {
-            "baseColorFactor": [1.0, 1.0, 1.0, 1.0], "metallicFactor": 0.0, "roughnessFactor": 1.0}}],
+        "materials": [material],
+        **({"images": image_entries} if image_entries else {}),
+        **(extra or {}),
         "accessors": accessors,
         "bufferViews": views,
         "buffers": [{"byteLength": len(binary)}],
@@ -100,6 +103,20 @@ def glb_bytes(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None
     total = 12 + 8 + len(text) + 8 + len(binary)
     return (struct.pack("<III", _MAGIC, 2, total) + struct.pack("<II", len(text), _JSON) + text
             + struct.pack("<II", len(binary), _BIN) + binary)
+
+
+def glb_bytes(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None,
+              normals: np.ndarray | None = None) -> bytes:
+    """The .glb file contents for the mesh (arrays as for `write_glb`)."""
+    mesh = mesh_arrays(vertices, faces, colors, normals)
+    attributes: list[tuple[str, np.ndarray, str]] = [("POSITION", mesh.vertices, "VEC3")]
+    if mesh.normals is not None:
+        attributes.append(("NORMAL", unit_normals(mesh.normals), "VEC3"))
+    if mesh.colors is not None:
+        attributes.append(("COLOR_0", srgb_to_linear(mesh.colors), "VEC3"))
+    material = {"name": "vertex_color", "pbrMetallicRoughness": {
+        "baseColorFactor": [1.0, 1.0, 1.0, 1.0], "metallicFactor": 0.0, "roughnessFactor": 1.0}}
+    return pack_glb(attributes, mesh.faces, material)
 
 
 def write_glb(path: Path | str, vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None,

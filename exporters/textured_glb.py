@@ -12,39 +12,17 @@ stored flipped, as glTF puts (0, 0) at the image's top-left corner.
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 import numpy as np
 
 from exporters.atomic import atomic_write_bytes
+from exporters.glb import pack_glb, unit_normals
 from exporters.png import png_bytes
 
-_MAGIC = 0x46546C67  # "glTF"
-_JSON = 0x4E4F534A
-_BIN = 0x004E4942
-_FLOAT = 5126
-_UINT32 = 5125
-_ARRAY_BUFFER = 34962
-_ELEMENT_ARRAY_BUFFER = 34963
-_TRIANGLES = 4
 _LINEAR = 9729
 _LINEAR_MIPMAP_LINEAR = 9987
 _CLAMP_TO_EDGE = 33071
-
-
-def _pad(data: bytes, fill: bytes) -> bytes:
-    return data + fill * (-len(data) % 4)
-
-
-def unit_normals(normals: np.ndarray) -> np.ndarray:
-    """Unit length in float32 (the validator rejects NORMAL vectors off unit length by > 5e-4); a zero
-    vector becomes +y rather than NaN."""
-    n = np.asarray(normals, dtype=np.float64).reshape(-1, 3)
-    length = np.linalg.norm(n, axis=1, keepdims=True)
-    n = np.where(length > 1e-12, n / np.maximum(length, 1e-12), np.array([0.0, 1.0, 0.0]))
-    return n.astype(np.float32)
 
 
 def textured_glb_bytes(vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray, image: np.ndarray,
@@ -60,62 +38,18 @@ def textured_glb_bytes(vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray,
         raise ValueError("a textured GLB needs one UV (and one normal) per vertex")
     if len(indices) and (indices.min() < 0 or indices.max() >= n):
         raise ValueError("faces index vertices that do not exist")
-    texcoords = np.stack([uvs[:, 0], 1.0 - uvs[:, 1]], axis=1).astype("<f4")
+    texcoords = np.stack([uvs[:, 0], 1.0 - uvs[:, 1]], axis=1)
     attributes: list[tuple[str, np.ndarray, str]] = [("POSITION", positions, "VEC3")]
     if normals is not None:
-        attributes.append(("NORMAL", unit_normals(normals).astype("<f4"), "VEC3"))
+        attributes.append(("NORMAL", unit_normals(normals), "VEC3"))
     attributes.append(("TEXCOORD_0", texcoords, "VEC2"))
-
-    blob = bytearray()
-    views: list[dict] = []
-    accessors: list[dict] = []
-    primitive_attributes: dict[str, int] = {}
-
-    def add_view(data: bytes, target: int | None) -> int:
-        blob.extend(b"\x00" * (-len(blob) % 4))
-        view = {"buffer": 0, "byteOffset": len(blob), "byteLength": len(data)}
-        if target is not None:  # an image's view has no target
-            view["target"] = target
-        views.append(view)
-        blob.extend(data)
-        return len(views) - 1
-
-    for name, array, kind in attributes:
-        accessor = {"bufferView": add_view(array.tobytes(), _ARRAY_BUFFER), "componentType": _FLOAT,
-                    "count": n, "type": kind}
-        if name == "POSITION":  # bounds are required for positions
-            accessor["min"] = [float(v) for v in array.min(axis=0)] if n else [0.0] * 3
-            accessor["max"] = [float(v) for v in array.max(axis=0)] if n else [0.0] * 3
-        accessors.append(accessor)
-        primitive_attributes[name] = len(accessors) - 1
-    accessors.append({"bufferView": add_view(indices.astype("<u4").tobytes(), _ELEMENT_ARRAY_BUFFER),
-                      "componentType": _UINT32, "count": int(indices.size), "type": "SCALAR"})
-    image_view = add_view(png_bytes(image), None)
-    binary = _pad(bytes(blob), b"\x00")
-
-    document = {
-        "asset": {"version": "2.0", "generator": "threed"},
-        "scene": 0,
-        "scenes": [{"nodes": [0]}],
-        "nodes": [{"mesh": 0, "name": "threed"}],
-        "meshes": [{"name": "threed", "primitives": [{
-            "attributes": primitive_attributes, "indices": len(accessors) - 1, "material": 0,
-            "mode": _TRIANGLES}]}],
-        "materials": [{"name": "albedo", "pbrMetallicRoughness": {
-            "baseColorTexture": {"index": 0, "texCoord": 0}, "baseColorFactor": [1.0, 1.0, 1.0, 1.0],
-            "metallicFactor": 0.0, "roughnessFactor": 1.0}}],
-        "textures": [{"sampler": 0, "source": 0}],
-        "images": [{"bufferView": image_view, "mimeType": "image/png", "name": "albedo"}],
-        "samplers": [{"magFilter": _LINEAR, "minFilter": _LINEAR_MIPMAP_LINEAR,
-                      "wrapS": _CLAMP_TO_EDGE, "wrapT": _CLAMP_TO_EDGE}],
-        "accessors": accessors,
-        "bufferViews": views,
-        "buffers": [{"byteLength": len(binary)}],
-    }
-    text = _pad(json.dumps(document, separators=(",", ":")).encode("utf-8"), b" ")
-    total = 12 + 8 + len(text) + 8 + len(binary)
-    return (struct.pack("<III", _MAGIC, 2, total) + struct.pack("<II", len(text), _JSON) + text
-            + struct.pack("<II", len(binary), _BIN) + binary)
+    material = {"name": "albedo", "pbrMetallicRoughness": {
+        "baseColorTexture": {"index": 0, "texCoord": 0}, "baseColorFactor": [1.0, 1.0, 1.0, 1.0],
+        "metallicFactor": 0.0, "roughnessFactor": 1.0}}
+    extra = {"textures": [{"sampler": 0, "source": 0}],
+             "samplers": [{"magFilter": _LINEAR, "minFilter": _LINEAR_MIPMAP_LINEAR,
+                           "wrapS": _CLAMP_TO_EDGE, "wrapT": _CLAMP_TO_EDGE}]}
+    return pack_glb(attributes, indices, material, images=[("albedo", png_bytes(image))], extra=extra)
 
 
 def write_textured_glb(path: Path | str, vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray,
