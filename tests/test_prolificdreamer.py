@@ -148,3 +148,21 @@ def test_prolificdreamer_run_end_to_end(tiny_sd_dir, tmp_path, capsys):
         assert "camera_embedding.linear_2.weight" in state["guidance"]["params"]
         assert state["guidance"]["optimizer"]["state"]  # AdamW moments of the LoRA
     assert "threed: done" in capsys.readouterr().out
+
+
+def test_magic3d_refine_takes_a_prolificdreamer_run(tmp_path):
+    """Refining a ProlificDreamer run's NeRF with Magic3D's SDS mesh stage: its guidance.vsd settings (the
+    oracle preset's are not the defaults) belong to its method and are dropped, not an error."""
+    from threed.config import save_config
+
+    source = tmp_path / "pd"
+    cfg = build_config("prolificdreamer-oracle", ["guidance.oracle.reference=/refs/shape.ply"])
+    assert cfg.guidance.vsd.lora_samples != 1  # a setting the check would otherwise trip on
+    save_config(cfg, source / "config.yaml")
+    (source / "checkpoints").mkdir()
+    (source / "checkpoints" / "step-000400.pt").write_bytes(b"")
+    refined, notes, checkpoint = spec.resolve_refine(spec.RunOptions(method="magic3d-refine", from_run=str(source)),
+                                                     cuda=False)
+    assert refined.method == "magic3d-refine" and refined.steps == 400 and checkpoint.name == "step-000400.pt"
+    assert refined.guidance.vsd == type(refined.guidance.vsd)()
+    assert refined.mesh == build_config("magic3d-oracle").mesh

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from threed import methods
-from threed.config import (PRIOR_SECTIONS, Config, MeshConfig, build_config, check_prior_sections, flatten,
-                           load_yaml, preset_path, to_dict)
+from threed.config import (METHOD_SECTIONS, PRIOR_SECTIONS, Config, MeshConfig, build_config, check_prior_sections,
+                           flatten, load_yaml, preset_path, to_dict)
 from threed.errors import UserError
 
 PRIOR_ALIASES = {"sd": "stable_diffusion"}
@@ -231,6 +231,9 @@ def resolve_refine(opts: RunOptions, cuda: bool | None = None) -> tuple[Config, 
     if prior != saved.guidance.type:  # the source's prior settings no longer apply
         section = PRIOR_SECTIONS[saved.guidance.type]
         base["guidance"][section] = to_dict(type(getattr(saved.guidance, section))())
+    for section in METHOD_SECTIONS:  # nor do its method's own (e.g. a prolificdreamer run's guidance.vsd)
+        if section not in method.sections:
+            base["guidance"][section] = to_dict(type(getattr(saved.guidance, section))())
     preset = opts.preset
     if preset is None:
         if cuda is None:
@@ -253,7 +256,7 @@ def resolve_refine(opts: RunOptions, cuda: bool | None = None) -> tuple[Config, 
     if cfg.method != method.name or cfg.steps != step:
         raise UserError(f"method and steps of a refinement come from --method and --from: drop the "
                         f"method= and steps= overrides")
-    check_prior_sections(cfg, {PRIOR_SECTIONS[cfg.guidance.type]})
+    check_prior_sections(cfg, {PRIOR_SECTIONS[cfg.guidance.type], *method.sections})
     cfg.guidance.oracle.reference = absolute(cfg.guidance.oracle.reference)
     return cfg, notes, checkpoint
 

@@ -3,8 +3,8 @@ starts and how it resumes. `threed.pipeline.run` walks a method's stages in orde
 
 - `nerf`: DreamFusion's hash-grid NeRF (threed/scenes/nerf.py), trained for `steps`; checkpoints in
   RUN/checkpoints/step-*.pt.
-- `mesh`: Magic3D's fine stage (threed/scenes/mesh.py), trained for `mesh.steps`, started from the NeRF
-  stage's last checkpoint; checkpoints in RUN/checkpoints/fine/step-*.pt.
+- `mesh`: Magic3D's fine stage (threed/scenes/mesh.py; Magic3D and ProlificDreamer), trained for
+  `mesh.steps`, started from the NeRF stage's last checkpoint; checkpoints in RUN/checkpoints/fine/step-*.pt.
 
 A stage is finished when its newest checkpoint holds its step count. Each stage sees the run's config through
 `stage_config`: the mesh stage's cameras, render size, shading and t range come from the `mesh:` section.

@@ -5,8 +5,8 @@ an SDF on a deformable tetrahedral grid (threed/fields/dmtet.py), extracted by m
 so its vertices are differentiable in the SDF and offsets; it is rasterized (threed/render/rasterize.py,
 nvdiffrast's split: visibility without gradients, differentiable interpolation, antialiasing for silhouette
 gradients), shaded like the NeRF (threed/render/shading.py) with the mesh's interpolated vertex normals, and
-composited over the background. The same prior scores the renders (SDS), so a 512² render costs little
-more than a 64² one in the guidance: the VAE encodes at 512 either way.
+composited over the background. The run's guidance scores the renders (Magic3D: SDS; ProlificDreamer: VSD),
+so a 512² render costs little more than a 64² one in the guidance: the VAE encodes at 512 either way.
 
 Starting point (`from_coarse`): the SDF is the coarse density's surface at the level the coarse export
 chose (`DMTetGeometry.from_density`, on a grid fitted to the object's box), and the texture field is a copy
