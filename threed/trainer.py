@@ -1,9 +1,10 @@
 """The one training loop: cameras -> scene (field + renderer) -> guidance -> losses -> optimiser.
 
-Every method (DreamFusion SDS, the oracle prior, CLIP guidance) and every stage of one (Magic3D's NeRF, then
-its mesh) runs through `Trainer`; a method chooses the guidance and the loss weights, a stage its scene
-(threed/scenes/: what is optimised and how it is rendered). Checkpoints are written atomically and the
-newest few kept; Ctrl-C saves one; a non-finite loss stops the run before the optimiser can spoil the scene.
+Every method (DreamFusion SDS, ProlificDreamer VSD, the oracle prior, CLIP guidance) and every stage of one
+(a NeRF, then a mesh) runs through `Trainer`; a method chooses the guidance and the loss weights, a stage
+its scene (threed/scenes/: what is optimised and how it is rendered). Checkpoints are written atomically
+and the newest few kept (with a guidance's own trained state: VSD's LoRA); Ctrl-C saves one; a non-finite
+loss stops the run before the optimiser can spoil the scene.
 """
 
 from __future__ import annotations
