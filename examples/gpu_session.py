@@ -15,9 +15,12 @@ Parts, each a subprocess with its own timeout, skipped when the budget cannot co
          the same with the cache warm
   e      examples/benchmark_hashgrid.py and examples/benchmark_render.py, where present
   g      examples/benchmark_rasterize.py at 512^2, 10k and 100k faces
+  m      examples/benchmark_fine.py: Magic3D's mesh stage at 512^2 (it/s, phase split, peak)
+  v      examples/benchmark_vsd.py: ProlificDreamer's VSD step against SDS at 64^2 and 512^2 (LoRA branch, peak)
   c      the fast preset (tiny autoencoder), compiled
   f      threed run, dreamfusion-sd, 1000 steps and mesh export (no video), timed
   d      guidance floors, eager and compiled (benchmark_guidance.py)
+`--skip b,e,g,c,f,d` leaves a session to the mesh stage and VSD (m, v) after the CUDA tests.
 Writes to --out: summary.txt (the table), results.json (every part's numbers), log.txt (each part's output,
 its tail when long), cuda_tests.jsonl (errors the CUDA tests measured). Everything else stays in --work.
 """
@@ -217,6 +220,26 @@ def main() -> None:
         if rec.get("status") == "ok":
             s.json_of("g-rasterize", out)
 
+    # (m) Magic3D's mesh stage at 512^2 with the real-size SD (issue 8)
+    if "m" not in skip:
+        out = s.work / "m-fine.json"
+        fine = [py, "examples/benchmark_fine.py", *dev, "--json", str(out)]
+        fine += (["--tiny-sd", "--steps", "2", "--warmup", "1", "mesh.width=64", "mesh.height=64", "mesh.resolution=32"]
+                 if dry else ["--model", sd, "--steps", "20", "--warmup", "5"])
+        rec = s.run("m-mesh-stage", fine, timeout=240, need=60)
+        if rec.get("status") == "ok":
+            s.json_of("m-mesh-stage", out)
+
+    # (v) ProlificDreamer's VSD step against SDS, 64^2 and 512^2 (issue 9); each in its own process
+    if "v" not in skip:
+        out = s.work / "v-vsd.json"
+        vsd = [py, "examples/benchmark_vsd.py", *dev, "--json", str(out)]
+        vsd += (["--tiny-sd", "--preset", "prolificdreamer-cpu", "--resolutions", "32", "--steps", "2", "--warmup", "1"]
+                if dry else ["--model", sd, "--steps", "10", "--warmup", "3", "--phase-timeout", "150"])
+        rec = s.run("v-vsd", vsd, timeout=420, need=90)
+        if rec.get("status") == "ok":
+            s.json_of("v-vsd", out)
+
     # (c) the fast preset (tiny autoencoder: changes the math)
     if "c" not in skip:
         out = s.work / "c-fast.json"
@@ -310,6 +333,24 @@ def summary(s: Session) -> str:
                 f"{parts.get('f-end-to-end', {}).get('seconds', '-')} s; train {final.get('wall_time_s', '-')} s at "
                 f"{final.get('it_per_s', '-')} it/s (compile {final.get('compile_time_s', '-')} s inside), export "
                 f"{final.get('export_time_s', '-')} s, peak {final.get('peak_memory_mb', '-')} MB, mesh {f.get('mesh')}")
+    m = (parts.get("m-mesh-stage") or {}).get("result")
+    rows.append("")
+    rows.append("mesh stage (m) | render | faces | step ms | it/s | render / guidance / backward / optim ms | peak MB")
+    if m:
+        ph = m["median_ms"]
+        rows.append(f"magic3d | {m['render']} | {m['faces']} | {m['step_ms']} | {m['it_per_s']} | {ph['render']} / "
+                    f"{ph['guidance']} / {ph['backward']} / {ph['optimizer']} | {m['peak_memory_mb']}")
+    else:
+        rows.append("- | - | - | - | - | - | -")
+    v = (parts.get("v-vsd") or {}).get("result")
+    rows.append("")
+    rows.append("VSD (v) | render | step ms | LoRA branch ms | peak MB")
+    for r in (v or {}).get("results", []) or [{"phase": "-", "error": "did not run"}]:
+        if "error" in r:
+            rows.append(f"{r.get('phase')} | error: {r['error']}")
+        else:
+            rows.append(f"{r['method']} | {r['resolution']}² | {r['median_ms']['step']} | {r.get('lora_branch_ms', '')} | "
+                        f"{r['peak_memory_mb']}")
     measured = s.out / "cuda_tests.jsonl"
     if measured.exists():
         rows.append("")
