@@ -41,7 +41,7 @@ def test_vsd_recovers_an_ellipsoid_and_the_mesh_stage_improves_it(tmp_path: Path
     least 10% of the NeRF's Chamfer (measured 25%), loses no F-score and ends within 0.7%.
     (A torus at the NeRF stage's budget measured 1.64%, and 1.2% after 600 steps: the shape seen from outside
     is right, but the tube's hidden interior keeps low-density pockets whose surfaces count in the Chamfer
-    distance; the oracle SDS preset does not leave them. Recorded in docs/PERFORMANCE.md.)
+    distance. SDS with this preset's settings leaves them too (1.61%). Recorded in docs/PERFORMANCE.md.)
     """
     ref = shapes.ellipsoid()
     reference = shapes.save(ref, tmp_path / "ellipsoid.ply")
