@@ -39,3 +39,26 @@ def mesh_arrays(vertices, faces, colors=None, normals=None) -> MeshArrays:
                 value = np.clip(value, 0.0, 1.0)
         out.append(value)
     return MeshArrays(*out)
+
+
+class UVMeshArrays(NamedTuple):
+    vertices: np.ndarray  # (N, 3) float32
+    faces: np.ndarray  # (M, 3) int64
+    uvs: np.ndarray  # (T, 2) float64, v up
+    uv_faces: np.ndarray  # (M, 3) int64 indices into uvs, one per face corner
+    normals: np.ndarray | None  # (N, 3) float32
+
+
+def uv_mesh_arrays(vertices, faces, uvs, uv_faces=None, normals=None) -> UVMeshArrays:
+    """`mesh_arrays`' checks plus texture coordinates: `uv_faces` (M, 3) index `uvs` (T, 2) per face corner
+    (None: one UV per vertex, indexed by `faces`). Raises ValueError as `mesh_arrays` does."""
+    mesh = mesh_arrays(vertices, faces, normals=normals)
+    uv = np.ascontiguousarray(uvs, dtype=np.float64)
+    if uv.ndim != 2 or uv.shape[1] != 2:
+        raise ValueError(f"uvs must be a (T, 2) array, got shape {uv.shape}")
+    uvf = mesh.faces if uv_faces is None else np.ascontiguousarray(uv_faces, dtype=np.int64)
+    if uvf.shape != mesh.faces.shape:
+        raise ValueError(f"{len(mesh.faces)} faces but UV faces of shape {uvf.shape}")
+    if len(uvf) and (uvf.min() < 0 or uvf.max() >= len(uv)):
+        raise ValueError(f"UV faces index texture coordinates that do not exist ({len(uv)} of them)")
+    return UVMeshArrays(mesh.vertices, mesh.faces, uv, uvf, mesh.normals)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from exporters.arrays import uv_mesh_arrays
 from exporters.atomic import atomic_write_bytes
 from exporters.glb import pack_glb, unit_normals
 from exporters.png import png_bytes
@@ -30,14 +31,9 @@ def textured_glb_bytes(vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray,
     """The .glb file contents. One UV and one normal per vertex (glTF has no separate UV indices: split
     vertices along UV seams first). vertices: (N, 3); faces: (M, 3) 0-based, counter-clockwise from
     outside; uvs: (N, 2) in [0, 1], v up; normals: (N, 3) or None; image: (H, W, 3) uint8, row 0 on top."""
-    positions = np.ascontiguousarray(vertices, dtype="<f4").reshape(-1, 3)
-    n = len(positions)
-    uvs = np.asarray(uvs, dtype=np.float64).reshape(-1, 2)
-    indices = np.ascontiguousarray(faces, dtype=np.int64).reshape(-1, 3)
-    if len(uvs) != n or (normals is not None and len(normals) != n):
+    positions, indices, uvs, _, normals = uv_mesh_arrays(vertices, faces, uvs, normals=normals)
+    if len(uvs) != len(positions):
         raise ValueError("a textured GLB needs one UV (and one normal) per vertex")
-    if len(indices) and (indices.min() < 0 or indices.max() >= n):
-        raise ValueError("faces index vertices that do not exist")
     texcoords = np.stack([uvs[:, 0], 1.0 - uvs[:, 1]], axis=1)
     attributes: list[tuple[str, np.ndarray, str]] = [("POSITION", positions, "VEC3")]
     if normals is not None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from exporters.arrays import uv_mesh_arrays
 from exporters.atomic import atomic_write_text
 from exporters.png import write_png
 
@@ -41,17 +42,8 @@ def write_textured_obj(path: Path | str, vertices: np.ndarray, faces: np.ndarray
     vertex); normals: (N, 3) per vertex, indexed like `vertices`; image: (H, W, 3) uint8, row 0 on top.
     """
     path = Path(path)
-    vertices = np.asarray(vertices, dtype=np.float32).reshape(-1, 3)
-    faces = np.asarray(faces, dtype=np.int64).reshape(-1, 3)
-    uvs = np.asarray(uvs, dtype=np.float32).reshape(-1, 2)
-    uv_faces = faces if uv_faces is None else np.asarray(uv_faces, dtype=np.int64).reshape(-1, 3)
-    if len(uv_faces) != len(faces):
-        raise ValueError(f"{len(faces)} faces but {len(uv_faces)} UV faces")
-    for name, index, count in (("faces", faces, len(vertices)), ("uv_faces", uv_faces, len(uvs))):
-        if len(index) and (index.min() < 0 or index.max() >= count):
-            raise ValueError(f"{name} index beyond the {count} entries they refer to")
-    if normals is not None and len(normals) != len(vertices):
-        raise ValueError(f"{len(vertices)} vertices but {len(normals)} normals")
+    vertices, faces, uvs, uv_faces, normals = uv_mesh_arrays(vertices, faces, uvs, uv_faces, normals)
+    uvs = uvs.astype(np.float32)  # written as float32, as before: the same digits
 
     mtl, png = path.with_suffix(".mtl"), path.with_suffix(".png")
     lines = [f"# threed textured mesh: {len(vertices)} vertices, {len(uvs)} texture coordinates, "

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from exporters.arrays import uv_mesh_arrays
 from threed.errors import UserError
 
 AlbedoFn = Callable[[Tensor], Tensor]  # (N, 3) points -> (N, 3) colours in [0, 1]
@@ -242,12 +243,7 @@ def bake_texture(vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray, uv_fa
     background for coarse mip levels to average in. Eight rings cover the footprint of mip level 3.
     """
     size = _check_size(size)
-    vertices = np.asarray(vertices, dtype=np.float32).reshape(-1, 3)
-    faces = np.asarray(faces, dtype=np.int64).reshape(-1, 3)
-    uvs = np.asarray(uvs, dtype=np.float64).reshape(-1, 2)
-    uv_faces = faces if uv_faces is None else np.asarray(uv_faces, dtype=np.int64).reshape(-1, 3)
-    if len(uv_faces) != len(faces):
-        raise ValueError(f"{len(faces)} faces but {len(uv_faces)} UV faces")
+    vertices, faces, uvs, uv_faces, normals = uv_mesh_arrays(vertices, faces, uvs, uv_faces, normals)
     if len(faces) == 0:
         raise UserError("cannot bake a texture for an empty mesh (no faces)")
 
@@ -264,8 +260,7 @@ def bake_texture(vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray, uv_fa
     if inset:
         from threed.mesh import vertex_normals
 
-        n = torch.from_numpy(vertex_normals(vertices, faces) if normals is None
-                             else np.asarray(normals, dtype=np.float32)).to(device)
+        n = torch.from_numpy(vertex_normals(vertices, faces) if normals is None else normals).to(device)
         direction = F.normalize((n[f[face]] * weights).sum(dim=1), dim=-1)
         points = points - float(inset) * direction
 
