@@ -17,6 +17,7 @@ import os
 import torch
 from torch import Tensor, nn
 
+from threed.accelerators import importable_for
 from threed.config import FieldConfig
 
 PRIMES = (1, 2654435761, 805459861)
@@ -135,24 +136,12 @@ class TcnnHashGrid(nn.Module):
 
 
 def tcnn_available(device: torch.device | str) -> bool:
-    if torch.device(device).type != "cuda":
-        return False
-    try:
-        import tinycudann  # noqa: F401
-    except (ImportError, OSError, RuntimeError):
-        return False
-    return True
+    return importable_for(device, "tinycudann")
 
 
 def triton_available(device: torch.device | str) -> bool:
     """Triton kernels run on CUDA tensors; on CPU tensors only under its interpreter (TRITON_INTERPRET=1)."""
-    if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    try:
-        import triton  # noqa: F401
-    except (ImportError, OSError, RuntimeError):
-        return False
-    return True
+    return importable_for(device, "triton", cpu=os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def make_hashgrid(cfg: FieldConfig, device: torch.device | str) -> tuple[nn.Module, str]:

@@ -50,6 +50,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from threed.accelerators import importable_for
 from threed.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
@@ -482,13 +483,7 @@ def antialias(color: Tensor, rast: Tensor, pos: Tensor, tri: Tensor, topology: T
 # -- backend choice ------------------------------------------------------------------------------------------
 def nvdiffrast_available(device: torch.device | str) -> bool:
     """nvdiffrast's CUDA rasterizer is usable: a CUDA device and an importable, working nvdiffrast.torch."""
-    if torch.device(device).type != "cuda":
-        return False
-    try:
-        import nvdiffrast.torch  # noqa: F401
-    except (ImportError, OSError, RuntimeError):
-        return False
-    return True
+    return importable_for(device, "nvdiffrast.torch")
 
 
 class MeshRasterizer:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from threed.accelerators import importable_for
 from threed.cameras import Cameras
 from threed.config import RenderConfig
 from threed.errors import UserError
@@ -56,13 +57,7 @@ def ray_aabb(rays_o: Tensor, rays_d: Tensor, bound: float) -> tuple[Tensor, Tens
 
 
 def nerfacc_available(device: torch.device | str) -> bool:
-    if torch.device(device).type != "cuda":
-        return False  # nerfacc's kernels are CUDA-only; on CPU tensors they try to JIT-build
-    try:
-        import nerfacc  # noqa: F401
-    except (ImportError, OSError, RuntimeError):
-        return False
-    return True
+    return importable_for(device, "nerfacc")  # CUDA only: on CPU tensors its kernels try to JIT-build
 
 
 def checkpointed(fn, args: tuple, generator: torch.Generator | None) -> tuple[Tensor, ...]:
