@@ -71,15 +71,10 @@ def measure(args, device: str, tmp: Path) -> dict:
 
     from threed.config import build_config
     from threed.pipeline import load_run_config
-    from threed.random_models import build_random_sd, build_tiny_sd
+    from threed.random_models import benchmark_sd
     from threed.trainer import peak_memory_mb
 
-    model = args.model
-    if model is None:
-        if args.tiny_sd:
-            model = str(build_tiny_sd(tmp / "sd"))
-        else:
-            model = str(build_random_sd(Path(args.arch), tmp / "sd", device=device))
+    model = benchmark_sd(args.model, tmp, args.tiny_sd, Path(args.arch), device)
     tiny = ["guidance.sd.resolution=64"] if args.tiny_sd else []  # the tiny VAE downsamples 2x, not 8x
     base = [f"device={device}", "prompt=a yellow rubber duck", f"guidance.sd.model={model}", *tiny]
     if args.from_run:

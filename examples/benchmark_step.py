@@ -73,7 +73,8 @@ def main() -> None:
 
     from threed.config import build_config, resolve_device
     from threed import methods
-    from threed.random_models import build_random_sd, build_random_taesd, build_tiny_sd, build_tiny_taesd
+    from threed.random_models import (benchmark_sd, build_random_sd, build_random_taesd, build_tiny_sd,
+                                      build_tiny_taesd)
     from threed.trainer import Trainer, peak_memory_mb
 
     device = resolve_device(args.device)
@@ -89,12 +90,7 @@ def main() -> None:
         print(json.dumps({"built": str(out), "seconds": round(time.perf_counter() - start, 1)}))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model
-        if model is None:
-            if args.tiny_sd:
-                model = str(build_tiny_sd(Path(tmp) / "sd"))
-            else:
-                model = str(build_random_sd(Path(args.arch), Path(tmp) / "sd", device=device))
+        model = benchmark_sd(args.model, Path(tmp), args.tiny_sd, Path(args.arch), device)
         # The tiny VAE downsamples 2x, not 8x: keep its latents (and the UNet's attention) small.
         tiny = ["guidance.sd.resolution=64"] if args.tiny_sd else []
         cfg = build_config(args.preset, [f"guidance.sd.model={model}", "prompt=a yellow rubber duck",

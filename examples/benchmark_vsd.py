@@ -151,14 +151,9 @@ def main() -> None:
 
     cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model
-        if model is None:
-            from threed.random_models import build_random_sd, build_tiny_sd
+        from threed.random_models import benchmark_sd
 
-            if args.tiny_sd:
-                model = str(build_tiny_sd(Path(tmp) / "sd"))
-            else:
-                model = str(build_random_sd(Path(args.arch), Path(tmp) / "sd", device="cuda" if cuda else "cpu"))
+        model = benchmark_sd(args.model, Path(tmp), args.tiny_sd, Path(args.arch), "cuda" if cuda else "cpu")
         results = []
         for size in [int(s) for s in args.resolutions.split(",")]:
             for method in [m.strip() for m in args.methods.split(",")]:

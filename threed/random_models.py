@@ -191,3 +191,14 @@ def build_random_taesd(out: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     AutoencoderTiny().save_pretrained(out)
     return Path(out)
+
+
+def benchmark_sd(model: str | None, folder: Path, tiny: bool, arch: Path, device: str = "cpu") -> str:
+    """The Stable Diffusion a benchmark scores with: `model` when given, else one built in `folder`, tiny
+    (a CPU smoke run) or with SD-2.1-base's real architecture (`arch`) and random weights (speed and memory
+    do not depend on weight values)."""
+    if model is not None:
+        return model
+    if tiny:
+        return str(build_tiny_sd(Path(folder) / "sd"))
+    return str(build_random_sd(Path(arch), Path(folder) / "sd", device=device))
