@@ -67,7 +67,7 @@ def build_trainer(args, cfg, device: str, run_dir: Path):
 
 
 def measure(args, device: str, tmp: Path) -> dict:
-    from benchmark_step import guidance_compile_info, sync
+    from benchmark_step import first_step, guidance_compile_info, phased_steps, timed_steps
 
     from threed.config import build_config
     from threed.pipeline import load_run_config
@@ -87,31 +87,11 @@ def measure(args, device: str, tmp: Path) -> dict:
     vertices, faces = trainer.scene.geometry.extract()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    sync(device)
-    start = time.perf_counter()
-    trainer.train_step()  # compiles the guidance where it is compiled
-    sync(device)
-    first_step_s = time.perf_counter() - start
-    for _ in range(max(args.warmup - 1, 0)):
-        trainer.train_step()
-    sync(device)
+    first_step_s = first_step(trainer, args.warmup, device)
     # Steps as a run takes them (one wait for the device per step), then again split into phases.
-    steps: list[float] = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        trainer.train_step()
-        sync(device)
-        steps.append(time.perf_counter() - start)
-    trainer.phase_timing = True
+    steps = timed_steps(trainer, args.steps, device)
     trainer.scene.profile = args.profile
-    phases: dict[str, list[float]] = {k: [] for k in ("render", "guidance", "backward", "optimizer")}
-    parts: dict[str, list[float]] = {}
-    for _ in range(args.steps):
-        trainer.train_step()
-        for k, v in trainer.timings.items():
-            phases[k].append(v)
-        for k, v in trainer.scene.timings.items():
-            parts.setdefault(k, []).append(v)
+    phases, parts = phased_steps(trainer, args.steps)
     med = {k: statistics.median(v) for k, v in phases.items()}
     step = statistics.median(steps)
     return {

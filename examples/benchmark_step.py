@@ -54,6 +54,46 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def first_step(trainer, warmup: int, device: str) -> float:
+    """Seconds of the first step (it compiles the guidance where it is compiled), then the rest of `warmup`."""
+    sync(device)
+    start = time.perf_counter()
+    trainer.train_step()
+    sync(device)
+    seconds = time.perf_counter() - start
+    for _ in range(max(warmup - 1, 0)):
+        trainer.train_step()
+    sync(device)
+    return seconds
+
+
+def timed_steps(trainer, n: int, device: str) -> list[float]:
+    """Seconds of `n` steps as a run takes them (one wait for the device per step)."""
+    steps: list[float] = []
+    for _ in range(n):
+        start = time.perf_counter()
+        trainer.train_step()
+        sync(device)
+        steps.append(time.perf_counter() - start)
+    return steps
+
+
+def phased_steps(trainer, n: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """`n` steps with the device synchronised after each phase: seconds per phase (render, guidance,
+    backward, optimizer), and per part of the scene's render where the scene times them (`scene.timings`)."""
+    phases: dict[str, list[float]] = {k: [] for k in ("render", "guidance", "backward", "optimizer")}
+    parts: dict[str, list[float]] = {}
+    trainer.phase_timing = True
+    for _ in range(n):
+        trainer.train_step()
+        for k, v in trainer.timings.items():
+            phases[k].append(v)
+        for k, v in getattr(trainer.scene, "timings", {}).items():
+            parts.setdefault(k, []).append(v)
+    trainer.phase_timing = False
+    return phases, parts
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="dreamfusion-sd")
@@ -106,28 +146,9 @@ def main() -> None:
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
-        sync(device)
-        start = time.perf_counter()
-        trainer.train_step()
-        sync(device)
-        first_step_s = time.perf_counter() - start
-        for _ in range(max(args.warmup - 1, 0)):
-            trainer.train_step()
-        sync(device)
-
-        trainer.phase_timing = True
-        phases: dict[str, list[float]] = {"render": [], "guidance": [], "backward": [], "optimizer": []}
-        for _ in range(args.steps):
-            trainer.train_step()
-            for k, v in trainer.timings.items():
-                phases[k].append(v)
-        trainer.phase_timing = False
-        steps: list[float] = []
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            trainer.train_step()
-            sync(device)
-            steps.append(time.perf_counter() - start)
+        first_step_s = first_step(trainer, args.warmup, device)
+        phases, _ = phased_steps(trainer, args.steps)
+        steps = timed_steps(trainer, args.steps, device)
 
         med = {k: statistics.median(v) for k, v in phases.items()}
         step = statistics.median(steps)
