@@ -110,3 +110,10 @@ def mesh_trainer(cfg: Config, device: str, guidance, run_dir: Path, coarse: Trai
     trainer.log_step_offset = cfg.steps
     trainer.diverged_hint = "lower mesh.lr_sdf or mesh.lr_texture and resume"
     return trainer
+
+
+def planned_steps(cfg: Config) -> list[tuple[str, int]]:
+    """(stage, its step count) for each stage of the run's method, in order: the run's whole budget."""
+    from threed import methods
+
+    return [(s, stage_steps(cfg, s)) for s in methods.get(cfg.method).stages]
