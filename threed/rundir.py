@@ -117,9 +117,9 @@ class RunDir:
         return checkpoint_step(latest) if latest is not None else 0
 
     def has_checkpoint(self) -> bool:
-        """Whether any stage has saved a checkpoint (something to resume)."""
+        """Whether any stage has saved a checkpoint (something to resume; a 0.1 folder's count too)."""
         folder = self.path / CHECKPOINTS
-        return folder.is_dir() and any(checkpoints_in(d) for d in folder.iterdir() if d.is_dir())
+        return folder.is_dir() and any(checkpoints_in(d) for d in [folder, *folder.iterdir()] if d.is_dir())
 
     # -- metrics ------------------------------------------------------------------------------
     def append_metrics(self, record: dict) -> None:
