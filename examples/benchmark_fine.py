@@ -48,14 +48,14 @@ def build_trainer(args, cfg, device: str, run_dir: Path):
     from threed.scenes.mesh import MeshScene
     from threed.trainer import Trainer
 
-    stage_cfg = stages.stage_config(cfg, "mesh")
+    stage_cfg = stages.MESH.config(cfg)
     guidance = methods.get(cfg.method).build_guidance(stage_cfg, device)
     torch.manual_seed(cfg.seed)
     if args.from_run:
         from threed import pipeline
 
         coarse = pipeline.load_trainer(Path(args.from_run), device, stage="nerf")
-        level = pipeline.coarse_level(run_dir, coarse, progress=False)
+        level = coarse.scene.export_mesh(progress=False).about["threshold"]  # the NeRF's export level
         scene = MeshScene.from_coarse(stage_cfg, coarse.field, coarse.background, level, device, progress=False)
     else:
         grid = TetGrid.fit([-0.6] * 3, [0.6] * 3, cfg.mesh.resolution)
@@ -63,7 +63,7 @@ def build_trainer(args, cfg, device: str, run_dir: Path):
                                           deform=cfg.mesh.deform_scale > 0, deform_scale=cfg.mesh.deform_scale)
         scene = MeshScene(stage_cfg, geometry, NeRFField(cfg.field, cfg.render.bound, device), Background(cfg.render),
                           device)
-    return Trainer(stage_cfg, device, guidance, run_dir=run_dir, scene=scene, checkpoint_dir=run_dir / "ckpt")
+    return Trainer(stage_cfg, device, guidance, run_dir=run_dir, scene=scene, stage=stages.MESH.name)
 
 
 def measure(args, device: str, tmp: Path) -> dict:

@@ -37,7 +37,7 @@ def test_run_writes_the_run_directory_contract(tiny_run):
     for name in ["config.yaml", "metrics.jsonl", "mesh.obj", "mesh.mtl", "mesh.glb", "turntable.mp4", "preview.png",
                  "report.html", "report_files/three.min.js"]:
         assert (out / name).is_file(), name
-    assert [p.name for p in sorted((out / "checkpoints").glob("*.pt"))] == ["step-000002.pt", "step-000004.pt"]
+    assert [p.name for p in sorted((out / "checkpoints" / "nerf").glob("*.pt"))] == ["step-000002.pt", "step-000004.pt"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if not r.get("done")]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]

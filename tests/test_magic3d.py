@@ -60,11 +60,11 @@ def coarse_run(tiny_sd_dir, tmp_path_factory):
 def test_magic3d_writes_both_stages(magic3d_run):
     out = magic3d_run
     for name in ["config.yaml", "metrics.jsonl", "mesh.obj", "mesh.mtl", "mesh.png", "mesh.glb", "mesh.json",
-                 "mesh-coarse.obj", "mesh-coarse.mtl", "mesh-coarse.glb", "turntable.mp4", "preview.png",
+                 "mesh-nerf.obj", "mesh-nerf.mtl", "mesh-nerf.glb", "turntable.mp4", "preview.png",
                  "report.html"]:
         assert (out / name).is_file(), name
-    assert [p.name for p in sorted((out / "checkpoints").glob("*.pt"))] == ["step-000002.pt"]
-    assert [p.name for p in sorted((out / "checkpoints" / "fine").glob("*.pt"))] == ["step-000002.pt"]
+    assert [p.name for p in sorted((out / "checkpoints" / "nerf").glob("*.pt"))] == ["step-000002.pt"]
+    assert [p.name for p in sorted((out / "checkpoints" / "mesh").glob("*.pt"))] == ["step-000002.pt"]
     recs = records(out)
     steps = [(r.get("stage", "nerf"), r["step"]) for r in recs if "loss" in r]
     assert steps == [("nerf", 1), ("nerf", 2), ("mesh", 3), ("mesh", 4)]  # the mesh stage continues the step axis
@@ -78,11 +78,11 @@ def test_magic3d_writes_both_stages(magic3d_run):
         assert final[key] > 0, key
     assert final["wall_time_s"] == pytest.approx(final["nerf_wall_time_s"] + final["mesh_wall_time_s"], abs=0.01)
     meshes = json.loads((out / "mesh.json").read_text())["meshes"]  # one entry per mesh file
-    coarse_info, fine_info = meshes["mesh-coarse.obj"], meshes["mesh.obj"]
+    coarse_info, fine_info = meshes["mesh-nerf.obj"], meshes["mesh.obj"]
     assert coarse_info["stage"] == "nerf" and coarse_info["threshold"] > 0 and coarse_info["step"] == 2
     assert fine_info["stage"] == "mesh" and fine_info["step"] == 2 and fine_info["texture_size"] == 64
     page = (out / "report.html").read_text()
-    assert "mesh-coarse.glb" in page and "step 4 of 4" in page
+    assert "mesh-nerf.glb" in page and "step 4 of 4" in page
 
 
 def assert_textured(folder, name="mesh"):
@@ -100,15 +100,15 @@ def assert_textured(folder, name="mesh"):
 
 @slow
 def test_magic3d_meshes_load_and_validate(magic3d_run):
-    """mesh.* (the mesh stage's) are textured, as the magic3d presets say; mesh-coarse.* keep vertex colours."""
+    """mesh.* (the mesh stage's) are textured, as the magic3d presets say; mesh-nerf.* keep vertex colours."""
     import pygltflib
 
     assert_textured(magic3d_run)
-    coarse = trimesh.load(magic3d_run / "mesh-coarse.obj", force="mesh", skip_materials=True)
-    glb = trimesh.load(magic3d_run / "mesh-coarse.glb", force="mesh")
+    coarse = trimesh.load(magic3d_run / "mesh-nerf.obj", force="mesh", skip_materials=True)
+    glb = trimesh.load(magic3d_run / "mesh-nerf.glb", force="mesh")
     assert len(coarse.faces) > 0 and len(glb.faces) == len(coarse.faces)
-    assert pygltflib.GLTF2().load(str(magic3d_run / "mesh-coarse.glb")).meshes[0].primitives[0].attributes.COLOR_0
-    assert validate_gltf(magic3d_run / "mesh-coarse.glb")["issues"]["numErrors"] == 0
+    assert pygltflib.GLTF2().load(str(magic3d_run / "mesh-nerf.glb")).meshes[0].primitives[0].attributes.COLOR_0
+    assert validate_gltf(magic3d_run / "mesh-nerf.glb")["issues"]["numErrors"] == 0
 
 
 @slow
@@ -121,8 +121,8 @@ def test_magic3d_resumes_per_stage(magic3d_run, capsys):
     assert code == 2 and "--steps cannot change the nerf stage" in err and "mesh.steps=N" in err
     code, _, err = run_cli(["run", "--resume", out, "mesh.steps=3", "--quiet"], capsys)
     assert code == 0, err
-    assert [p.name for p in sorted((out / "checkpoints" / "fine").glob("*.pt"))][-1] == "step-000003.pt"
-    assert [p.name for p in sorted((out / "checkpoints").glob("*.pt"))] == ["step-000002.pt"]  # NeRF untouched
+    assert [p.name for p in sorted((out / "checkpoints" / "mesh").glob("*.pt"))][-1] == "step-000003.pt"
+    assert [p.name for p in sorted((out / "checkpoints" / "nerf").glob("*.pt"))] == ["step-000002.pt"]  # NeRF untouched
     final = records(out)[-1]
     assert final["done"] and final["step"] == 5 and final["segment_steps"] == 1
     assert "nerf_wall_time_s" in final  # the NeRF stage's numbers, from its record of the first segment
@@ -148,11 +148,11 @@ def test_refine_a_finished_coarse_run(coarse_run, tiny_sd_dir, capsys):
     source = load_run_config(coarse_run)
     assert cfg.method == "magic3d-refine" and cfg.steps == 2 and cfg.mesh.steps == 2
     assert (cfg.prompt, cfg.guidance.sd.model, cfg.field) == (source.prompt, source.guidance.sd.model, source.field)
-    copied = torch.load(out / "checkpoints" / "step-000002.pt", weights_only=False)
-    original = torch.load(coarse_run / "checkpoints" / "step-000002.pt", weights_only=False)
+    copied = torch.load(out / "checkpoints" / "nerf" / "step-000002.pt", weights_only=False)
+    original = torch.load(coarse_run / "checkpoints" / "nerf" / "step-000002.pt", weights_only=False)
     assert "optimizer" not in copied and copied["copied_from"].endswith("step-000002.pt")
     assert all(torch.equal(copied["field"][k], original["field"][k]) for k in original["field"])
-    for name in ("mesh.obj", "mesh.glb", "mesh-coarse.obj", "mesh-coarse.glb", "checkpoints/fine/step-000002.pt"):
+    for name in ("mesh.obj", "mesh.glb", "mesh-nerf.obj", "mesh-nerf.glb", "checkpoints/mesh/step-000002.pt"):
         assert (out / name).is_file(), name
     assert records(out)[0]["copied_from"].endswith("step-000002.pt") and records(out)[-1]["done"]
     # the refined run resumes like any other; the source is left alone
@@ -160,7 +160,7 @@ def test_refine_a_finished_coarse_run(coarse_run, tiny_sd_dir, capsys):
     assert code == 0 and "is finished" in stdout
     code, _, err = run_cli(["run", "--resume", out, "--steps", "3"], capsys)
     assert code == 2 and "it comes from another run" in err
-    assert not (coarse_run / "checkpoints" / "fine").exists() and not (coarse_run / "mesh-coarse.obj").exists()
+    assert not (coarse_run / "checkpoints" / "mesh").exists() and not (coarse_run / "mesh-nerf.obj").exists()
 
 
 def test_magic3d_presets_and_method_choice():
@@ -170,7 +170,7 @@ def test_magic3d_presets_and_method_choice():
     from threed.config import build_config
 
     cfg = build_config("magic3d")
-    assert cfg.method == "magic3d" and methods.get("magic3d").stages == ("nerf", "mesh")
+    assert cfg.method == "magic3d" and [s.name for s in methods.get("magic3d").stages] == ["nerf", "mesh"]
     assert (cfg.render.width, cfg.steps) == (64, 10000)  # the coarse stage: DreamFusion's
     m = cfg.mesh
     assert (m.width, m.height, m.steps, m.resolution) == (512, 512, 5000, 128)
@@ -205,8 +205,8 @@ def test_bad_refine_and_mesh_input_is_one_line(args, words, capsys, tmp_path, mo
     clip_run = tmp_path / "clip-run"
     cfg, _ = resolve(RunOptions(prompt="a duck", method="clip"), cuda=False)
     save_config(cfg, clip_run / "config.yaml")
-    (clip_run / "checkpoints").mkdir()
-    (clip_run / "checkpoints" / "step-000010.pt").write_bytes(b"never loaded: the prior is refused first")
+    (clip_run / "checkpoints" / "nerf").mkdir(parents=True)
+    (clip_run / "checkpoints" / "nerf" / "step-000010.pt").write_bytes(b"never loaded: the prior is refused first")
     names = {"NOT_A_RUN": tmp_path, "NO_CHECKPOINT": no_checkpoint, "CLIP_RUN": clip_run}
     code, _, err = run_cli(["run", *[names.get(a, a) for a in args]], capsys)
     assert code == 2

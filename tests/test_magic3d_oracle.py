@@ -1,7 +1,7 @@
 """End to end: Magic3D's two stages with the oracle prior, and what the mesh stage adds over the NeRF's mesh.
 
 `threed.pipeline.run` trains the magic3d-oracle preset (fewer steps, so the file stays within a few minutes)
-against a reference from tests/shapes.py; both the NeRF stage's mesh (mesh-coarse.obj, marching cubes) and
+against a reference from tests/shapes.py; both the NeRF stage's mesh (mesh-nerf.obj, marching cubes) and
 the mesh stage's (mesh.obj, the DMTet surface) are compared with the reference by Chamfer-L1 relative to its
 bounding-box diagonal (threed/metrics.py). Thresholds come from runs of exactly these settings (seed 0) and
 are stated in the docstring.
@@ -39,7 +39,7 @@ def test_the_mesh_stage_improves_on_the_nerf_mesh(tmp_path: Path) -> None:
     cfg = build_config("magic3d-oracle", [f"guidance.oracle.reference={reference}", *SETTINGS])
     run = tmp_path / "run"
     pipeline.run(cfg, run, progress=False)
-    coarse = mesh_distance(trimesh.load(run / "mesh-coarse.obj", force="mesh", process=False), ref)
+    coarse = mesh_distance(trimesh.load(run / "mesh-nerf.obj", force="mesh", process=False), ref)
     fine = mesh_distance(trimesh.load(run / "mesh.obj", force="mesh", process=False), ref)
     done = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     print({"coarse": coarse, "fine": fine, "times": {k: v for k, v in done.items() if "time" in k}})

@@ -23,8 +23,8 @@ CENTER, RADIUS = (0.3, 0.2, -0.1), 0.35  # off-centre: a flipped or mirrored ima
 
 def sphere_scene(resolution: int = 48, extra: tuple[str, ...] = (), rasterizer: str = "torch",
                  device: str = "cpu") -> MeshScene:
-    cfg = stages.stage_config(build_config("magic3d-oracle", ["render.background_color=[0, 0, 0]",
-                                                              f"mesh.rasterizer={rasterizer}", *extra]), "mesh")
+    cfg = stages.MESH.config(build_config("magic3d-oracle", ["render.background_color=[0, 0, 0]",
+                                                             f"mesh.rasterizer={rasterizer}", *extra]))
     c = torch.tensor(CENTER)
     geometry = DMTetGeometry.from_sdf(lambda p: (p - c.to(p)).norm(dim=-1) - RADIUS, TetGrid.cube(resolution, 1.0),
                                       device=device)
@@ -117,7 +117,7 @@ def test_textureless_and_lambertian_shade_with_the_mesh_normals():
 
 def test_start_from_a_coarse_field_inherits_its_albedo_and_level(tmp_path):
     """`from_coarse`: the surface at the coarse density level, the texture an exact copy of the field."""
-    cfg = stages.stage_config(build_config("magic3d-oracle", ["mesh.resolution=24"]), "mesh")
+    cfg = stages.MESH.config(build_config("magic3d-oracle", ["mesh.resolution=24"]))
     torch.manual_seed(1)
     field = NeRFField(cfg.field, cfg.render.bound)
     bg = Background(cfg.render)
@@ -158,12 +158,12 @@ def test_an_empty_surface_is_an_error_not_a_blank_render():
 
 def test_the_mesh_stage_sees_its_own_cameras_render_size_and_t_range():
     cfg = build_config("magic3d", ["mesh.width=256", "mesh.t_max=0.4"])
-    fine = stages.stage_config(cfg, "mesh")
+    fine = stages.MESH.config(cfg)
     assert (fine.render.width, fine.render.height, fine.steps) == (256, 512, 5000)
     assert fine.camera.fovy == (30.0, 45.0) and cfg.camera.fovy == (40.0, 70.0)
     assert fine.guidance.t_max(0) == 0.4 and cfg.guidance.t_max(0) == 0.98
     assert fine.guidance.sd == cfg.guidance.sd and fine.render.background == cfg.render.background
-    assert stages.stage_config(cfg, "nerf") is cfg
+    assert stages.NERF.config(cfg) is cfg
 
 
 @pytest.mark.cuda

@@ -34,7 +34,7 @@ def test_preset_has_prolificdreamers_stage_one_values():
     assert g.vsd.lora_model == ""  # one shared UNet unless the paper's separate SD 2.1 base is asked for
     assert cfg.camera.distance == (1.0, 1.5) and cfg.camera.fovy == (40.0, 70.0)
     assert cfg.loss.sparsity(0) == 10.0 and (cfg.loss.entropy(10000), cfg.loss.entropy(10001)) == (0.0, 1000.0)
-    assert methods.get("prolificdreamer").stages == ("nerf", "mesh")
+    assert [s.name for s in methods.get("prolificdreamer").stages] == ["nerf", "mesh"]
     assert cfg.mesh.width == 512 and cfg.mesh.steps == 5000 and cfg.export.texture  # the mesh stage, under VSD
 
 
@@ -131,7 +131,7 @@ def test_prolificdreamer_run_end_to_end(tiny_sd_dir, tmp_path, capsys):
                  "export.video_resolution=32", "export.preview_views=2", "log_every=1", "checkpoint_every=3",
                  "mesh.steps=2", "mesh.resolution=16", "mesh.width=32", "mesh.height=32", "export.texture_size=64"])
     assert code == 0, capsys.readouterr().err
-    for name in ["config.yaml", "metrics.jsonl", "mesh.obj", "mesh.png", "mesh.glb", "mesh-coarse.obj",
+    for name in ["config.yaml", "metrics.jsonl", "mesh.obj", "mesh.png", "mesh.glb", "mesh-nerf.obj",
                  "turntable.mp4", "preview.png"]:
         assert (out / name).is_file(), name
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -140,9 +140,9 @@ def test_prolificdreamer_run_end_to_end(tiny_sd_dir, tmp_path, capsys):
     assert [r["step"] for r in nerf] == [1, 2, 3] and [r["step"] for r in mesh] == [4, 5]
     assert all(r["particle_loss"] > 0 and "loss_sparsity" in r for r in nerf)
     assert all(r["particle_loss"] > 0 and "loss_normal_consistency" in r for r in mesh)
-    fine = sorted((out / "checkpoints" / "fine").glob("step-*.pt"))
+    fine = sorted((out / "checkpoints" / "mesh").glob("step-*.pt"))
     assert fine
-    for checkpoint in (out / "checkpoints" / "step-000003.pt", *fine):
+    for checkpoint in (out / "checkpoints" / "nerf" / "step-000003.pt", *fine):
         state = torch.load(checkpoint, weights_only=False)
         assert any("lora_B" in k for k in state["guidance"]["params"]), checkpoint
         assert "camera_embedding.linear_2.weight" in state["guidance"]["params"]

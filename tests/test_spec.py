@@ -75,8 +75,8 @@ def saved_run(tmp_path):
     cfg, _ = resolve(prompt="a yellow rubber duck", preset="cpu-tiny", seed=3, model="/models/sd", steps=8)
     run = tmp_path / "duck"
     save_config(cfg, run / "config.yaml")
-    (run / "checkpoints").mkdir()
-    (run / "checkpoints" / "step-000008.pt").write_bytes(b"not loaded by these tests")
+    (run / "checkpoints" / "nerf").mkdir(parents=True)
+    (run / "checkpoints" / "nerf" / "step-000008.pt").write_bytes(b"not loaded by these tests")
     return run
 
 

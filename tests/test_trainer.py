@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from threed.config import build_config
-from threed.trainer import Diverged, Interrupted, Trainer, as_floats, list_checkpoints
+from threed.rundir import RunDir
+from threed.trainer import Diverged, Interrupted, Trainer, as_floats
 
 SMALL = ["render.width=16", "render.height=16", "render.num_samples=24", "field.n_levels=4",
          "field.max_resolution=64", "field.log2_hashmap_size=12", "render.occupancy_resolution=16",
@@ -41,7 +42,7 @@ def test_fit_logs_and_checkpoints(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
     assert all("loss" in r and "loss_guidance" in r and "t" in r for r in records)
     assert records[-1]["loss"] < records[0]["loss"]
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000004.pt", "step-000005.pt"]
+    assert [p.name for p in RunDir(tmp_path).checkpoints("nerf")] == ["step-000004.pt", "step-000005.pt"]
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -50,7 +51,7 @@ def test_resume_continues_exactly(tmp_path):
     first = make(tmp_path / "b", GreyTarget())
     first.fit(2, progress=False)
     second = make(tmp_path / "b", GreyTarget())
-    second.load_state_dict(torch.load(list_checkpoints(tmp_path / "b")[-1], weights_only=False))
+    second.load_state_dict(torch.load(RunDir(tmp_path / "b").checkpoints("nerf")[-1], weights_only=False))
     assert second.step == 2
     second.fit(4, progress=False)
     for p, q in zip(straight.field.parameters(), second.field.parameters()):
@@ -63,7 +64,7 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path):
         trainer.fit(10, progress=False)
     assert e.value.exit_code == 130
     assert "--resume" in str(e.value)
-    assert list_checkpoints(tmp_path)[-1].name == "step-000003.pt"
+    assert RunDir(tmp_path).checkpoints("nerf")[-1].name == "step-000003.pt"
 
 
 def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -72,8 +73,8 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         trainer.fit(10, progress=False)
     message = str(e.value)
     assert "step 3" in message and "step-000002.pt" in message and "\n" not in message
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000002.pt"]
-    state = torch.load(list_checkpoints(tmp_path)[-1], weights_only=False)
+    assert [p.name for p in RunDir(tmp_path).checkpoints("nerf")] == ["step-000002.pt"]
+    state = torch.load(RunDir(tmp_path).checkpoints("nerf")[-1], weights_only=False)
     assert all(torch.isfinite(v).all() for v in state["field"].values())
 
 

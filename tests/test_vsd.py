@@ -14,7 +14,8 @@ from threed.cameras import make_cameras
 from threed.config import build_config
 from threed.errors import UserError
 from threed.guidance import sds, vsd
-from threed.trainer import Trainer, list_checkpoints
+from threed.rundir import RunDir
+from threed.trainer import Trainer
 
 # Tiny sizes: 16x16 renders, a 32 px VAE input (16x16 latents on the tiny SD), a small hash grid.
 TINY = ["render.width=16", "render.height=16", "render.num_samples=16", "render.occupancy_resolution=16",
@@ -222,7 +223,7 @@ def test_prior_specific_keys_are_checked(tmp_path):
 def _train(cfg, guidance, run_dir, steps, resume=False):
     trainer = Trainer(cfg, "cpu", guidance, run_dir=run_dir)
     if resume:
-        trainer.load_state_dict(torch.load(list_checkpoints(run_dir)[-1], weights_only=False))
+        trainer.load_state_dict(torch.load(RunDir(run_dir).checkpoints("nerf")[-1], weights_only=False))
     trainer.fit(steps, progress=False)
     return trainer
 
@@ -238,7 +239,7 @@ def test_resume_continues_the_particle_score_bit_for_bit(prior, tiny_sd_dir, tmp
         cfg = sd_config(tiny_sd_dir)
     straight = _train(cfg, vsd.build_vsd(cfg, "cpu"), tmp_path / "a", 4)
     _train(cfg, vsd.build_vsd(cfg, "cpu"), tmp_path / "b", 2)
-    state = torch.load(list_checkpoints(tmp_path / "b")[-1], weights_only=False)
+    state = torch.load(RunDir(tmp_path / "b").checkpoints("nerf")[-1], weights_only=False)
     assert set(state["guidance"]) == {"params", "optimizer", "generator"} and state["step"] == 2
     resumed = _train(cfg, vsd.build_vsd(cfg, "cpu"), tmp_path / "b", 4, resume=True)
     assert resumed.step == straight.step == 4

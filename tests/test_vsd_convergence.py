@@ -4,7 +4,7 @@ the NeRF stage, then the mesh stage under VSD with a fresh particle score).
 
 Both meshes are compared with the reference as tests/test_oracle_convergence.py does: Chamfer-L1 and F-score
 relative to the reference's bounding-box diagonal (threed/metrics.py), and the bounding box (same frame):
-`mesh-coarse.obj` (the NeRF's, marching cubes) and `mesh.obj` (the mesh stage's DMTet surface, textured).
+`mesh-nerf.obj` (the NeRF's, marching cubes) and `mesh.obj` (the mesh stage's DMTet surface, textured).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def test_vsd_recovers_an_ellipsoid_and_the_mesh_stage_improves_it(tmp_path: Path
                                                   "checkpoint_every=0"])
     run = tmp_path / "run"
     pipeline.run(cfg, run, progress=False)
-    coarse, fine = _measure(run / "mesh-coarse.obj", ref), _measure(run / "mesh.obj", ref)
+    coarse, fine = _measure(run / "mesh-nerf.obj", ref), _measure(run / "mesh.obj", ref)
     print({"coarse": coarse, "fine": fine})
     assert coarse["chamfer_l1_rel"] <= 0.009
     assert coarse["fscore_1pct"] >= 0.88

@@ -12,12 +12,7 @@ import argparse
 import difflib
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 from threed.errors import UserError
-
-if TYPE_CHECKING:
-    from threed.config import Config
 
 EPILOG = "Config overrides: key=value after the options, e.g. render.width=128 optim.lr=0.005"
 
@@ -137,16 +132,9 @@ def cmd_run(args: argparse.Namespace) -> None:
         run_dir = Path(args.resume)
         saved = pipeline.load_run_config(run_dir)
         cfg = spec.resume_config(saved, opts)
-        step = pipeline.checkpoint_step(pipeline.latest_checkpoint(run_dir))
-        progress = pipeline.stage_progress(run_dir, cfg)
-        if len(progress) == 1:
-            if step >= cfg.steps:
-                if args.steps is not None:
-                    raise UserError(f"--steps {args.steps} is not beyond the run's step {step}: pass a larger --steps")
-                print(f"threed: {run_dir} is finished (step {step} of {cfg.steps}); nothing changed. Pass --steps N "
-                      f"(N > {step}) to train on, or re-export with `threed export {run_dir}`")
-                return
-        elif not check_stages_to_resume(run_dir, saved, cfg, progress, args):
+        finished = pipeline.check_resume(run_dir, saved, cfg, steps_given=args.steps is not None)
+        if finished:
+            print(finished)
             return
         out = run_dir
         written = pipeline.run(cfg, run_dir, resume=True, progress=not args.quiet)
@@ -175,34 +163,6 @@ def cmd_run(args: argparse.Namespace) -> None:
     reference = cfg.guidance.oracle.reference if cfg.guidance.type == "oracle" else None
     print(pipeline.written_summary(written, reference))
     print(f"threed: done: {out}")
-
-
-def check_stages_to_resume(run_dir: Path, saved: Config, cfg: Config, progress: list[tuple[str, int, int]],
-                           args: argparse.Namespace) -> bool:
-    """For a run of several stages: whether there is anything to train; a stage that has finished and been
-    followed by the next cannot grow (its successor started from it)."""
-    from threed import methods
-
-    names = [name for name, _, _ in progress]
-    for i, (name, step, steps) in enumerate(progress[:-1]):
-        nxt, nxt_step, _ = progress[i + 1]
-        grew = (steps != (saved.steps if name == "nerf" else saved.mesh.steps))
-        if grew and (nxt_step > 0 or methods.get(cfg.method).refines):
-            key = "--steps" if name == "nerf" else f"{name}.steps"
-            why = ("it comes from another run" if methods.get(cfg.method).refines
-                   else f"the {nxt} stage has started from it")
-            raise UserError(f"{key} cannot change the {name} stage of {run_dir}: {why}; pass "
-                            f"{names[-1]}.steps=N to train the {names[-1]} stage on")
-    if all(step >= steps for _, step, steps in progress):
-        name, step, steps = progress[-1]
-        if steps != saved.mesh.steps or args.steps is not None:
-            raise UserError(f"{name}.steps={steps} is not beyond the {name} stage's step {step}: pass a larger "
-                            f"{name}.steps")
-        done = "; ".join(f"{n} stage step {s} of {t}" for n, s, t in progress)
-        print(f"threed: {run_dir} is finished ({done}); nothing changed. Pass {name}.steps=N (N > {step}) to "
-              f"train the {name} stage on, or re-export with `threed export {run_dir}`")
-        return False
-    return True
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -27,6 +27,7 @@ from typing import Any, Iterable
 
 from threed.errors import UserError
 from threed.io import atomic_write_bytes, atomic_write_text
+from threed.rundir import RunDir
 
 REPORT = "report.html"
 ASSETS = "report_files"
@@ -123,27 +124,6 @@ def _figure(content: str, caption: str, cls: str = "") -> str:
 
 # -- run pages --------------------------------------------------------------------------------------
 
-def read_metrics(run_dir: Path) -> tuple[list[dict], dict | None]:
-    """(logged step records, the final "done" record or None) from metrics.jsonl; broken lines skipped."""
-    path = Path(run_dir) / "metrics.jsonl"
-    records: list[dict] = []
-    done = None
-    if not path.exists():
-        return records, done
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a crash
-            continue
-        if not isinstance(rec, dict):
-            continue
-        if rec.get("done"):
-            done = rec
-        elif isinstance(rec.get("step"), (int, float)):
-            records.append(rec)
-    return records, done
-
-
 def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     """About n round values (1, 2, 5 x 10^k steps) covering [lo, hi]."""
     span = hi - lo
@@ -222,7 +202,7 @@ def loss_curve_svg(records: list[dict], width: int = 640, height: int = 260, max
 
 
 def _load_config(run_dir: Path) -> tuple[str, dict]:
-    path = run_dir / "config.yaml"
+    path = RunDir(run_dir).config_path
     if not path.exists():
         return "", {}
     text = path.read_text(errors="replace")
@@ -239,13 +219,17 @@ def _exists(run_dir: Path, name: str) -> bool:
     return (run_dir / name).is_file()
 
 
-def _has_mesh_stage(method: Any) -> bool:
+def _planned_steps(cfg: dict) -> Any:
+    """Every stage's steps summed (a later stage continues the earlier one's step axis), or "?" for a config
+    this version cannot read."""
     from threed import methods
+    from threed.config import build_config
 
     try:
-        return "mesh" in methods.get(str(method)).stages
+        config = build_config(base=cfg)
+        return sum(steps for _, steps in methods.get(config.method).planned_steps(config))
     except UserError:
-        return False
+        return cfg.get("steps", "?")
 
 
 def write_run_report(run_dir: Path | str) -> Path:
@@ -254,17 +238,14 @@ def write_run_report(run_dir: Path | str) -> Path:
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist: pass the --out folder of a `threed run`")
     config_text, cfg = _load_config(run_dir)
-    records, done = read_metrics(run_dir)
+    records, done = RunDir(run_dir).metrics()
     guidance = cfg.get("guidance") if isinstance(cfg.get("guidance"), dict) else {}
     prompt = str(cfg.get("prompt") or "")
     if not prompt and guidance.get("reference"):
         prompt = f"reference {Path(str(guidance['reference'])).name}"
     title = prompt or run_dir.name
     steps_done = done["step"] if done else (records[-1]["step"] if records else 0)
-    total = cfg.get("steps", "?")
-    mesh_cfg = cfg.get("mesh") if isinstance(cfg.get("mesh"), dict) else {}
-    if isinstance(total, int) and isinstance(mesh_cfg.get("steps"), int) and _has_mesh_stage(cfg.get("method")):
-        total += mesh_cfg["steps"]  # the mesh stage continues the NeRF stage's step axis
+    total = _planned_steps(cfg)
     facts = [f"method {cfg.get('method', '?')}", f"prior {guidance.get('type', '?')}", f"seed {cfg.get('seed', '?')}",
              f"step {steps_done} of {total}" + ("" if done else " (not finished)")]
     if done and done.get("device"):
@@ -299,15 +280,9 @@ def write_run_report(run_dir: Path | str) -> Path:
         metrics.update({k: v for k, v in done.items() if k != "done"})
     else:
         body.append('<p class="note">The run has not finished: the values below are from its last logged step.</p>')
-    mesh_info = {}
-    if _exists(run_dir, "mesh.json"):
-        try:
-            mesh_info = json.loads((run_dir / "mesh.json").read_text())
-        except json.JSONDecodeError:
-            pass
     # mesh.json describes each mesh file; show the one the viewer draws
-    meshes = mesh_info.get("meshes") if isinstance(mesh_info, dict) else None
-    shown = meshes.get("mesh.glb") or next(iter(meshes.values()), None) if isinstance(meshes, dict) and meshes else None
+    meshes = RunDir(run_dir).mesh_entries()
+    shown = (meshes.get("mesh.glb") or next(iter(meshes.values()), None)) if meshes else None
     if isinstance(shown, dict):
         metrics.update({f"mesh {k}": v for k, v in shown.items()
                         if k in ("vertices", "faces", "threshold", "stage", "texture_size", "faces_before_decimation")})
@@ -325,9 +300,9 @@ def write_run_report(run_dir: Path | str) -> Path:
 
     body.append("<h2>Config</h2>")
     body.append(f"<pre>{_esc(config_text)}</pre>" if config_text else _placeholder("No config.yaml in this folder."))
-    files = [n for n in ("mesh.glb", "mesh.obj", "mesh.mtl", "mesh.png", "mesh.ply", "mesh-coarse.glb",
-                         "mesh-coarse.obj", "mesh-coarse.mtl", "mesh-coarse.ply", "turntable.mp4", "preview.png",
-                         "config.yaml", "metrics.jsonl", "mesh.json") if _exists(run_dir, n)]
+    kept = sorted(p.name for p in run_dir.glob("mesh-*.*") if p.suffix in (".glb", ".obj", ".mtl", ".png", ".ply"))
+    files = [n for n in ("mesh.glb", "mesh.obj", "mesh.mtl", "mesh.png", "mesh.ply", *kept, "turntable.mp4",
+                         "preview.png", "config.yaml", "metrics.jsonl", "mesh.json") if _exists(run_dir, n)]
     if files:
         body.append("<h2>Files</h2><p>" + " · ".join(f'<a href="{_href(n)}">{_esc(n)}</a>' for n in files) + "</p>")
     body.append(embedded)

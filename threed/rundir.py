@@ -25,6 +25,7 @@ import json
 import re
 from pathlib import Path
 
+from threed.errors import UserError
 from threed.io import append_jsonl, atomic_write_text
 
 CONFIG = "config.yaml"
@@ -33,6 +34,7 @@ MESH_METADATA = "mesh.json"
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_RE = re.compile(r"^step-(\d+)\.pt$")
 FINAL_MESH = "mesh"  # file stem of the run's final mesh
+LEGACY_DIRS = {"nerf": "", "mesh": "fine"}  # threed 0.1's checkpoint folders of each stage, under checkpoints/
 
 
 def checkpoint_name(step: int) -> str:
@@ -49,6 +51,17 @@ def checkpoints_in(folder: Path | str) -> list[Path]:
     """The step-*.pt files in `folder`, oldest first."""
     paths = [p for p in Path(folder).glob("step-*.pt") if CHECKPOINT_RE.match(p.name)]
     return sorted(paths, key=checkpoint_step)
+
+
+def load_checkpoint(path: Path, device: str | None = "cpu") -> dict:
+    """A checkpoint's contents; a truncated or foreign file is a one-line error naming it."""
+    import torch
+
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # a truncated or foreign file: say which one
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): delete it to fall back to an older "
+                        f"one") from None
 
 
 def stage_mesh_stem(stage: str) -> str:
@@ -104,8 +117,12 @@ class RunDir:
         return self.path / CHECKPOINTS / stage
 
     def checkpoints(self, stage: str) -> list[Path]:
-        """The stage's checkpoints, oldest first."""
-        return checkpoints_in(self.stage_dir(stage))
+        """The stage's checkpoints, oldest first; in a 0.1 folder not yet migrated, those of its old place
+        (read-only use, e.g. refining another run's NeRF without moving its files)."""
+        found = checkpoints_in(self.stage_dir(stage))
+        if not found and stage in LEGACY_DIRS and not self.stage_dir(stage).exists():
+            found = checkpoints_in(self.path / CHECKPOINTS / LEGACY_DIRS[stage])
+        return found
 
     def latest_checkpoint(self, stage: str) -> Path | None:
         found = self.checkpoints(stage)
@@ -206,12 +223,19 @@ class RunDir:
         renamed = {}
         for old in sorted(self.path.glob("mesh-coarse.*")):
             new = old.with_name(stage_mesh_stem("nerf") + old.name[len("mesh-coarse"):])
-            old.replace(new)
+            if old.suffix in (".obj", ".mtl"):  # they name each other (mtllib, map_*): follow the rename
+                lines = old.read_text(errors="replace").splitlines(keepends=True)
+                fixed = [line.replace("mesh-coarse.", stage_mesh_stem("nerf") + ".")
+                         if line.startswith(("mtllib ", "map_")) else line for line in lines]
+                atomic_write_text(new, "".join(fixed))
+                old.unlink()
+            else:
+                old.replace(new)
             renamed[old.name] = new.name
         if renamed:
             moved.append("mesh-coarse.* -> mesh-nerf.*")
             if entries:
-                fixed = {renamed.get(k, k): v for k, v in entries.items()}
-                atomic_write_text(self.mesh_metadata_path, json.dumps({"meshes": dict(sorted(fixed.items()))},
-                                                                      indent=1))
+                fixed_entries = {renamed.get(k, k): v for k, v in entries.items()}
+                atomic_write_text(self.mesh_metadata_path,
+                                  json.dumps({"meshes": dict(sorted(fixed_entries.items()))}, indent=1))
         return moved

@@ -21,6 +21,7 @@ from threed import methods
 from threed.config import (METHOD_SECTIONS, PRIOR_SECTIONS, Config, MeshConfig, build_config, check_prior_sections,
                            flatten, load_yaml, preset_path, to_dict)
 from threed.errors import UserError
+from threed.rundir import RunDir, checkpoint_step
 
 PRIOR_ALIASES = {"sd": "stable_diffusion"}
 PRIORS = tuple(PRIOR_SECTIONS)
@@ -183,7 +184,7 @@ def resolve(opts: RunOptions, cuda: bool | None = None, only_concerning: bool = 
 
 def check_mesh_section(cfg: Config, method: methods.Method) -> None:
     """The `mesh:` section only concerns methods with a mesh stage; elsewhere a setting there would be ignored."""
-    if "mesh" in method.stages:
+    if any(stage.section == "mesh" for stage in method.stages):
         return
     current, default = flatten(to_dict(cfg.mesh)), flatten(to_dict(MeshConfig()))
     changed = [k for k in current if current[k] != default.get(k)]
@@ -199,8 +200,6 @@ def resolve_refine(opts: RunOptions, cuda: bool | None = None) -> tuple[Config, 
     then the options and
     overrides; `steps` becomes the step of RUN_DIR's newest NeRF checkpoint, which is returned too and
     stands for the new run's finished NeRF stage. Notes say which checkpoint and preset were taken."""
-    from threed.trainer import CHECKPOINT_RE, list_checkpoints
-
     source = Path(opts.from_run or "")
     method = methods.get(opts.method or "magic3d-refine")
     if not method.refines:
@@ -214,12 +213,12 @@ def resolve_refine(opts: RunOptions, cuda: bool | None = None) -> tuple[Config, 
         raise UserError(f"--from {source} is not a threed run directory (no config.yaml): pass the --out folder "
                         f"of a `threed run`")
     saved = build_config(base=load_yaml(source / "config.yaml"))
-    found = list_checkpoints(source)
-    if not found:
-        raise UserError(f"--from {source} (method {saved.method}) has no NeRF checkpoint (checkpoints/step-*.pt) "
-                        f"to refine: pass a run of dreamfusion or magic3d that has trained")
-    checkpoint = found[-1]
-    step = int(CHECKPOINT_RE.search(checkpoint.name).group(1))  # type: ignore[union-attr]
+    first = method.stages[0].name
+    checkpoint = RunDir(source).latest_checkpoint(first)
+    if checkpoint is None:
+        raise UserError(f"--from {source} (method {saved.method}) has no NeRF checkpoint (checkpoints/{first}/"
+                        f"step-*.pt) to refine: pass a run of dreamfusion or magic3d that has trained")
+    step = checkpoint_step(checkpoint)
     notes = [f"refining {source} from its NeRF checkpoint {checkpoint.name}"
              + (f" (the run is unfinished: step {step} of {saved.steps})" if step < saved.steps else "")]
     prior = canonical_prior(opts.guidance) if opts.guidance else saved.guidance.type

@@ -1,57 +1,95 @@
-"""A method's stages, in one place: what each trains, with which settings, where its checkpoints go, how it
-starts and how it resumes. `threed.pipeline.run` walks a method's stages in order.
+"""A method's stages, as data: what each trains, with which settings, how it starts from the stage before it.
 
-- `nerf`: DreamFusion's hash-grid NeRF (threed/scenes/nerf.py), trained for `steps`; checkpoints in
-  RUN/checkpoints/step-*.pt.
-- `mesh`: Magic3D's fine stage (threed/scenes/mesh.py; Magic3D and ProlificDreamer), trained for
-  `mesh.steps`, started from the NeRF stage's last checkpoint; checkpoints in RUN/checkpoints/fine/step-*.pt.
+A method (threed/methods/) declares an ordered tuple of stages; threed/pipeline.py runs any such tuple with one
+loop. A stage's name is the one word for it everywhere: its checkpoint folder (RUN/checkpoints/<name>/), the
+`stage` of its metrics.jsonl records, and the mesh it leaves behind when a later stage follows
+(mesh-<name>.<fmt>; the last stage's is mesh.<fmt>).
+
+- `nerf`: DreamFusion's hash-grid NeRF (threed/scenes/nerf.py), trained for `steps`, from a fresh field.
+- `mesh`: Magic3D's mesh stage (threed/scenes/mesh.py; Magic3D and ProlificDreamer), trained for `mesh.steps`,
+  started from the NeRF stage's field at the level of its kept mesh (mesh-nerf.*).
 
 A stage is finished when its newest checkpoint holds its step count. Each stage sees the run's config through
-`stage_config`: the mesh stage's cameras, render size, shading and t range come from the `mesh:` section.
+`Stage.config`: the mesh stage's cameras, render size, shading and t range come from the `mesh:` section.
+Every stage exports through its scene's `export_mesh` (threed/export.py).
 """
 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
 from threed.config import Config
-from threed.trainer import CHECKPOINT_RE, Trainer, checkpoints_in
+from threed.rundir import RunDir, load_checkpoint
+from threed.scenes import Scene
+from threed.scenes.mesh import MeshScene
+from threed.scenes.nerf import NeRFScene
+from threed.trainer import Guidance, Trainer
 
-STAGES = ("nerf", "mesh")
-
-
-def checkpoint_dir(run_dir: Path, stage: str) -> Path:
-    folder = Path(run_dir) / "checkpoints"
-    return folder / "fine" if stage == "mesh" else folder
-
-
-def stage_steps(cfg: Config, stage: str) -> int:
-    return cfg.mesh.steps if stage == "mesh" else cfg.steps
+# (the stage's config, the previous stage's trainer, mesh.json's entry of its kept mesh, device, progress)
+StartFn = Callable[[Config, Trainer, dict, str, bool], Scene]
 
 
-def latest_step(run_dir: Path, stage: str) -> int:
-    """The step of the stage's newest checkpoint (0: none), from its file name."""
-    found = checkpoints_in(checkpoint_dir(run_dir, stage))
-    return int(CHECKPOINT_RE.search(found[-1].name).group(1)) if found else 0  # type: ignore[union-attr]
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a method. `section` names the config section holding its settings and `steps` (empty:
+    the run's top level, `steps`); `scene` is the Scene class it trains, restored by `scene.from_state`;
+    `start` builds its scene from the previous stage's result (None: a fresh scene, `scene(cfg, device)`);
+    `configure` gives the run's config as the stage sees it (None: the run's own)."""
+
+    name: str
+    scene: Any
+    section: str = ""
+    start: StartFn | None = None
+    configure: Callable[[Config], Config] | None = None
+    diverged_hint: str = "lower optim.lr or guidance.sd.guidance_scale and resume"
+
+    @property
+    def steps_key(self) -> str:
+        """The config key of its step count."""
+        return f"{self.section}.steps" if self.section else "steps"
+
+    def steps(self, cfg: Config) -> int:
+        return int(getattr(cfg, self.section).steps if self.section else cfg.steps)
+
+    def config(self, cfg: Config) -> Config:
+        return self.configure(cfg) if self.configure is not None else cfg
+
+    def finished(self, run: RunDir, cfg: Config) -> bool:
+        return run.latest_checkpoint(self.name) is not None and run.latest_step(self.name) >= self.steps(cfg)
+
+    def trainer(self, cfg: Config, device: str, guidance: Guidance | None, run: RunDir, offset: int = 0,
+                previous: Trainer | None = None, kept: dict | None = None, progress: bool = True,
+                weights_only: bool = False) -> Trainer:
+        """The stage's trainer on `cfg` (the run's config): from its newest checkpoint if it has one, else
+        started from `previous` (the stage before's trainer) and `kept` (mesh.json's entry of its kept mesh)
+        where the stage has a `start`, else fresh. `offset`: the run's steps before this stage."""
+        stage_cfg = self.config(cfg)
+        latest = run.latest_checkpoint(self.name)
+        state = load_checkpoint(latest, device) if latest is not None else None
+        torch.manual_seed(cfg.seed)  # a new scene's initial parameters
+        if state is not None:
+            scene = self.scene.from_state(stage_cfg, state, device)
+        elif self.start is not None:
+            assert previous is not None and kept is not None, f"the {self.name} stage starts from the stage before"
+            scene = self.start(stage_cfg, previous, kept, device, progress)
+        else:
+            scene = self.scene(stage_cfg, device)
+        trainer = Trainer(stage_cfg, device, guidance, run_dir=run.path, scene=scene, stage=self.name)
+        if state is not None:
+            trainer.load_state_dict(state, weights_only=weights_only)
+        trainer.log_step_offset = offset
+        trainer.diverged_hint = self.diverged_hint
+        return trainer
 
 
-def finished(run_dir: Path, cfg: Config, stage: str) -> bool:
-    return started(run_dir, stage) and latest_step(run_dir, stage) >= stage_steps(cfg, stage)
-
-
-def started(run_dir: Path, stage: str) -> bool:
-    return bool(checkpoints_in(checkpoint_dir(run_dir, stage)))
-
-
-def stage_config(cfg: Config, stage: str) -> Config:
-    """The run's config as `stage` trains with it: the NeRF stage's is the run's own; the mesh stage's takes
-    its steps, cameras (distance, fovy, elevation), render size, batch, shading and the prior's t range from
-    `mesh:`, and everything else (prompt, prior, background, light, Adam's betas) from the run."""
-    if stage == "nerf":
-        return cfg
+def mesh_stage_config(cfg: Config) -> Config:
+    """The run's config as the mesh stage trains with it: its steps, cameras (distance, fovy, elevation),
+    render size, batch, shading and the prior's t range from `mesh:`, and everything else (prompt, prior,
+    background, light, Adam's betas) from the run."""
     out = copy.deepcopy(cfg)
     m = cfg.mesh
     out.steps = m.steps
@@ -64,56 +102,22 @@ def stage_config(cfg: Config, stage: str) -> Config:
     return out
 
 
-def load_checkpoint(path: Path, device: str) -> dict:
-    from threed.errors import UserError
-
-    try:
-        return torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # a truncated or foreign file: say which one
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): delete it to fall back to an older "
-                        f"one") from None
+def mesh_from_nerf(cfg: Config, previous: Trainer, kept: dict, device: str, progress: bool) -> MeshScene:
+    """The mesh stage's start: the NeRF's surface at the level its kept mesh was extracted at."""
+    return MeshScene.from_coarse(cfg, previous.scene.field, previous.scene.background, float(kept["threshold"]),
+                                 device, progress=progress)
 
 
-def nerf_trainer(cfg: Config, device: str, guidance, run_dir: Path | None, resume: bool = False,
-                 weights_only: bool = False) -> Trainer:
-    """The NeRF stage's trainer, from its newest checkpoint when `resume`."""
-    trainer = Trainer(cfg, device, guidance, run_dir=run_dir)
-    if resume:
-        found = checkpoints_in(checkpoint_dir(run_dir, "nerf"))  # type: ignore[arg-type]
-        if found:
-            trainer.load_state_dict(load_checkpoint(found[-1], device), weights_only=weights_only)
-    return trainer
+NERF = Stage("nerf", NeRFScene)
+MESH = Stage("mesh", MeshScene, section="mesh", start=mesh_from_nerf, configure=mesh_stage_config,
+             diverged_hint="lower mesh.lr_sdf or mesh.lr_texture and resume")
 
 
-def mesh_trainer(cfg: Config, device: str, guidance, run_dir: Path, coarse: Trainer | None = None,
-                 level: float | None = None, weights_only: bool = False, progress: bool = True) -> Trainer:
-    """The mesh stage's trainer: from its newest checkpoint if it has one, else started from `coarse` (the
-    NeRF stage's trainer) at density `level`. `cfg` is the run's config."""
-    from threed.scenes.mesh import MeshScene
+def offsets(stages: tuple[Stage, ...], cfg: Config) -> list[int]:
+    """Each stage's first step on the run's step axis (metrics.jsonl): the earlier stages' steps summed."""
+    out, total = [], 0
+    for stage in stages:
+        out.append(total)
+        total += stage.steps(cfg)
+    return out
 
-    stage_cfg = stage_config(cfg, "mesh")
-    folder = checkpoint_dir(run_dir, "mesh")
-    found = checkpoints_in(folder)
-    torch.manual_seed(cfg.seed)
-    if found:
-        state = load_checkpoint(found[-1], device)
-        scene = MeshScene.from_state(stage_cfg, state, device)
-    else:
-        assert coarse is not None and level is not None, "a new mesh stage starts from the NeRF stage"
-        scene = MeshScene.from_coarse(stage_cfg, coarse.scene.field, coarse.scene.background, level, device,
-                                      progress=progress)
-        state = None
-    trainer = Trainer(stage_cfg, device, guidance, run_dir=run_dir, scene=scene, checkpoint_dir=folder)
-    if state is not None:
-        trainer.load_state_dict(state, weights_only=weights_only)
-    trainer.log_extra = {"stage": "mesh"}
-    trainer.log_step_offset = cfg.steps
-    trainer.diverged_hint = "lower mesh.lr_sdf or mesh.lr_texture and resume"
-    return trainer
-
-
-def planned_steps(cfg: Config) -> list[tuple[str, int]]:
-    """(stage, its step count) for each stage of the run's method, in order: the run's whole budget."""
-    from threed import methods
-
-    return [(s, stage_steps(cfg, s)) for s in methods.get(cfg.method).stages]

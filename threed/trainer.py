@@ -9,7 +9,6 @@ loss stops the run before the optimiser can spoil the scene.
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -20,30 +19,19 @@ from torch import Tensor
 from threed.cameras import sample_cameras
 from threed.config import Config, to_dict
 from threed.errors import Diverged, UserError
-from threed.io import append_jsonl, atomic_torch_save
+from threed.io import atomic_torch_save
 from threed.render.shading import pick_shading
+from threed.rundir import RunDir, checkpoint_name, checkpoints_in
 from threed.scenes import Scene, weight_used
 from threed.scenes.nerf import NeRFScene
 
 Guidance = Callable[..., dict]
-CHECKPOINT_RE = re.compile(r"step-(\d+)\.pt$")
 
 
 class Interrupted(UserError):
     """Ctrl-C during training: a checkpoint was saved; exit code 130."""
 
     exit_code = 130
-
-
-def checkpoints_in(folder: Path) -> list[Path]:
-    """The step-*.pt files in `folder`, oldest first."""
-    paths = [p for p in Path(folder).glob("step-*.pt") if CHECKPOINT_RE.search(p.name)]
-    return sorted(paths, key=lambda p: int(CHECKPOINT_RE.search(p.name).group(1)))  # type: ignore[union-attr]
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoints of a run's first (NeRF) stage, oldest first (later stages: threed/stages.py)."""
-    return checkpoints_in(Path(run_dir) / "checkpoints")
 
 
 def _sync(device: torch.device) -> None:
@@ -73,19 +61,18 @@ def as_floats(record: Record) -> dict[str, float]:
 
 
 class Trainer:
-    """Trains `scene` (default: a new NeRFScene of `cfg`) under `guidance`. `cfg` is the config as the stage
-    sees it (threed/stages.py: cameras, render size, t range); checkpoints go to `checkpoint_dir` (default
-    RUN/checkpoints) and per-step records to RUN/metrics.jsonl, with `log_extra` added and the step shifted
-    by `log_step_offset` (a later stage continues the run's step axis)."""
+    """Trains `scene` (default: a new NeRFScene of `cfg`) under `guidance` as the run's stage `stage`. `cfg`
+    is the config as the stage sees it (threed/stages.py: cameras, render size, t range); checkpoints go to
+    the stage's folder of `run_dir` (threed/rundir.py) and per-step records, tagged with the stage, to its
+    metrics.jsonl, the step shifted by `log_step_offset` (a later stage continues the run's step axis)."""
 
     def __init__(self, cfg: Config, device: str, guidance: Guidance | None, run_dir: Path | None = None,
-                 scene: Scene | None = None, checkpoint_dir: Path | None = None):
+                 scene: Scene | None = None, stage: str = "nerf"):
         self.cfg = cfg
         self.device = torch.device(device)
-        self.run_dir = Path(run_dir) if run_dir is not None else None
-        if checkpoint_dir is None and self.run_dir is not None:
-            checkpoint_dir = self.run_dir / "checkpoints"
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.stage = stage
+        self.run = RunDir(run_dir) if run_dir is not None else None
+        self.checkpoint_dir = self.run.stage_dir(stage) if self.run is not None else None
         if scene is None:
             torch.manual_seed(cfg.seed)  # the field's initial parameters
             scene = NeRFScene(cfg, self.device)
@@ -105,7 +92,6 @@ class Trainer:
         # Wait for the GPU after each phase, so that `timings` split the step (benchmarks); off, a step waits
         # for the device once, for the finiteness check, and the host queues ahead of the GPU otherwise.
         self.phase_timing = False
-        self.log_extra: dict = {}
         self.log_step_offset = 0
         self.diverged_hint = "lower optim.lr or guidance.sd.guidance_scale and resume"
 
@@ -207,9 +193,13 @@ class Trainer:
         self.train_time_s = float(state.get("train_time_s", 0.0))
         self.timed_steps = int(state.get("timed_steps", 0))
 
+    @property
+    def run_dir(self) -> Path | None:
+        return self.run.path if self.run is not None else None
+
     def save_checkpoint(self) -> Path:
         assert self.checkpoint_dir is not None
-        path = self.checkpoint_dir / f"step-{self.step:06d}.pt"
+        path = self.checkpoint_dir / checkpoint_name(self.step)
         atomic_torch_save(self.state_dict(), path)
         for old in checkpoints_in(self.checkpoint_dir)[:-max(self.cfg.keep_checkpoints, 1)]:
             old.unlink(missing_ok=True)
@@ -221,10 +211,9 @@ class Trainer:
         this segment's time and steps, and the run's total training time over all segments."""
         from tqdm import tqdm
 
-        assert self.run_dir is not None
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        assert self.run is not None
+        self.run.path.mkdir(parents=True, exist_ok=True)
         cfg = self.cfg
-        metrics = self.run_dir / "metrics.jsonl"
         start_step, start = self.step, time.perf_counter()
         bar = tqdm(total=steps, initial=self.step, disable=not progress, dynamic_ncols=True, unit="it")
         last_saved, tick = self.step, start
@@ -239,8 +228,8 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == steps:
                     values = as_floats(record)
                     bar.set_postfix(loss=f"{values['loss']:.4g}")
-                    append_jsonl(metrics, {"step": self.step + self.log_step_offset, **self.log_extra, **values,
-                                           "time_s": round(time.perf_counter() - start, 3)})
+                    self.run.append_metrics({"step": self.step + self.log_step_offset, "stage": self.stage,
+                                             **values, "time_s": round(time.perf_counter() - start, 3)})
                 if cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
                     last_saved = self.step

@@ -12,6 +12,7 @@ from typing import Any
 
 from threed.config import Config
 from threed.errors import UserError
+from threed.stages import NERF, Stage
 
 # Modules defining one method each; importing them is cheap (models load only when a run starts).
 METHOD_MODULES = ("threed.methods.dreamfusion", "threed.methods.clip", "threed.methods.magic3d",
@@ -21,9 +22,9 @@ METHOD_MODULES = ("threed.methods.dreamfusion", "threed.methods.clip", "threed.m
 @dataclass(frozen=True)
 class Method:
     """What a method is made of. `priors` are the guidance.type values it accepts, its default first;
-    `stages` run in order (threed/stages.py: `nerf`, the volume field optimised through the renderer; `mesh`,
+    `stages` run in order (threed/stages.py: NERF, the volume field optimised through the renderer; MESH,
     a DMTet surface and texture started from the NeRF and optimised through the rasterizer). A method with
-    `refines` takes its finished NeRF stage from another run (`threed run --from RUN_DIR`)."""
+    `refines` takes its finished first stage from another run (`threed run --from RUN_DIR`)."""
 
     name: str
     summary: str
@@ -32,7 +33,7 @@ class Method:
     priors: tuple[str, ...]
     module: str
     aliases: tuple[str, ...] = ()
-    stages: tuple[str, ...] = ("nerf",)
+    stages: tuple[Stage, ...] = (NERF,)
     prior_presets: dict[str, str] = field(default_factory=dict)  # a preset tuned for a prior, e.g. oracle
     refines: bool = False
     sections: tuple[str, ...] = ()  # its own guidance.<section> settings (config.METHOD_SECTIONS), e.g. vsd
@@ -40,6 +41,14 @@ class Method:
     def build_guidance(self, cfg: Config, device: str) -> Any:
         """The guidance callable for cfg (see the method's module)."""
         return importlib.import_module(self.module).build_guidance(cfg, device)
+
+    def stage(self, name: str) -> Stage:
+        """The stage called `name`."""
+        return next(s for s in self.stages if s.name == name)
+
+    def planned_steps(self, cfg: Config) -> list[tuple[str, int]]:
+        """(stage, its step count) for each stage, in order: the run's whole budget."""
+        return [(s.name, s.steps(cfg)) for s in self.stages]
 
     def default_preset(self, prior: str | None, cuda: bool) -> tuple[str, str]:
         """(preset, why) when the user named none."""

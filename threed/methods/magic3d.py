@@ -11,15 +11,16 @@ from __future__ import annotations
 
 from threed.config import Config
 from threed.methods import Method
+from threed.stages import MESH, NERF
 
 PRIORS = ("stable_diffusion", "oracle")
 
 METHODS = (
     Method(name="magic3d", summary="coarse SDS NeRF (64²), then a DMTet mesh and texture refined at 512²",
-           preset="magic3d", cpu_preset="magic3d-cpu", priors=PRIORS, module=__name__, stages=("nerf", "mesh"),
+           preset="magic3d", cpu_preset="magic3d-cpu", priors=PRIORS, module=__name__, stages=(NERF, MESH),
            prior_presets={"oracle": "magic3d-oracle"}),
     Method(name="magic3d-refine", summary="Magic3D's mesh stage on the NeRF of an existing run (--from RUN_DIR)",
-           preset="magic3d", cpu_preset="magic3d-cpu", priors=PRIORS, module=__name__, stages=("nerf", "mesh"),
+           preset="magic3d", cpu_preset="magic3d-cpu", priors=PRIORS, module=__name__, stages=(NERF, MESH),
            prior_presets={"oracle": "magic3d-oracle"}, refines=True),
 )
 

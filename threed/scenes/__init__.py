@@ -8,7 +8,9 @@ The training loop (threed/trainer.py) is the same for every stage; a scene plugs
 - `losses`: the loss-weight schedules (a dataclass with `guidance` and one field per regulariser), and
   `regularisers(out, step) -> {name: value}` for the ones whose weight is ever non-zero;
 - `state_dict()` / `load_state_dict(state)`: its part of a checkpoint (top-level keys);
-- `train()` / `eval()` and `describe()` (the backends chosen, for the run's first line).
+- `train()` / `eval()` and `describe()` (the backends chosen, for the run's first line);
+- `export_mesh(resolution, threshold, progress) -> ExportedMesh`: its surface as a mesh, with the albedo
+  function a texture is baked from (threed/export.py writes the files; no exporter switches on the scene).
 
 `nerf.NeRFScene` is DreamFusion's hash-grid NeRF + volume renderer + background; `mesh.MeshScene` is
 Magic3D's fine stage: a DMTet surface + texture field + rasterizer + background.
@@ -16,15 +18,32 @@ Magic3D's fine stage: a DMTet surface + texture field + rasterizer + background.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+import numpy as np
+import torch
+
+from threed.progress import bar
 
 if TYPE_CHECKING:
-    import torch
     from torch import Tensor
 
     from threed.cameras import Cameras
+    from threed.mesh import Mesh
     from threed.render.volume import RenderOutput
     from threed.schedule import Schedule
+
+
+@dataclass
+class ExportedMesh:
+    """A scene's surface as exported: the mesh (vertex colours = albedo), facts for mesh.json (`about`), and
+    the albedo function a baked texture reads, `inset` scene units inside the surface."""
+
+    mesh: Mesh
+    about: dict
+    albedo: Callable[[Tensor], Tensor]
+    inset: float = 0.0
 
 
 class Scene(Protocol):
@@ -52,8 +71,26 @@ class Scene(Protocol):
 
     def describe(self) -> str: ...
 
+    def export_mesh(self, resolution: int | None = None, threshold: float | None = None,
+                    progress: bool | None = False) -> ExportedMesh: ...
+
 
 def weight_used(losses: Any, name: str) -> bool:
     """Whether the loss `name` has a weight schedule in `losses` that is ever non-zero."""
     schedule = getattr(losses, name, None)
     return schedule is not None and schedule.bounds()[1] > 0
+
+
+@torch.no_grad()
+def render_each(scene: Scene, cameras: Cameras, shading: str, device: torch.device | str,
+                progress: bool | None = False, desc: str = "rendering") -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (B,H,W,3), opacity float (B,H,W)) rendered one camera at a time (memory of one view);
+    `progress` shows a bar named `desc` over the views."""
+    images, opacity = [], []
+    with bar(desc, len(cameras), progress, unit="view") as shown:
+        for i in range(len(cameras)):
+            out = scene.render(cameras.subset(i).to(device), shading)
+            images.append((out.rgb[0].clamp(0, 1) * 255).round().byte().cpu().numpy())
+            opacity.append(out.opacity[0, ..., 0].float().cpu().numpy())
+            shown.update(1)
+    return np.stack(images), np.stack(opacity)

@@ -32,13 +32,14 @@ from threed.config import Config
 from threed.errors import Diverged, UserError, first_line
 from threed.fields.dmtet import DMTetGeometry
 from threed.fields.nerf import NeRFField
+from threed.mesh import Mesh, clean_mesh, vertex_normals as np_vertex_normals
 from threed.mesh_losses import laplacian_smoothing, normal_consistency
 from threed.render.background import Background
 from threed.render.rasterize import MeshRasterizer, edge_topology
 from threed.render.shading import shade
 from threed.render.volume import RenderOutput
 from threed.schedule import Schedule
-from threed.scenes import weight_used
+from threed.scenes import ExportedMesh, weight_used
 
 NEAR, FAR = 0.05, 100.0  # clip planes (scene units); objects sit in [-bound, bound]^3 at distance ~1.5-2
 
@@ -96,7 +97,7 @@ class MeshScene:
     def from_state(cls, cfg: Config, state: dict, device: torch.device | str) -> "MeshScene":
         """The scene a mesh-stage checkpoint holds (its tetrahedral grid included)."""
         if "geometry" not in state:
-            raise UserError("the checkpoint holds no mesh-stage geometry: pass a checkpoints/fine/step-*.pt file")
+            raise UserError("the checkpoint holds no mesh-stage geometry: pass a checkpoints/mesh/step-*.pt file")
         geometry = DMTetGeometry.from_state_dict(state["geometry"], device, deform_scale=cfg.mesh.deform_scale)
         scene = cls(cfg, geometry, NeRFField(cfg.field, cfg.render.bound, device), Background(cfg.render), device)
         scene.load_state_dict(state)
@@ -215,7 +216,7 @@ class MeshScene:
 
     def load_state_dict(self, state: dict) -> None:
         if "geometry" not in state:
-            raise UserError("the checkpoint holds no mesh-stage geometry: pass a checkpoints/fine/step-*.pt file")
+            raise UserError("the checkpoint holds no mesh-stage geometry: pass a checkpoints/mesh/step-*.pt file")
         try:
             self.geometry.load_state_dict(state["geometry"])
             self.texture.load_state_dict(state["texture"])
@@ -225,11 +226,15 @@ class MeshScene:
 
     # -- export -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def export_mesh(self, keep_components: float = 0.05, decimate_faces: int = 0):
-        """The current surface as a `threed.mesh.Mesh` with vertex albedo from the texture field, cleaned like
-        the NeRF export (floaters dropped, optional decimation)."""
-        from threed.mesh import Mesh, clean_mesh, vertex_normals as np_vertex_normals
-
+    def export_mesh(self, resolution: int | None = None, threshold: float | None = None,
+                    progress: bool | None = False) -> ExportedMesh:
+        """The current surface with vertex albedo from the texture field, cleaned like the NeRF export
+        (components under export.keep_components dropped, optional decimation to export.decimate_faces). The
+        texture field is trained on the surface itself, so a baked texture reads it there (no inset)."""
+        if resolution is not None or threshold is not None:
+            raise UserError("--resolution and --threshold set a NeRF's marching cubes; this run's mesh comes from "
+                            "its mesh stage (DMTet): drop them")
+        keep_components, decimate_faces = self.cfg.export.keep_components, self.cfg.export.decimate_faces
         vertices, faces = self.geometry.extract()
         if faces.shape[0] == 0:
             raise EmptySurface("the mesh stage's surface is empty (the SDF has no zero crossing): resume from an "
@@ -240,4 +245,5 @@ class MeshScene:
             points = torch.from_numpy(v[start:start + 65536]).to(self.device)
             colors.append(self.texture.albedo(points).float().clamp(0, 1).cpu().numpy())
         colors_np = np.concatenate(colors) if colors else np.zeros((0, 3), np.float32)
-        return Mesh(vertices=v, faces=f, colors=colors_np, normals=np_vertex_normals(v, f))
+        mesh = Mesh(vertices=v, faces=f, colors=colors_np, normals=np_vertex_normals(v, f))
+        return ExportedMesh(mesh, {"tet_grid_cells": list(self.geometry.grid.cells)}, self.texture.albedo)

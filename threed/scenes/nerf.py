@@ -5,14 +5,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from threed.cameras import Cameras
+from threed.cameras import Cameras, make_cameras
 from threed.config import Config
 from threed.errors import UserError, first_line
 from threed.fields.nerf import NeRFField
+from threed.mesh import auto_threshold, density_grid, extract_mesh
 from threed.render.background import Background
 from threed.render.volume import RenderOutput, VolumeRenderer
 from threed.schedule import Schedule
-from threed.scenes import weight_used
+from threed.scenes import ExportedMesh, render_each, weight_used
 
 
 class NeRFScene:
@@ -26,6 +27,13 @@ class NeRFScene:
         self.background = Background(cfg.render).to(self.device)
         self.renderer = VolumeRenderer(cfg.render, self.device)
         self.losses = cfg.loss
+
+    @classmethod
+    def from_state(cls, cfg: Config, state: dict, device: torch.device | str) -> "NeRFScene":
+        """The scene a NeRF-stage checkpoint holds."""
+        scene = cls(cfg, device)
+        scene.load_state_dict(state)
+        return scene
 
     def param_groups(self) -> list[tuple[list[Tensor], Schedule]]:
         groups = [(list(self.field.parameters()), self.cfg.optim.lr)]
@@ -87,8 +95,8 @@ class NeRFScene:
 
     def load_state_dict(self, state: dict) -> None:
         if "field" not in state:
-            raise UserError("the checkpoint holds no NeRF field (a mesh-stage checkpoint?): pass a NeRF run's "
-                            "checkpoints/step-*.pt")
+            raise UserError("the checkpoint holds no NeRF field (a mesh-stage checkpoint?): pass a NeRF stage's "
+                            "checkpoints/nerf/step-*.pt")
         try:
             self.field.load_state_dict(state["field"])
         except RuntimeError as e:
@@ -98,3 +106,39 @@ class NeRFScene:
             self.renderer.load_state_dict(state.get("renderer", {}))
         except RuntimeError:  # saved by the other renderer backend: rebuild the grid from the field
             self.renderer.rebuild_occupancy(self.field)
+
+    # -- export -----------------------------------------------------------------------------------------
+    def _silhouette_cameras(self, size: int) -> Cameras:
+        """Views for choosing the marching-cubes level: an orbit at the evaluation elevation, plus above and
+        below."""
+        cam = self.cfg.camera
+        el = [cam.eval_elevation] * 6 + [60.0, -30.0]
+        az = [i * 60.0 for i in range(6)] + [30.0, 210.0]
+        n = len(el)
+        full = lambda v: torch.full((n,), float(v))  # noqa: E731
+        return make_cameras(torch.tensor(el), torch.tensor(az), full(cam.eval_distance), full(cam.eval_fovy),
+                            size, size)
+
+    @torch.no_grad()
+    def export_mesh(self, resolution: int | None = None, threshold: float | None = None,
+                    progress: bool | None = False) -> ExportedMesh:
+        """Marching cubes of the density at `resolution` (default export.resolution), at `threshold` or, by
+        default, at the level whose silhouettes agree best with the rendered opacity. Uses only the field as it
+        is (trained or not): a run exported at step 0 gives the initial blob."""
+        cfg = self.cfg
+        res = resolution or cfg.export.resolution
+        bound = cfg.render.bound
+        grid = density_grid(self.field.density, bound, res, self.device, progress=progress)
+        given = cfg.export.threshold if threshold is None else threshold
+        level = given
+        if level < 0:
+            cams = self._silhouette_cameras(64)
+            _, opacity = render_each(self, cams, "albedo", self.device, progress, "mesh level: silhouettes")
+            rays_o, rays_d = cams.rays()
+            level = auto_threshold(grid, bound, rays_o, rays_d, torch.from_numpy(opacity), progress=progress)
+        mesh = extract_mesh(self.field.density, self.field.albedo, bound, res, level, cfg.export.keep_components,
+                            cfg.export.decimate_faces, device=self.device, grid=grid, progress=progress)
+        about = {"threshold": float(level), "threshold_chosen": "given" if given >= 0 else "auto",
+                 "resolution": int(res), "bound": float(bound)}
+        # a texture reads half a marching-cubes cell inside, as the vertex colours are (threed.mesh.extract_mesh)
+        return ExportedMesh(mesh, about, self.field.albedo, inset=bound / (res - 1))
