@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="threed",
-    version="0.1.0",
+    version="0.2.0",
     description="Text-to-3D generation by optimisation: SDS / CLIP guidance on a hash-grid NeRF, mesh export",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",

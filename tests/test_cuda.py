@@ -90,7 +90,8 @@ def test_triton_hashgrid_matches_torch_at_dreamfusion_size():
 
 @needs_triton
 def test_auto_backend_is_triton_without_tinycudann():
-    from threed.fields.hashgrid import make_hashgrid, tcnn_available
+    from threed.fields.hashgrid import tcnn_available
+    from threed.fields.hashgrid_backend import make_hashgrid
 
     name = make_hashgrid(FieldConfig(n_levels=2, log2_hashmap_size=10), "cuda")[1]
     assert name == ("tcnn" if tcnn_available("cuda") else "triton")

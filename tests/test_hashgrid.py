@@ -104,7 +104,7 @@ def test_zero_points_forward_and_backward():
 
 def test_backend_choice_on_cpu(monkeypatch):
     from threed.errors import UserError
-    from threed.fields.hashgrid import make_hashgrid
+    from threed.fields.hashgrid_backend import make_hashgrid
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert make_hashgrid(small_cfg(backend="auto"), "cpu")[1] == "torch"

@@ -177,10 +177,16 @@ def test_magic3d_presets_and_method_choice():
     assert m.fovy == (30.0, 45.0) and m.distance == (1.5, 2.0) and (m.t_min(0), m.t_max(0)) == (0.02, 0.5)
     assert cfg.guidance.sd.guidance_scale == 100.0 and m.lr_texture(0) == 0.01 and m.lr_background(0) == 0.0
     assert cfg.export.texture
+
+    def budget(c) -> tuple:  # keys whose values differ between the three magic3d presets, so tell them apart
+        return c.steps, c.mesh.steps, c.mesh.resolution
+
+    presets = {name: budget(build_config(name)) for name in ("magic3d", "magic3d-oracle", "magic3d-cpu")}
+    assert len(set(presets.values())) == 3, presets
     oracle, _ = resolve(RunOptions(method="magic3d", reference="shape.ply"), cuda=True)
-    assert oracle.guidance.type == "oracle" and oracle.mesh.width == build_config("magic3d-oracle").mesh.width
+    assert oracle.guidance.type == "oracle" and budget(oracle) == presets["magic3d-oracle"]
     cpu, notes = resolve(RunOptions(method="magic3d", prompt="a duck"), cuda=False)
-    assert cpu.mesh.width == build_config("magic3d-cpu").mesh.width and "magic3d-cpu" in notes[0]
+    assert budget(cpu) == presets["magic3d-cpu"] and "magic3d-cpu" in notes[0]
 
 
 @pytest.mark.parametrize("args, words", [

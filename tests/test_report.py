@@ -28,11 +28,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trimesh
+import yaml
 from PIL import Image
 
+import shapes
 from exporters.glb import write_glb
 from exporters.video import write_image_grid, write_video
-from threed import report
+from threed import pipeline, report
+from threed.config import build_config
 from threed.errors import UserError
 from threed.mesh import Mesh, vertex_normals
 
@@ -262,6 +265,36 @@ def test_run_page_content(tmp_path):
     for name in report.ASSET_FILES.values():
         assert (run / report.ASSETS / name).is_file()
     assert (run / report.ASSETS / "three.min.js").read_bytes() == (report.WEB / "vendor/three.min.js").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def oracle_run(tmp_path_factory) -> Path:
+    """A two-step `threed.pipeline.run` under the oracle prior at a few seconds' size: its config.yaml is
+    the one a run saves, so the page reads the keys runs write, not ones a test wrote by hand."""
+    root = tmp_path_factory.mktemp("oracle")
+    reference = shapes.save(shapes.sphere(), root / "sphere.ply")
+    cfg = build_config("oracle", [
+        f"guidance.oracle.reference={reference}", "steps=2", "device=cpu", "checkpoint_every=0", "render.width=16",
+        "render.height=16", "render.num_samples=16", "render.occupancy_resolution=16", "guidance.oracle.views=1",
+        "field.n_levels=4", "field.log2_hashmap_size=12", "field.max_resolution=64", "export.resolution=24",
+        "export.threshold=5.0", "export.video=false", "export.preview_views=0", "export.formats=[glb]"])
+    pipeline.run(cfg, root / "run", progress=False)
+    return root / "run"
+
+
+def test_an_oracle_run_page_names_its_reference(oracle_run, tmp_path):
+    """An oracle run has no prompt: its page is titled by the reference mesh (guidance.oracle.reference)."""
+    page = Tree(report.write_run_report(oracle_run).read_text())
+    assert page.texts["h1"] == "reference sphere.ply" and page.texts["title"] == "threed: reference sphere.ply"
+    assert "prior oracle" in (oracle_run / "report.html").read_text()
+    assert page.texts["pre"] == (oracle_run / "config.yaml").read_text()
+
+    # a run folder of threed 0.1 (its oracle preset as 0.1 saved it: guidance.reference), never resumed
+    old = shutil.copytree(oracle_run, tmp_path / "old")
+    cfg = json.loads((ROOT / "tests/data/preset-snapshots/oracle.json").read_text())
+    cfg["guidance"]["reference"] = str(oracle_run.parent / "sphere.ply")
+    (old / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert Tree(report.write_run_report(old).read_text()).texts["h1"] == "reference sphere.ply"
 
 
 def test_loss_curve_geometry():

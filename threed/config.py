@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import typing
 from dataclasses import dataclass
 from dataclasses import field as _field
@@ -669,7 +668,3 @@ def resolve_device(name: str) -> str:
     if name != "cpu":
         raise UserError(f"unknown device '{name}'; use cpu or cuda")
     return name
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")

@@ -6,10 +6,6 @@ caller that was not told either way stays quiet in logs and tests).
 
 from __future__ import annotations
 
-from typing import Iterable, TypeVar
-
-T = TypeVar("T")
-
 
 def bar(desc: str, total: int | None = None, enabled: bool | None = None, unit: str = "it",
         unit_scale: bool = False):
@@ -17,13 +13,4 @@ def bar(desc: str, total: int | None = None, enabled: bool | None = None, unit: 
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, dynamic_ncols=True,
-                disable=None if enabled is None else not enabled)
-
-
-def track(items: Iterable[T], desc: str, enabled: bool | None = None, unit: str = "it",
-          total: int | None = None) -> Iterable[T]:
-    """`items`, advancing a bar as they are consumed."""
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, unit=unit, total=total, dynamic_ncols=True,
                 disable=None if enabled is None else not enabled)

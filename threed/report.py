@@ -212,7 +212,14 @@ def _load_config(run_dir: Path) -> tuple[str, dict]:
         cfg = yaml.safe_load(text)
     except Exception:  # a damaged file is still shown as text
         cfg = None
-    return text, cfg if isinstance(cfg, dict) else {}
+    if not isinstance(cfg, dict):
+        return text, {}
+    from threed.config import migrate
+
+    try:
+        return text, migrate(cfg)  # a 0.1 run's renamed keys read as today's
+    except (TypeError, ValueError):  # a renamed key with a damaged value: the facts that can be read
+        return text, cfg
 
 
 def _exists(run_dir: Path, name: str) -> bool:
@@ -241,8 +248,9 @@ def write_run_report(run_dir: Path | str) -> Path:
     records, done = RunDir(run_dir).metrics()
     guidance = cfg.get("guidance") if isinstance(cfg.get("guidance"), dict) else {}
     prompt = str(cfg.get("prompt") or "")
-    if not prompt and guidance.get("reference"):
-        prompt = f"reference {Path(str(guidance['reference'])).name}"
+    oracle = guidance.get("oracle") if isinstance(guidance.get("oracle"), dict) else {}
+    if not prompt and oracle.get("reference"):
+        prompt = f"reference {Path(str(oracle['reference'])).name}"
     title = prompt or run_dir.name
     steps_done = done["step"] if done else (records[-1]["step"] if records else 0)
     total = _planned_steps(cfg)

@@ -1,5 +1,5 @@
 """Multiresolution hash encoding (Instant-NGP): a pure-PyTorch, a Triton (hashgrid_triton.py) and a
-tiny-cuda-nn backend.
+tiny-cuda-nn backend; hashgrid_backend.py picks one for a device.
 
 The PyTorch backend follows tiny-cuda-nn's conventions so that both compute the same function from the
 same parameters: level l has scale s_l = base * b^l - 1 and resolution ceil(s_l) + 1; a point x in
@@ -142,30 +142,3 @@ def tcnn_available(device: torch.device | str) -> bool:
 def triton_available(device: torch.device | str) -> bool:
     """Triton kernels run on CUDA tensors; on CPU tensors only under its interpreter (TRITON_INTERPRET=1)."""
     return importable_for(device, "triton", cpu=os.environ.get("TRITON_INTERPRET") == "1")
-
-
-def make_hashgrid(cfg: FieldConfig, device: torch.device | str) -> tuple[nn.Module, str]:
-    """Pick the backend. Returns (module, name).
-
-    auto: tcnn on CUDA when importable, else triton on CUDA when importable, else PyTorch. An explicit
-    choice that cannot run is a UserError; triton on a CPU device only runs under TRITON_INTERPRET=1.
-    """
-    from threed.errors import UserError
-
-    want, device = cfg.backend, torch.device(device)
-    if want == "tcnn" and not tcnn_available(device):
-        raise UserError("field.backend=tcnn needs CUDA and tinycudann (pip install "
-                        "git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch); "
-                        "use field.backend=triton or field.backend=torch")
-    if want == "triton" and not triton_available(device):
-        if device.type != "cuda":
-            raise UserError("field.backend=triton needs a CUDA device (on a CPU only with TRITON_INTERPRET=1, "
-                            "slowly, for tests); use field.backend=torch")
-        raise UserError("field.backend=triton needs the triton package (pip install triton); use field.backend=torch")
-    if want == "tcnn" or (want == "auto" and tcnn_available(device)):
-        return TcnnHashGrid(cfg).to(device), "tcnn"
-    if want == "triton" or (want == "auto" and device.type == "cuda" and triton_available(device)):
-        from threed.fields.hashgrid_triton import TritonHashGrid  # accelerator: imported only when chosen
-
-        return TritonHashGrid(cfg).to(device), "triton"
-    return TorchHashGrid(cfg).to(device), "torch"

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.autograd import Function
 
 from threed.config import FieldConfig
-from threed.fields.hashgrid import make_hashgrid
+from threed.fields.hashgrid_backend import make_hashgrid
 
 
 class _TruncExp(Function):
