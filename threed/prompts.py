@@ -86,7 +86,7 @@ class PromptEmbeddings:
     """Text embeddings of the prompt per view plus the negative prompt, resident on `device`.
 
     `encode(texts) -> (N, L, D)` is the prior's text encoder; `model_identity` keys the disk cache (see
-    threed.guidance.models.model_identity). An empty negative prompt is the unconditional embedding.
+    threed.guidance.hub.model_identity). An empty negative prompt is the unconditional embedding.
     """
 
     def __init__(self, prompt: str, negative_prompt: str, encode: Callable[[list[str]], Tensor],

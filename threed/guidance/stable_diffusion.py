@@ -24,7 +24,7 @@ from threed.config import CameraConfig, GuidanceConfig
 from threed.errors import UserError, first_line
 from threed.guidance import compile as compiling
 from threed.guidance import sds
-from threed.guidance.models import SD_SUBFOLDERS, model_identity, pinned_revision, resolve_pretrained
+from threed.guidance.hub import SD_SUBFOLDERS, model_identity, pinned_revision, resolve_pretrained
 from threed.prompts import PromptEmbeddings, check_prompt
 
 

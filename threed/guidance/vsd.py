@@ -202,7 +202,7 @@ class StableDiffusionVSD(ParticleScore):
         from peft import LoraConfig
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        from threed.guidance.models import model_identity, resolve_pretrained
+        from threed.guidance.hub import model_identity, resolve_pretrained
         from threed.guidance.stable_diffusion import StableDiffusionGuidance
         from threed.prompts import PromptEmbeddings
 
