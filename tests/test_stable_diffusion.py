@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from threed.cameras import make_cameras, view_names
-from threed.config import CameraConfig, GuidanceConfig, SDConfig
+from threed.config import CameraConfig, Config, GuidanceConfig, SDConfig
 from threed.errors import UserError
 from threed.guidance import sds
 from threed.guidance.hub import KNOWN_MOVED, SD_SUBFOLDERS, resolve_pretrained
@@ -23,7 +23,7 @@ PROMPT = "a yellow rubber duck"
 
 def make_guidance(model_dir, seed: int = 0, **sd) -> StableDiffusionGuidance:
     cfg = GuidanceConfig(sd=SDConfig(model=str(model_dir), resolution=16, **sd))
-    return StableDiffusionGuidance(cfg, PROMPT, "", CameraConfig(), "cpu", seed)
+    return StableDiffusionGuidance(Config(guidance=cfg, prompt=PROMPT, seed=seed), "cpu")
 
 
 def three_cameras(size: int = 12):
@@ -125,15 +125,14 @@ def test_same_seed_same_loss_and_different_seed_differs(tiny_sd_dir):
 
 def test_resolution_must_fit_the_vae(tiny_sd_dir):
     with pytest.raises(UserError, match="guidance.sd.resolution"):
-        StableDiffusionGuidance(GuidanceConfig(sd=SDConfig(model=str(tiny_sd_dir), resolution=15)), PROMPT, "",
-                                CameraConfig(), "cpu", 0)
+        StableDiffusionGuidance(Config(guidance=GuidanceConfig(sd=SDConfig(model=str(tiny_sd_dir), resolution=15)),
+                                       prompt=PROMPT), "cpu")
 
 
 def test_empty_prompt_fails_before_loading(tmp_path):
     """The prompt is checked first, so even a missing model folder reports the prompt."""
     with pytest.raises(UserError, match="prompt is empty"):
-        StableDiffusionGuidance(GuidanceConfig(sd=SDConfig(model=str(tmp_path / "nowhere"))), "", "", CameraConfig(),
-                                "cpu", 0)
+        StableDiffusionGuidance(Config(guidance=GuidanceConfig(sd=SDConfig(model=str(tmp_path / "nowhere")))), "cpu")
 
 
 def test_missing_folder_is_a_user_error(tmp_path):
@@ -430,5 +429,5 @@ def test_the_default_id_is_fetched_at_its_pinned_revision(tmp_path, monkeypatch)
     assert pinned_revision("someone/else") is None
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(UserError) as err:
-        StableDiffusionGuidance(GuidanceConfig(), PROMPT, "", CameraConfig(), "cpu", 0)
+        StableDiffusionGuidance(Config(prompt=PROMPT), "cpu")
     assert f"hf download {DEFAULT_SD_MODEL} --revision {pin}" in str(err.value)

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
 
 from threed.cameras import VIEWS, Cameras, view_indices, view_names
-from threed.config import CameraConfig
 from threed.errors import UserError
 from threed.io import atomic_torch_save, cache_root
+
+if TYPE_CHECKING:
+    from threed.config import CameraConfig
 
 
 def cache_dir() -> Path:
