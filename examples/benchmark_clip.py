@@ -28,13 +28,13 @@ def measure(arch: str, size: int, augs: int, iters: int, warmup: int, device: st
     import torch
 
     from threed.cameras import orbit_cameras
-    from threed.config import CameraConfig, ClipConfig, GuidanceConfig, resolve_device
+    from threed.config import CameraConfig, ClipConfig, Config, GuidanceConfig, resolve_device
     from threed.guidance.clip import ClipGuidance
 
     device = resolve_device(device)
     cfg = GuidanceConfig(type="clip", view_dependent_prompting=False,
                          clip=ClipConfig(models=(arch,), pretrained=("none",), resolution=224, num_augs=augs))
-    guidance = ClipGuidance(cfg, "a DSLR photo of a hamburger", "", CameraConfig(), device, seed=0)
+    guidance = ClipGuidance(Config(guidance=cfg, prompt="a DSLR photo of a hamburger"), device)
     cams = orbit_cameras(CameraConfig(), 1, size, size).to(device)
     rgb = torch.rand(1, size, size, 3, device=device, requires_grad=True)
     opacity = torch.rand(1, size, size, 1, device=device, requires_grad=True)

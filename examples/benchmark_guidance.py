@@ -77,7 +77,7 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
 
     from threed.cameras import make_cameras
-    from threed.config import CameraConfig, GuidanceConfig, SDConfig, resolve_device
+    from threed.config import Config, GuidanceConfig, SDConfig, resolve_device
     from threed.guidance import compile as compiling
     from threed.guidance.stable_diffusion import StableDiffusionGuidance
 
@@ -139,7 +139,7 @@ def main() -> None:
 
     def guidance(**sd) -> StableDiffusionGuidance:
         cfg = GuidanceConfig(sd=SDConfig(model=model, resolution=args.resolution, **sd))
-        return StableDiffusionGuidance(cfg, "a yellow rubber duck", "", CameraConfig(), device, seed=0)
+        return StableDiffusionGuidance(Config(guidance=cfg, prompt="a yellow rubber duck"), device)
 
     def compile_parts(g: StableDiffusionGuidance, unet_mode: str, vae_mode: str) -> dict:
         """Compile g's networks now (their first calls), returning the compile times."""

@@ -168,19 +168,19 @@ def test_missing_clip_weights_offline_fail_before_any_training(tmp_path, capsys,
 
 
 def test_the_weight_check_asks_for_the_files_and_revision_a_run_asks_for(tmp_path, monkeypatch, tiny_clip):
-    """The default Stable Diffusion id is checked at its pinned revision (threed.guidance.models), as the run
+    """The default Stable Diffusion id is checked at its pinned revision (threed.guidance.hub), as the run
     loads it; a folder is checked without one."""
-    from threed.guidance import models
+    from threed.guidance import hub
 
     calls = []
-    monkeypatch.setattr(models, "resolve_pretrained", lambda model, kind, **kw: calls.append((model, kw)) or model)
+    monkeypatch.setattr(hub, "resolve_pretrained", lambda model, kind, **kw: calls.append((model, kw)) or model)
     prompts = write_prompts(tmp_path / "p.txt", "a cat")
     for extra in ([], ["--model", "/models/sd"]):
         plan = plan_of(bench_args(prompts, tmp_path / "out", "sds", *extra))
         bench.check_weights(plan, tiny_clip, "none")
     (default, kw), (folder, kw_folder) = calls
-    assert default == DEFAULT_SD_MODEL and kw["revision"] == models.PINNED_REVISIONS[default]
-    assert kw["required"] == models.SD_SUBFOLDERS
+    assert default == DEFAULT_SD_MODEL and kw["revision"] == hub.PINNED_REVISIONS[default]
+    assert kw["required"] == hub.SD_SUBFOLDERS
     assert folder == "/models/sd" and kw_folder["revision"] is None
 
 

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from threed.cameras import orbit_cameras  # noqa: E402
 from threed.clip_models import canonical_id, encode_images, encode_texts, load_clip, resolve_pretrained  # noqa: E402
-from threed.config import CameraConfig, ClipConfig, GuidanceConfig  # noqa: E402
+from threed.config import CameraConfig, ClipConfig, Config, GuidanceConfig  # noqa: E402
 from threed.errors import UserError  # noqa: E402
 from threed.guidance.clip import ClipGuidance, random_backgrounds, random_resized_crop  # noqa: E402
 
@@ -49,7 +49,7 @@ def cams(n: int, size: int = 24):
 
 
 def test_gradients_reach_colour_and_opacity(tiny_clip):
-    g = ClipGuidance(guidance_cfg(tiny_clip), "a red chair", "", CameraConfig(), "cpu", seed=0)
+    g = ClipGuidance(Config(guidance=guidance_cfg(tiny_clip), prompt="a red chair"), "cpu")
     rgb = torch.rand(2, 24, 24, 3, requires_grad=True)
     opacity = torch.rand(2, 24, 24, 1, requires_grad=True)
     out = g(rgb, cams(2), 0, "albedo", torch.ones(2, 24, 24, 3), opacity=opacity)
@@ -62,7 +62,7 @@ def test_gradients_reach_colour_and_opacity(tiny_clip):
 
 def test_loss_is_negative_cosine_to_prompt(tiny_clip):
     """Without augmentation randomness (one full-size crop, no opacity) the loss is exactly -cos."""
-    g = ClipGuidance(guidance_cfg(tiny_clip, augs=1), "a blue vase", "", CameraConfig(), "cpu", seed=0)
+    g = ClipGuidance(Config(guidance=guidance_cfg(tiny_clip, augs=1), prompt="a blue vase"), "cpu")
     g.crop_scale = (1.0, 1.0)
     rgb = torch.rand(1, 32, 32, 3)
     out = g(rgb, cams(1, 32), 0, "albedo", torch.ones_like(rgb))
@@ -72,8 +72,9 @@ def test_loss_is_negative_cosine_to_prompt(tiny_clip):
 
 
 def test_negative_prompt_adds_weighted_similarity(tiny_clip):
-    base = ClipGuidance(guidance_cfg(tiny_clip, augs=1), "a cat", "", CameraConfig(), "cpu", seed=0)
-    neg = ClipGuidance(guidance_cfg(tiny_clip, augs=1), "a cat", "blurry", CameraConfig(), "cpu", seed=0)
+    base = ClipGuidance(Config(guidance=guidance_cfg(tiny_clip, augs=1), prompt="a cat"), "cpu")
+    neg = ClipGuidance(Config(guidance=guidance_cfg(tiny_clip, augs=1), prompt="a cat", negative_prompt="blurry"),
+                       "cpu")
     for g in (base, neg):
         g.crop_scale = (1.0, 1.0)
     rgb = torch.rand(1, 32, 32, 3)
@@ -87,21 +88,21 @@ def test_ensemble_averages_models(tiny_clip, tiny_clip_b):
     rgb = torch.rand(1, 32, 32, 3)
     losses = []
     for archs in ((tiny_clip,), (tiny_clip_b,), (tiny_clip, tiny_clip_b)):
-        g = ClipGuidance(guidance_cfg(*archs, augs=1), "a boat", "", CameraConfig(), "cpu", seed=0)
+        g = ClipGuidance(Config(guidance=guidance_cfg(*archs, augs=1), prompt="a boat"), "cpu")
         g.crop_scale = (1.0, 1.0)
         losses.append(g(rgb, cams(1, 32), 0, "albedo")["loss"])
     assert torch.allclose(losses[2], (losses[0] + losses[1]) / 2, atol=1e-5)
 
 
 def test_view_dependent_prompts_follow_the_camera(tiny_clip):
-    g = ClipGuidance(guidance_cfg(tiny_clip, view_dependent=True), "a dog", "", CameraConfig(), "cpu", seed=0)
+    g = ClipGuidance(Config(guidance=guidance_cfg(tiny_clip, view_dependent=True), prompt="a dog"), "cpu")
     assert g.texts["front"] == "a dog, front view" and g.texts["back"] == "a dog, back view"
     _, _, text, _ = g.models[0]
     assert not torch.allclose(text[0], text[2])  # front and back embeddings differ
 
 
 def test_background_swap_keeps_opaque_pixels_and_replaces_transparent_ones(tiny_clip):
-    g = ClipGuidance(guidance_cfg(tiny_clip, augs=3), "x", "", CameraConfig(), "cpu", seed=0)
+    g = ClipGuidance(Config(guidance=guidance_cfg(tiny_clip, augs=3), prompt="x"), "cpu")
     g.crop_scale = (1.0, 1.0)
     fg = torch.rand(1, 32, 32, 3)
     old_bg = torch.zeros(1, 32, 32, 3)
@@ -138,7 +139,7 @@ def test_random_resized_crop_is_identity_at_full_scale_and_zooms_otherwise():
 def test_optimising_an_image_raises_clip_similarity(tiny_clip):
     """Gradient descent on a free image raises its (un-augmented) CLIP score. Measured with this tiny
     random model, 30 Adam steps at lr 0.05, seeds 0/1/2: 0.175 -> 0.578 / 0.658 / 0.581; we ask for +0.2."""
-    g = ClipGuidance(guidance_cfg(tiny_clip, augs=2), "a green apple", "", CameraConfig(), "cpu", seed=0)
+    g = ClipGuidance(Config(guidance=guidance_cfg(tiny_clip, augs=2), prompt="a green apple"), "cpu")
     model, mean_std, tok = load_clip(tiny_clip, "none")
     text = encode_texts(model, tok, ["a green apple"])
     logits = torch.zeros(1, 32, 32, 3, requires_grad=True)

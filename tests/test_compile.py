@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from threed.cameras import make_cameras
-from threed.config import CameraConfig, GuidanceConfig, SDConfig, build_config
+from threed.config import Config, GuidanceConfig, SDConfig, build_config
 from threed.errors import UserError
 from threed.guidance import compile as compiling
 from threed.guidance.stable_diffusion import StableDiffusionGuidance
@@ -140,7 +140,7 @@ def two_cameras(size: int = 12):
 def guidance_run(model_dir, steps: int = 2, **sd) -> tuple[StableDiffusionGuidance, list[float], torch.Tensor]:
     """Losses of `steps` guidance calls on one batch of renders, and the render's summed gradient."""
     cfg = GuidanceConfig(sd=SDConfig(model=str(model_dir), resolution=16, **sd))
-    g = StableDiffusionGuidance(cfg, "a yellow rubber duck", "", CameraConfig(), "cpu", seed=3)
+    g = StableDiffusionGuidance(Config(guidance=cfg, prompt="a yellow rubber duck", seed=3), "cpu")
     rgb = torch.rand(2, 12, 12, 3, generator=torch.Generator().manual_seed(1), requires_grad=True)
     outs = [g(rgb, two_cameras(), step) for step in range(steps)]
     sum(o["loss"] for o in outs).backward()

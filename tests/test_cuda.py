@@ -211,7 +211,8 @@ def test_fp16_sd_guidance_step_is_finite(sd21_random):
 
     cfg = build_config("dreamfusion-sd", [f"guidance.sd.model={sd21_random}", "guidance.sd.compile=none",
                                           "guidance.sd.compile_vae=none"])
-    g = StableDiffusionGuidance(cfg.guidance, "a yellow rubber duck", "", cfg.camera, "cuda", seed=0)
+    cfg.prompt, cfg.seed = "a yellow rubber duck", 0
+    g = StableDiffusionGuidance(cfg, "cuda")
     assert g.dtype == torch.float16 and g.sd.resolution == 512 and g.sd.guidance_scale == 100.0
     for step, (lo, hi) in enumerate([(0.02, 0.05), (0.9, 0.98)]):
         g.cfg = dataclasses.replace(g.cfg, t_min=Schedule.constant(lo), t_max=Schedule.constant(hi))
@@ -236,13 +237,13 @@ def test_compiled_guidance_matches_eager(tiny_sd_dir):
     on a GPU when written: the errors go to $THREED_TEST_REPORT."""
     from torch._dynamo.utils import counters
 
-    from threed.config import CameraConfig, GuidanceConfig, SDConfig
+    from threed.config import Config, GuidanceConfig, SDConfig
     from threed.guidance.compile import CompiledFunction
     from threed.guidance.stable_diffusion import StableDiffusionGuidance
 
     def make(mode: str, vae_mode: str) -> StableDiffusionGuidance:
         sd = SDConfig(model=str(tiny_sd_dir), resolution=64, guidance_scale=1.0, compile=mode, compile_vae=vae_mode)
-        return StableDiffusionGuidance(GuidanceConfig(sd=sd), "a yellow rubber duck", "", CameraConfig(), "cuda", 0)
+        return StableDiffusionGuidance(Config(guidance=GuidanceConfig(sd=sd), prompt="a yellow rubber duck"), "cuda")
 
     counters.clear()
     eager, compiled = make("none", "none"), make("auto", "auto")

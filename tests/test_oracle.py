@@ -12,7 +12,7 @@ import trimesh
 
 import shapes
 from threed.cameras import make_cameras
-from threed.config import GuidanceConfig, OracleConfig, RenderConfig
+from threed.config import Config, GuidanceConfig, OracleConfig, RenderConfig
 from threed.errors import UserError
 from threed.guidance import sds
 from threed.guidance.oracle import OracleGuidance, oracle_eps
@@ -38,7 +38,7 @@ def _cameras(n: int = 2):
 
 def _oracle(path: Path | str, views: int = 1, seed: int = 0, **kw) -> OracleGuidance:
     cfg = GuidanceConfig(type="oracle", oracle=OracleConfig(reference=str(path), views=views, **kw))
-    return OracleGuidance(cfg, RenderConfig(width=RES, height=RES), "cpu", seed)
+    return OracleGuidance(Config(guidance=cfg, render=RenderConfig(width=RES, height=RES), seed=seed), "cpu")
 
 
 def _grad(guidance: OracleGuidance, rgb: torch.Tensor, cams, step: int, shading: str, bg: torch.Tensor):
@@ -173,6 +173,6 @@ def test_bad_references_raise_user_errors(tmp_path: Path) -> None:
     big = shapes.save(shapes.sphere(1.3), tmp_path / "big.ply")
     with pytest.raises(UserError, match=r"extends to 1\.3, beyond the scene bound 1: .*render\.bound=1\.3"):
         _oracle(big)
-    ok = OracleGuidance(GuidanceConfig(type="oracle", oracle=OracleConfig(reference=str(big))), RenderConfig(bound=1.3),
-                        "cpu", 0)
+    ok = OracleGuidance(Config(guidance=GuidanceConfig(type="oracle", oracle=OracleConfig(reference=str(big))),
+                               render=RenderConfig(bound=1.3), seed=0), "cpu")
     assert np.abs(ok.reference_mesh.vertices).max() == pytest.approx(1.3)

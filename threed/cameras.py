@@ -8,11 +8,13 @@ Camera frame: OpenGL (looks along -z, y up).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from threed.config import CameraConfig
+if TYPE_CHECKING:
+    from threed.config import CameraConfig
 
 
 @dataclass

@@ -12,6 +12,8 @@ import argparse
 import difflib
 import sys
 from pathlib import Path
+
+from threed import priors
 from threed.errors import UserError
 
 EPILOG = "Config overrides: key=value after the options, e.g. render.width=128 optim.lr=0.005"
@@ -45,16 +47,13 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_model_options(p: argparse.ArgumentParser, bench: bool = False) -> None:
     """The options that choose the prior and its models, shared by `run` and `bench` (in a bench each goes
-    to the methods whose prior it concerns)."""
+    to the methods whose prior it concerns): --guidance and each prior's options, from the prior registry."""
     p.add_argument("--negative-prompt", dest="negative_prompt")
-    p.add_argument("--model", help="Stable Diffusion: hub id or local diffusers folder")
-    p.add_argument("--guidance", choices=["stable_diffusion", "sd", "oracle", "clip"],
+    p.add_argument("--guidance", choices=priors.choices(),
                    help="the prior [the preset's or the method's]" if not bench else
                         "the prior of every method that takes it [each method's own]")
-    p.add_argument("--reference", help="reference mesh for --guidance oracle (OBJ/PLY/GLB, scene coordinates)"
-                   + ("; oracle runs are scored against it" if bench else ""))
-    p.add_argument("--clip-model", dest="clip_model", help="open_clip architecture(s), comma-separated")
-    p.add_argument("--clip-pretrained", dest="clip_pretrained", help="tag | checkpoint path | none, comma-separated")
+    for _, option in priors.options():
+        p.add_argument(option.flag, dest=option.name, help=option.help + (option.bench_help if bench else ""))
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:

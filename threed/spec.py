@@ -15,31 +15,29 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from threed import methods
+from threed import methods, priors
 from threed.config import (METHOD_SECTIONS, PRIOR_SECTIONS, Config, MeshConfig, build_config, check_prior_sections,
                            flatten, load_yaml, preset_path, to_dict)
 from threed.errors import UserError
 from threed.rundir import RunDir, checkpoint_step
 
-PRIOR_ALIASES = {"sd": "stable_diffusion"}
-PRIORS = tuple(PRIOR_SECTIONS)
+# Derived from the prior registry (threed/priors.py), as are the options concerning one prior below.
+PRIOR_ALIASES = priors.aliases()
+PRIORS = tuple(priors.PRIORS)
 
 
 @dataclass
-class RunOptions:
-    """The options people change every run (None: not given). Everything else is `overrides`."""
+class _Options:
+    """The options people change every run (None: not given). Everything else is `overrides`. RunOptions
+    adds one attribute per option of a prior (model, reference, clip_model, ...: threed/priors.py)."""
 
     method: str | None = None
     preset: str | None = None
     guidance: str | None = None
     prompt: str | None = None
     negative_prompt: str | None = None
-    model: str | None = None
-    reference: str | None = None
-    clip_model: str | None = None
-    clip_pretrained: str | None = None
     steps: int | None = None
     seed: int | None = None
     device: str | None = None
@@ -47,25 +45,37 @@ class RunOptions:
     overrides: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_args(cls, args: Any) -> RunOptions:
+    def from_args(cls, args: Any) -> _Options:
         """From an argparse namespace (attributes it lacks are not given)."""
         values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
         values["overrides"] = list(values["overrides"] or [])
         return cls(**values)
 
 
-# option -> (config key, the prior it concerns: None for every prior, list: comma-separated)
-OPTIONS: dict[str, tuple[str, str | None, bool]] = {
-    "prompt": ("prompt", None, False),
-    "negative_prompt": ("negative_prompt", None, False),
-    "model": ("guidance.sd.model", "stable_diffusion", False),
-    "reference": ("guidance.oracle.reference", "oracle", False),
-    "clip_model": ("guidance.clip.models", "clip", True),
-    "clip_pretrained": ("guidance.clip.pretrained", "clip", True),
-    "steps": ("steps", None, False),
-    "seed": ("seed", None, False),
-    "device": ("device", None, False),
-}
+RunOptions = dataclasses.make_dataclass(
+    "RunOptions", [(option.name, str | None, None) for _, option in priors.options()], bases=(_Options,),
+    namespace={"__doc__": _Options.__doc__, "__module__": __name__})
+
+
+class OptionSpec(NamedTuple):
+    """What an option sets: its config key, the prior it concerns (None: every prior), whether it is a
+    comma-separated list, and whether it names a file (stored as an absolute path)."""
+
+    key: str
+    prior: str | None
+    is_list: bool = False
+    path: bool = False
+
+
+def _option_specs() -> dict[str, OptionSpec]:
+    """The run's own options around the registry's options of one prior, in the order they are applied."""
+    concerning = {o.name: OptionSpec(p.key(o), p.name, o.is_list, o.path) for p, o in priors.options()}
+    return {"prompt": OptionSpec("prompt", None), "negative_prompt": OptionSpec("negative_prompt", None),
+            **concerning, **{name: OptionSpec(name, None) for name in ("steps", "seed", "device")}}
+
+
+# option -> what it sets; the options of one prior come from the registry
+OPTIONS: dict[str, OptionSpec] = _option_specs()
 
 
 def flag(option: str) -> str:
@@ -75,7 +85,8 @@ def flag(option: str) -> str:
 def canonical_prior(name: str) -> str:
     prior = PRIOR_ALIASES.get(name, name)
     if prior not in PRIORS:
-        raise UserError(f"unknown prior '{name}' for --guidance: choose one of {', '.join(PRIORS)} (or sd)")
+        also = f" (or {', '.join(PRIOR_ALIASES)})" if PRIOR_ALIASES else ""
+        raise UserError(f"unknown prior '{name}' for --guidance: choose one of {', '.join(PRIORS)}{also}")
     return prior
 
 
@@ -94,14 +105,14 @@ def option_overrides(opts: RunOptions, prior: str, only_concerning: bool = False
     `only_concerning` (the bench applies model options to the methods they concern), skipped."""
     out = []
     for name in given(opts):
-        key, concerns, is_list = OPTIONS[name]
+        key, concerns, is_list, is_path = OPTIONS[name]
         if concerns is not None and concerns != prior:
             if only_concerning:
                 continue
             raise UserError(f"{flag(name)} applies to the {concerns} prior, but this run's prior is {prior}: "
                             f"drop it or pass --guidance {concerns}")
         value = getattr(opts, name)
-        if name == "reference":
+        if is_path:
             value = absolute(value)
         if is_list:
             out.append(f"{key}=[{', '.join(_quoted(v.strip()) for v in str(value).split(','))}]")
@@ -124,10 +135,13 @@ def _cuda_visible() -> bool:
 
 
 def _inferred_prior(opts: RunOptions) -> str | None:
-    """The prior named by --guidance, or implied by an option only one prior takes (--reference: oracle)."""
+    """The prior named by --guidance, or implied by an option only one prior takes (--reference: oracle). The
+    default prior's options (--model) imply nothing: without them it is the prior anyway, and against a
+    preset or method of another prior the option is the mistake to report."""
     if opts.guidance:
         return canonical_prior(opts.guidance)
-    implied = {OPTIONS[name][1] for name in given(opts) if OPTIONS[name][1] not in (None, "stable_diffusion")}
+    implied = {OPTIONS[name].prior for name in given(opts)
+               if OPTIONS[name].prior not in (None, priors.default_prior())}
     return implied.pop() if len(implied) == 1 else None
 
 

@@ -13,6 +13,7 @@ scene from filling space is applied by the trainer from cfg.loss.transmittance*.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +21,10 @@ from torch import Tensor
 
 from threed.cameras import VIEWS, Cameras, view_names
 from threed.clip_models import encode_texts, load_clip, preprocess
-from threed.config import CameraConfig, GuidanceConfig
 from threed.prompts import view_prompt
+
+if TYPE_CHECKING:
+    from threed.config import Config
 
 BACKGROUNDS = ("noise", "checkerboard", "blurred")
 
@@ -80,23 +83,25 @@ def random_resized_crop(images: Tensor, size: int, scale: tuple[float, float], g
 
 
 class ClipGuidance:
-    """An ensemble of frozen CLIP models scoring augmented renders against the prompt (Guidance interface)."""
+    """An ensemble of frozen CLIP models scoring augmented renders against the prompt (Guidance interface).
+    It reads the run config's guidance section (guidance.clip), prompts, cameras and seed."""
 
     crop_scale: tuple[float, float] = (0.7, 1.0)
+    negative_weight: float = 0.5  # of the similarity to the negative prompt, where one is given
 
-    def __init__(self, cfg: GuidanceConfig, prompt: str, negative_prompt: str, camera_cfg: CameraConfig,
-                 device: str | torch.device, seed: int, negative_weight: float = 0.5) -> None:
-        self.cfg = cfg
-        self.camera_cfg = camera_cfg
+    def __init__(self, cfg: Config, device: str | torch.device) -> None:
+        g = self.cfg = cfg.guidance
+        prompt, negative_prompt = cfg.prompt, cfg.negative_prompt
+        self.camera_cfg = cfg.camera
         self.device = torch.device(device)
-        self.num_augs = max(1, cfg.clip.num_augs)
-        self.negative_weight = negative_weight if negative_prompt else 0.0
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.num_augs = max(1, g.clip.num_augs)
+        self.negative_weight = self.negative_weight if negative_prompt else 0.0
+        self.generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
         # View-dependent prompts (DreamFusion): one text per view name, picked per camera.
-        self.texts = {v: view_prompt(prompt, v) if cfg.view_dependent_prompting else prompt for v in VIEWS}
+        self.texts = {v: view_prompt(prompt, v) if g.view_dependent_prompting else prompt for v in VIEWS}
         self.models = []
-        for name, pretrained in zip(cfg.clip.models, cfg.clip.pretrained):
-            model, mean_std, tokenizer = load_clip(name, pretrained, self.device, image_size=cfg.clip.resolution)
+        for name, pretrained in zip(g.clip.models, g.clip.pretrained):
+            model, mean_std, tokenizer = load_clip(name, pretrained, self.device, image_size=g.clip.resolution)
             text = encode_texts(model, tokenizer, [self.texts[v] for v in VIEWS])  # (len(VIEWS), D)
             negative = encode_texts(model, tokenizer, [negative_prompt]) if negative_prompt else None
             self.models.append((model, mean_std, text, negative))

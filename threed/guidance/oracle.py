@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,9 +33,11 @@ from torch import Tensor
 
 from threed import raycast
 from threed.cameras import Cameras, make_cameras
-from threed.config import GuidanceConfig, RenderConfig
 from threed.errors import UserError, first_line
 from threed.guidance import sds
+
+if TYPE_CHECKING:
+    from threed.config import Config
 
 _HINT = "pass --reference PATH to an OBJ/PLY/GLB"
 
@@ -94,21 +97,22 @@ def oracle_eps(x: Tensor, refs: Tensor, abar: Tensor, noise: Tensor) -> tuple[Te
 
 
 class OracleGuidance:
-    """SDS against the optimal denoiser of reference-mesh renders (see the module docstring)."""
+    """SDS against the optimal denoiser of reference-mesh renders (see the module docstring). It reads the run
+    config's guidance section (guidance.oracle and the shared SDS settings), render settings and seed."""
 
-    def __init__(self, cfg: GuidanceConfig, render_cfg: RenderConfig, device: str, seed: int):
-        self.cfg = cfg
-        self.render_cfg = render_cfg
+    def __init__(self, cfg: Config, device: str) -> None:
+        g = self.cfg = cfg.guidance
+        self.render_cfg = cfg.render
         self.device = torch.device(device)
-        self.reference_mesh = load_reference(cfg.oracle.reference, render_cfg.bound)
+        self.reference_mesh = load_reference(g.oracle.reference, cfg.render.bound)
         mesh = self.reference_mesh
         self.vertices = torch.tensor(np.asarray(mesh.vertices), dtype=torch.float32, device=self.device)
         self.faces = torch.tensor(np.asarray(mesh.faces), dtype=torch.long, device=self.device)
-        self.colors = torch.tensor(reference_colors(mesh, cfg.oracle.color), dtype=torch.float32, device=self.device)
+        self.colors = torch.tensor(reference_colors(mesh, g.oracle.color), dtype=torch.float32, device=self.device)
         self.clusters = raycast.build_clusters(self.vertices, self.faces)
         self.normals = raycast.corner_normals(self.vertices, self.faces)
         self.alphas = sds.sd_alphas_cumprod().to(self.device)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
         self.supersample = 2
 
     def render_reference(self, cameras: Cameras, shading: str, background: Tensor) -> Tensor:

@@ -11,10 +11,13 @@ Every prior (Stable Diffusion, the oracle) goes through `sds_loss`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
-from threed.config import GuidanceConfig
+if TYPE_CHECKING:
+    from threed.config import GuidanceConfig
 
 
 def sd_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085,

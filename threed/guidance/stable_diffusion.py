@@ -14,36 +14,39 @@ distilled AutoencoderTiny (TAESD) into the same latent space: cheaper, but anoth
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from threed.cameras import Cameras
-from threed.config import CameraConfig, GuidanceConfig
 from threed.errors import UserError, first_line
 from threed.guidance import compile as compiling
 from threed.guidance import sds
-from threed.guidance.models import SD_SUBFOLDERS, model_identity, pinned_revision, resolve_pretrained
+from threed.guidance.hub import SD_SUBFOLDERS, model_identity, pinned_revision, resolve_pretrained
 from threed.prompts import PromptEmbeddings, check_prompt
+
+if TYPE_CHECKING:
+    from threed.config import Config
 
 
 class StableDiffusionGuidance:
     """The Guidance interface over a diffusers Stable Diffusion folder (unet, vae, text_encoder, tokenizer,
-    scheduler). Weights are frozen; fp16 on CUDA when `guidance.sd.half_precision`, fp32 otherwise."""
+    scheduler). Weights are frozen; fp16 on CUDA when `guidance.sd.half_precision`, fp32 otherwise. It reads
+    the run config's guidance section (guidance.sd and the shared SDS settings), prompts, cameras and seed."""
 
-    def __init__(self, cfg: GuidanceConfig, prompt: str, negative_prompt: str, camera_cfg: CameraConfig,
-                 device: str, seed: int) -> None:
+    def __init__(self, cfg: Config, device: str) -> None:
         from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
         from transformers.utils import logging as hf_logging
 
-        self.cfg = cfg
-        self.sd = sd = cfg.sd
+        self.cfg = g = cfg.guidance
+        self.sd = sd = g.sd
         self.device = torch.device(device)
         self.dtype = torch.float16 if (self.device.type == "cuda" and sd.half_precision) else torch.float32
         self.tiny_vae = sd.vae == "tiny"
-        check_prompt(prompt)  # before any download or load: a typo should cost no time
+        check_prompt(cfg.prompt)  # before any download or load: a typo should cost no time
         # With the tiny autoencoder, SD's own VAE is neither needed nor downloaded.
         required = tuple(p for p in SD_SUBFOLDERS if not (self.tiny_vae and p == "vae"))
         self.path = resolve_pretrained(sd.model, "Stable Diffusion", required=required,
@@ -108,10 +111,10 @@ class StableDiffusionGuidance:
                             f"{self.unet.config.in_channels}: use an autoencoder of this model's latent space")
 
         # Timesteps and noise are drawn on the device: a CPU draw copied over would wait for the GPU.
-        self.generator = torch.Generator(self.device).manual_seed(seed)
-        self.prompts = PromptEmbeddings(prompt, negative_prompt, self.encode_text,
-                                        model_identity(self.path), camera_cfg,
-                                        view_dependent=cfg.view_dependent_prompting,
+        self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
+        self.prompts = PromptEmbeddings(cfg.prompt, cfg.negative_prompt, self.encode_text,
+                                        model_identity(self.path), cfg.camera,
+                                        view_dependent=g.view_dependent_prompting,
                                         device=self.device, dtype=self.dtype)
 
         # The two frozen networks, compiled at their first call where the config says so.

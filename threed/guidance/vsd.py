@@ -33,16 +33,19 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from threed.cameras import Cameras
-from threed.config import Config, VSDConfig
 from threed.errors import UserError, first_line
 from threed.guidance import sds
+
+if TYPE_CHECKING:
+    from threed.config import Config
+    from threed.priors import VSDConfig
 
 CAMERA_DIM = 16  # c2w flattened
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # every attention projection, as the paper's LoRA
@@ -107,7 +110,7 @@ def camera_embedding(dim: int) -> nn.Module:
 
 def check_prior_keys(vsd: VSDConfig, prior: str) -> None:
     """guidance.vsd keys that only one prior reads must not be set for the other (they would be ignored)."""
-    default = VSDConfig()
+    default = type(vsd)()
     unused = ORACLE_ONLY if prior == "stable_diffusion" else SD_ONLY
     changed = [k for k in unused if getattr(vsd, k) != getattr(default, k)]
     if changed:
@@ -118,7 +121,8 @@ def check_prior_keys(vsd: VSDConfig, prior: str) -> None:
 
 
 def build_vsd(cfg: Config, device: str) -> Any:
-    """The VSD guidance for cfg's prior (models are loaded here)."""
+    """The VSD guidance for cfg's prior (models are loaded here): the builder of the prolificdreamer method's
+    own section, guidance.vsd, in the prior registry (threed/priors.py)."""
     prior = cfg.guidance.type
     if prior not in ("stable_diffusion", "oracle"):
         raise UserError(f"variational score distillation takes the stable_diffusion or oracle prior, not {prior}: "
@@ -202,13 +206,13 @@ class StableDiffusionVSD(ParticleScore):
         from peft import LoraConfig
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        from threed.guidance.models import model_identity, resolve_pretrained
+        from threed.guidance.hub import model_identity, resolve_pretrained
         from threed.guidance.stable_diffusion import StableDiffusionGuidance
         from threed.prompts import PromptEmbeddings
 
-        g = self.cfg = cfg.guidance
-        vsd = g.vsd
-        self.sd = sd = StableDiffusionGuidance(g, cfg.prompt, cfg.negative_prompt, cfg.camera, device, cfg.seed)
+        self.cfg = cfg.guidance
+        vsd = cfg.guidance.vsd
+        self.sd = sd = StableDiffusionGuidance(cfg, device)
         self.device, self.dtype = sd.device, sd.dtype
         # The particle score sees the plain prompt (no view suffix): the camera is its own condition.
         self.plain_prompts = PromptEmbeddings(cfg.prompt, cfg.negative_prompt, sd.encode_text, model_identity(sd.path),
@@ -370,7 +374,7 @@ class OracleVSD(ParticleScore):
         from threed.guidance.oracle import OracleGuidance
 
         self.cfg = cfg.guidance
-        self.oracle = OracleGuidance(cfg.guidance, cfg.render, device, cfg.seed)
+        self.oracle = OracleGuidance(cfg, device)
         self.device = self.oracle.device
         self.alphas = self.oracle.alphas
         self.generator = self.oracle.generator  # jittered views, t, noise and camera dropout: one stream

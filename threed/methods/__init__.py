@@ -1,7 +1,8 @@
 """The method registry: a method composes the shared parts (field, renderer, prior, losses, stages).
 
-Each method is a preset in configs/ plus a short module defining `METHOD` (or `METHODS`) and `build_guidance`.
-`threed run --method M` and `threed bench --methods M,...` both look methods up here, aliases included.
+Each method is a preset in configs/ plus a short module declaring `METHOD` (or `METHODS`); its guidance is
+the prior registry's (threed/priors.py). `threed run --method M` and `threed bench --methods M,...` both
+look methods up here, aliases included.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from threed import priors
 from threed.config import Config
 from threed.errors import UserError
 from threed.stages import NERF, Stage
@@ -36,11 +38,12 @@ class Method:
     stages: tuple[Stage, ...] = (NERF,)
     prior_presets: dict[str, str] = field(default_factory=dict)  # a preset tuned for a prior, e.g. oracle
     refines: bool = False
-    sections: tuple[str, ...] = ()  # its own guidance.<section> settings (config.METHOD_SECTIONS), e.g. vsd
+    sections: tuple[str, ...] = ()  # its own guidance.<section> settings (priors.METHOD_SECTIONS), e.g. vsd
 
     def build_guidance(self, cfg: Config, device: str) -> Any:
-        """The guidance callable for cfg (see the method's module)."""
-        return importlib.import_module(self.module).build_guidance(cfg, device)
+        """The guidance callable for cfg (models are loaded here): the builder of the method's own section
+        where it has one (vsd: ProlificDreamer's VSD), else the run's prior's (threed/priors.py)."""
+        return priors.builder(cfg.guidance.type, self.sections)(cfg, device)
 
     def stage(self, name: str) -> Stage:
         """The stage called `name`."""

@@ -3,13 +3,9 @@ with a transmittance regulariser (cfg.loss.transmittance) keeping the volume spa
 
 from __future__ import annotations
 
-from threed.config import Config
 from threed.methods import Method
 
 METHOD = Method(
     name="clip", summary="CLIP guidance with Dream Fields' transmittance loss",
     preset="clip", cpu_preset="clip-cpu", priors=("clip",), module=__name__, aliases=("dreamfields",))
 
-
-def build_guidance(cfg: Config, device: str):
-    return cfg.guidance.build(cfg, device)

@@ -6,7 +6,6 @@ diffusion model where no weights exist, to measure shape recovery.
 
 from __future__ import annotations
 
-from threed.config import Config
 from threed.methods import Method
 
 METHOD = Method(
@@ -14,6 +13,3 @@ METHOD = Method(
     preset="dreamfusion-sd", cpu_preset="cpu-tiny", priors=("stable_diffusion", "oracle"),
     module=__name__, aliases=("sds",), prior_presets={"oracle": "oracle"})
 
-
-def build_guidance(cfg: Config, device: str):
-    return cfg.guidance.build(cfg, device)

@@ -9,7 +9,6 @@ DreamFusion run), in a new run directory.
 
 from __future__ import annotations
 
-from threed.config import Config
 from threed.methods import Method
 from threed.stages import MESH, NERF
 
@@ -24,6 +23,3 @@ METHODS = (
            prior_presets={"oracle": "magic3d-oracle"}, refines=True),
 )
 
-
-def build_guidance(cfg: Config, device: str):
-    return cfg.guidance.build(cfg, device)

@@ -6,11 +6,13 @@
    rasterizer) under VSD with a fresh particle score. The paper refines the geometry first (under SDS)
    and then the texture with the geometry fixed (under VSD); threed refines both together, as Magic3D
    does. `mesh.lr_sdf=0 mesh.lr_deformation=0` keeps the geometry fixed (the paper's texture stage).
+
+Its settings are its own section, guidance.vsd, in the prior registry (threed/priors.py), whose builder
+(threed.guidance.vsd.build_vsd) makes the guidance of both stages for either prior.
 """
 
 from __future__ import annotations
 
-from threed.config import Config
 from threed.methods import Method
 from threed.stages import MESH, NERF
 
@@ -20,6 +22,3 @@ METHOD = Method(
     module=__name__, aliases=("vsd",), stages=(NERF, MESH), prior_presets={"oracle": "prolificdreamer-oracle"},
     sections=("vsd",))
 
-
-def build_guidance(cfg: Config, device: str):
-    return cfg.guidance.vsd.build(cfg, device)
