@@ -21,11 +21,15 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from test_clip import write_tiny_clip  # noqa: E402  (tests/ is on sys.path, see conftest.py)
-from threed import bench, bench_entry, methods, pipeline, spec  # noqa: E402
+from threed import methods, pipeline, spec  # noqa: E402
+from threed.bench import child as bench_child  # noqa: E402
+from threed.bench import plan as bench_plan  # noqa: E402
+from threed.bench.evaluate import Evaluator  # noqa: E402
 from threed.cli import main as cli  # noqa: E402
 from threed.cli import parser  # noqa: E402
 from threed.config import DEFAULT_SD_MODEL, load_yaml, to_dict  # noqa: E402
 from threed.errors import UserError  # noqa: E402
+from threed.rundir import RunDir  # noqa: E402
 
 # Small enough for a few seconds per run on a shared 2-core CPU (measured: 2-12 s per run). A fixed density
 # level skips the automatic level search (3 s of CPU per run; it chose 1.07 for these runs). The keys of a
@@ -79,13 +83,13 @@ def error_line(err: str) -> str:
     return lines[0]
 
 
-def plan_of(argv: list[str]) -> list[bench.Entry]:
+def plan_of(argv: list[str]) -> list[bench_plan.Entry]:
     """The entries `threed bench ARGV` would train (configs resolved, nothing run)."""
-    return bench.make_plan(parser().parse_args(argv), cuda=False)[0]
+    return bench_plan.make_plan(parser().parse_args(argv), cuda=False)[0]
 
 
-def by_label(plan: list[bench.Entry]) -> dict[str, list[bench.Entry]]:
-    out: dict[str, list[bench.Entry]] = {}
+def by_label(plan: list[bench_plan.Entry]) -> dict[str, list[bench_plan.Entry]]:
+    out: dict[str, list[bench_plan.Entry]] = {}
     for e in plan:
         out.setdefault(e.label, []).append(e)
     return out
@@ -177,7 +181,7 @@ def test_the_weight_check_asks_for_the_files_and_revision_a_run_asks_for(tmp_pat
     prompts = write_prompts(tmp_path / "p.txt", "a cat")
     for extra in ([], ["--model", "/models/sd"]):
         plan = plan_of(bench_args(prompts, tmp_path / "out", "sds", *extra))
-        bench.check_weights(plan, tiny_clip, "none")
+        bench_plan.check_weights(plan, tiny_clip, "none")
     (default, kw), (folder, kw_folder) = calls
     assert default == DEFAULT_SD_MODEL and kw["revision"] == hub.PINNED_REVISIONS[default]
     assert kw["required"] == hub.SD_SUBFOLDERS
@@ -185,9 +189,9 @@ def test_the_weight_check_asks_for_the_files_and_revision_a_run_asks_for(tmp_pat
 
 
 def test_slugs_are_distinct_and_readable():
-    a, b = bench.slugify("A red apple!"), bench.slugify("a red apple")
+    a, b = bench_plan.slugify("A red apple!"), bench_plan.slugify("a red apple")
     assert a.startswith("a-red-apple-") and b.startswith("a-red-apple-") and a != b
-    long = bench.slugify("x" * 200)
+    long = bench_plan.slugify("x" * 200)
     assert len(long) <= 48 + 7
 
 
@@ -196,20 +200,20 @@ def test_slugs_are_distinct_and_readable():
 def test_presets_per_method():
     dreamfusion, clip = methods.get("dreamfusion"), methods.get("clip")
     both = [dreamfusion, clip]
-    assert bench.parse_presets([], both) == {"dreamfusion": None, "clip": None}
-    assert bench.parse_presets(["cpu-tiny"], both) == {"dreamfusion": "cpu-tiny", "clip": "cpu-tiny"}
+    assert bench_plan.parse_presets([], both) == {"dreamfusion": None, "clip": None}
+    assert bench_plan.parse_presets(["cpu-tiny"], both) == {"dreamfusion": "cpu-tiny", "clip": "cpu-tiny"}
     # METHOD=PRESET wins over the preset for every method, in any order; aliases are the registry's
-    assert bench.parse_presets(["clip=clip-cpu", "mine.yaml"], both) == {"dreamfusion": "mine.yaml", "clip": "clip-cpu"}
-    assert bench.parse_presets(["sds=cpu-tiny"], both) == {"dreamfusion": "cpu-tiny", "clip": None}
+    assert bench_plan.parse_presets(["clip=clip-cpu", "mine.yaml"], both) == {"dreamfusion": "mine.yaml", "clip": "clip-cpu"}
+    assert bench_plan.parse_presets(["sds=cpu-tiny"], both) == {"dreamfusion": "cpu-tiny", "clip": None}
     with pytest.raises(UserError, match="two presets for method dreamfusion"):
-        bench.parse_presets(["sds=cpu-tiny", "dreamfusion=oracle"], both)
+        bench_plan.parse_presets(["sds=cpu-tiny", "dreamfusion=oracle"], both)
 
 
 def test_method_names_and_aliases_are_run_s(tmp_path):
     """Every name `threed run --method` accepts means the same method in `threed bench --methods` (the
     bench's own table used to invert the sds/dreamfusion alias), and folders use the registry's name."""
     for name in methods.names():
-        assert [m.name for m in bench.parse_methods(name)] == [methods.get(name).name]
+        assert [m.name for m in bench_plan.parse_methods(name)] == [methods.get(name).name]
     prompts = write_prompts(tmp_path / "p.txt", "a cat")
     plan = plan_of(bench_args(prompts, tmp_path / "out", "sds,dreamfusion,dreamfields"))
     assert [(e.method, e.run_dir.parent.name) for e in plan] == [("dreamfusion", "dreamfusion"), ("clip", "clip")]
@@ -276,7 +280,7 @@ def test_a_prior_override_is_honoured_and_names_the_folder(tmp_path, monkeypatch
 
 @pytest.fixture
 def fake_pipeline(monkeypatch):
-    """Entries run in this process (bench_entry.train without a child) and pipeline.run writes a finished
+    """Entries run in this process (bench_child.train without a child) and pipeline.run writes a finished
     run (a unit cube mesh) without training; rendering gives noise. `calls` records each run; a prompt in
     `fail` raises like a CUDA out-of-memory error would."""
     state = {"calls": [], "fail": set()}
@@ -300,7 +304,7 @@ def fake_pipeline(monkeypatch):
         seed = abs(hash((str(run_dir), shading))) % 2**32
         return np.random.default_rng(seed).integers(0, 256, (n_views, size, size, 3), dtype=np.uint8)
 
-    monkeypatch.setattr(bench_entry, "spawn", lambda argv, log_path, cwd, tick: bench_entry.train(*argv))
+    monkeypatch.setattr(bench_child, "spawn", lambda argv, log_path, cwd, tick: bench_child.train(*argv))
     monkeypatch.setattr(pipeline, "run", run)
     monkeypatch.setattr(pipeline, "render_views", render_views)
     monkeypatch.setattr(pipeline, "load_trainer", lambda run_dir, device=None: None)
@@ -385,7 +389,7 @@ def test_a_ray_task_that_cannot_see_the_bench_folder_says_so_and_a_crash_survive
     inside the exception Ray pickles back to the bench."""
     import pickle
 
-    from threed import bench_ray
+    from threed.bench import ray as bench_ray
 
     (tmp_path / bench_ray.TOKEN_FILE).write_text("this bench's token")
     status = bench_ray.run_task({}, str(tmp_path / bench_ray.TOKEN_FILE), "another bench's token")
@@ -440,9 +444,9 @@ def test_ranks_and_r_precision_from_known_embeddings(tmp_path, capsys, fake_pipe
         return images
 
     monkeypatch.setattr(pipeline, "render_views", render_views)
-    monkeypatch.setattr(bench.Evaluator, "images",
+    monkeypatch.setattr(Evaluator, "images",
                         lambda self, images: np.stack([codes[im[0, 0, 0]] for im in images]))
-    monkeypatch.setattr(bench.Evaluator, "texts", lambda self, texts: E4[[SCORED_PROMPTS.index(t) for t in texts]])
+    monkeypatch.setattr(Evaluator, "texts", lambda self, texts: E4[[SCORED_PROMPTS.index(t) for t in texts]])
     ref = tmp_path / "ref.obj"
     trimesh.creation.box().export(ref)
     prompts = write_prompts(tmp_path / "p.txt", *SCORED_PROMPTS)
@@ -509,12 +513,12 @@ def test_bench_end_to_end_writes_every_output(e2e):
     from threed.r_precision import prompt_ranks, prompt_similarity
 
     prompts = ["a red apple", "a blue chair"]
-    text = torch.from_numpy(bench.Evaluator(e2e["tiny_clip"], "none", "cpu").texts(prompts))
+    text = torch.from_numpy(Evaluator(e2e["tiny_clip"], "none", "cpu").texts(prompts))
     for r in rows:
         assert r["status"] == "done" and r["steps"] == "2"
         assert float(r["wall_time_s"]) > 0 and float(r["it_per_s"]) > 0 and float(r["peak_memory_mb"]) > 0
         run_dir = out / r["run_dir"]
-        assert bench.final_record(run_dir) is not None and (run_dir / "mesh.obj").exists()
+        assert RunDir(run_dir).closing_record() is not None and (run_dir / "mesh.obj").exists()
         mesh = trimesh.load(run_dir / "mesh.obj", force="mesh")
         assert (int(r["faces"]), r["watertight"]) == (len(mesh.faces), str(mesh.is_watertight))
         ev = json.loads((out / "evals" / r["method"] / f"{run_dir.name}.json").read_text())
@@ -556,7 +560,7 @@ def test_bench_resumes_after_an_interruption(e2e, tmp_path, capsys):
     shutil.copytree(e2e["out"], out)
     runs = sorted(p for p in (out / "runs").glob("*/*") if p.is_dir())
     cut, gone = runs[0], runs[1]
-    cut_wall = bench.final_record(cut)["wall_time_s"]
+    cut_wall = RunDir(cut).closing_record()["wall_time_s"]
     lines = (cut / "metrics.jsonl").read_text().splitlines()
     (cut / "metrics.jsonl").write_text("\n".join(ln for ln in lines if '"done"' not in ln) + "\n")
     shutil.rmtree(gone)
@@ -574,7 +578,7 @@ def test_bench_resumes_after_an_interruption(e2e, tmp_path, capsys):
         assert (p / "metrics.jsonl").stat().st_mtime_ns == mtime
     for p, mtime in evals_kept.items():
         assert p.stat().st_mtime_ns == mtime
-    assert bench.final_record(cut) is not None and bench.final_record(gone) is not None
+    assert RunDir(cut).closing_record() is not None and RunDir(gone).closing_record() is not None
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 4 and all(r["status"] == "done" for r in rows)
     # the resumed run had no step left: its time is the first segment's, summed, not the empty last one's
@@ -623,9 +627,69 @@ def test_a_crashing_entry_is_recorded_failed_and_the_rest_finish(tmp_path, capsy
     rows = {r["prompt"]: r for r in rows_of(out)}
     assert rows["a dog"]["status"] == "done" and int(rows["a dog"]["faces"]) > 0
     assert rows["a cat"]["status"] == "failed" and "crashed: killed by SIGKILL" in rows["a cat"]["error"]
-    log = out / "logs" / "clip" / f"{bench.slugify('a cat')}-s0.log"
+    log = out / "logs" / "clip" / f"{bench_plan.slugify('a cat')}-s0.log"
     assert log.read_text().count("bench entry: training") == 2  # tried twice
     assert "retrying" in stdout
+
+
+# -- the budget: every stage's steps ---------------------------------------------------------------
+
+TINY_MESH = ["magic3d:mesh.steps=3", "magic3d:mesh.resolution=16", "magic3d:mesh.width=16",
+             "magic3d:mesh.height=16", "magic3d:export.texture=false"]
+
+
+@pytest.mark.slow
+def test_a_two_stage_method_s_budget_is_every_stage_s_steps(tmp_path, capsys, monkeypatch, tiny_clip):
+    """dreamfusion (one stage) and magic3d (NeRF, then mesh) under the oracle prior, `--steps 2` and
+    `magic3d:mesh.steps=3`: --steps is each method's first stage, as for `threed run`, and magic3d trains 3
+    mesh steps on top. Each row records the steps of every stage its entry planned (budget_nerf,
+    budget_mesh, budget_total) and the run reached that total; the bench's bar counts every stage's steps of
+    every entry (it used to count only --steps, sitting at 100% through the mesh stage). Measured: 21-28 s
+    on a shared 2-core CPU, most of it the two child processes' imports."""
+    from threed.bench import progress as bench_progress
+
+    bars: list = []
+
+    class Bar(bench_progress.tqdm):  # the bench's bar (quiet: not drawn), kept to read its total and count
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append((kwargs.get("desc"), self))
+
+    monkeypatch.setattr(bench_progress, "tqdm", Bar)
+    ref = tmp_path / "cube.obj"
+    trimesh.creation.box(extents=(0.8, 0.8, 0.8)).export(ref)
+    prompts = write_prompts(tmp_path / "p.txt", "a cube")
+    out = tmp_path / "out"
+    argv = bench_args(prompts, out, "dreamfusion,magic3d", "--guidance", "oracle", "--reference", str(ref),
+                      "--eval-clip-model", tiny_clip, "--eval-clip-pretrained", "none", "--eval-views", "1",
+                      "--eval-size", "32", *TINY_RUN, *TINY_MESH)
+    entries = {e.label: e for e in plan_of(argv)}
+    assert {label: e.budget for label, e in entries.items()} == {
+        "dreamfusion-oracle": [("nerf", 2)], "magic3d-oracle": [("nerf", 2), ("mesh", 3)]}
+    rc, _, err = run_cli(argv, capsys)
+    assert rc == 0, err
+
+    expected = {"dreamfusion-oracle": {"budget_nerf": 2, "budget_mesh": "", "budget_total": 2},
+                "magic3d-oracle": {"budget_nerf": 2, "budget_mesh": 3, "budget_total": 5}}
+    data = json.loads((out / "results.json").read_text())
+    for row in data["runs"]:
+        label = bench_plan.method_label(row["method"], row["prior"])
+        assert {k: row[k] for k in expected[label]} == expected[label], label
+        assert row["status"] == "done" and row["steps"] == row["budget_total"]  # the closing record's step
+    assert data["benchmark"]["budget"] == {"dreamfusion-oracle": {"nerf": 2, "total": 2},
+                                           "magic3d-oracle": {"nerf": 2, "mesh": 3, "total": 5}}
+    for row in rows_of(out):
+        label = bench_plan.method_label(row["method"], row["prior"])
+        assert {k: row[k] for k in expected[label]} == {k: str(v) for k, v in expected[label].items()}, label
+    (bar,) = [b for desc, b in bars if desc == "bench"]
+    assert bar.total == 2 + (2 + 3) == sum(e.total_steps for e in entries.values())
+    assert bar.n == bar.total
+    report = (out / "report.md").read_text()
+    assert "dreamfusion-oracle 2 steps; magic3d-oracle 5 steps (nerf 2 + mesh 3)" in report
+    assert "| 5 steps (nerf 2 + mesh 3) |" in report
+    page = (out / "report.html").read_text()
+    assert "budget per run (all stages): dreamfusion-oracle 2 steps, magic3d-oracle 5 steps" in page
+    assert "<th>budget mesh</th>" in page
 
 
 # -- Ray ------------------------------------------------------------------------------------------
@@ -662,7 +726,7 @@ def test_ray_bench_gives_the_serial_rows_retries_a_killed_worker_and_skips_finis
     rc, stdout, err = run_cli(argv, capsys)
     assert rc == 0, err
     assert marker.exists()  # the fault fired
-    retried = out / "runs" / "clip" / f"{bench.slugify('a blue chair')}-s0"
+    retried = out / "runs" / "clip" / f"{bench_plan.slugify('a blue chair')}-s0"
     log = (out / "logs" / "clip" / f"{retried.name}.log").read_text()
     assert log.count("bench entry: training") == 1 and log.count("bench entry: resuming") == 1
     ray_rows = rows_of(out)
@@ -681,7 +745,7 @@ def test_ray_bench_gives_the_serial_rows_retries_a_killed_worker_and_skips_finis
     assert rc == 0 and stdout.count("done already, skipped") == 2
     assert {p: p.stat().st_mtime_ns for p in (out / "logs").rglob("*.log")} == logs
     # settings under which no task could start are an error, not a hang
-    from threed import bench_ray
+    from threed.bench import ray as bench_ray
 
     with pytest.raises(UserError, match="--ray-cpus 64 is more than any node of the Ray cluster has"):
         bench_ray.connect("local").check([], None, 64)
@@ -700,11 +764,11 @@ def test_ctrl_c_stops_the_entry_keeps_its_checkpoint_and_exits_130(tmp_path, cap
     argv = e2e_argv(prompts, out, tiny_clip, "clip", "--steps", "3", "--eval-views", "1")
     rc, _, err = run_cli(argv, capsys)
     assert rc == 130 and "interrupted: 0 of 1 runs are finished" in error_line(err)
-    run_dir = out / "runs" / "clip" / f"{bench.slugify('a cat')}-s0"
-    assert bench.final_record(run_dir) is None and list((run_dir / "checkpoints").glob("step-*.pt"))
+    run_dir = out / "runs" / "clip" / f"{bench_plan.slugify('a cat')}-s0"
+    assert RunDir(run_dir).closing_record() is None and list((run_dir / "checkpoints").glob("step-*.pt"))
     assert not (out / "results.csv").exists()
     rc, stdout, _ = run_cli(argv, capsys)
-    assert rc == 0 and f"resuming in {run_dir}" in stdout and bench.final_record(run_dir)["step"] == 3
+    assert rc == 0 and f"resuming in {run_dir}" in stdout and RunDir(run_dir).closing_record()["step"] == 3
 
 
 @pytest.mark.slow
@@ -712,7 +776,8 @@ def test_ctrl_c_during_a_ray_bench_stops_the_running_tasks_and_keeps_their_check
                                                                                       tiny_clip):
     """A Ctrl-C in the bench (raised here in its progress loop once the entry has trained a step) cancels
     the Ray tasks; the running one stops its child, which saves a checkpoint, and the bench re-raises."""
-    from threed import bench_ray
+    from threed.bench import ray as bench_ray
+    from threed.bench.train import entry_task
 
     fault(ray_cluster["faults"], "none of these prompts", 0, "exit")
     prompts = write_prompts(tmp_path / "p.txt", "a cat")
@@ -729,12 +794,12 @@ def test_ctrl_c_during_a_ray_bench_stops_the_running_tasks_and_keeps_their_check
             raise AssertionError(f"the entry ended: {status}")
 
         def poll(self, candidates=None) -> None:
-            if bench.last_step(entry.run_dir) >= 1:
+            if RunDir(entry.run_dir).last_logged_step() >= 1:
                 raise KeyboardInterrupt
 
     out.mkdir()
     with pytest.raises(KeyboardInterrupt):
-        bench_ray.connect("local").train([entry], [entry], CtrlC(), 1, out)
-    assert bench.final_record(entry.run_dir) is None
+        bench_ray.connect("local").train([entry], CtrlC(), 1, out, task=entry_task, line=lambda e, status: "")
+    assert RunDir(entry.run_dir).closing_record() is None
     assert list((entry.run_dir / "checkpoints").glob("step-*.pt"))
     assert "interrupted at step" in entry.log_path.read_text()

@@ -38,7 +38,7 @@ ASSET_FILES = {"gallery.js": "gallery.js", "gallery.css": "gallery.css", "vendor
 GENERATOR = "threed report 1"  # bumped when pages change, so a bench rewrites its runs' older pages
 EMBED_LIMIT = 16 * 2**20  # bytes of mesh.glb embedded in a run page (base64 makes it 4/3 larger)
 RUN_INPUTS = ("config.yaml", "metrics.jsonl", "mesh.glb", "mesh.json", "turntable.mp4", "preview.png")
-BENCH_PLOTS = ("r_precision.png", "time.png", "quality_vs_time.png")  # threed.bench.write_plots
+BENCH_PLOTS = ("r_precision.png", "time.png", "quality_vs_time.png")  # threed.bench.writers.write_plots
 VIEWER_BACKGROUND = "#e9ecef"
 
 
@@ -448,7 +448,11 @@ def write_bench_report(bench_dir: Path | str, rows: list[dict], summary: list[di
     if meta.get("command"):
         body.append(f'<p class="meta">Command: <code>{_esc(meta["command"])}</code></p>')
     facts = [f"{len(prompts)} prompts × {len(methods)} methods × {len(seeds)} seeds"]
-    if meta.get("steps"):
+    budget = meta.get("budget")  # {method: {stage: steps, ..., "total": steps}}; older benches only had "steps"
+    if isinstance(budget, dict) and budget:
+        facts.append("budget per run (all stages): "
+                     + ", ".join(f"{m} {b.get('total', '?')} steps" for m, b in budget.items() if isinstance(b, dict)))
+    elif meta.get("steps"):
         facts[0] += f", {meta['steps']} steps each"
     ev = meta.get("evaluator")
     if ev:

@@ -1,5 +1,5 @@
 """Fault injection for the bench's crash tests: Python imports this at start-up (sitecustomize) in processes
-whose PYTHONPATH holds this folder; it acts only in a bench entry's child (`python -m threed.bench_entry`)
+whose PYTHONPATH holds this folder; it acts only in a bench entry's child (`python -m threed.bench.child`)
 and only when THREED_TEST_FAULTS names an existing JSON file:
 
     {"prompt": P, "step": S, "how": "exit" | "kill" | "interrupt", "once": MARKER or null}
@@ -13,7 +13,7 @@ a re-run succeeds.
 import os
 import sys
 
-if "threed.bench_entry" in getattr(sys, "orig_argv", []) and os.path.isfile(os.environ.get("THREED_TEST_FAULTS", "")):
+if "threed.bench.child" in getattr(sys, "orig_argv", []) and os.path.isfile(os.environ.get("THREED_TEST_FAULTS", "")):
     import json
     import signal
 

@@ -1,13 +1,16 @@
 """`threed bench --ray`: every (prompt, method, seed) entry is a Ray task; Ray's scheduler places them.
 
 Each task asks for one GPU where the cluster has GPUs, else `--ray-cpus` CPUs, and runs the same child
-process as the serial bench (threed/bench_entry.py), so both write the same run directories and record
+process as the serial bench (threed/bench/child.py), so both write the same run directories and record
 the same statuses. An entry whose child crashes (or raises an unexpected exception), or whose worker dies,
 is retried once by Ray (`max_retries`, `retry_exceptions`), then recorded as failed with its error.
 Ctrl-C cancels what is queued and stops what runs (the children save their checkpoints).
 
 The bench folder (--out) must be on a filesystem every node mounts at the same path, and every node needs
 threed and the model weights; a task that cannot see the folder says so. Ray is imported only here.
+
+The runner knows nothing of the bench's entries but what it is given: each entry's task (plain data for the
+child) and the line to print when it ends come from the caller (threed/bench/__init__.py).
 """
 
 from __future__ import annotations
@@ -17,11 +20,23 @@ import secrets
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol, Sequence, TypeVar
 
 from threed.errors import UserError, first_line
 
 TOKEN_FILE = ".bench-token"  # written by the driver, read by each task: is --out shared with this node?
+
+E = TypeVar("E")  # one entry of the bench, opaque here
+
+
+class Watcher(Protocol):
+    """What the runner tells as tasks run and end (threed.bench.progress.Progress)."""
+
+    def write(self, line: str) -> None: ...
+
+    def finish(self, entry: Any, status: dict) -> None: ...
+
+    def poll(self, candidates: list | None = None) -> None: ...
 
 
 class EntryCrashed(Exception):
@@ -37,7 +52,7 @@ class EntryCrashed(Exception):
 
 def run_task(task: dict, token_path: str, token: str) -> dict:
     """The body of a Ray task (on a worker): one entry in a child process, as the serial bench runs it."""
-    from threed.bench_entry import run_entry
+    from threed.bench.child import run_entry
 
     try:
         seen = Path(token_path).read_text()
@@ -77,7 +92,7 @@ class Cluster:
     def describe(self) -> dict[str, Any]:
         return {"address": self.address, "nodes": self.nodes, "cpus": self.cpus, "gpus": self.gpus_total}
 
-    def check(self, plan: list, device: str | None, cpus: float) -> None:
+    def check(self, plan: Sequence, device: str | None, cpus: float) -> None:
         """Settings under which no task could ever start are errors, not a hang."""
         if cpus <= 0:
             raise UserError(f"--ray-cpus {cpus:g} must be positive")
@@ -87,11 +102,12 @@ class Cluster:
         if (device or "").startswith("cuda") and not self.gpus:
             raise UserError("--device cuda, but the Ray cluster has no GPU: drop --device or add GPU nodes")
 
-    def train(self, plan: list, todo: list, progress, cpus: float, out: Path) -> None:
-        """Run `todo` as Ray tasks; statuses go to `progress` as tasks finish. Ctrl-C cancels the queued
-        tasks, lets the running ones save their checkpoints, and raises KeyboardInterrupt."""
-        from threed.bench import entry_task, status_line
-        from threed.bench_entry import RETRIES
+    def train(self, todo: Sequence[E], progress: Watcher, cpus: float, out: Path, task: Callable[[E], dict],
+              line: Callable[[E, dict], str]) -> None:
+        """Run `todo` as Ray tasks, `task(entry)` being what an entry's child gets; statuses go to `progress`
+        as tasks finish, with the line `line(entry, status)`. Ctrl-C cancels the queued tasks, lets the
+        running ones save their checkpoints, and raises KeyboardInterrupt."""
+        from threed.bench.child import RETRIES
         from threed.io import atomic_write_text
 
         ray = self.ray
@@ -104,7 +120,7 @@ class Cluster:
                        f"{self.gpus_total:g} GPUs; each entry takes {'1 GPU' if self.gpus else f'{cpus:g} CPU'}, "
                        f"so up to {slots} at a time; {len(todo)} entries queued")
         token_path = str((out / TOKEN_FILE).absolute())
-        refs = {remote.remote(entry_task(e), token_path, token): e for e in todo}
+        refs = {remote.remote(task(e), token_path, token): e for e in todo}
         waiting = list(refs)
         try:
             while waiting:
@@ -112,7 +128,7 @@ class Cluster:
                 for ref in ready:
                     entry, status = refs[ref], self.result(ref)
                     progress.finish(entry, status)
-                    progress.write(status_line(entry, plan, status))
+                    progress.write(line(entry, status))
                 progress.poll([refs[r] for r in waiting])
         except KeyboardInterrupt:
             progress.write(f"bench: interrupted: cancelling {len(waiting)} entries; running ones save a checkpoint")

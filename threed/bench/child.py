@@ -1,9 +1,9 @@
 """One benchmark entry in its own process: what the child runs, and how its parent starts and watches it.
 
-`threed bench` trains every (prompt, method, seed) in a child process, `python -m threed.bench_entry`, so
+`threed bench` trains every (prompt, method, seed) in a child process, `python -m threed.bench.child`, so
 that the peak memory recorded in the run's final metrics record is that run's own (the child's resident
 set size, or its CUDA allocator's peak), and a crash of one entry (a segfault, the out-of-memory killer)
-ends only that entry. The serial bench and each Ray task (threed/bench_ray.py) call the same `run_entry`,
+ends only that entry. The serial bench and each Ray task (threed/bench/ray.py) call the same `run_entry`,
 so both record the same statuses.
 
 The child writes its outcome to a small JSON file; a child that dies without writing it crashed. Ctrl-C
@@ -32,6 +32,7 @@ RETRIES = 1
 STOP_TIMEOUT_S = 300.0  # how long a stopping child may take to write its checkpoint before it is killed
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
+MODULE = "threed.bench.child"  # what the child runs (tests/fault_injection/sitecustomize.py looks for it)
 
 Tick = Callable[[], None]
 
@@ -48,7 +49,7 @@ def _watch_parent(parent: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m threed.bench_entry CONFIG RUN_DIR RESULT`: see `train`."""
+    """`python -m threed.bench.child CONFIG RUN_DIR RESULT`: see `train`."""
     import faulthandler
 
     faulthandler.enable()  # a segfault leaves a traceback in the entry's log
@@ -75,10 +76,11 @@ def train(config_path: str, run_dir: str, result_path: str) -> int:
         from threed import pipeline
         from threed.config import build_config, load_yaml
         from threed.errors import UserError, first_line
-        from threed.trainer import Diverged, Interrupted, list_checkpoints
+        from threed.rundir import RunDir
+        from threed.trainer import Diverged, Interrupted
 
         cfg = build_config(base=load_yaml(Path(config_path)))
-        resume = bool(list_checkpoints(run_dir))
+        resume = RunDir(run_dir).has_checkpoint()
         print(f"bench entry: {'resuming' if resume else 'training'} {cfg.method} ({cfg.guidance.type}) "
               f"'{cfg.prompt}' seed {cfg.seed} in {run_dir}", flush=True)
         pipeline.run(cfg, Path(run_dir), resume=resume, progress=False)
@@ -116,14 +118,14 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def spawn(argv: list[str], log_path: Path, cwd: str | None, tick: Tick | None) -> int:
-    """Run `python -m threed.bench_entry ARGV` with its output in `log_path`; its exit status (negative: the
+    """Run `python -m threed.bench.child ARGV` with its output in `log_path`; its exit status (negative: the
     signal that killed it). The child imports the same threed as this process and has a session of its own,
     so a Ctrl-C in the terminal reaches it only through `_stop`."""
-    package_root = str(Path(__file__).resolve().parent.parent)
+    package_root = str(Path(__file__).resolve().parents[2])  # the folder holding threed/
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
     with open(log_path, "a") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "threed.bench_entry", *argv], stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen([sys.executable, "-m", MODULE, *argv], stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True)
         try:
             while proc.poll() is None:

@@ -1,0 +1,185 @@
+"""What the bench writes from its results: results.csv, results.json, the PNG plots, report.md, and
+report.html (threed/report.py)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from threed.bench.plan import method_label
+from threed.io import atomic_path, atomic_write_text
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, restval="")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if abs(v) >= 100:
+            return f"{v:.0f}"
+        text = f"{v:.{digits}f}"
+        return text.rstrip("0").rstrip(".") if "." in text else text
+    return str(v)
+
+
+def _rank(rank: int | None) -> str:
+    return "–" if rank is None else str(rank + 1)
+
+
+def row_budget(row: dict) -> dict[str, int]:
+    """A results row's budget as {stage: steps, ..., "total": steps} (its budget_* columns)."""
+    prefix = "budget_"
+    return {k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix) and v != ""}
+
+
+def budget_text(budget: dict[str, int]) -> str:
+    """The budget in words: "1000 steps", or for several stages "6000 steps (nerf 1000 + mesh 5000)"."""
+    stages = [f"{stage} {steps}" for stage, steps in budget.items() if stage != "total"]
+    return f"{budget['total']} steps" + (f" ({' + '.join(stages)})" if len(stages) > 1 else "")
+
+
+def write_plots(out: Path, rows: list[dict], summary: list[dict], chance: float) -> list[str]:
+    """r_precision.png, time.png, quality_vs_time.png (matplotlib, headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    methods = [s["method"] for s in summary]
+    x = np.arange(len(methods))
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        with atomic_path(out / name) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+        plt.close(fig)
+        written.append(name)
+
+    fig, ax = plt.subplots(figsize=(max(4, 1.4 * len(methods) + 2), 3.2))
+    for j, (short, label) in enumerate((("color", "colour"), ("textureless", "textureless"))):
+        vals = [np.nan_to_num(s[f"r_at_1_{short}"], nan=0.0) for s in summary]
+        ax.bar(x + (j - 0.5) * 0.38, vals, width=0.38, label=label)
+    ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
+    labels = [method_label(s["method"], s["prior"]) for s in summary]
+    ax.set_xticks(x, [m + (" *" if s["inflated"] else "") for m, s in zip(labels, summary)])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("CLIP R@1")
+    ax.set_title("CLIP R-precision per method" + (" (* inflated)" if any(s["inflated"] for s in summary) else ""))
+    ax.legend(fontsize=8)
+    save(fig, "r_precision.png")
+
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(methods) + 2), 3.2))
+    times = [[float(r["wall_time_s"]) for r in rows if r["method"] == m and r["wall_time_s"] != ""] for m in methods]
+    means = [np.mean(t) if t else 0.0 for t in times]
+    lo = [means[i] - min(t) if t else 0.0 for i, t in enumerate(times)]
+    hi = [max(t) - means[i] if t else 0.0 for i, t in enumerate(times)]
+    ax.bar(x, means, yerr=[lo, hi], capsize=4, color="tab:orange")
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("training time per run (s)")
+    ax.set_title("Time per method (mean, min-max)")
+    save(fig, "time.png")
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for m, label in zip(methods, labels):
+        pts = [(float(r["wall_time_s"]), float(r["clip_sim_color"])) for r in rows
+               if r["method"] == m and r["wall_time_s"] != "" and r.get("clip_sim_color") is not None]
+        if pts:
+            ax.scatter(*zip(*pts), label=label, s=30)
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel("evaluator CLIP similarity to own prompt")
+    ax.set_title("Quality against time (one point per run)")
+    if any(r.get("clip_sim_color") is not None for r in rows):
+        ax.legend(fontsize=8)
+    save(fig, "quality_vs_time.png")
+    return written
+
+
+def write_report(out: Path, meta: dict, rows: list[dict], summary: list[dict], plots: list[str]) -> None:
+    ev = meta["evaluator"]
+    budgets = "; ".join(f"{label} {budget_text(b)}" for label, b in meta["budget"].items())
+    lines = [
+        "# threed benchmark", "",
+        f"Command: `{meta['command']}`", "",
+        f"{len(meta['prompts'])} prompts × {len(meta['methods'])} methods × {len(meta['seeds'])} seeds. Budget per "
+        f"run (`--steps` is each method's first stage): {budgets}. Evaluator CLIP: {ev[0]} ({ev[1]}), "
+        f"{meta['views']} views of {meta['size']} px per result, colour (albedo) and textureless. R@1 chance level: "
+        f"{meta['chance']:.3f}.", "",
+        "## Summary", "",
+        "| method | runs done | R@1 colour | R@1 textureless | CLIP sim | time (s) | it/s | peak mem (MB) | faces | watertight |"
+        + (" Chamfer-L1 | F-score@1% |" if any("mean_chamfer_l1" in s for s in summary) else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if any("mean_chamfer_l1" in s for s in summary) else ""),
+    ]
+    for s in summary:
+        mark = " (inflated)" if s["inflated"] else ""
+        line = (f"| {method_label(s['method'], s['prior'])} | {s['finished']}/{s['runs']} | {_fmt(s['r_at_1_color'])}{mark} | "
+                f"{_fmt(s['r_at_1_textureless'])}{mark} | {_fmt(s['mean_clip_sim_color'])} | "
+                f"{_fmt(s['mean_wall_time_s'])} | {_fmt(s['mean_it_per_s'])} | {_fmt(s['max_peak_memory_mb'])} | "
+                f"{_fmt(s['mean_faces'], 0)} | {_fmt(s['watertight_fraction'], 2)} |")
+        if any("mean_chamfer_l1" in t for t in summary):
+            line += f" {_fmt(s.get('mean_chamfer_l1'), 4)} | {_fmt(s.get('mean_fscore_1pct'))} |"
+        lines.append(line)
+    if any(s["inflated"] for s in summary):
+        lines += ["", "*Inflated*: the evaluator CLIP is also the guidance CLIP of that method, which was optimised "
+                  "to please it; pick another --eval-clip-model for a fair score."]
+    lines += ["", "R@1: fraction of a method's results whose own prompt has the highest evaluator-CLIP similarity "
+              "(averaged over views) among all prompts of the benchmark. CLIP sim: mean similarity to the own prompt "
+              "(colour). Time: training steps only, per run, summed over resumed segments. Peak memory: of the run's own "
+              "process (each run trains in a child process): GPU memory allocated on CUDA, else its peak resident "
+              "memory. Watertight: fraction of meshes that are closed manifolds.", ""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    lines += ["## Runs", "", "| method | prompt | seed | status | budget | rank colour | rank textureless | CLIP sim "
+              "| time (s) | it/s | faces | watertight | preview |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        thumb = f"![]({r['thumbnail']})" if r["thumbnail"] else ""
+        status = r["status"] + (f": {r['error']}" if r["error"] else "")
+        lines.append(f"| {method_label(r['method'], r['prior'])} | {r['prompt'].replace('|', '/')} | {r['seed']} | {status.replace('|', '/')} | "
+                     f"{budget_text(row_budget(r))} | {_rank(r.get('rank_color'))} | "
+                     f"{_rank(r.get('rank_textureless'))} | "
+                     f"{_fmt(r.get('clip_sim_color'))} | {_fmt(r['wall_time_s'])} | {_fmt(r['it_per_s'])} | "
+                     f"{_fmt(r.get('faces'))} | {_fmt(r.get('watertight'))} | {thumb} |")
+    lines += ["", "Rank: position of the run's own prompt among all prompts (1 = retrieved)."]
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+def write_outputs(out: Path, meta: dict, rows: list[dict], summary: list[dict]) -> list[Path]:
+    """Everything the bench writes from its results: tables, plots and report (one place to add to)."""
+    write_csv(out / "results.csv", rows)
+    atomic_write_text(out / "results.json", json.dumps(_json_safe({"benchmark": meta, "summary": summary,
+                                                                   "runs": rows}), indent=1))
+    plots = write_plots(out, rows, summary, meta["chance"])
+    write_report(out, meta, rows, summary, plots)
+    from threed.report import write_bench_report
+
+    page = write_bench_report(out, rows, summary, meta)
+    return [out / "results.csv", out / "results.json", out / "report.md", Path(page), *(out / p for p in plots)]
+
