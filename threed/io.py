@@ -31,7 +31,9 @@ def atomic_torch_save(obj: Any, path: Path | str) -> None:
 
 
 def append_jsonl(path: Path | str, record: dict) -> None:
-    """One JSON object per line; a line is written whole with a single write call."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One JSON object per line; a line is written whole with a single write call. After a line cut short
+    by a crash, the record starts a line of its own (it would otherwise be lost with the broken one)."""
+    with open(path, "a+b") as f:
+        cut = f.tell() > 0 and f.seek(-1, 2) >= 0 and f.read(1) != b"\n"
+        f.write((("\n" if cut else "") + json.dumps(record) + "\n").encode())
         f.flush()

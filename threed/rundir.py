@@ -219,23 +219,22 @@ class RunDir:
         if old_mesh.is_dir() and not self.stage_dir("mesh").exists():
             old_mesh.replace(self.stage_dir("mesh"))
             moved.append(f"{CHECKPOINTS}/fine/ -> {CHECKPOINTS}/mesh/")
-        entries = self.mesh_entries()
-        renamed = {}
-        for old in sorted(self.path.glob("mesh-coarse.*")):
-            new = old.with_name(stage_mesh_stem("nerf") + old.name[len("mesh-coarse"):])
+        kept = stage_mesh_stem("nerf") + "."
+        files = sorted(self.path.glob("mesh-coarse.*"))
+        for old in files:
+            new = self.path / old.name.replace("mesh-coarse.", kept, 1)
             if old.suffix in (".obj", ".mtl"):  # they name each other (mtllib, map_*): follow the rename
                 lines = old.read_text(errors="replace").splitlines(keepends=True)
-                fixed = [line.replace("mesh-coarse.", stage_mesh_stem("nerf") + ".")
-                         if line.startswith(("mtllib ", "map_")) else line for line in lines]
-                atomic_write_text(new, "".join(fixed))
+                atomic_write_text(new, "".join(line.replace("mesh-coarse.", kept) if line.startswith(("mtllib ", "map_"))
+                                               else line for line in lines))
                 old.unlink()
             else:
                 old.replace(new)
-            renamed[old.name] = new.name
-        if renamed:
-            moved.append("mesh-coarse.* -> mesh-nerf.*")
-            if entries:
-                fixed_entries = {renamed.get(k, k): v for k, v in entries.items()}
-                atomic_write_text(self.mesh_metadata_path,
-                                  json.dumps({"meshes": dict(sorted(fixed_entries.items()))}, indent=1))
+        entries = self.mesh_entries()
+        if any(k.startswith("mesh-coarse.") for k in entries):
+            entries = {k.replace("mesh-coarse.", kept, 1): v for k, v in entries.items()}
+            atomic_write_text(self.mesh_metadata_path, json.dumps({"meshes": dict(sorted(entries.items()))}, indent=1))
+        elif not files:
+            return moved
+        moved.append("mesh-coarse.* -> mesh-nerf.*")
         return moved

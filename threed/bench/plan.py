@@ -48,9 +48,7 @@ class Entry:
     def budget(self) -> list[tuple[str, int]]:
         """(stage, its steps) for each stage the entry trains: `--steps` is the first stage's, as for `threed
         run`; a later stage brings its own (magic3d's mesh stage: mesh.steps)."""
-        from threed.stages import planned_steps  # imports torch: not for `threed bench --help`
-
-        return planned_steps(self.cfg)
+        return registry.get(self.cfg.method).planned_steps(self.cfg)
 
     @property
     def total_steps(self) -> int:

@@ -9,3 +9,21 @@ built through the prior registry (threed/priors.py), never imported by the confi
 - vsd.py: ProlificDreamer's variational score distillation over either diffusion prior.
 - hub.py: finding pretrained weights (a local folder or a Hugging Face hub id); compile.py: torch.compile.
 """
+
+from __future__ import annotations
+
+import torch
+
+
+class RandomStream:
+    """For a guidance whose only state between steps is its random stream (timesteps, noise, views,
+    augmentations), drawn from `self.generator`: the stream goes into every checkpoint, so a resumed run
+    draws exactly what an uninterrupted one would (the trainer saves `state_dict()` beside the scene's)."""
+
+    generator: torch.Generator
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])

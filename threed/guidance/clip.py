@@ -21,6 +21,7 @@ from torch import Tensor
 
 from threed.cameras import VIEWS, Cameras, view_names
 from threed.clip_models import encode_texts, load_clip, preprocess
+from threed.guidance import RandomStream
 from threed.prompts import view_prompt
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ def random_resized_crop(images: Tensor, size: int, scale: tuple[float, float], g
     return x.permute(0, 2, 3, 1)
 
 
-class ClipGuidance:
+class ClipGuidance(RandomStream):
     """An ensemble of frozen CLIP models scoring augmented renders against the prompt (Guidance interface).
     It reads the run config's guidance section (guidance.clip), prompts, cameras and seed."""
 

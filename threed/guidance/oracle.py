@@ -34,7 +34,7 @@ from torch import Tensor
 from threed import raycast
 from threed.cameras import Cameras, make_cameras
 from threed.errors import UserError, first_line
-from threed.guidance import sds
+from threed.guidance import RandomStream, sds
 
 if TYPE_CHECKING:
     from threed.config import Config
@@ -96,7 +96,7 @@ def oracle_eps(x: Tensor, refs: Tensor, abar: Tensor, noise: Tensor) -> tuple[Te
     return noise + r.view(shape) * (x - x0_hat), weights
 
 
-class OracleGuidance:
+class OracleGuidance(RandomStream):
     """SDS against the optimal denoiser of reference-mesh renders (see the module docstring). It reads the run
     config's guidance section (guidance.oracle and the shared SDS settings), render settings and seed."""
 

@@ -22,8 +22,8 @@ from torch import Tensor
 
 from threed.cameras import Cameras
 from threed.errors import UserError, first_line
+from threed.guidance import RandomStream, sds
 from threed.guidance import compile as compiling
-from threed.guidance import sds
 from threed.guidance.hub import SD_SUBFOLDERS, model_identity, pinned_revision, resolve_pretrained
 from threed.prompts import PromptEmbeddings, check_prompt
 
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from threed.config import Config
 
 
-class StableDiffusionGuidance:
+class StableDiffusionGuidance(RandomStream):
     """The Guidance interface over a diffusers Stable Diffusion folder (unet, vae, text_encoder, tokenizer,
     scheduler). Weights are frozen; fp16 on CUDA when `guidance.sd.half_precision`, fp32 otherwise. It reads
     the run config's guidance section (guidance.sd and the shared SDS settings), prompts, cameras and seed."""

@@ -3,9 +3,9 @@ with a transmittance regulariser (cfg.loss.transmittance) keeping the volume spa
 
 from __future__ import annotations
 
-from threed.methods import Method
+from threed.methods.method import Method
 
 METHOD = Method(
     name="clip", summary="CLIP guidance with Dream Fields' transmittance loss",
-    preset="clip", cpu_preset="clip-cpu", priors=("clip",), module=__name__, aliases=("dreamfields",))
+    preset="clip", cpu_preset="clip-cpu", priors=("clip",), aliases=("dreamfields",))
 

@@ -6,10 +6,10 @@ diffusion model where no weights exist, to measure shape recovery.
 
 from __future__ import annotations
 
-from threed.methods import Method
+from threed.methods.method import Method
 
 METHOD = Method(
     name="dreamfusion", summary="SDS from Stable Diffusion (or the oracle prior) on a hash-grid NeRF",
     preset="dreamfusion-sd", cpu_preset="cpu-tiny", priors=("stable_diffusion", "oracle"),
-    module=__name__, aliases=("sds",), prior_presets={"oracle": "oracle"})
+    aliases=("sds",), prior_presets={"oracle": "oracle"})
 

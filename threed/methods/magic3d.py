@@ -9,17 +9,17 @@ DreamFusion run), in a new run directory.
 
 from __future__ import annotations
 
-from threed.methods import Method
+from threed.methods.method import Method
 from threed.stages import MESH, NERF
 
 PRIORS = ("stable_diffusion", "oracle")
 
 METHODS = (
     Method(name="magic3d", summary="coarse SDS NeRF (64²), then a DMTet mesh and texture refined at 512²",
-           preset="magic3d", cpu_preset="magic3d-cpu", priors=PRIORS, module=__name__, stages=(NERF, MESH),
+           preset="magic3d", cpu_preset="magic3d-cpu", priors=PRIORS, stages=(NERF, MESH),
            prior_presets={"oracle": "magic3d-oracle"}),
     Method(name="magic3d-refine", summary="Magic3D's mesh stage on the NeRF of an existing run (--from RUN_DIR)",
-           preset="magic3d", cpu_preset="magic3d-cpu", priors=PRIORS, module=__name__, stages=(NERF, MESH),
+           preset="magic3d", cpu_preset="magic3d-cpu", priors=PRIORS, stages=(NERF, MESH),
            prior_presets={"oracle": "magic3d-oracle"}, refines=True),
 )
 

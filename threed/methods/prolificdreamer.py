@@ -13,12 +13,12 @@ Its settings are its own section, guidance.vsd, in the prior registry (threed/pr
 
 from __future__ import annotations
 
-from threed.methods import Method
+from threed.methods.method import Method
 from threed.stages import MESH, NERF
 
 METHOD = Method(
     name="prolificdreamer", summary="VSD with a camera-conditioned LoRA: a hash-grid NeRF, then a textured DMTet mesh",
     preset="prolificdreamer", cpu_preset="prolificdreamer-cpu", priors=("stable_diffusion", "oracle"),
-    module=__name__, aliases=("vsd",), stages=(NERF, MESH), prior_presets={"oracle": "prolificdreamer-oracle"},
+    aliases=("vsd",), stages=(NERF, MESH), prior_presets={"oracle": "prolificdreamer-oracle"},
     sections=("vsd",))
 
