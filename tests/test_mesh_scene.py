@@ -178,3 +178,32 @@ def test_nvdiffrast_and_torch_backends_render_alike():
     assert float((a.opacity - b.opacity).abs().mean()) < 0.005
     assert float((a.rgb - b.rgb).abs().mean()) < 0.01
     np.testing.assert_allclose(a.depth.cpu().numpy(), b.depth.cpu().numpy(), atol=1e-3)
+
+
+def test_normal_maps_match_the_analytic_sphere_and_the_oracles_reference():
+    """`shading: normal` (the geometry stage's image for the prior) renders (n + 1) / 2 of the world-space
+    outward normal over black, as the oracle prior renders its reference; on a sphere n is known in closed
+    form: (point - centre) / radius at the depth-ray hit.
+
+    Measured (2-core CPU, the 48-cell DMTet sphere at 96x80): on fully covered pixels the mean |rgb - the
+    analytic map| is 0.0052 (max 0.029, DMTet's facets), against the ray caster's render of a fine icosphere
+    0.0053. Thresholds 0.03 mean (6x), and the background exactly 0.
+    """
+    scene = sphere_scene()
+    scene.eval()
+    cams = views()
+    with torch.no_grad():
+        out = scene.render(cams, "normal")
+    full = out.opacity[..., 0] > 0.999
+    rays_o, rays_d = cams.rays()
+    points = rays_o + rays_d * out.depth
+    analytic = (torch.nn.functional.normalize(points - torch.tensor(CENTER), dim=-1) + 1) / 2
+    err = (out.rgb - analytic).abs()[full]
+    v, f = _icosphere()
+    oracle = raycast.render_mesh(v, f, torch.ones(len(v), 3), cams, "normal", 0.1,
+                                 torch.zeros(len(cams), cams.height, cams.width, 3), supersample=1)
+    against_oracle = (out.rgb - oracle).abs()[full]
+    print("normal map error", float(err.mean()), float(err.max()), "vs oracle", float(against_oracle.mean()))
+    assert int(full.sum()) > 1000 and float(err.mean()) <= 0.03 and float(against_oracle.mean()) <= 0.03
+    assert torch.equal(out.background, torch.zeros_like(out.background))
+    assert float(out.rgb[out.opacity[..., 0] == 0].abs().max()) == 0.0

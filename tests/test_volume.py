@@ -229,3 +229,30 @@ def test_packed_path_with_no_samples_renders_the_background():
     assert out.opacity.abs().max().item() == 0.0 and out.orient.item() == 0.0
     assert torch.allclose(out.rgb, torch.tensor(colour).expand_as(out.rgb))
     (out.rgb.mean() + out.orient).backward()
+
+
+def test_normal_maps_of_the_volume_renderer_are_those_of_its_field_over_black():
+    """`shading: normal` in the volume renderer: composited (n + 1) / 2 of the field's normals over a black
+    background, whatever the background module draws: the same image a mesh scene gives its prior."""
+    import torch
+
+    from threed.cameras import make_cameras
+    from threed.config import FieldConfig, RenderConfig
+    from threed.fields.nerf import NeRFField
+    from threed.render.background import Background
+    from threed.render.volume import VolumeRenderer
+
+    cfg = RenderConfig(backend="torch", num_samples=32, occupancy_resolution=0, background="solid",
+                       background_color=(1.0, 1.0, 1.0))
+    torch.manual_seed(0)
+    field = NeRFField(FieldConfig(backend="torch", n_levels=2, max_resolution=32, log2_hashmap_size=10,
+                                  hidden_dim=16), 1.0, "cpu")
+    cams = make_cameras(torch.tensor([20.0]), torch.tensor([30.0]), torch.tensor([2.0]), torch.tensor([50.0]), 12, 12)
+    with torch.no_grad():
+        out = VolumeRenderer(cfg, "cpu")(field, Background(cfg), cams, "normal")
+    assert torch.equal(out.background, torch.zeros_like(out.background))
+    assert float(out.rgb.min()) >= 0.0 and float(out.rgb.max()) <= 1.0
+    covered = out.opacity[..., 0] > 0.5
+    assert int(covered.sum()) > 0 and float(out.rgb[covered].std()) > 0.01  # normals vary over the blob
+    # where nothing is, black: the colour is the composited normals alone, at most the opacity per channel
+    assert bool((out.rgb <= out.opacity + 1e-6).all())

@@ -60,7 +60,8 @@ class RenderConfig:
     occupancy_resolution: int = 64
     occupancy_update_every: int = 16
     occupancy_threshold: float = 0.01
-    shading: Literal["random", "albedo", "lambertian", "textureless"] = "random"
+    # random: DreamFusion's choice per step; normal: the prior scores normal maps ((n + 1) / 2, world space)
+    shading: Literal["random", "albedo", "lambertian", "textureless", "normal"] = "random"
     albedo_only_steps: int = 1000  # DreamFusion: albedo only while the coarse shape forms
     textureless_prob: float = 0.5
     ambient: float = 0.1
@@ -175,11 +176,15 @@ class MeshLossConfig:
 
 @dataclass
 class MeshConfig:
-    """Magic3D's fine stage (threed/scenes/mesh.py): a DMTet surface initialised from the coarse NeRF's
-    density at its export level, textured by a copy of the coarse field's albedo, rasterized and optimised
-    with the same prior. Only methods whose stages include `mesh` (magic3d, magic3d-refine) read it.
-    Schedules here count the mesh stage's own steps (from 0). Settings it does not name (ambient light,
-    light distance, background kind, eval cameras, Adam's betas and eps) are the run's."""
+    """A mesh stage (threed/scenes/mesh.py): a DMTet surface and a texture field, rasterized and optimised
+    under the prior. Three sections have this shape, one per stage (threed/stages.py): `mesh`, Magic3D's fine
+    stage (magic3d, magic3d-refine): the surface starts from the NeRF's density at its export level, the
+    texture as a copy of the NeRF's albedo; `geometry` and `texture`, ProlificDreamer's stages 2 and 3: the
+    geometry stage starts like `mesh` and shapes the surface from normal maps (`shading: normal`, SDS), the
+    texture stage keeps that surface (its geometry learning rates 0) and trains the texture under VSD.
+    Only methods with the stage read its section. Schedules here count the stage's own steps (from 0).
+    Settings it does not name (ambient light, light distance, background kind, eval cameras, Adam's betas and
+    eps) are the run's."""
 
     steps: int = 5000
     resolution: int = 128  # tetrahedral grid cells along the longest side of the coarse object's box
@@ -188,7 +193,7 @@ class MeshConfig:
     height: int = 512
     batch_size: int = 1
     rasterizer: Literal["auto", "torch", "nvdiffrast"] = "auto"
-    shading: Literal["random", "albedo", "lambertian", "textureless"] = "random"
+    shading: Literal["random", "albedo", "lambertian", "textureless", "normal"] = "random"
     albedo_only_steps: int = 0
     textureless_prob: float = 0.5
     distance: tuple[float, float] = (1.5, 2.0)  # camera ranges of this stage (azimuth: camera.azimuth)
@@ -196,6 +201,7 @@ class MeshConfig:
     elevation: tuple[float, float] = (-10.0, 45.0)
     t_min: Schedule = Schedule.constant(0.02)  # the prior's diffusion-time range in this stage
     t_max: Schedule = Schedule.constant(0.5)
+    guidance_scale: float = -1.0  # classifier-free guidance of this stage's Stable Diffusion (< 0: the prior's)
     lr_sdf: Schedule = Schedule.constant(1e-4)  # scene units per step (a cell at resolution 128 is ~0.01)
     lr_deformation: Schedule = Schedule.constant(0.01)  # of the pre-tanh offset
     lr_texture: Schedule = Schedule.constant(0.01)
@@ -241,6 +247,8 @@ class Config:
     loss: LossConfig = _field(default_factory=LossConfig)
     export: ExportConfig = _field(default_factory=ExportConfig)
     mesh: MeshConfig = _field(default_factory=MeshConfig)
+    geometry: MeshConfig = _field(default_factory=MeshConfig)
+    texture: MeshConfig = _field(default_factory=MeshConfig)
 
 
 def _nearest(name: str, options: list[str]) -> str:
@@ -535,25 +543,10 @@ def validate(cfg: Config) -> None:
     ]
     for name in ("guidance", "opacity", "sparsity", "transmittance", "orient", "entropy"):
         checks.append((getattr(cfg.loss, name).bounds()[0] >= 0, f"loss.{name}", "must be >= 0"))
-    m = cfg.mesh
-    m_lo, m_hi = min(m.t_min.bounds()[0], m.t_max.bounds()[0]), max(m.t_min.bounds()[1], m.t_max.bounds()[1])
-    checks += [
-        (m.steps >= 0, "mesh.steps", "must be >= 0"),
-        (m.resolution >= 4, "mesh.resolution", "must be >= 4"),
-        (m.deform_scale >= 0, "mesh.deform_scale", "must be >= 0"),
-        (m.width > 0 and m.height > 0, "mesh.width/height", "must be positive"),
-        (m.batch_size >= 1, "mesh.batch_size", "must be >= 1"),
-        (0.0 <= m.textureless_prob <= 1.0, "mesh.textureless_prob", "must be in [0, 1]"),
-        (0.0 < m_lo and m_hi < 1.0, "mesh.t_min/t_max", "must stay inside (0, 1)"),
-        (m.t_min.start <= m.t_max.start and m.t_min.end <= m.t_max.end, "mesh.t_min", "must not exceed mesh.t_max"),
-        (0 < m.distance[0] <= m.distance[1], "mesh.distance", "must be [near, far] with 0 < near <= far"),
-        (0 < m.fovy[0] <= m.fovy[1] < 180, "mesh.fovy", "must be [low, high] degrees inside (0, 180)"),
-        (m.elevation[0] <= m.elevation[1], "mesh.elevation", "must be [low, high]"),
-    ]
-    for name in ("lr_sdf", "lr_deformation", "lr_texture", "lr_background"):
-        checks.append((getattr(m, name).bounds()[0] >= 0, f"mesh.{name}", "must be >= 0"))
-    for name in ("guidance", "normal_consistency", "laplacian", "sign_flip"):
-        checks.append((getattr(m.loss, name).bounds()[0] >= 0, f"mesh.loss.{name}", "must be >= 0"))
+    for section in STAGE_SECTIONS:
+        checks += _mesh_checks(getattr(cfg, section), section)
+    checks.append((cfg.texture.deform_scale == cfg.geometry.deform_scale, "texture.deform_scale",
+                   "must equal geometry.deform_scale (the texture stage keeps the geometry stage's surface)"))
     for fmt in cfg.export.formats:
         checks.append((fmt in ("obj", "glb", "ply"), "export.formats", f"has '{fmt}'; use obj, glb or ply"))
     for ok, key, why in checks:
@@ -596,3 +589,31 @@ def resolve_device(name: str) -> str:
     if name != "cpu":
         raise UserError(f"unknown device '{name}'; use cpu or cuda")
     return name
+
+
+# The sections of a mesh-shaped stage (MeshConfig), each read by the stage of that name (threed/stages.py).
+STAGE_SECTIONS = ("mesh", "geometry", "texture")
+
+
+def _mesh_checks(m: MeshConfig, prefix: str) -> list[tuple[bool, str, str]]:
+    """Range checks of one mesh stage's section."""
+    lo, hi = min(m.t_min.bounds()[0], m.t_max.bounds()[0]), max(m.t_min.bounds()[1], m.t_max.bounds()[1])
+    checks = [
+        (m.steps >= 0, f"{prefix}.steps", "must be >= 0"),
+        (m.resolution >= 4, f"{prefix}.resolution", "must be >= 4"),
+        (m.deform_scale >= 0, f"{prefix}.deform_scale", "must be >= 0"),
+        (m.width > 0 and m.height > 0, f"{prefix}.width/height", "must be positive"),
+        (m.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1"),
+        (0.0 <= m.textureless_prob <= 1.0, f"{prefix}.textureless_prob", "must be in [0, 1]"),
+        (0.0 < lo and hi < 1.0, f"{prefix}.t_min/t_max", "must stay inside (0, 1)"),
+        (m.t_min.start <= m.t_max.start and m.t_min.end <= m.t_max.end, f"{prefix}.t_min",
+         f"must not exceed {prefix}.t_max"),
+        (0 < m.distance[0] <= m.distance[1], f"{prefix}.distance", "must be [near, far] with 0 < near <= far"),
+        (0 < m.fovy[0] <= m.fovy[1] < 180, f"{prefix}.fovy", "must be [low, high] degrees inside (0, 180)"),
+        (m.elevation[0] <= m.elevation[1], f"{prefix}.elevation", "must be [low, high]"),
+    ]
+    for name in ("lr_sdf", "lr_deformation", "lr_texture", "lr_background"):
+        checks.append((getattr(m, name).bounds()[0] >= 0, f"{prefix}.{name}", "must be >= 0"))
+    for name in ("guidance", "normal_consistency", "laplacian", "sign_flip"):
+        checks.append((getattr(m.loss, name).bounds()[0] >= 0, f"{prefix}.loss.{name}", "must be >= 0"))
+    return checks

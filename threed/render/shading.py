@@ -1,9 +1,11 @@
-"""DreamFusion shading: albedo, Lambertian under a point light, and textureless (white albedo, lit).
+"""DreamFusion shading: albedo, Lambertian under a point light, and textureless (white albedo, lit); and
+normal maps, the image a geometry stage's prior scores (ProlificDreamer's stage 2, Fantasia3D).
 
 Shared by the volume renderer and by anything that must render "the same way" (the oracle prior's
 reference renders), so both apply one formula:
 
     colour = albedo * (ambient + (1 - ambient) * max(0, n . l))
+    normal map = (n + 1) / 2   (world-space unit normal; threestudio's comp_normal)
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-MODES = ("albedo", "lambertian", "textureless")
+MODES = ("albedo", "lambertian", "textureless", "normal")
 
 
 def shade(albedo: Tensor, normal: Tensor | None, points: Tensor | None, light_position: Tensor | None,
@@ -24,6 +26,9 @@ def shade(albedo: Tensor, normal: Tensor | None, points: Tensor | None, light_po
         return albedo
     if mode not in MODES:
         raise ValueError(f"unknown shading mode {mode!r}")
+    if mode == "normal":
+        assert normal is not None
+        return (normal * 0.5 + 0.5).to(albedo.dtype)
     assert normal is not None and points is not None and light_position is not None
     light_dir = light_position - points
     light_dir = light_dir / light_dir.norm(dim=-1, keepdim=True).clamp_min(1e-8)

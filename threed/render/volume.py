@@ -234,5 +234,6 @@ class VolumeRenderer(nn.Module):
         opacity = torch.cat([p[1] for p in parts]).view(b, h, w, 1)
         depth = torch.cat([p[2] for p in parts]).view(b, h, w, 1)
         orient = torch.stack([p[3] for p in parts]).sum() / max(flat_o.shape[0], 1)
-        bg = background(rays_d, generator)
+        # normal maps (the image a geometry stage's prior scores) lie over black, as the mesh scene's do
+        bg = torch.zeros_like(rays_d) if shading == "normal" else background(rays_d, generator)
         return RenderOutput(rgb + (1.0 - opacity) * bg, opacity, depth, bg, orient)

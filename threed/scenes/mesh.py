@@ -174,8 +174,8 @@ class MeshScene:
         t = self._tick("rasterize", t)
         hit = rast[..., 3] > 0  # (B, H, W), rows bottom first
         points = surface[..., :3][hit]
-        if shading == "textureless":
-            albedo = points.new_ones(points.shape[0], 3)  # shade() uses the lighting alone
+        if shading in ("textureless", "normal"):
+            albedo = points.new_ones(points.shape[0], 3)  # shade() uses the lighting or the normal alone
         else:
             albedo = self.texture.albedo(points)
         normal = light = None
@@ -185,7 +185,8 @@ class MeshScene:
         color = shade(albedo, normal, points, light, shading, self.cfg.render.ambient)
         t = self._tick("texture", t)
         rays_o, rays_d = cameras.rays()
-        bg = self.background(rays_d, generator)  # rows top first
+        # rows top first; normal maps lie over black, as threestudio renders them for the prior
+        bg = torch.zeros_like(rays_d) if shading == "normal" else self.background(rays_d, generator)
         composite = torch.where(hit[..., None], surface.new_zeros(b, h, w, 3).index_put((hit,), color), bg.flip(1))
         distance = (points - rays_o.flip(1)[hit]).norm(dim=-1)
         depth = surface.new_zeros(b, h, w).index_put((hit,), distance)[..., None]
