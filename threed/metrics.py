@@ -77,3 +77,13 @@ def mesh_distance(pred: trimesh.Trimesh, ref: trimesh.Trimesh, n: int = 20000, s
         "fscore_1pct": f_at(0.01 * diagonal),
         "fscore_2pct": f_at(0.02 * diagonal),
     }
+
+
+def color_error(pred: trimesh.Trimesh, ref: trimesh.Trimesh) -> float:
+    """Mean absolute RGB difference in [0, 1] between each predicted vertex's colour (vertex colours, or a
+    texture read at the vertex's UV) and the colour of the reference vertex nearest to it: how well a
+    recovered appearance matches a reference with known colours (the oracle's), where the shapes agree."""
+    pred_rgb = np.asarray(pred.visual.to_color().vertex_colors, dtype=np.float64)[:, :3] / 255.0
+    ref_rgb = np.asarray(ref.visual.to_color().vertex_colors, dtype=np.float64)[:, :3] / 255.0
+    _, nearest = cKDTree(np.asarray(ref.vertices, dtype=np.float64)).query(np.asarray(pred.vertices), k=1)
+    return float(np.abs(pred_rgb - ref_rgb[nearest]).mean())

@@ -247,9 +247,11 @@ def resolve_refine(opts: RunOptions, cuda: bool | None = None) -> tuple[Config, 
     if prior != saved.guidance.type:  # the source's prior settings no longer apply
         section = PRIOR_SECTIONS[saved.guidance.type]
         base["guidance"][section] = to_dict(type(getattr(saved.guidance, section))())
-    for section in METHOD_SECTIONS:  # nor do its method's own (e.g. a prolificdreamer run's guidance.vsd)
+    for section in METHOD_SECTIONS:  # nor do its method's own (e.g. a prolificdreamer run's guidance.vsd) ...
         if section not in method.sections:
             base["guidance"][section] = to_dict(type(getattr(saved.guidance, section))())
+    for section in STAGE_SECTIONS:  # ... nor its later stages' (a prolificdreamer run's geometry and texture)
+        base[section] = to_dict(MeshConfig())
     preset = opts.preset
     if preset is None:
         if cuda is None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -53,7 +53,7 @@ class Stage:
     section: str = ""
     start: StartFn | None = None
     configure: Callable[[Config, str], Config] | None = None
-    guidance: str = "method"
+    guidance: Literal["method", "prior"] = "method"
     diverged_hint: str = "lower optim.lr or guidance.sd.guidance_scale and resume"
 
     @property
