@@ -42,7 +42,9 @@ class RenderOutput:
     opacity: Tensor  # (B, H, W, 1)
     depth: Tensor  # (B, H, W, 1)
     background: Tensor  # (B, H, W, 3)
-    orient: Tensor  # scalar: DreamFusion's penalty on normals facing away from the camera
+    # scalar: DreamFusion's penalty on normals facing away from the camera, the mean over rays of the sum over
+    # samples of stopgrad(w_i) * max(0, n_i . d)^2
+    orient: Tensor
 
 
 def ray_aabb(rays_o: Tensor, rays_d: Tensor, bound: float) -> tuple[Tensor, Tensor]:
@@ -165,7 +167,9 @@ class VolumeRenderer(nn.Module):
         rgb = accumulate_along_rays(weights, color.view(*weights.shape, 3), ray_indices, n_rays)
         opacity = accumulate_along_rays(weights, None, ray_indices, n_rays)
         depth = accumulate_along_rays(weights, t.view(*weights.shape, 1), ray_indices, n_rays)
-        orient_sum = (weights.reshape(-1) * orient).sum() if orient is not None else rgb.new_zeros(())
+        # The weights are detached (DreamFusion, stable-dreamfusion, threestudio): the penalty turns normals away
+        # from the camera, instead of being paid by removing the density where normals face away.
+        orient_sum = (weights.detach().reshape(-1) * orient).sum() if orient is not None else rgb.new_zeros(())
         return rgb, opacity, depth, orient_sum
 
     def _render_torch(self, field: NeRFField, rays_o: Tensor, rays_d: Tensor, light: Tensor, shading: str,
