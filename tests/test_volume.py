@@ -139,6 +139,26 @@ def test_orientation_penalty_turns_normals_and_leaves_density_alone(path):
     assert abs(moved.item() - out.orient.item()) > 1e-3 * out.orient.item()
 
 
+
+def test_orientation_penalty_is_per_ray_that_sees_something():
+    """threestudio's normalisation, by hand: with one normal n everywhere, a ray's penalty is its opacity times
+    max(0, n . d)^2, and the sum over rays is divided by the number of rays with opacity > 0 (rays that miss
+    the ball have exactly 0 and do not count). Every sample in the ball weighs far above the 1e-4 below
+    which normals are skipped, so the sum is exact."""
+    cfg = RenderConfig(num_samples=64, occupancy_resolution=0, background="solid", backend="torch", chunk_rays=50)
+    field = ConstantField(2.0, radius=0.5).eval()
+    n = torch.tensor([0.0, 0.0, -1.0])
+    field.normal = lambda x: n.expand_as(x)
+    cam = front_camera(size=15)
+    out = VolumeRenderer(cfg, "cpu")(field, Background(cfg).eval(), cam, "albedo", need_normals=True)
+    opacity = out.opacity.view(-1)
+    seeing = opacity > 0
+    assert 0 < seeing.sum() < opacity.numel()  # some rays miss the ball
+    d = cam.rays()[1].reshape(-1, 3)
+    by_hand = (opacity * (d @ n).clamp_min(0) ** 2).sum() / seeing.sum()
+    assert out.orient.item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
 def test_occupancy_grid_skips_only_empty_space():
     """Skipping cells whose density*step is below the threshold changes no pixel of a ball by more than the
     mass those cells can hold (here: none, the ball's density is far above the threshold)."""

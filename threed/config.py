@@ -158,7 +158,8 @@ class LossConfig:
     transmittance: Schedule = Schedule.constant(0.0)  # Dream Fields: -min(target, mean transmittance)
     transmittance_target: Schedule = Schedule(0, 0.5, 0.88, 500)  # the target, annealed
     sparsity: Schedule = Schedule.constant(0.0)  # ProlificDreamer: mean sqrt(opacity^2 + 0.01)
-    orient: Schedule = Schedule.constant(0.0)  # DreamFusion normal orientation penalty
+    # DreamFusion's normal orientation penalty: per ray with opacity > 0, weights detached (threed/render/volume.py)
+    orient: Schedule = Schedule.constant(0.0)
     entropy: Schedule = Schedule.constant(0.0)  # binary entropy of opacity: pushes it to 0 or 1
 
 

@@ -42,8 +42,8 @@ class RenderOutput:
     opacity: Tensor  # (B, H, W, 1)
     depth: Tensor  # (B, H, W, 1)
     background: Tensor  # (B, H, W, 3)
-    # scalar: DreamFusion's penalty on normals facing away from the camera, the mean over rays of the sum over
-    # samples of stopgrad(w_i) * max(0, n_i . d)^2
+    # scalar: DreamFusion's penalty on normals facing away from the camera, the sum over samples of
+    # stopgrad(w_i) * max(0, n_i . d)^2 divided by the number of rays with opacity > 0 (threestudio's)
     orient: Tensor
 
 
@@ -237,7 +237,8 @@ class VolumeRenderer(nn.Module):
         rgb = torch.cat([p[0] for p in parts]).view(b, h, w, 3)
         opacity = torch.cat([p[1] for p in parts]).view(b, h, w, 1)
         depth = torch.cat([p[2] for p in parts]).view(b, h, w, 1)
-        orient = torch.stack([p[3] for p in parts]).sum() / max(flat_o.shape[0], 1)
+        # per ray that sees anything (threestudio's normalisation), not per ray of the batch
+        orient = torch.stack([p[3] for p in parts]).sum() / (opacity > 0).sum().clamp_min(1)
         # normal maps (the image a geometry stage's prior scores) lie over black, as the mesh scene's do
         bg = torch.zeros_like(rays_d) if shading == "normal" else background(rays_d, generator)
         return RenderOutput(rgb + (1.0 - opacity) * bg, opacity, depth, bg, orient)
