@@ -157,7 +157,8 @@ class LossConfig:
     opacity: Schedule = Schedule.constant(0.0)  # mean rendered opacity: removes floaters the guidance cannot see
     transmittance: Schedule = Schedule.constant(0.0)  # Dream Fields: -min(target, mean transmittance)
     transmittance_target: Schedule = Schedule(0, 0.5, 0.88, 500)  # the target, annealed
-    sparsity: Schedule = Schedule.constant(0.0)  # ProlificDreamer: mean sqrt(opacity^2 + 0.01)
+    # mean sqrt(opacity^2 + 0.01): threestudio's sparsity loss (DreamFusion, Magic3D coarse, ProlificDreamer)
+    sparsity: Schedule = Schedule.constant(0.0)
     # DreamFusion's normal orientation penalty: per ray with opacity > 0, weights detached (threed/render/volume.py)
     orient: Schedule = Schedule.constant(0.0)
     entropy: Schedule = Schedule.constant(0.0)  # binary entropy of opacity: pushes it to 0 or 1

@@ -78,7 +78,7 @@ class NeRFScene:
         result: dict[str, Tensor] = {}
         if weight_used(lc, "opacity"):
             result["opacity"] = opacity.mean()
-        if weight_used(lc, "sparsity"):  # ProlificDreamer's
+        if weight_used(lc, "sparsity"):  # threestudio's
             result["sparsity"] = (opacity ** 2 + 0.01).sqrt().mean()
         if weight_used(lc, "transmittance"):
             result["transmittance"] = -torch.clamp((1.0 - opacity).mean(), max=lc.transmittance_target(step))
