@@ -101,6 +101,13 @@ def test_gradients_reach_the_sdf_offsets_and_texture_and_regularisers_follow_the
         assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in params)
 
 
+
+def test_background_augmentation_is_the_mesh_stages_own():
+    """render.random_aug (ProlificDreamer's NeRF stage) does not leak into the mesh stage: mesh.random_aug."""
+    assert sphere_scene(8, ("render.random_aug=0.5",)).background.random_aug == 0.0
+    assert sphere_scene(8, ("render.random_aug=0.5", "mesh.random_aug=0.25")).background.random_aug == 0.25
+
+
 def test_textureless_and_lambertian_shade_with_the_mesh_normals():
     """Textureless: lighting alone, brightest where the normal faces the light (the camera's position here)."""
     scene = sphere_scene(32)

@@ -68,6 +68,10 @@ class RenderConfig:
     light_distance: tuple[float, float] = (0.8, 1.5)  # as a multiple of the camera distance
     background: Literal["mlp", "solid", "random"] = "mlp"
     background_color: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    # Probability that a training render's background is replaced by one random colour per image (threestudio's
+    # random_aug, which ProlificDreamer turns on): the object cannot lean on one learned background. Never at
+    # evaluation or export. The mesh stage has its own, mesh.random_aug.
+    random_aug: float = 0.0
     chunk_rays: int = 16384
     # ProlificDreamer renders small while the coarse shape forms, then at full size: from `hires_step` on the
     # training renders are hires_width x hires_height (< 0: never).
@@ -208,6 +212,7 @@ class MeshConfig:
     lr_deformation: Schedule = Schedule.constant(0.01)  # of the pre-tanh offset
     lr_texture: Schedule = Schedule.constant(0.01)
     lr_background: Schedule = Schedule.constant(0.0)  # 0: the coarse stage's background, frozen
+    random_aug: float = 0.0  # render.random_aug in this stage (threestudio's ProlificDreamer texture stage: off)
     loss: MeshLossConfig = _field(default_factory=MeshLossConfig)
 
 
@@ -521,6 +526,7 @@ def validate(cfg: Config) -> None:
         (cfg.render.hires_width > 0 and cfg.render.hires_height > 0, "render.hires_width/height", "must be positive"),
         (cfg.render.checkpoint_rays >= 0, "render.checkpoint_rays", "must be >= 0 (0: never)"),
         (0.0 <= cfg.render.textureless_prob <= 1.0, "render.textureless_prob", "must be in [0, 1]"),
+        (0.0 <= cfg.render.random_aug <= 1.0, "render.random_aug", "must be a probability in [0, 1]"),
         (0.0 < t_lo and t_hi < 1.0, "guidance.t_min/t_max", "must stay inside (0, 1)"),
         (g.t_min.start <= g.t_max.start and g.t_min.end <= g.t_max.end, "guidance.t_min",
          "must not exceed guidance.t_max"),
@@ -607,6 +613,7 @@ def _mesh_checks(m: MeshConfig, prefix: str) -> list[tuple[bool, str, str]]:
         (m.width > 0 and m.height > 0, f"{prefix}.width/height", "must be positive"),
         (m.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1"),
         (0.0 <= m.textureless_prob <= 1.0, f"{prefix}.textureless_prob", "must be in [0, 1]"),
+        (0.0 <= m.random_aug <= 1.0, f"{prefix}.random_aug", "must be a probability in [0, 1]"),
         (0.0 < lo and hi < 1.0, f"{prefix}.t_min/t_max", "must stay inside (0, 1)"),
         (m.t_min.start <= m.t_max.start and m.t_min.end <= m.t_max.end, f"{prefix}.t_min",
          f"must not exceed {prefix}.t_max"),

@@ -66,6 +66,7 @@ class MeshScene:
         self.geometry = geometry.to(self.device)
         self.texture = texture.to(self.device)
         self.background = background.to(self.device)
+        self.background.random_aug = cfg.mesh.random_aug  # this stage's, not the NeRF stage's render.random_aug
         self.rasterizer = MeshRasterizer(cfg.mesh.rasterizer, self.device)
         self.losses = cfg.mesh.loss
         self.profile = False  # time the parts of `render` (synchronising the device) into `timings`
