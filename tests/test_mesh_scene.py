@@ -108,6 +108,16 @@ def test_background_augmentation_is_the_mesh_stages_own():
     assert sphere_scene(8, ("render.random_aug=0.5", "mesh.random_aug=0.25")).background.random_aug == 0.25
 
 
+
+def test_texture_grid_and_mlp_can_take_their_own_rates():
+    """mesh.lr_texture_mlp (ProlificDreamer's texture stage: grid 0.01, MLP 0.001) splits the texture group."""
+    scene = sphere_scene(8, ("mesh.lr_texture_mlp=0.001",))
+    groups = scene.param_groups()
+    assert [schedule(0) for _, schedule in groups] == [1e-3, 0.01, 0.01, 0.001]  # sdf, offsets, grid, MLP
+    assert groups[2][0] == list(scene.texture.encoding.parameters())
+    assert groups[3][0] == list(scene.texture.mlp.parameters())
+
+
 def test_textureless_and_lambertian_shade_with_the_mesh_normals():
     """Textureless: lighting alone, brightest where the normal faces the light (the camera's position here)."""
     scene = sphere_scene(32)

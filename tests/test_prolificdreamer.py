@@ -60,7 +60,7 @@ def test_preset_has_threestudios_geometry_and_texture_stages():
     assert texture.render.shading == "albedo" and texture.guidance.sd.guidance_scale == 7.5
     assert texture.mesh.lr_sdf(0) == texture.mesh.lr_deformation(0) == 0.0  # the geometry is kept
     assert texture.mesh.lr_texture(0) == 0.01 and texture.mesh.lr_background(0) == 0.001
-
+    assert texture.mesh.lr_texture_mlp(0) == 0.001 and texture.optim.optimizer == "adamw"  # grid 0.01, MLP 0.001
 
 
 @pytest.mark.parametrize("preset", ["prolificdreamer", "prolificdreamer-cpu"])

@@ -143,13 +143,23 @@ METHOD_SECTIONS = {s.section: s.method for s in priors.METHOD_SECTIONS.values()}
 
 @dataclass
 class OptimConfig:
-    """Adam; the learning rates are schedules (a number, or [start_step, start, end, end_step])."""
+    """The optimiser of every stage's scene; the learning rates are schedules (a number, or [start_step, start,
+    end, end_step]). threestudio's ProlificDreamer trains its hash grid at 0.01 and its MLPs at 0.001 with
+    AdamW (weight decay: PyTorch's default, 0.01); DreamFusion and Magic3D use Adam and one rate."""
 
-    lr: Schedule = Schedule.constant(0.01)
+    optimizer: Literal["adam", "adamw"] = "adam"  # adamw: weight decay decoupled from the gradient
+    lr: Schedule = Schedule.constant(0.01)  # the field's hash grid (and its MLP, unless lr_mlp is set)
+    lr_mlp: Schedule = Schedule.constant(-1.0)  # the field's MLP; < 0: optim.lr, in one group with the grid
     lr_background: Schedule = Schedule.constant(0.001)
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = 1e-15
     weight_decay: float = 0.0
+
+
+def same_as_lr(schedule: Schedule) -> bool:
+    """A per-part learning rate left at its < 0 default: the part trains with the rate of the part it belongs
+    to (optim.lr_mlp -> optim.lr, mesh.lr_texture_mlp -> mesh.lr_texture), in that part's optimiser group."""
+    return schedule.is_constant and schedule.start < 0
 
 
 @dataclass
@@ -189,8 +199,8 @@ class MeshConfig:
     geometry stage starts like `mesh` and shapes the surface from normal maps (`shading: normal`, SDS), the
     texture stage keeps that surface (its geometry learning rates 0) and trains the texture under VSD.
     Only methods with the stage read its section. Schedules here count the stage's own steps (from 0).
-    Settings it does not name (ambient light, light distance, background kind, eval cameras, Adam's betas and
-    eps) are the run's."""
+    Settings it does not name (ambient light, light distance, background kind, eval cameras, the optimiser:
+    optim.optimizer, betas, eps, weight_decay) are the run's."""
 
     steps: int = 5000
     resolution: int = 128  # tetrahedral grid cells along the longest side of the coarse object's box
@@ -210,7 +220,8 @@ class MeshConfig:
     guidance_scale: float = -1.0  # classifier-free guidance of this stage's Stable Diffusion (< 0: the prior's)
     lr_sdf: Schedule = Schedule.constant(1e-4)  # scene units per step (a cell at resolution 128 is ~0.01)
     lr_deformation: Schedule = Schedule.constant(0.01)  # of the pre-tanh offset
-    lr_texture: Schedule = Schedule.constant(0.01)
+    lr_texture: Schedule = Schedule.constant(0.01)  # the texture field's hash grid (and MLP, unless ...)
+    lr_texture_mlp: Schedule = Schedule.constant(-1.0)  # ... its MLP's own rate; < 0: mesh.lr_texture
     lr_background: Schedule = Schedule.constant(0.0)  # 0: the coarse stage's background, frozen
     random_aug: float = 0.0  # render.random_aug in this stage (threestudio's ProlificDreamer texture stage: off)
     loss: MeshLossConfig = _field(default_factory=MeshLossConfig)
@@ -534,6 +545,9 @@ def validate(cfg: Config) -> None:
         (cfg.field.n_levels >= 1, "field.n_levels", "must be >= 1"),
         (cfg.field.max_resolution >= cfg.field.base_resolution, "field.max_resolution", "must be >= field.base_resolution"),
         (cfg.optim.lr.bounds()[0] > 0, "optim.lr", "must be positive"),
+        (same_as_lr(cfg.optim.lr_mlp) or cfg.optim.lr_mlp.bounds()[0] > 0, "optim.lr_mlp",
+         "must be positive throughout (or < 0: optim.lr)"),
+        (cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
         (cfg.export.resolution >= 8, "export.resolution", "must be >= 8"),
         (cfg.export.video_resolution % 16 == 0, "export.video_resolution", "must be a multiple of 16 (video codecs)"),
         (16 <= cfg.export.texture_size <= 16384, "export.texture_size", "must be in [16, 16384]"),
@@ -623,6 +637,8 @@ def _mesh_checks(m: MeshConfig, prefix: str) -> list[tuple[bool, str, str]]:
     ]
     for name in ("lr_sdf", "lr_deformation", "lr_texture", "lr_background"):
         checks.append((getattr(m, name).bounds()[0] >= 0, f"{prefix}.{name}", "must be >= 0"))
+    checks.append((same_as_lr(m.lr_texture_mlp) or m.lr_texture_mlp.bounds()[0] >= 0, f"{prefix}.lr_texture_mlp",
+                   f"must be >= 0 throughout (or < 0: {prefix}.lr_texture)"))
     for name in ("guidance", "normal_consistency", "laplacian", "sign_flip"):
         checks.append((getattr(m.loss, name).bounds()[0] >= 0, f"{prefix}.loss.{name}", "must be >= 0"))
     return checks

@@ -26,6 +26,8 @@ from threed.scenes import Scene, weight_used
 from threed.scenes.nerf import NeRFScene
 
 Guidance = Callable[..., dict]
+# optim.optimizer -> its class; every group gets the run's betas, eps and weight decay
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
 class Interrupted(UserError):
@@ -82,8 +84,8 @@ class Trainer:
         for params, schedule in scene.param_groups():
             groups.append({"params": params, "lr": schedule(0)})
             self.lr_schedules.append(schedule)
-        self.optimizer = torch.optim.Adam(groups, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                          weight_decay=cfg.optim.weight_decay)
+        self.optimizer = OPTIMIZERS[cfg.optim.optimizer](groups, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                                                         weight_decay=cfg.optim.weight_decay)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.train_time_s = 0.0  # summed over every segment of a resumed run ...
@@ -119,7 +121,7 @@ class Trainer:
 
     # -- one iteration ------------------------------------------------------------------------
     def train_step(self) -> Record:
-        """Render a batch of random views, score it with the guidance, take one Adam step.
+        """Render a batch of random views, score it with the guidance, take one optimiser step.
 
         Returns the step's losses and the guidance's statistics as computed, tensors still on the device
         (`as_floats` reads them): converting them here would wait for the GPU at every step.

@@ -39,7 +39,7 @@ from threed.render.rasterize import MeshRasterizer, edge_topology
 from threed.render.shading import shade
 from threed.render.volume import RenderOutput
 from threed.schedule import Schedule
-from threed.scenes import ExportedMesh, weight_used
+from threed.scenes import ExportedMesh, field_groups, weight_used
 
 NEAR, FAR = 0.05, 100.0  # clip planes (scene units); objects sit in [-bound, bound]^3 at distance ~1.5-2
 
@@ -106,13 +106,13 @@ class MeshScene:
 
     # -- the Scene interface (threed/scenes/__init__.py) ----------------------------------------------
     def param_groups(self) -> list[tuple[list[Tensor], Schedule]]:
-        """SDF, deformation, texture and background, each with its schedule; a part whose learning rate is
-        zero throughout is frozen (no group, no gradient)."""
+        """SDF, deformation, texture (one group, or its grid and MLP: mesh.lr_texture_mlp) and background, each
+        with its schedule; a part whose learning rate is zero throughout is frozen (no group, no gradient)."""
         m = self.cfg.mesh
         parts: list[tuple[list[Tensor], Schedule]] = [([self.geometry.sdf], m.lr_sdf)]
         if self.geometry.deformation is not None:
             parts.append(([self.geometry.deformation], m.lr_deformation))
-        parts.append((list(self.texture.parameters()), m.lr_texture))
+        parts += field_groups(self.texture, m.lr_texture, m.lr_texture_mlp)
         bg_params = list(self.background.parameters())
         if bg_params:
             parts.append((bg_params, m.lr_background))

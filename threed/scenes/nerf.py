@@ -13,7 +13,7 @@ from threed.mesh import auto_threshold, density_grid, extract_mesh
 from threed.render.background import Background
 from threed.render.volume import RenderOutput, VolumeRenderer
 from threed.schedule import Schedule
-from threed.scenes import ExportedMesh, render_each, weight_used
+from threed.scenes import ExportedMesh, field_groups, render_each, weight_used
 
 
 class NeRFScene:
@@ -36,7 +36,8 @@ class NeRFScene:
         return scene
 
     def param_groups(self) -> list[tuple[list[Tensor], Schedule]]:
-        groups = [(list(self.field.parameters()), self.cfg.optim.lr)]
+        """The field (one group, or its grid and MLP: optim.lr_mlp), then the background if it learns."""
+        groups = field_groups(self.field, self.cfg.optim.lr, self.cfg.optim.lr_mlp)
         bg_params = list(self.background.parameters())
         if bg_params:
             groups.append((bg_params, self.cfg.optim.lr_background))
