@@ -204,7 +204,9 @@ class MeshConfig:
 
     steps: int = 5000
     resolution: int = 128  # tetrahedral grid cells along the longest side of the coarse object's box
-    deform_scale: float = 0.15  # largest vertex offset, in cells (0: no deformation)
+    # Largest vertex offset per axis, in cells (0: no deformation). threestudio bounds it by tanh to the grid's
+    # extent / isosurface_resolution, one cell here (nvdiffrec alike); below 1/6 no tetrahedron can invert.
+    deform_scale: float = 1.0
     width: int = 512
     height: int = 512
     batch_size: int = 1
