@@ -64,8 +64,14 @@ class RenderConfig:
     shading: Literal["random", "albedo", "lambertian", "textureless", "normal"] = "random"
     albedo_only_steps: int = 1000  # DreamFusion: albedo only while the coarse shape forms
     textureless_prob: float = 0.5
+    # After the warm-up, the chance of a plain albedo render (threestudio: 1 - diffuse_prob = 0.25); the rest
+    # splits into textureless (textureless_prob) and lambertian.
+    albedo_prob: float = 0.0
     ambient: float = 0.1
-    light_distance: tuple[float, float] = (0.8, 1.5)  # as a multiple of the camera distance
+    # The point light's distance: a multiple of the camera's distance, or, with light_distance_absolute, scene
+    # units from the origin (threestudio's light_distance_range, [0.8, 1.5] by default).
+    light_distance: tuple[float, float] = (0.8, 1.5)
+    light_distance_absolute: bool = False
     background: Literal["mlp", "solid", "random"] = "mlp"
     background_color: tuple[float, float, float] = (1.0, 1.0, 1.0)
     # Probability that a training render's background is replaced by one random colour per image (threestudio's
@@ -214,6 +220,10 @@ class MeshConfig:
     shading: Literal["random", "albedo", "lambertian", "textureless", "normal"] = "random"
     albedo_only_steps: int = 0
     textureless_prob: float = 0.5
+    albedo_prob: float = 0.0  # render.albedo_prob in this stage
+    # Magic3D's soft shading (threestudio's soft_shading): each training render splits its light between
+    # ambient and diffuse at random (ambient ~ U[0, 1)) instead of render.ambient's fixed split.
+    soft_shading: bool = False
     distance: tuple[float, float] = (1.5, 2.0)  # camera ranges of this stage (azimuth: camera.azimuth)
     fovy: tuple[float, float] = (30.0, 45.0)
     elevation: tuple[float, float] = (-10.0, 45.0)
@@ -540,6 +550,9 @@ def validate(cfg: Config) -> None:
         (cfg.render.checkpoint_rays >= 0, "render.checkpoint_rays", "must be >= 0 (0: never)"),
         (0.0 <= cfg.render.textureless_prob <= 1.0, "render.textureless_prob", "must be in [0, 1]"),
         (0.0 <= cfg.render.random_aug <= 1.0, "render.random_aug", "must be a probability in [0, 1]"),
+        (0.0 <= cfg.render.albedo_prob <= 1.0, "render.albedo_prob", "must be in [0, 1]"),
+        (0 < cfg.render.light_distance[0] <= cfg.render.light_distance[1], "render.light_distance",
+         "must be [near, far] with 0 < near <= far"),
         (0.0 < t_lo and t_hi < 1.0, "guidance.t_min/t_max", "must stay inside (0, 1)"),
         (g.t_min.start <= g.t_max.start and g.t_min.end <= g.t_max.end, "guidance.t_min",
          "must not exceed guidance.t_max"),
@@ -568,7 +581,13 @@ def validate(cfg: Config) -> None:
     for name in ("guidance", "opacity", "sparsity", "transmittance", "orient", "entropy"):
         checks.append((getattr(cfg.loss, name).bounds()[0] >= 0, f"loss.{name}", "must be >= 0"))
     for section in STAGE_SECTIONS:
-        checks += _mesh_checks(getattr(cfg, section), section)
+        m = getattr(cfg, section)
+        checks += _mesh_checks(m, section)
+        # the oracle renders its reference with render.ambient: a random split would not match it
+        lit = m.shading in ("random", "lambertian", "textureless")
+        checks.append((not (m.soft_shading and g.type == "oracle" and lit),
+                       f"{section}.soft_shading",
+                       "cannot be used with the oracle prior, whose reference renders use render.ambient"))
     checks.append((cfg.texture.deform_scale == cfg.geometry.deform_scale, "texture.deform_scale",
                    "must equal geometry.deform_scale (the texture stage keeps the geometry stage's surface)"))
     for fmt in cfg.export.formats:
@@ -630,6 +649,7 @@ def _mesh_checks(m: MeshConfig, prefix: str) -> list[tuple[bool, str, str]]:
         (m.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1"),
         (0.0 <= m.textureless_prob <= 1.0, f"{prefix}.textureless_prob", "must be in [0, 1]"),
         (0.0 <= m.random_aug <= 1.0, f"{prefix}.random_aug", "must be a probability in [0, 1]"),
+        (0.0 <= m.albedo_prob <= 1.0, f"{prefix}.albedo_prob", "must be in [0, 1]"),
         (0.0 < lo and hi < 1.0, f"{prefix}.t_min/t_max", "must stay inside (0, 1)"),
         (m.t_min.start <= m.t_max.start and m.t_min.end <= m.t_max.end, f"{prefix}.t_min",
          f"must not exceed {prefix}.t_max"),

@@ -20,7 +20,6 @@ from threed.cameras import sample_cameras
 from threed.config import Config, to_dict
 from threed.errors import Diverged, UserError
 from threed.io import atomic_torch_save
-from threed.render.shading import pick_shading
 from threed.rundir import RunDir, checkpoint_name, checkpoints_in
 from threed.scenes import Scene, weight_used
 from threed.scenes.nerf import NeRFScene
@@ -134,9 +133,8 @@ class Trainer:
         self.scene.prepare(self.step, self.generator)
         width, height = cfg.render.size(self.step)
         cams = sample_cameras(cfg.camera, cfg.render.batch_size, width, height, self.generator,
-                              cfg.render.light_distance).to(dev)
-        shading = pick_shading(cfg.render.shading, self.step, cfg.render.albedo_only_steps,
-                               cfg.render.textureless_prob, self.generator)
+                              cfg.render.light_distance, cfg.render.light_distance_absolute).to(dev)
+        shading = self.scene.pick_shading(self.step, self.generator)
         out = self.scene.render(cams, shading, need_normals=self.uses("orient"), generator=self.generator)
         sync(dev)
         t1 = time.perf_counter()

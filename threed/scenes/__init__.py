@@ -3,6 +3,8 @@
 The training loop (threed/trainer.py) is the same for every stage; a scene plugs into it with
 - `param_groups()`: [(parameters, learning-rate schedule), ...], one optimiser group each (optim.optimizer);
 - `prepare(step, generator)`: per-step upkeep before rendering (e.g. the NeRF's occupancy grid);
+- `pick_shading(step, generator)`: the step's shading mode, from the scene's own settings (render.* for the
+  NeRF, mesh.* for the mesh stage);
 - `render(cameras, shading, need_normals, generator) -> RenderOutput` (rgb, opacity, depth, background,
   orient), what the guidance reads;
 - `losses`: the loss-weight schedules (a dataclass with `guidance` and one field per regulariser), and
@@ -56,6 +58,8 @@ class Scene(Protocol):
     def param_groups(self) -> list[tuple[list[Tensor], Schedule]]: ...
 
     def prepare(self, step: int, generator: torch.Generator | None = None) -> None: ...
+
+    def pick_shading(self, step: int, generator: torch.Generator) -> str: ...
 
     def render(self, cameras: Cameras, shading: str, need_normals: bool = False,
                generator: torch.Generator | None = None) -> RenderOutput: ...

@@ -4,8 +4,9 @@ Magic3D (Lin et al. 2023) refines the coarse NeRF as an explicit mesh: the surfa
 an SDF on a deformable tetrahedral grid (threed/fields/dmtet.py), extracted by marching tetrahedra every step
 so its vertices are differentiable in the SDF and offsets; it is rasterized (threed/render/rasterize.py,
 nvdiffrast's split: visibility without gradients, differentiable interpolation, antialiasing for silhouette
-gradients), shaded like the NeRF (threed/render/shading.py) with the mesh's interpolated vertex normals, and
-composited over the background. The run's guidance scores the renders (Magic3D: SDS; ProlificDreamer: VSD),
+gradients), shaded like the NeRF (threed/render/shading.py) with the mesh's interpolated vertex normals
+(with mesh.soft_shading, Magic3D's random ambient / diffuse split per training render), and composited over
+the background. The run's guidance scores the renders (Magic3D: SDS; ProlificDreamer: VSD),
 so a 512² render costs little more than a 64² one in the guidance: the VAE encodes at 512 either way.
 
 Starting point (`from_coarse`): the SDF is the coarse density's surface at the level the coarse export
@@ -36,7 +37,7 @@ from threed.mesh import Mesh, clean_mesh, vertex_normals as np_vertex_normals
 from threed.mesh_losses import laplacian_smoothing, normal_consistency
 from threed.render.background import Background
 from threed.render.rasterize import MeshRasterizer, edge_topology
-from threed.render.shading import shade
+from threed.render.shading import pick_shading, shade, soft_ambient
 from threed.render.volume import RenderOutput
 from threed.schedule import Schedule
 from threed.scenes import ExportedMesh, field_groups, weight_used
@@ -147,6 +148,10 @@ class MeshScene:
     def prepare(self, step: int, generator: torch.Generator | None = None) -> None:
         pass
 
+    def pick_shading(self, step: int, generator: torch.Generator) -> str:
+        m = self.cfg.mesh
+        return pick_shading(m.shading, step, m.albedo_only_steps, m.textureless_prob, generator, m.albedo_prob)
+
     def _tick(self, name: str, start: float) -> float:
         if not self.profile:
             return start
@@ -183,7 +188,10 @@ class MeshScene:
         if shading != "albedo":
             normal = F.normalize(surface[..., 3:][hit], dim=-1, eps=1e-20)
             light = cameras.light_position[:, None, None, :].expand(b, h, w, 3)[hit]
-        color = shade(albedo, normal, points, light, shading, self.cfg.render.ambient)
+        ambient = self.cfg.render.ambient
+        if self.cfg.mesh.soft_shading and self.texture.training and shading in ("lambertian", "textureless"):
+            ambient = soft_ambient(generator)
+        color = shade(albedo, normal, points, light, shading, ambient)
         t = self._tick("texture", t)
         rays_o, rays_d = cameras.rays()
         # rows top first; normal maps lie over black, as threestudio renders them for the prior

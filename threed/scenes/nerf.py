@@ -11,6 +11,7 @@ from threed.errors import UserError, first_line
 from threed.fields.nerf import NeRFField
 from threed.mesh import auto_threshold, density_grid, extract_mesh
 from threed.render.background import Background
+from threed.render.shading import pick_shading
 from threed.render.volume import RenderOutput, VolumeRenderer
 from threed.schedule import Schedule
 from threed.scenes import ExportedMesh, field_groups, render_each, weight_used
@@ -67,6 +68,10 @@ class NeRFScene:
 
     def prepare(self, step: int, generator: torch.Generator | None = None) -> None:
         self.renderer.update_occupancy(self.field, step, generator)
+
+    def pick_shading(self, step: int, generator: torch.Generator) -> str:
+        r = self.cfg.render
+        return pick_shading(r.shading, step, r.albedo_only_steps, r.textureless_prob, generator, r.albedo_prob)
 
     def render(self, cameras: Cameras, shading: str, need_normals: bool = False,
                generator: torch.Generator | None = None) -> RenderOutput:
