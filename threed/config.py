@@ -123,7 +123,7 @@ class _GuidanceSettings:
     type: PriorName = priors.default_prior()
     t_min: Schedule = Schedule.constant(0.02)  # t ~ U[t_min, t_max] (fractions of the diffusion's T)
     t_max: Schedule = Schedule.constant(0.98)
-    weighting: Literal["sds", "uniform", "snr"] = "sds"  # sds: w(t) = 1 - alpha_bar_t
+    weighting: Literal["sds", "uniform", "fantasia3d"] = "sds"  # w(t), threestudio's names (guidance/sds.py)
     grad_clip: float = -1.0  # clip |w(t)(eps_hat - eps)| elementwise (<0: off)
     view_dependent_prompting: bool = True  # "..., side view" etc. (stable_diffusion, clip)
 
