@@ -234,7 +234,9 @@ class MeshConfig:
     lr_deformation: Schedule = Schedule.constant(0.01)  # of the pre-tanh offset
     lr_texture: Schedule = Schedule.constant(0.01)  # the texture field's hash grid (and MLP, unless ...)
     lr_texture_mlp: Schedule = Schedule.constant(-1.0)  # ... its MLP's own rate; < 0: mesh.lr_texture
-    lr_background: Schedule = Schedule.constant(0.0)  # 0: the coarse stage's background, frozen
+    # the background, copied from the coarse stage (0: frozen; threestudio trains it: 0.01 in Magic3D's refine
+    # stage, 0.001 in ProlificDreamer's texture stage)
+    lr_background: Schedule = Schedule.constant(0.0)
     random_aug: float = 0.0  # render.random_aug in this stage (threestudio's ProlificDreamer texture stage: off)
     loss: MeshLossConfig = _field(default_factory=MeshLossConfig)
 

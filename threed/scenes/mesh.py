@@ -13,7 +13,9 @@ Starting point (`from_coarse`): the SDF is the coarse density's surface at the l
 chose (`DMTetGeometry.from_density`, on a grid fitted to the object's box), and the texture field is a copy
 of the coarse NeRF field (hash grid + MLP), read through its albedo head: the fine stage inherits the coarse
 colours exactly (threestudio's `inherit_texture`), then optimises them on the surface. The background is the
-coarse one, frozen unless `mesh.lr_background` > 0 (as threestudio freezes it when refining).
+coarse one, trained at `mesh.lr_background` (0: frozen). threestudio trains it when refining: its Magic3D
+refine stage optimises every parameter, the background included, at 0.01, its ProlificDreamer texture stage
+the background at 0.001; so do the magic3d preset's mesh stage and prolificdreamer's texture stage.
 
 Image rows: the rasterizer's row 0 is the bottom of the view (NDC y = -1); renders are flipped to the
 top-row-first convention of `Cameras.rays()` before they leave `render`.
