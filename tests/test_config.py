@@ -60,6 +60,17 @@ def test_overrides_are_typed():
     ("guidance.guidance_scale=50", ["renamed", "guidance.sd.guidance_scale"]),
     ("guidance.clip_models=[RN50]", ["renamed", "guidance.clip.models"]),
     ("export.video_resolution=100", ["export.video_resolution", "16"]),
+    ("render.random_aug=1.5", ["render.random_aug", "[0, 1]"]),
+    ("mesh.random_aug=-0.1", ["mesh.random_aug", "[0, 1]"]),
+    ("render.albedo_prob=2", ["render.albedo_prob", "[0, 1]"]),
+    ("mesh.albedo_prob=-1", ["mesh.albedo_prob", "[0, 1]"]),
+    ("render.light_distance=[1.5, 0.8]", ["render.light_distance", "near <= far"]),
+    ("optim.optimizer=sgd", ["optim.optimizer", "adam, adamw"]),
+    ("optim.lr_mlp=0", ["optim.lr_mlp", "positive"]),
+    ("optim.lr_mlp=[0, 0.001, 0.0, 10]", ["optim.lr_mlp", "positive"]),
+    ("optim.weight_decay=-0.01", ["optim.weight_decay", ">= 0"]),
+    ("mesh.lr_texture_mlp=[0, -1, 0.1, 10]", ["mesh.lr_texture_mlp", ">= 0"]),
+    ("guidance.weighting=snr", ["guidance.weighting", "fantasia3d"]),
     ("steps", ["key=value"]),
 ])
 def test_bad_overrides_name_the_problem(override, words):
