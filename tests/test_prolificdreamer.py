@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from threed import methods, spec
+from threed.cameras import make_cameras
 from threed.cli import main
 from threed.config import build_config
 from threed.errors import UserError
@@ -59,6 +60,41 @@ def test_preset_has_threestudios_geometry_and_texture_stages():
     assert texture.render.shading == "albedo" and texture.guidance.sd.guidance_scale == 7.5
     assert texture.mesh.lr_sdf(0) == texture.mesh.lr_deformation(0) == 0.0  # the geometry is kept
     assert texture.mesh.lr_texture(0) == 0.01 and texture.mesh.lr_background(0) == 0.001
+    assert texture.mesh.lr_texture_mlp(0) == 0.001 and texture.optim.optimizer == "adamw"  # grid 0.01, MLP 0.001
+
+
+@pytest.mark.parametrize("preset", ["prolificdreamer", "prolificdreamer-cpu"])
+def test_background_is_randomly_replaced_while_training_only(preset):
+    """threestudio's random_aug: each training render's background is, with probability 0.5, one random colour
+    per image. 400 renders: the count of replaced ones is Binomial(400, 0.5), mean 200, sd 10; a correct rate
+    leaves [160, 240] with probability below 1e-4. At evaluation (exports, videos) it is always the learned one,
+    and the geometry and texture stages keep their own setting (off, as threestudio's)."""
+    cfg = build_config(preset)
+    assert cfg.render.random_aug == 0.5 and cfg.geometry.random_aug == cfg.texture.random_aug == 0.0
+    torch.manual_seed(0)
+    background = Background(cfg.render)
+    dirs = torch.nn.functional.normalize(torch.randn(2, 5, 6, 3), dim=-1)
+    learned = background.eval()(dirs).detach()
+    background.train()
+    generator = torch.Generator().manual_seed(0)
+    replaced = 0
+    for _ in range(400):
+        out = background(dirs, generator).detach()
+        if not torch.equal(out, learned):
+            replaced += 1
+            assert torch.equal(out, out[:, :1, :1].expand_as(out))  # one colour per image ...
+            assert not torch.equal(out[0, 0, 0], out[1, 0, 0])  # ... drawn for each image
+    assert 160 <= replaced <= 240
+    background.eval()
+    assert all(torch.equal(background(dirs, generator), learned) for _ in range(50))
+    scene = NeRFScene(build_config(preset, ["field.n_levels=2", "field.log2_hashmap_size=10",
+                                            "render.occupancy_resolution=8"]), "cpu")
+    scene.eval()
+    cams = make_cameras(*(torch.tensor([v]) for v in (10.0, 30.0, 1.5, 50.0)), 8, 8)
+    with torch.no_grad():
+        learned = scene.background(cams.rays()[1])
+        assert all(torch.equal(scene.render(cams, "albedo", generator=generator).background, learned)
+                   for _ in range(20))
 
 
 def test_method_presets_are_chosen_like_the_others():

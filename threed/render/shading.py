@@ -40,12 +40,26 @@ def shade(albedo: Tensor, normal: Tensor | None, points: Tensor | None, light_po
 
 
 def pick_shading(configured: str, step: int, albedo_only_steps: int, textureless_prob: float,
-                 generator: torch.Generator) -> str:
-    """Per-step shading mode: fixed, or DreamFusion's random choice after an albedo-only warm-up."""
+                 generator: torch.Generator, albedo_prob: float = 0.0) -> str:
+    """Per-step shading mode: fixed, or DreamFusion's random choice after an albedo-only warm-up.
+
+    After the warm-up (threestudio's diffuse_with_point_light material): albedo with probability
+    `albedo_prob` (its 1 - diffuse_prob), else textureless with probability `textureless_prob`, else
+    lambertian; one draw per step, so with albedo_prob 0 the choice is the same as before it existed.
+    """
     if configured != "random":
         return configured
     if step < albedo_only_steps:
         return "albedo"
-    if torch.rand((), generator=generator).item() < textureless_prob:
+    u = torch.rand((), generator=generator).item()
+    if u < albedo_prob:
+        return "albedo"
+    if u < albedo_prob + (1.0 - albedo_prob) * textureless_prob:
         return "textureless"
     return "lambertian"
+
+
+def soft_ambient(generator: torch.Generator | None) -> float:
+    """Magic3D's soft shading (threestudio's soft_shading): the ambient share of the light drawn uniformly in
+    [0, 1) per render, the rest diffuse, so the prior sees the shape under varying light contrast."""
+    return torch.rand((), generator=generator).item()
