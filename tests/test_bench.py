@@ -765,7 +765,7 @@ def test_ctrl_c_stops_the_entry_keeps_its_checkpoint_and_exits_130(tmp_path, cap
     rc, _, err = run_cli(argv, capsys)
     assert rc == 130 and "interrupted: 0 of 1 runs are finished" in error_line(err)
     run_dir = out / "runs" / "clip" / f"{bench_plan.slugify('a cat')}-s0"
-    assert RunDir(run_dir).closing_record() is None and list((run_dir / "checkpoints").glob("step-*.pt"))
+    assert RunDir(run_dir).closing_record() is None and RunDir(run_dir).has_checkpoint()
     assert not (out / "results.csv").exists()
     rc, stdout, _ = run_cli(argv, capsys)
     assert rc == 0 and f"resuming in {run_dir}" in stdout and RunDir(run_dir).closing_record()["step"] == 3
@@ -801,5 +801,5 @@ def test_ctrl_c_during_a_ray_bench_stops_the_running_tasks_and_keeps_their_check
     with pytest.raises(KeyboardInterrupt):
         bench_ray.connect("local").train([entry], CtrlC(), 1, out, task=entry_task, line=lambda e, status: "")
     assert RunDir(entry.run_dir).closing_record() is None
-    assert list((entry.run_dir / "checkpoints").glob("step-*.pt"))
+    assert RunDir(entry.run_dir).has_checkpoint()
     assert "interrupted at step" in entry.log_path.read_text()
