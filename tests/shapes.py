@@ -95,6 +95,34 @@ def cup(outer_radius: float = 0.42, height: float = 0.7, wall: float = 0.1, floo
     return _finish(_from_sdf(sdf, 0.55, resolution, max_faces))
 
 
+def _ellipsoid_sdf(p: np.ndarray, centre: tuple[float, float, float], radii: tuple[float, float, float]) -> np.ndarray:
+    """Approximate signed distance to an ellipsoid (exact on the surface, a bound near it; Quilez's k0 (k0 - 1) / k1)."""
+    q = (p - np.asarray(centre)) / np.asarray(radii)
+    k0 = np.linalg.norm(q, axis=-1)
+    k1 = np.linalg.norm(q / np.asarray(radii), axis=-1)
+    return k0 * (k0 - 1.0) / np.maximum(k1, 1e-12)
+
+
+def _smooth_min(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
+    """Polynomial smooth minimum: min(a, b) where they differ by more than k, a blend (a fillet) within k."""
+    h = np.clip(0.5 + 0.5 * (b - a) / k, 0.0, 1.0)
+    return b + (a - b) * h - k * h * (1.0 - h)
+
+
+def duck(resolution: int = 64, max_faces: int = 16000, blend: float = 0.12) -> trimesh.Trimesh:
+    """A smooth duck-like solid: an ellipsoid body (long along z) and a sphere head above its front,
+    joined by a fillet of width `blend` (a smooth SDF union). Every part is smooth, so a recovered surface
+    can be no smoother than the reference: its normal consistency to it measures lumps and facets."""
+
+    def sdf(p: np.ndarray) -> np.ndarray:
+        body = _ellipsoid_sdf(p, (0.0, -0.12, -0.05), (0.32, 0.24, 0.46))
+        head = np.linalg.norm(p - np.array([0.0, 0.2, 0.22]), axis=-1) - 0.19
+        return _smooth_min(body, head, blend)
+
+    return _finish(_from_sdf(sdf, 0.6, resolution, max_faces))
+
+
+# `duck` is not in ALL (the shapes every raycast test sweeps): it is the smoothness benchmark's reference.
 ALL = {"sphere": sphere, "ellipsoid": ellipsoid, "rounded_box": rounded_box, "torus": torus, "cup": cup}
 
 

@@ -364,12 +364,14 @@ def test_reference_scores_only_methods_that_see_it(tmp_path, capsys, fake_pipeli
         if row["prior"] == "oracle":
             assert row["method"] == "dreamfusion" and row["run_dir"].startswith("runs/dreamfusion-oracle/")
             assert 0.0 < row["chamfer_l1"] < 0.2 and 0.0 <= row["fscore_1pct"] <= 1.0
+            assert 0.9 < row["normal_consistency"] <= 1.0  # cube against cube: faces parallel but near edges
         else:
-            assert "chamfer_l1" not in row
+            assert "chamfer_l1" not in row and "normal_consistency" not in row
     oracle = next(s for s in data["summary"] if s["prior"] == "oracle")
-    assert "mean_chamfer_l1" in oracle
+    assert "mean_chamfer_l1" in oracle and "mean_normal_consistency" in oracle
     report = (out / "report.md").read_text()
     assert "Chamfer-L1" in report and "| dreamfusion-oracle |" in report
+    assert "| normal consistency |" in report and "normal_consistency" in (out / "results.csv").read_text()
 
 
 def test_progress_of_training_and_evaluation_is_shown(tmp_path, capsys, fake_pipeline, tiny_clip):

@@ -147,9 +147,31 @@ def test_written_summary_lists_files_and_the_chamfer_distance(untrained, tmp_pat
     last = pipeline.written_summary(written, reference=ref_path).splitlines()[-1]
     assert last.startswith("threed: Chamfer-L1 from mesh.obj to ref.ply: ")
     assert f"{expected['chamfer_l1']:.4g}" in last and f"{expected['fscore_1pct']:.3f}" in last
+    assert last.endswith(f"normal consistency: {expected['normal_consistency']:.4f}")
     assert expected["chamfer_l1"] > 0.01  # a 10% larger shape is measurably apart
+    # An earlier stage's kept mesh (mesh-nerf.*, written after the final one) gets its own line.
+    kept = untrained.run_dir / "mesh-nerf.ply"
+    ref.apply_scale(1 / 1.1)
+    ref.export(kept)
+    lines = pipeline.written_summary([*written, kept], reference=ref_path).splitlines()
+    assert lines[-2] == last and lines[-1].startswith("threed: Chamfer-L1 from mesh-nerf.ply to ref.ply: ")
     with pytest.raises(UserError, match="cannot read the reference mesh"):
         pipeline.written_summary(written, reference=tmp_path / "missing.ply")
+
+
+def test_exported_meshes_are_closed_manifolds_as_a_reader_loads_them(untrained):
+    """OBJ, PLY and GLB of the blob, loaded the way trimesh (like Blender or MeshLab) loads a file, merging
+    coincident vertices: one closed, consistently wound surface without zero-area faces, duplicate faces or
+    non-manifold edges (threed.mesh.repair)."""
+    from threed.mesh import mesh_defects
+
+    pipeline.export_run(untrained.run_dir, ("obj", "ply", "glb"), trainer=untrained, video=False, progress=False)
+    for name in ("mesh.obj", "mesh.ply", "mesh.glb"):
+        loaded = trimesh.load(untrained.run_dir / name, force="mesh")
+        assert loaded.is_watertight and loaded.is_winding_consistent and loaded.volume > 0, name
+        assert len(loaded.split(only_watertight=False)) == 1, name
+        defects = mesh_defects(loaded.vertices, loaded.faces)
+        assert defects.pop("components") == 1 and not any(defects.values()), (name, defects)
 
 
 def test_a_run_without_an_mp4_writer_exits_0_with_its_mesh_and_one_warning(tmp_path, monkeypatch, capsys):

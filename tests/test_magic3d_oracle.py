@@ -18,6 +18,7 @@ import trimesh
 import shapes
 from threed import pipeline
 from threed.config import build_config
+from threed.mesh import mesh_defects
 from threed.metrics import mesh_distance
 
 pytestmark = pytest.mark.slow
@@ -48,3 +49,13 @@ def test_the_mesh_stage_improves_on_the_nerf_mesh(tmp_path: Path) -> None:
     assert fine["chamfer_l1_rel"] <= 0.9 * coarse["chamfer_l1_rel"]
     assert fine["chamfer_l1_rel"] <= 0.0065
     assert fine["fscore_1pct"] >= coarse["fscore_1pct"]
+    # The closing record holds both meshes' distances (the files as trimesh loads them by default).
+    for prefix, measured in (("nerf_", coarse), ("mesh_", fine)):
+        assert done[f"{prefix}chamfer_l1_rel"] == pytest.approx(measured["chamfer_l1_rel"], rel=0.05)
+        assert done[f"{prefix}normal_consistency"] == pytest.approx(measured["normal_consistency"], abs=2e-3)
+    for name in ("mesh-nerf.obj", "mesh.obj"):  # both exports: closed manifolds (threed.mesh.repair)
+        loaded = trimesh.load(run / name, force="mesh")
+        assert loaded.is_watertight and loaded.is_winding_consistent, name
+        defects = mesh_defects(loaded.vertices, loaded.faces)
+        defects.pop("components")
+        assert not any(defects.values()), (name, defects)

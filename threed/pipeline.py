@@ -23,6 +23,7 @@ from threed.config import Config, build_config, load_yaml, resolve_device, save_
 from threed.errors import UserError, first_line
 from threed.export import export_stage, kept_mesh_entry
 from threed.io import atomic_torch_save
+from threed.metrics import reference_metrics
 from threed.report import write_run_report
 from threed.rundir import FINAL_MESH, RunDir, load_checkpoint, stage_mesh_stem
 from threed.scenes import render_each
@@ -127,7 +128,10 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
                                    **_stage_record(stats), "device": device})
             previous = trainer
             continue
-        rundir.append_metrics(final_record(rundir, cfg, stages, done_stats, trainer, device))
+        record = final_record(rundir, cfg, stages, done_stats, trainer, device)
+        if cfg.guidance.type == "oracle" and cfg.guidance.oracle.reference:
+            record.update(reference_metrics(stage_meshes(rundir, stages), cfg.guidance.oracle.reference))
+        rundir.append_metrics(record)
     write_run_report(out)
     return written + [p for p in earlier if p not in written]
 
@@ -207,6 +211,17 @@ def final_record(rundir: RunDir, cfg: Config, stages: tuple[Stage, ...], done: d
     for name, values in per_stage.items():
         record.update({f"{name}_{k}": v for k, v in values.items() if k != "segment_steps"})
     return record
+
+
+def stage_meshes(rundir: RunDir, stages: tuple[Stage, ...]) -> dict[str, Path | None]:
+    """Each stage's mesh file (the last stage's mesh.*, an earlier one's mesh-<stage>.*; OBJ, PLY or GLB,
+    None if none was written) under its closing-record prefix: "" for one stage, else "<stage>_"."""
+    out: dict[str, Path | None] = {}
+    for i, stage in enumerate(stages):
+        stem = FINAL_MESH if i == len(stages) - 1 else stage_mesh_stem(stage.name)
+        files = [rundir.path / f"{stem}.{ext}" for ext in ("obj", "ply", "glb")]
+        out["" if len(stages) == 1 else f"{stage.name}_"] = next((p for p in files if p.exists()), None)
+    return out
 
 
 def copy_weights(source: Path, rundir: RunDir, stage: str) -> Path:
@@ -305,10 +320,11 @@ def export_run(run_dir: Path, formats: tuple[str, ...] | None = None, resolution
 
 
 def chamfer_line(mesh_path: Path | str, reference: Path | str) -> str:
-    """One line: the Chamfer-L1 distance (and F-score) from the mesh file to the reference mesh."""
+    """One line: the Chamfer-L1 distance, F-score and normal consistency from the mesh file to the reference
+    mesh (threed/metrics.py)."""
     import trimesh
 
-    from threed.metrics import mesh_distance
+    from threed.metrics import file_distance
 
     try:
         ref = trimesh.load(reference, force="mesh")
@@ -318,9 +334,10 @@ def chamfer_line(mesh_path: Path | str, reference: Path | str) -> str:
     pred = trimesh.load(mesh_path, force="mesh")
     if len(pred.faces) == 0 or len(ref.faces) == 0:
         return f"Chamfer-L1 from {Path(mesh_path).name} to {Path(reference).name}: undefined (a mesh is empty)"
-    d = mesh_distance(pred, ref)
+    d = file_distance(mesh_path, reference)
     return (f"Chamfer-L1 from {Path(mesh_path).name} to {Path(reference).name}: {d['chamfer_l1']:.4g} "
-            f"({100 * d['chamfer_l1_rel']:.2f}% of the reference's diagonal), F-score@1%: {d['fscore_1pct']:.3f}")
+            f"({100 * d['chamfer_l1_rel']:.2f}% of the reference's diagonal), F-score@1%: {d['fscore_1pct']:.3f}, "
+            f"normal consistency: {d['normal_consistency']:.4f}")
 
 
 def _size(n: int) -> str:
@@ -333,7 +350,8 @@ def _size(n: int) -> str:
 
 def written_summary(paths: Sequence[Path | str], reference: Path | str | None = None) -> str:
     """What a finished command wrote, for its last lines: the files with their sizes, and given a
-    reference mesh, the Chamfer distance from the (first) exported mesh to it."""
+    reference mesh, the distances to it (`chamfer_line`) of the first mesh file of each name written
+    (mesh.obj, then an earlier stage's kept mesh-nerf.obj, in the order written)."""
     paths = [Path(p) for p in dict.fromkeys(paths)]
     folders = {p.parent for p in paths}
     common = folders.pop() if len(folders) == 1 else None
@@ -343,9 +361,12 @@ def written_summary(paths: Sequence[Path | str], reference: Path | str | None = 
         size = _size(p.stat().st_size) if p.exists() else "missing"
         lines.append(f"  {(p.name if common else str(p)).ljust(width)}  {size}")
     if reference is not None:
-        mesh = next((p for p in paths if p.suffix in (".obj", ".ply", ".glb") and p.exists()), None)
-        lines.append("threed: " + (chamfer_line(mesh, reference) if mesh else "no mesh was written to compare "
-                                   f"with {Path(reference).name}"))
+        first: dict[str, Path] = {}  # the first mesh file of each stem
+        for p in paths:
+            if p.suffix in (".obj", ".ply", ".glb") and p.exists():
+                first.setdefault(p.stem, p)
+        lines += [f"threed: {chamfer_line(mesh, reference)}" for mesh in first.values()] or [
+            f"threed: no mesh was written to compare with {Path(reference).name}"]
     return "\n".join(lines)
 
 

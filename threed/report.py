@@ -343,7 +343,8 @@ RUN_COLUMNS = [
     ("wall_time_s", "time (s)", "num"), ("it_per_s", "it/s", "num"), ("peak_memory_mb", "peak mem (MB)", "num"),
     ("faces", "faces", "int"), ("watertight", "watertight", "bool"), ("chamfer_l1", "Chamfer-L1", "num"),
     ("chamfer_l1_rel", "Chamfer-L1 (rel.)", "num"), ("fscore_1pct", "F-score@1%", "num"),
-    ("fscore_2pct", "F-score@2%", "num"), ("steps", "steps", "int"), ("device", "device", "text"),
+    ("fscore_2pct", "F-score@2%", "num"), ("normal_consistency", "normal consistency", "num"), ("steps", "steps", "int"),
+    ("device", "device", "text"),
 ]
 RUN_HIDDEN = {"run_dir", "thumbnail", "error"}
 SUMMARY_COLUMNS = [
@@ -352,7 +353,7 @@ SUMMARY_COLUMNS = [
     ("mean_wall_time_s", "time (s)", "num"), ("mean_it_per_s", "it/s", "num"),
     ("max_peak_memory_mb", "peak mem (MB)", "num"), ("mean_faces", "faces", "num"),
     ("watertight_fraction", "watertight", "num"), ("mean_chamfer_l1", "Chamfer-L1", "num"),
-    ("mean_fscore_1pct", "F-score@1%", "num"),
+    ("mean_fscore_1pct", "F-score@1%", "num"), ("mean_normal_consistency", "normal consistency", "num"),
 ]
 SUMMARY_HIDDEN = {"runs", "inflated"}
 

@@ -20,7 +20,8 @@ from threed.io import atomic_write_bytes, atomic_write_text
 from threed.rundir import FINAL_MESH, RunDir
 
 SHADINGS = ("albedo", "textureless")
-DISTANCE_KEYS = ("chamfer_l1", "chamfer_l1_rel", "fscore_1pct", "fscore_2pct")  # threed.metrics.mesh_distance
+DISTANCE_KEYS = ("chamfer_l1", "chamfer_l1_rel", "fscore_1pct", "fscore_2pct",
+                 "normal_consistency")  # threed.metrics.mesh_distance
 
 
 class Evaluator:
@@ -54,7 +55,8 @@ class Evaluator:
 
 
 def mesh_stats(run_dir: Path, reference: str | None) -> dict:
-    """Face count and watertightness of the run's mesh, and its distance to `reference` if given."""
+    """Face count and watertightness of the run's mesh, and its distance and normal consistency to
+    `reference` if given (threed.metrics.mesh_distance)."""
     import trimesh
 
     files = [RunDir(run_dir).path / f"{FINAL_MESH}.{ext}" for ext in ("obj", "ply", "glb")]
@@ -82,7 +84,9 @@ def mesh_stats(run_dir: Path, reference: str | None) -> dict:
 def eval_key(entry: Entry, evaluator: Evaluator, views: int, size: int, done: dict) -> dict:
     """What an evaluation depends on: a change in any of these re-evaluates the run."""
     return {"evaluator": [evaluator.name, evaluator.pretrained], "views": views, "size": size,
-            "run": {k: done.get(k) for k in ("step", "wall_time_s")}}
+            "run": {k: done.get(k) for k in ("step", "wall_time_s")},
+            # an evaluation cached before a distance was added is redone, so every row has every column
+            **({"distances": list(DISTANCE_KEYS)} if entry.prior == "oracle" else {})}
 
 
 def cached_evaluation(entry: Entry, key: dict) -> dict | None:

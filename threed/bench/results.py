@@ -105,7 +105,7 @@ def collect(plan: list[Entry], statuses: dict[str, dict], evals: dict[str, dict 
         s["max_peak_memory_mb"] = max([r["peak_memory_mb"] for r in mrows if r["peak_memory_mb"] != ""], default=float("nan"))
         s["mean_faces"] = _mean([r.get("faces") for r in mrows])
         s["watertight_fraction"] = _mean([float(r["watertight"]) for r in mrows if "watertight" in r])
-        for k in ("chamfer_l1", "fscore_1pct"):
+        for k in ("chamfer_l1", "fscore_1pct", "normal_consistency"):
             vals = [r.get(k) for r in mrows if k in r]
             if vals:
                 s[f"mean_{k}"] = _mean(vals)

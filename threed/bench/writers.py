@@ -135,8 +135,8 @@ def write_report(out: Path, meta: dict, rows: list[dict], summary: list[dict], p
         f"{meta['chance']:.3f}.", "",
         "## Summary", "",
         "| method | runs done | R@1 colour | R@1 textureless | CLIP sim | time (s) | it/s | peak mem (MB) | faces | watertight |"
-        + (" Chamfer-L1 | F-score@1% |" if any("mean_chamfer_l1" in s for s in summary) else ""),
-        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if any("mean_chamfer_l1" in s for s in summary) else ""),
+        + (" Chamfer-L1 | F-score@1% | normal consistency |" if any("mean_chamfer_l1" in s for s in summary) else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if any("mean_chamfer_l1" in s for s in summary) else ""),
     ]
     for s in summary:
         mark = " (inflated)" if s["inflated"] else ""
@@ -145,7 +145,8 @@ def write_report(out: Path, meta: dict, rows: list[dict], summary: list[dict], p
                 f"{_fmt(s['mean_wall_time_s'])} | {_fmt(s['mean_it_per_s'])} | {_fmt(s['max_peak_memory_mb'])} | "
                 f"{_fmt(s['mean_faces'], 0)} | {_fmt(s['watertight_fraction'], 2)} |")
         if any("mean_chamfer_l1" in t for t in summary):
-            line += f" {_fmt(s.get('mean_chamfer_l1'), 4)} | {_fmt(s.get('mean_fscore_1pct'))} |"
+            line += (f" {_fmt(s.get('mean_chamfer_l1'), 4)} | {_fmt(s.get('mean_fscore_1pct'))} | "
+                     f"{_fmt(s.get('mean_normal_consistency'), 4)} |")
         lines.append(line)
     if any(s["inflated"] for s in summary):
         lines += ["", "*Inflated*: the evaluator CLIP is also the guidance CLIP of that method, which was optimised "
