@@ -272,6 +272,34 @@ def test_from_density_fills_cavities_and_drops_floaters_like_the_export():
     assert len(as_trimesh(*kept.extract()).split(only_watertight=False)) == 3
 
 
+def jittery_ball(p: torch.Tensor) -> torch.Tensor:
+    """The soft ball r=0.5 with a NeRF's kind of jitter: its edge wobbles by 0.004 and its density by 30%
+    at wavelengths of a few hundredths, under the 0.039 cell of a 32-cell grid."""
+    wobble = 0.004 * torch.sin(90 * p[:, 0] + 1) * torch.sin(83 * p[:, 1] + 2) * torch.sin(97 * p[:, 2] + 3)
+    ramp = torch.sigmoid((0.5 + wobble - p.norm(dim=-1)) / 0.01)
+    return 50.0 * ramp * (1 + 0.3 * torch.sin(150 * p[:, 0]) * torch.sin(140 * p[:, 2]))
+
+
+def test_start_smoothing_removes_the_facets_of_a_jittery_density():
+    """R=32 over the ball's tight box. Normal consistency to a smooth sphere (threed.metrics) measured 0.9665
+    unblurred and 0.9971 blurred by one cell (0.992 at half a cell); the blur moved the mean radius from
+    0.49938 to 0.49576 (0.09 cell: a blur pulls a sphere in by about sigma^2 / r). Bounds: below 0.98
+    unblurred, above 0.99 blurred, the mean radius within 0.15 cell, still one closed surface."""
+    from threed.metrics import mesh_distance
+
+    smooth = trimesh.creation.icosphere(subdivisions=5, radius=0.5)
+    consistency = {}
+    for sigma in (0.0, 1.0):
+        geometry = DMTetGeometry.from_density(jittery_ball, level=25.0, bound=1.0, resolution=32, progress=False,
+                                              smoothing=sigma)
+        vertices, faces = geometry.extract()
+        mesh = as_trimesh(vertices, faces)
+        assert mesh.is_watertight and len(mesh.split(only_watertight=False)) == 1
+        consistency[sigma] = mesh_distance(mesh, smooth)["normal_consistency"]
+        assert abs(vertices.detach().norm(dim=1).mean().item() - 0.5) < 0.15 * geometry.grid.cell_size
+    assert consistency[0.0] < 0.98 < 0.99 < consistency[1.0]
+
+
 def test_from_density_rejects_an_empty_field():
     with pytest.raises(UserError, match="no density above"):
         DMTetGeometry.from_density(soft_sphere(0.5), level=60.0, resolution=8, progress=False)

@@ -213,6 +213,9 @@ class MeshConfig:
     # Largest vertex offset per axis, in cells (0: no deformation). threestudio bounds it by tanh to the grid's
     # extent / isosurface_resolution, one cell here (nvdiffrec alike); below 1/6 no tetrahedron can invert.
     deform_scale: float = 1.0
+    # Gaussian blur of the start SDF, in cells (0: off): removes the facets that the NeRF density's jitter
+    # from grid vertex to grid vertex gives marching tetrahedra (threed/fields/dmtet.py, sdf_from_values)
+    start_smoothing: float = 1.0
     width: int = 512
     height: int = 512
     batch_size: int = 1
@@ -647,6 +650,7 @@ def _mesh_checks(m: MeshConfig, prefix: str) -> list[tuple[bool, str, str]]:
         (m.steps >= 0, f"{prefix}.steps", "must be >= 0"),
         (m.resolution >= 4, f"{prefix}.resolution", "must be >= 4"),
         (m.deform_scale >= 0, f"{prefix}.deform_scale", "must be >= 0"),
+        (m.start_smoothing >= 0, f"{prefix}.start_smoothing", "must be >= 0 (cells; 0: off)"),
         (m.width > 0 and m.height > 0, f"{prefix}.width/height", "must be positive"),
         (m.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1"),
         (0.0 <= m.textureless_prob <= 1.0, f"{prefix}.textureless_prob", "must be in [0, 1]"),

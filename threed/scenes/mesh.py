@@ -10,12 +10,13 @@ the background. The run's guidance scores the renders (Magic3D: SDS; ProlificDre
 so a 512² render costs little more than a 64² one in the guidance: the VAE encodes at 512 either way.
 
 Starting point (`from_coarse`): the SDF is the coarse density's surface at the level the coarse export
-chose (`DMTetGeometry.from_density`, on a grid fitted to the object's box), and the texture field is a copy
-of the coarse NeRF field (hash grid + MLP), read through its albedo head: the fine stage inherits the coarse
-colours exactly (threestudio's `inherit_texture`), then optimises them on the surface. The background is the
-coarse one, trained at `mesh.lr_background` (0: frozen). threestudio trains it when refining: its Magic3D
-refine stage optimises every parameter, the background included, at 0.01, its ProlificDreamer texture stage
-the background at 0.001; so do the magic3d preset's mesh stage and prolificdreamer's texture stage.
+chose (`DMTetGeometry.from_density`, on a grid fitted to the object's box, blurred by `start_smoothing`
+cells), and the texture field is a copy of the coarse NeRF field (hash grid + MLP), read through its albedo
+head: the fine stage inherits the coarse colours exactly (threestudio's `inherit_texture`), then optimises
+them on the surface. The background is the coarse one, trained at `mesh.lr_background` (0: frozen).
+threestudio trains it when refining: its Magic3D refine stage optimises every parameter, the background
+included, at 0.01, its ProlificDreamer texture stage the background at 0.001; so do the magic3d preset's
+mesh stage and prolificdreamer's texture stage.
 
 Image rows: the rasterizer's row 0 is the bottom of the view (NDC y = -1); renders are flipped to the
 top-row-first convention of `Cameras.rays()` before they leave `render`.
@@ -90,7 +91,7 @@ class MeshScene:
         geometry = DMTetGeometry.from_density(field.density, level, bound=cfg.render.bound, resolution=m.resolution,
                                               keep_components=cfg.export.keep_components, device=device,
                                               progress=progress, deform=m.deform_scale > 0,
-                                              deform_scale=m.deform_scale)
+                                              deform_scale=m.deform_scale, smoothing=m.start_smoothing)
         texture = NeRFField(cfg.field, cfg.render.bound, device)
         texture.load_state_dict(field.state_dict())
         bg = Background(cfg.render).to(device)
