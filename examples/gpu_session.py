@@ -259,12 +259,12 @@ def main() -> None:
         rec = s.run("f-end-to-end", [py, "-m", "threed.cli", "run", "--prompt", "a yellow rubber duck", "--model", sd,
                                      "--steps", steps, "--out", str(run_dir), "--quiet", *dev, *run_preset,
                                      "export.video=false", f"field.backend={new_field}"], timeout=200, need=60)
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.exists():
-            lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-            done = [x for x in lines if x.get("done")]
-            rec["result"] = {"final": done[-1] if done else None, "last_logged": lines[-1] if lines else None,
-                             "mesh": json.loads((run_dir / "mesh.json").read_text()) if (run_dir / "mesh.json").exists() else None}
+        from threed.rundir import RunDir
+
+        records, done = RunDir(run_dir).metrics()
+        if records or done:
+            rec["result"] = {"final": done, "last_logged": records[-1] if records else None,
+                             "mesh": RunDir(run_dir).mesh_entries() or None}
 
     # (d) guidance floors; the encoder under CUDA graphs too if the budget allows it
     if "d" not in skip:

@@ -5,12 +5,22 @@ import pytest
 import json
 from pathlib import Path
 
-from threed.config import CONFIG_DIR, DEFAULT_SD_MODEL, build_config, load_yaml, save_config, to_dict
+import yaml
+
+from threed.config import CONFIG_DIR, DEFAULT_SD_MODEL, build_config, flatten, load_yaml, save_config, to_dict
 from threed.errors import UserError
 from threed.schedule import Schedule
 
 SNAPSHOTS = Path(__file__).parent / "data" / "preset-snapshots"
+# preset -> dotted key -> {old, new, reference}: the deliberate changes since the snapshots
+CHANGES = yaml.safe_load((SNAPSHOTS / "changes.yaml").read_text())
 
+
+@pytest.mark.parametrize("preset", ["dreamfusion-sd", "dreamfusion-sd-fast", "magic3d"])
+def test_orientation_weight_ramps_like_threestudio(preset):
+    """threestudio's lambda_orient [0, 10, 1000, 5000]: 10 at step 0, linear to 1000 at step 5000, then held."""
+    orient = build_config(preset).loss.orient
+    assert [orient(s) for s in (0, 1000, 2500, 5000, 10000)] == [10.0, 208.0, 505.0, 1000.0, 1000.0]
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
 def test_every_preset_loads(preset):
@@ -50,6 +60,17 @@ def test_overrides_are_typed():
     ("guidance.guidance_scale=50", ["renamed", "guidance.sd.guidance_scale"]),
     ("guidance.clip_models=[RN50]", ["renamed", "guidance.clip.models"]),
     ("export.video_resolution=100", ["export.video_resolution", "16"]),
+    ("render.random_aug=1.5", ["render.random_aug", "[0, 1]"]),
+    ("mesh.random_aug=-0.1", ["mesh.random_aug", "[0, 1]"]),
+    ("render.albedo_prob=2", ["render.albedo_prob", "[0, 1]"]),
+    ("mesh.albedo_prob=-1", ["mesh.albedo_prob", "[0, 1]"]),
+    ("render.light_distance=[1.5, 0.8]", ["render.light_distance", "near <= far"]),
+    ("optim.optimizer=sgd", ["optim.optimizer", "adam, adamw"]),
+    ("optim.lr_mlp=0", ["optim.lr_mlp", "positive"]),
+    ("optim.lr_mlp=[0, 0.001, 0.0, 10]", ["optim.lr_mlp", "positive"]),
+    ("optim.weight_decay=-0.01", ["optim.weight_decay", ">= 0"]),
+    ("mesh.lr_texture_mlp=[0, -1, 0.1, 10]", ["mesh.lr_texture_mlp", ">= 0"]),
+    ("guidance.weighting=snr", ["guidance.weighting", "fantasia3d"]),
     ("steps", ["key=value"]),
 ])
 def test_bad_overrides_name_the_problem(override, words):
@@ -101,12 +122,27 @@ def test_renamed_key_in_a_preset_file_names_the_new_key(tmp_path):
 @pytest.mark.parametrize("preset", sorted(p.stem for p in SNAPSHOTS.glob("*.json")))
 def test_every_old_preset_gives_the_same_values(preset):
     """tests/data/preset-snapshots/ holds each preset resolved by threed 0.1 (flat guidance keys, scalar
-    annealers). Migrated to today's layout they must equal today's presets, value for value; the one
-    intended change is the default Stable Diffusion id (its old repository left the hub)."""
+    annealers). Migrated to today's layout they must equal today's presets, value for value, but for the
+    default Stable Diffusion id (its old repository left the hub) and the changes listed in changes.yaml."""
     old = json.loads((SNAPSHOTS / f"{preset}.json").read_text())
     assert old["guidance"]["model"] == "stabilityai/stable-diffusion-2-1-base"
     old["guidance"]["model"] = DEFAULT_SD_MODEL
-    assert to_dict(build_config(base=old)) == to_dict(build_config(preset))
+    migrated = flatten(to_dict(build_config(base=old)))
+    for key, change in CHANGES.get(preset, {}).items():  # the listed changes (changes.yaml), nothing else
+        assert migrated[key] == change["old"], key
+        migrated[key] = change["new"]
+    assert migrated == flatten(to_dict(build_config(preset)))
+
+
+@pytest.mark.parametrize("preset", sorted(CHANGES))
+def test_listed_preset_changes_are_in_the_presets(preset):
+    """Every change in tests/data/preset-snapshots/changes.yaml is a real change, names its reference, and is
+    what the preset resolves to today (presets without a 0.1 snapshot are checked here only)."""
+    assert (CONFIG_DIR / f"{preset}.yaml").exists()
+    today = flatten(to_dict(build_config(preset)))
+    for key, change in CHANGES[preset].items():
+        assert set(change) == {"old", "new", "reference"} and change["reference"], key
+        assert change["old"] != change["new"] and today[key] == change["new"], key
 
 
 def test_a_saved_old_config_is_migrated():

@@ -9,6 +9,7 @@ import pytest
 import torch
 import trimesh
 
+from threed.config import MeshConfig
 from threed.errors import UserError
 from threed.fields.dmtet import DMTetGeometry, marching_tetrahedra, sign_flip_loss
 from threed.fields.tetgrid import CORNERS, LOCAL_EDGES, PERM_SIGN, TetGrid
@@ -110,13 +111,21 @@ def test_fit_grid_has_cubic_cells_covering_the_box():
 def test_deformation_bound_keeps_every_tet_positive():
     """Volume is affine in each corner's position, so over offsets in [-s, s]^3 per corner its minimum is
     at a box corner: enumerating all 2^12 corner patterns of each of the 6 tetrahedron shapes gives the
-    exact worst case, 1/6 - s (cell units). The default bound (0.15 of a cell) stays positive."""
+    exact worst case, 1/6 - s (cell units): below 1/6 of a cell no tetrahedron can invert. The default bound
+    (threestudio's, one cell: test_default_offset_bound_is_threestudios) allows it."""
     signs = torch.tensor(list(itertools.product((-1.0, 1.0), repeat=12)), dtype=torch.float64).view(-1, 4, 3)
     for s in (0.1, 0.15, 0.25):
         worst = min(float(torch.linalg.det((p := torch.as_tensor(CORNERS[k], dtype=torch.float64) + s * signs)[:, 1:]
                                            - p[:, :1]).mul(PERM_SIGN[k]).min()) / 6 for k in range(6))
         assert worst == pytest.approx(1 / 6 - s, abs=1e-12)
-    assert DMTetGeometry(TetGrid.cube(2)).deform_scale < 1 / 6
+
+
+def test_default_offset_bound_is_threestudios():
+    """threestudio's tetrahedra grid moves a vertex by at most (grid extent / isosurface_resolution) * tanh(d)
+    (models/isosurface.py, normalize_grid_deformation): one cell of a grid of that resolution."""
+    grid = TetGrid.fit((-0.3, -0.2, -0.5), (0.5, 0.2, 0.1), resolution=16)
+    assert MeshConfig().deform_scale == 1.0
+    assert DMTetGeometry(grid).max_offset == pytest.approx(0.8 / 16)  # the longest side / resolution
 
 
 # ---- marching tetrahedra -----------------------------------------------------------------------------
@@ -148,12 +157,15 @@ def blobs(p: torch.Tensor) -> torch.Tensor:
     return ((p[:, None] - centers).norm(dim=-1) - radii).min(dim=1).values
 
 
-@pytest.mark.parametrize("deformed", [False, True])
-def test_mesh_is_watertight_outward_and_shares_vertices(deformed):
+@pytest.mark.parametrize("deform_scale", [0.0, 0.15, 1.0])
+def test_mesh_is_watertight_outward_and_shares_vertices(deform_scale):
+    """Also with offsets saturated at random signs, up to one cell (threestudio's bound, where tetrahedra can
+    invert): connectivity comes from the lattice, so the mesh stays closed and consistently wound."""
     grid = TetGrid.fit((-0.5, -0.8, -0.3), (0.8, 0.5, 0.7), resolution=24)
     generator = torch.Generator().manual_seed(0)
+    deformed = deform_scale > 0
     deformation = torch.randn(grid.num_vertices, 3, generator=generator) * 3 if deformed else None
-    max_offset = 0.15 * grid.cell_size
+    max_offset = deform_scale * grid.cell_size
     vertices, faces = extract(grid, blobs, deformation, max_offset)
     assert vertices.dtype == torch.float32 and faces.dtype == torch.int64
     mesh = as_trimesh(vertices, faces)

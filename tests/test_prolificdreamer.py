@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from threed import methods, spec
+from threed.cameras import make_cameras
 from threed.cli import main
 from threed.config import build_config
 from threed.errors import UserError
@@ -35,8 +36,65 @@ def test_preset_has_prolificdreamers_stage_one_values():
     assert g.vsd.lora_model == ""  # one shared UNet unless the paper's separate SD 2.1 base is asked for
     assert cfg.camera.distance == (1.0, 1.5) and cfg.camera.fovy == (40.0, 70.0)
     assert cfg.loss.sparsity(0) == 10.0 and (cfg.loss.entropy(10000), cfg.loss.entropy(10001)) == (0.0, 1000.0)
-    assert [s.name for s in methods.get("prolificdreamer").stages] == ["nerf", "mesh"]
-    assert cfg.mesh.width == 512 and cfg.mesh.steps == 5000 and cfg.export.texture  # the mesh stage, under VSD
+    assert [s.name for s in methods.get("prolificdreamer").stages] == ["nerf", "geometry", "texture"]
+    assert cfg.export.texture
+
+
+def test_preset_has_threestudios_geometry_and_texture_stages():
+    """prolificdreamer-geometry.yaml and prolificdreamer-texture.yaml (threestudio): the geometry stage scores
+    normal maps with SDS at CFG 100 for 15k steps, the texture stage keeps that surface and runs VSD for 30k;
+    both at 512² with stage 1's cameras and t_max 0.98 -> 0.5 at step 5000 (docs/RECIPES.md)."""
+    from threed.stages import GEOMETRY, TEXTURE
+
+    cfg = build_config("prolificdreamer")
+    geometry, texture = GEOMETRY.config(cfg), TEXTURE.config(cfg)
+    assert (geometry.steps, texture.steps) == (15000, 30000)
+    for stage in (geometry, texture):
+        assert (stage.render.width, stage.render.height) == (512, 512)
+        assert stage.camera.distance == (1.0, 1.5) and stage.camera.fovy == (40.0, 70.0)
+        assert stage.camera.elevation == (-10.0, 45.0)
+        assert (stage.guidance.t_min(0), stage.guidance.t_max(5000), stage.guidance.t_max(5001)) == (0.02, 0.98, 0.5)
+    assert geometry.render.shading == "normal" and geometry.guidance.sd.guidance_scale == 100.0
+    assert (GEOMETRY.guidance, TEXTURE.guidance) == ("prior", "method")  # SDS, then VSD
+    assert geometry.mesh.lr_texture(0) == 0.0 and geometry.mesh.loss.laplacian(0) > 0
+    assert texture.render.shading == "albedo" and texture.guidance.sd.guidance_scale == 7.5
+    assert texture.mesh.lr_sdf(0) == texture.mesh.lr_deformation(0) == 0.0  # the geometry is kept
+    assert texture.mesh.lr_texture(0) == 0.01 and texture.mesh.lr_background(0) == 0.001
+    assert texture.mesh.lr_texture_mlp(0) == 0.001 and texture.optim.optimizer == "adamw"  # grid 0.01, MLP 0.001
+
+
+@pytest.mark.parametrize("preset", ["prolificdreamer", "prolificdreamer-cpu"])
+def test_background_is_randomly_replaced_while_training_only(preset):
+    """threestudio's random_aug: each training render's background is, with probability 0.5, one random colour
+    per image. 400 renders: the count of replaced ones is Binomial(400, 0.5), mean 200, sd 10; a correct rate
+    leaves [160, 240] with probability below 1e-4. At evaluation (exports, videos) it is always the learned one,
+    and the geometry and texture stages keep their own setting (off, as threestudio's)."""
+    cfg = build_config(preset)
+    assert cfg.render.random_aug == 0.5 and cfg.geometry.random_aug == cfg.texture.random_aug == 0.0
+    torch.manual_seed(0)
+    background = Background(cfg.render)
+    dirs = torch.nn.functional.normalize(torch.randn(2, 5, 6, 3), dim=-1)
+    learned = background.eval()(dirs).detach()
+    background.train()
+    generator = torch.Generator().manual_seed(0)
+    replaced = 0
+    for _ in range(400):
+        out = background(dirs, generator).detach()
+        if not torch.equal(out, learned):
+            replaced += 1
+            assert torch.equal(out, out[:, :1, :1].expand_as(out))  # one colour per image ...
+            assert not torch.equal(out[0, 0, 0], out[1, 0, 0])  # ... drawn for each image
+    assert 160 <= replaced <= 240
+    background.eval()
+    assert all(torch.equal(background(dirs, generator), learned) for _ in range(50))
+    scene = NeRFScene(build_config(preset, ["field.n_levels=2", "field.log2_hashmap_size=10",
+                                            "render.occupancy_resolution=8"]), "cpu")
+    scene.eval()
+    cams = make_cameras(*(torch.tensor([v]) for v in (10.0, 30.0, 1.5, 50.0)), 8, 8)
+    with torch.no_grad():
+        learned = scene.background(cams.rays()[1])
+        assert all(torch.equal(scene.render(cams, "albedo", generator=generator).background, learned)
+                   for _ in range(20))
 
 
 def test_method_presets_are_chosen_like_the_others():
@@ -138,8 +196,9 @@ def test_chunk_checkpointing_gives_the_same_render_gradients_and_random_stream()
 
 
 def test_prolificdreamer_run_end_to_end(tiny_sd_dir, tmp_path, capsys):
-    """`threed run --method prolificdreamer` on the tiny SD trains both stages and writes the run directory;
-    each stage's checkpoints carry its own particle score; the render size switches at render.hires_step."""
+    """`threed run --method prolificdreamer` on the tiny SD trains its three stages and writes the run
+    directory; the VSD stages' checkpoints carry their own particle score (the geometry stage's SDS has none);
+    the render size switches at render.hires_step."""
     out = tmp_path / "pineapple"
     code = main(["run", "--method", "prolificdreamer", "--prompt", "a pineapple", "--model", str(tiny_sd_dir),
                  "--steps", "3", "--device", "cpu", "--out", str(out), "--quiet",
@@ -148,20 +207,28 @@ def test_prolificdreamer_run_end_to_end(tiny_sd_dir, tmp_path, capsys):
                  "field.n_levels=4", "field.max_resolution=64", "field.log2_hashmap_size=12",
                  "guidance.sd.resolution=32", "export.resolution=32", "export.video_frames=4",
                  "export.video_resolution=32", "export.preview_views=2", "log_every=1", "checkpoint_every=3",
-                 "mesh.steps=2", "mesh.resolution=16", "mesh.width=32", "mesh.height=32", "export.texture_size=64"])
+                 "geometry.steps=2", "geometry.resolution=16", "geometry.width=32", "geometry.height=32",
+                 "texture.steps=2", "texture.width=32", "texture.height=32", "export.texture_size=64"])
     assert code == 0, capsys.readouterr().err
     for name in ["config.yaml", "metrics.jsonl", "mesh.obj", "mesh.png", "mesh.glb", "mesh-nerf.obj",
-                 "turntable.mp4", "preview.png"]:
+                 "mesh-geometry.obj", "turntable.mp4", "preview.png"]:
         assert (out / name).is_file(), name
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     nerf = [r for r in records if "loss" in r and r.get("stage", "nerf") == "nerf"]
-    mesh = [r for r in records if "loss" in r and r.get("stage") == "mesh"]
-    assert [r["step"] for r in nerf] == [1, 2, 3] and [r["step"] for r in mesh] == [4, 5]
+    geometry = [r for r in records if "loss" in r and r.get("stage") == "geometry"]
+    texture = [r for r in records if "loss" in r and r.get("stage") == "texture"]
+    assert [r["step"] for r in nerf] == [1, 2, 3] and [r["step"] for r in geometry] == [4, 5]
+    assert [r["step"] for r in texture] == [6, 7]
     assert all(r["particle_loss"] > 0 and "loss_sparsity" in r for r in nerf)
-    assert all(r["particle_loss"] > 0 and "loss_normal_consistency" in r for r in mesh)
-    fine = sorted((out / "checkpoints" / "mesh").glob("step-*.pt"))
-    assert fine
-    for checkpoint in (out / "checkpoints" / "nerf" / "step-000003.pt", *fine):
+    assert all("particle_loss" not in r and "loss_laplacian" in r for r in geometry)
+    assert all(r["particle_loss"] > 0 for r in texture)
+    shaped = torch.load(out / "checkpoints" / "geometry" / "step-000002.pt", weights_only=False)
+    textured = torch.load(out / "checkpoints" / "texture" / "step-000002.pt", weights_only=False)
+    assert "params" not in shaped["guidance"]  # SDS: a random stream, no particle score
+    for key in ("sdf", "deformation"):  # the texture stage keeps the geometry stage's surface, bit for bit
+        assert torch.equal(shaped["geometry"][key], textured["geometry"][key]), key
+    assert not all(torch.equal(shaped["texture"][k], textured["texture"][k]) for k in shaped["texture"])
+    for checkpoint in (out / "checkpoints" / "nerf" / "step-000003.pt", out / "checkpoints" / "texture" / "step-000002.pt"):
         state = torch.load(checkpoint, weights_only=False)
         assert any("lora_B" in k for k in state["guidance"]["params"]), checkpoint
         assert "camera_embedding.linear_2.weight" in state["guidance"]["params"]
@@ -185,3 +252,4 @@ def test_magic3d_refine_takes_a_prolificdreamer_run(tmp_path):
     assert refined.method == "magic3d-refine" and refined.steps == 400 and checkpoint.name == "step-000400.pt"
     assert refined.guidance.vsd == type(refined.guidance.vsd)()
     assert refined.mesh == build_config("magic3d-oracle").mesh
+    assert refined.geometry == refined.texture == type(refined.mesh)()  # the source's later stages are not this run's

@@ -18,6 +18,7 @@ import torch
 import trimesh
 import yaml
 
+from threed import methods
 from threed.cli import main
 from threed.rundir import RunDir, checkpoint_step
 from threed.trainer import Trainer
@@ -31,6 +32,8 @@ TINY = ["render.width=16", "render.height=16", "render.num_samples=16", "render.
         "guidance.oracle.views=2"]
 MESH = ["mesh.resolution=8", "mesh.width=16", "mesh.height=16"]
 VSD = ["guidance.vsd.denoiser_channels=[8, 16]", "guidance.vsd.lora_samples=1"]
+PD_STAGES = ["geometry.steps=2", "geometry.resolution=8", "geometry.width=16", "geometry.height=16",
+             "texture.steps=3", "texture.width=16", "texture.height=16"]
 
 
 # -- the layout ----------------------------------------------------------------------------------------
@@ -160,11 +163,13 @@ def final_states(out: Path, stages: list[str]) -> dict:
     ("dreamfusion", "oracle", [], ("nerf", 2)),
     ("magic3d", "magic3d-oracle", ["mesh.steps=4", *MESH], ("nerf", 1)),
     ("magic3d", "magic3d-oracle", ["mesh.steps=4", *MESH], ("mesh", 2)),
-    ("prolificdreamer", "prolificdreamer-oracle", ["mesh.steps=4", *MESH, *VSD], ("mesh", 2)),
-], ids=["nerf", "magic3d-in-nerf-stage", "magic3d-in-mesh-stage", "prolificdreamer-in-mesh-stage"])
+    *[("prolificdreamer", "prolificdreamer-oracle", [*PD_STAGES, *VSD], stop)
+      for stop in (("geometry", 0), ("texture", 0), ("texture", 2))],
+], ids=["nerf", "magic3d-in-nerf-stage", "magic3d-in-mesh-stage", "prolificdreamer-at-geometry-start",
+        "prolificdreamer-at-texture-start", "prolificdreamer-in-texture-stage"])
 def test_resume_matches_an_uninterrupted_run_bit_for_bit(method, preset, extra, stop, reference, tmp_path,
                                                           monkeypatch):
-    stages = ["nerf"] if method == "dreamfusion" else ["nerf", "mesh"]
+    stages = [s.name for s in methods.get(method).stages]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     assert main(run_args(method, preset, reference, whole, extra)) == 0
     interrupted_at(monkeypatch, *stop)
@@ -175,6 +180,6 @@ def test_resume_matches_an_uninterrupted_run_bit_for_bit(method, preset, extra, 
     a, b = final_states(whole, stages), final_states(resumed, stages)
     assert_same(a, b)
     if method == "prolificdreamer":
-        assert "guidance" in a["mesh"] and "optimizer" in a["mesh"]["guidance"]  # the particle score is compared
+        assert "optimizer" in a["texture"]["guidance"]  # the particle score is compared
     assert "occupancy" in json.dumps(list(a["nerf"]["renderer"]))  # so is the NeRF's occupancy grid
     assert a["nerf"]["optimizer"]["state"] and "generator" in a["nerf"]

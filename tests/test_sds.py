@@ -61,11 +61,15 @@ def test_weights():
     abar = sds.sd_alphas_cumprod()
     assert torch.allclose(sds.weight("sds", abar), 1 - abar)
     assert torch.equal(sds.weight("uniform", abar), torch.ones_like(abar))
-    assert torch.allclose(sds.weight("snr", abar), (abar * (1 - abar)).sqrt())
+    fantasia3d = sds.weight("fantasia3d", abar)  # threestudio's "fantasia3d": sqrt(alpha_bar) (1 - alpha_bar)
+    assert torch.allclose(fantasia3d, abar.sqrt() * (1 - abar))
+    peak = int(fantasia3d.argmax())  # largest where alpha_bar = 1/3, smaller at both ends
+    assert abs(float(abar[peak]) - 1 / 3) < 2e-3 and float(fantasia3d[peak]) == pytest.approx(2 / 27 ** 0.5, rel=1e-4)
+    assert fantasia3d[0] < 0.01 and fantasia3d[-1] < 0.1  # SD's alpha_bar: 0.9991 at t = 0, 0.0047 at t = 999
     w = sds.weight("sds", abar)
     assert (w[1:] > w[:-1]).all()  # DreamFusion's w(t) = 1 - alpha_bar grows with the noise level
     with pytest.raises(ValueError):
-        sds.weight("nope", abar)
+        sds.weight("snr", abar)  # a former name whose formula matched no published weighting
 
 
 def test_sds_loss_gradient_is_w_times_residual_over_batch():

@@ -92,3 +92,28 @@ def test_a_step_returns_device_values_read_only_when_logged(tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [2, 4, 5]
     assert all(isinstance(r["loss"], float) and r["t"] == 0.5 for r in logged)
+
+
+def test_per_part_learning_rates_land_in_the_optimisers_groups(tmp_path):
+    """ProlificDreamer's optimiser (threestudio's): AdamW with weight decay 0.01, the hash grid at 0.01, the MLP
+    at 0.001, the background at 0.001, each rate a schedule of its own; elsewhere Adam, the field one group."""
+    small = ["render.width=16", "render.height=16", "render.num_samples=24", "field.n_levels=4",
+             "field.max_resolution=64", "field.log2_hashmap_size=12", "render.occupancy_resolution=16",
+             "render.shading=albedo", "checkpoint_every=0"]
+    cfg = build_config("prolificdreamer-cpu", small + ["optim.lr_mlp=[0, 0.001, 0.0005, 10]"])
+    trainer = Trainer(cfg, "cpu", GreyTarget(), run_dir=tmp_path)
+    field, opt = trainer.field, trainer.optimizer
+    assert type(opt) is torch.optim.AdamW
+    ids = lambda params: [id(p) for p in params]  # noqa: E731
+    assert [ids(g["params"]) for g in opt.param_groups] == [
+        ids(field.encoding.parameters()), ids(field.mlp.parameters()), ids(trainer.background.parameters())]
+    assert len(ids(field.encoding.parameters())) + len(ids(field.mlp.parameters())) == len(ids(field.parameters()))
+    assert [g["lr"] for g in opt.param_groups] == [0.01, 0.001, 0.001]
+    assert all(g["weight_decay"] == 0.01 and g["betas"] == (0.9, 0.99) and g["eps"] == 1e-15
+               for g in opt.param_groups)
+    for _ in range(6):  # the last step is step 5: the MLP's rate is halfway down its ramp
+        trainer.train_step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01, 0.00075, 0.001])
+    plain = Trainer(build_config("cpu-tiny", small), "cpu", GreyTarget(), run_dir=tmp_path / "plain")
+    assert type(plain.optimizer) is torch.optim.Adam and len(plain.optimizer.param_groups) == 2  # field, background
+    assert plain.optimizer.param_groups[0]["weight_decay"] == 0.0

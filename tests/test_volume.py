@@ -96,6 +96,69 @@ def test_lambertian_shading_and_orientation_penalty():
     assert flipped.rgb[0, 4, 4, 0] < 0.05
 
 
+
+class InwardNormalsBall(nn.Module):
+    """A ball of density softplus(c) whose normals point inward, tilted by a learnable vector: the normals do
+    not depend on c, so the orientation penalty can reach c only through the compositing weights."""
+
+    def __init__(self, radius: float = 0.5):
+        super().__init__()
+        self.radius = radius
+        self.c = nn.Parameter(torch.tensor(1.0))
+        self.tilt = nn.Parameter(torch.tensor([0.1, -0.2, 0.05]))
+
+    def density(self, x):
+        return nn.functional.softplus(self.c) * (x.norm(dim=-1) < self.radius).float()
+
+    def forward(self, x):
+        return self.density(x), torch.full((len(x), 3), 0.5)
+
+    def normal(self, x):
+        return nn.functional.normalize(self.tilt - x, dim=-1)
+
+
+@pytest.mark.parametrize("path", ["batched", "packed"])
+def test_orientation_penalty_turns_normals_and_leaves_density_alone(path):
+    """The penalty's value depends on c (through the weights) but its gradient reaches only the normals: the
+    compositing weights are detached, as in DreamFusion and threestudio. Without the detach, d/dc would be
+    the (non-zero) change measured here."""
+    from analytic_fields import MarchingSampler
+
+    cfg = RenderConfig(num_samples=64, occupancy_resolution=0, background="solid", backend="torch", chunk_rays=40)
+    renderer = VolumeRenderer(cfg, "cpu") if path == "batched" else packed_renderer(cfg, MarchingSampler())
+    field = InwardNormalsBall().eval()
+    cam = front_camera(size=11)
+    out = renderer(field, Background(cfg).eval(), cam, "albedo", need_normals=True)
+    assert out.orient.item() > 0.01  # inward normals on the visible side face away from the camera
+    out.orient.backward()
+    assert field.c.grad is None or field.c.grad.item() == 0.0
+    assert field.tilt.grad is not None and field.tilt.grad.abs().max().item() > 1e-3
+    with torch.no_grad():
+        field.c += 0.5
+        moved = renderer(field, Background(cfg).eval(), cam, "albedo", need_normals=True).orient
+    assert abs(moved.item() - out.orient.item()) > 1e-3 * out.orient.item()
+
+
+
+def test_orientation_penalty_is_per_ray_that_sees_something():
+    """threestudio's normalisation, by hand: with one normal n everywhere, a ray's penalty is its opacity times
+    max(0, n . d)^2, and the sum over rays is divided by the number of rays with opacity > 0 (rays that miss
+    the ball have exactly 0 and do not count). Every sample in the ball weighs far above the 1e-4 below
+    which normals are skipped, so the sum is exact."""
+    cfg = RenderConfig(num_samples=64, occupancy_resolution=0, background="solid", backend="torch", chunk_rays=50)
+    field = ConstantField(2.0, radius=0.5).eval()
+    n = torch.tensor([0.0, 0.0, -1.0])
+    field.normal = lambda x: n.expand_as(x)
+    cam = front_camera(size=15)
+    out = VolumeRenderer(cfg, "cpu")(field, Background(cfg).eval(), cam, "albedo", need_normals=True)
+    opacity = out.opacity.view(-1)
+    seeing = opacity > 0
+    assert 0 < seeing.sum() < opacity.numel()  # some rays miss the ball
+    d = cam.rays()[1].reshape(-1, 3)
+    by_hand = (opacity * (d @ n).clamp_min(0) ** 2).sum() / seeing.sum()
+    assert out.orient.item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
 def test_occupancy_grid_skips_only_empty_space():
     """Skipping cells whose density*step is below the threshold changes no pixel of a ball by more than the
     mass those cells can hold (here: none, the ball's density is far above the threshold)."""
@@ -229,3 +292,30 @@ def test_packed_path_with_no_samples_renders_the_background():
     assert out.opacity.abs().max().item() == 0.0 and out.orient.item() == 0.0
     assert torch.allclose(out.rgb, torch.tensor(colour).expand_as(out.rgb))
     (out.rgb.mean() + out.orient).backward()
+
+
+def test_normal_maps_of_the_volume_renderer_are_those_of_its_field_over_black():
+    """`shading: normal` in the volume renderer: composited (n + 1) / 2 of the field's normals over a black
+    background, whatever the background module draws: the same image a mesh scene gives its prior."""
+    import torch
+
+    from threed.cameras import make_cameras
+    from threed.config import FieldConfig, RenderConfig
+    from threed.fields.nerf import NeRFField
+    from threed.render.background import Background
+    from threed.render.volume import VolumeRenderer
+
+    cfg = RenderConfig(backend="torch", num_samples=32, occupancy_resolution=0, background="solid",
+                       background_color=(1.0, 1.0, 1.0))
+    torch.manual_seed(0)
+    field = NeRFField(FieldConfig(backend="torch", n_levels=2, max_resolution=32, log2_hashmap_size=10,
+                                  hidden_dim=16), 1.0, "cpu")
+    cams = make_cameras(torch.tensor([20.0]), torch.tensor([30.0]), torch.tensor([2.0]), torch.tensor([50.0]), 12, 12)
+    with torch.no_grad():
+        out = VolumeRenderer(cfg, "cpu")(field, Background(cfg), cams, "normal")
+    assert torch.equal(out.background, torch.zeros_like(out.background))
+    assert float(out.rgb.min()) >= 0.0 and float(out.rgb.max()) <= 1.0
+    covered = out.opacity[..., 0] > 0.5
+    assert int(covered.sum()) > 0 and float(out.rgb[covered].std()) > 0.01  # normals vary over the blob
+    # where nothing is, black: the colour is the composited normals alone, at most the opacity per channel
+    assert bool((out.rgb <= out.opacity + 1e-6).all())

@@ -113,11 +113,12 @@ def _uniform(n: int, bounds: tuple[float, float], generator: torch.Generator) ->
 
 
 def sample_cameras(cfg: CameraConfig, n: int, width: int, height: int, generator: torch.Generator,
-                   light_distance: tuple[float, float] = (0.8, 1.5)) -> Cameras:
+                   light_distance: tuple[float, float] = (0.8, 1.5), light_absolute: bool = False) -> Cameras:
     """Training cameras: distance, fovy, elevation, azimuth uniform in the configured ranges.
 
     The point light sits near the camera (DreamFusion): its direction is the camera's perturbed by
-    Gaussian noise and its distance a random multiple of the camera distance.
+    Gaussian noise and its distance uniform in `light_distance`, a multiple of the camera distance, or with
+    `light_absolute` scene units from the origin (threestudio's light_distance_range). The same draws either way.
     """
     distance = _uniform(n, cfg.distance, generator)
     fovy = _uniform(n, cfg.fovy, generator)
@@ -126,7 +127,8 @@ def sample_cameras(cfg: CameraConfig, n: int, width: int, height: int, generator
     position = spherical_position(elevation, azimuth, distance)
     direction = position + 0.5 * distance[:, None] * torch.randn(n, 3, generator=generator)
     direction = direction / direction.norm(dim=-1, keepdim=True)
-    light = direction * distance[:, None] * _uniform(n, light_distance, generator)[:, None]
+    light_scale = _uniform(n, light_distance, generator)
+    light = direction * (light_scale if light_absolute else distance * light_scale)[:, None]
     return make_cameras(elevation, azimuth, distance, fovy, width, height, light)
 
 

@@ -60,13 +60,24 @@ class RenderConfig:
     occupancy_resolution: int = 64
     occupancy_update_every: int = 16
     occupancy_threshold: float = 0.01
-    shading: Literal["random", "albedo", "lambertian", "textureless"] = "random"
+    # random: DreamFusion's choice per step; normal: the prior scores normal maps ((n + 1) / 2, world space)
+    shading: Literal["random", "albedo", "lambertian", "textureless", "normal"] = "random"
     albedo_only_steps: int = 1000  # DreamFusion: albedo only while the coarse shape forms
     textureless_prob: float = 0.5
+    # After the warm-up, the chance of a plain albedo render (threestudio: 1 - diffuse_prob = 0.25); the rest
+    # splits into textureless (textureless_prob) and lambertian.
+    albedo_prob: float = 0.0
     ambient: float = 0.1
-    light_distance: tuple[float, float] = (0.8, 1.5)  # as a multiple of the camera distance
+    # The point light's distance: a multiple of the camera's distance, or, with light_distance_absolute, scene
+    # units from the origin (threestudio's light_distance_range, [0.8, 1.5] by default).
+    light_distance: tuple[float, float] = (0.8, 1.5)
+    light_distance_absolute: bool = False
     background: Literal["mlp", "solid", "random"] = "mlp"
     background_color: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    # Probability that a training render's background is replaced by one random colour per image (threestudio's
+    # random_aug, which ProlificDreamer turns on): the object cannot lean on one learned background. Never at
+    # evaluation or export. The mesh stage has its own, mesh.random_aug.
+    random_aug: float = 0.0
     chunk_rays: int = 16384
     # ProlificDreamer renders small while the coarse shape forms, then at full size: from `hires_step` on the
     # training renders are hires_width x hires_height (< 0: never).
@@ -112,7 +123,7 @@ class _GuidanceSettings:
     type: PriorName = priors.default_prior()
     t_min: Schedule = Schedule.constant(0.02)  # t ~ U[t_min, t_max] (fractions of the diffusion's T)
     t_max: Schedule = Schedule.constant(0.98)
-    weighting: Literal["sds", "uniform", "snr"] = "sds"  # sds: w(t) = 1 - alpha_bar_t
+    weighting: Literal["sds", "uniform", "fantasia3d"] = "sds"  # w(t), threestudio's names (guidance/sds.py)
     grad_clip: float = -1.0  # clip |w(t)(eps_hat - eps)| elementwise (<0: off)
     view_dependent_prompting: bool = True  # "..., side view" etc. (stable_diffusion, clip)
 
@@ -138,13 +149,23 @@ METHOD_SECTIONS = {s.section: s.method for s in priors.METHOD_SECTIONS.values()}
 
 @dataclass
 class OptimConfig:
-    """Adam; the learning rates are schedules (a number, or [start_step, start, end, end_step])."""
+    """The optimiser of every stage's scene; the learning rates are schedules (a number, or [start_step, start,
+    end, end_step]). threestudio's ProlificDreamer trains its hash grid at 0.01 and its MLPs at 0.001 with
+    AdamW (weight decay: PyTorch's default, 0.01); DreamFusion and Magic3D use Adam and one rate."""
 
-    lr: Schedule = Schedule.constant(0.01)
+    optimizer: Literal["adam", "adamw"] = "adam"  # adamw: weight decay decoupled from the gradient
+    lr: Schedule = Schedule.constant(0.01)  # the field's hash grid (and its MLP, unless lr_mlp is set)
+    lr_mlp: Schedule = Schedule.constant(-1.0)  # the field's MLP; < 0: optim.lr, in one group with the grid
     lr_background: Schedule = Schedule.constant(0.001)
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = 1e-15
     weight_decay: float = 0.0
+
+
+def same_as_lr(schedule: Schedule) -> bool:
+    """A per-part learning rate left at its < 0 default: the part trains with the rate of the part it belongs
+    to (optim.lr_mlp -> optim.lr, mesh.lr_texture_mlp -> mesh.lr_texture), in that part's optimiser group."""
+    return schedule.is_constant and schedule.start < 0
 
 
 @dataclass
@@ -156,8 +177,10 @@ class LossConfig:
     opacity: Schedule = Schedule.constant(0.0)  # mean rendered opacity: removes floaters the guidance cannot see
     transmittance: Schedule = Schedule.constant(0.0)  # Dream Fields: -min(target, mean transmittance)
     transmittance_target: Schedule = Schedule(0, 0.5, 0.88, 500)  # the target, annealed
-    sparsity: Schedule = Schedule.constant(0.0)  # ProlificDreamer: mean sqrt(opacity^2 + 0.01)
-    orient: Schedule = Schedule.constant(0.0)  # DreamFusion normal orientation penalty
+    # mean sqrt(opacity^2 + 0.01): threestudio's sparsity loss (DreamFusion, Magic3D coarse, ProlificDreamer)
+    sparsity: Schedule = Schedule.constant(0.0)
+    # DreamFusion's normal orientation penalty: per ray with opacity > 0, weights detached (threed/render/volume.py)
+    orient: Schedule = Schedule.constant(0.0)
     entropy: Schedule = Schedule.constant(0.0)  # binary entropy of opacity: pushes it to 0 or 1
 
 
@@ -175,31 +198,46 @@ class MeshLossConfig:
 
 @dataclass
 class MeshConfig:
-    """Magic3D's fine stage (threed/scenes/mesh.py): a DMTet surface initialised from the coarse NeRF's
-    density at its export level, textured by a copy of the coarse field's albedo, rasterized and optimised
-    with the same prior. Only methods whose stages include `mesh` (magic3d, magic3d-refine) read it.
-    Schedules here count the mesh stage's own steps (from 0). Settings it does not name (ambient light,
-    light distance, background kind, eval cameras, Adam's betas and eps) are the run's."""
+    """A mesh stage (threed/scenes/mesh.py): a DMTet surface and a texture field, rasterized and optimised
+    under the prior. Three sections have this shape, one per stage (threed/stages.py): `mesh`, Magic3D's fine
+    stage (magic3d, magic3d-refine): the surface starts from the NeRF's density at its export level, the
+    texture as a copy of the NeRF's albedo; `geometry` and `texture`, ProlificDreamer's stages 2 and 3: the
+    geometry stage starts like `mesh` and shapes the surface from normal maps (`shading: normal`, SDS), the
+    texture stage keeps that surface (its geometry learning rates 0) and trains the texture under VSD.
+    Only methods with the stage read its section. Schedules here count the stage's own steps (from 0).
+    Settings it does not name (ambient light, light distance, background kind, eval cameras, the optimiser:
+    optim.optimizer, betas, eps, weight_decay) are the run's."""
 
     steps: int = 5000
     resolution: int = 128  # tetrahedral grid cells along the longest side of the coarse object's box
-    deform_scale: float = 0.15  # largest vertex offset, in cells (0: no deformation)
+    # Largest vertex offset per axis, in cells (0: no deformation). threestudio bounds it by tanh to the grid's
+    # extent / isosurface_resolution, one cell here (nvdiffrec alike); below 1/6 no tetrahedron can invert.
+    deform_scale: float = 1.0
     width: int = 512
     height: int = 512
     batch_size: int = 1
     rasterizer: Literal["auto", "torch", "nvdiffrast"] = "auto"
-    shading: Literal["random", "albedo", "lambertian", "textureless"] = "random"
+    shading: Literal["random", "albedo", "lambertian", "textureless", "normal"] = "random"
     albedo_only_steps: int = 0
     textureless_prob: float = 0.5
+    albedo_prob: float = 0.0  # render.albedo_prob in this stage
+    # Magic3D's soft shading (threestudio's soft_shading): each training render splits its light between
+    # ambient and diffuse at random (ambient ~ U[0, 1)) instead of render.ambient's fixed split.
+    soft_shading: bool = False
     distance: tuple[float, float] = (1.5, 2.0)  # camera ranges of this stage (azimuth: camera.azimuth)
     fovy: tuple[float, float] = (30.0, 45.0)
     elevation: tuple[float, float] = (-10.0, 45.0)
     t_min: Schedule = Schedule.constant(0.02)  # the prior's diffusion-time range in this stage
     t_max: Schedule = Schedule.constant(0.5)
+    guidance_scale: float = -1.0  # classifier-free guidance of this stage's Stable Diffusion (< 0: the prior's)
     lr_sdf: Schedule = Schedule.constant(1e-4)  # scene units per step (a cell at resolution 128 is ~0.01)
     lr_deformation: Schedule = Schedule.constant(0.01)  # of the pre-tanh offset
-    lr_texture: Schedule = Schedule.constant(0.01)
-    lr_background: Schedule = Schedule.constant(0.0)  # 0: the coarse stage's background, frozen
+    lr_texture: Schedule = Schedule.constant(0.01)  # the texture field's hash grid (and MLP, unless ...)
+    lr_texture_mlp: Schedule = Schedule.constant(-1.0)  # ... its MLP's own rate; < 0: mesh.lr_texture
+    # the background, copied from the coarse stage (0: frozen; threestudio trains it: 0.01 in Magic3D's refine
+    # stage, 0.001 in ProlificDreamer's texture stage)
+    lr_background: Schedule = Schedule.constant(0.0)
+    random_aug: float = 0.0  # render.random_aug in this stage (threestudio's ProlificDreamer texture stage: off)
     loss: MeshLossConfig = _field(default_factory=MeshLossConfig)
 
 
@@ -241,6 +279,8 @@ class Config:
     loss: LossConfig = _field(default_factory=LossConfig)
     export: ExportConfig = _field(default_factory=ExportConfig)
     mesh: MeshConfig = _field(default_factory=MeshConfig)
+    geometry: MeshConfig = _field(default_factory=MeshConfig)
+    texture: MeshConfig = _field(default_factory=MeshConfig)
 
 
 def _nearest(name: str, options: list[str]) -> str:
@@ -511,6 +551,10 @@ def validate(cfg: Config) -> None:
         (cfg.render.hires_width > 0 and cfg.render.hires_height > 0, "render.hires_width/height", "must be positive"),
         (cfg.render.checkpoint_rays >= 0, "render.checkpoint_rays", "must be >= 0 (0: never)"),
         (0.0 <= cfg.render.textureless_prob <= 1.0, "render.textureless_prob", "must be in [0, 1]"),
+        (0.0 <= cfg.render.random_aug <= 1.0, "render.random_aug", "must be a probability in [0, 1]"),
+        (0.0 <= cfg.render.albedo_prob <= 1.0, "render.albedo_prob", "must be in [0, 1]"),
+        (0 < cfg.render.light_distance[0] <= cfg.render.light_distance[1], "render.light_distance",
+         "must be [near, far] with 0 < near <= far"),
         (0.0 < t_lo and t_hi < 1.0, "guidance.t_min/t_max", "must stay inside (0, 1)"),
         (g.t_min.start <= g.t_max.start and g.t_min.end <= g.t_max.end, "guidance.t_min",
          "must not exceed guidance.t_max"),
@@ -518,6 +562,9 @@ def validate(cfg: Config) -> None:
         (cfg.field.n_levels >= 1, "field.n_levels", "must be >= 1"),
         (cfg.field.max_resolution >= cfg.field.base_resolution, "field.max_resolution", "must be >= field.base_resolution"),
         (cfg.optim.lr.bounds()[0] > 0, "optim.lr", "must be positive"),
+        (same_as_lr(cfg.optim.lr_mlp) or cfg.optim.lr_mlp.bounds()[0] > 0, "optim.lr_mlp",
+         "must be positive throughout (or < 0: optim.lr)"),
+        (cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
         (cfg.export.resolution >= 8, "export.resolution", "must be >= 8"),
         (cfg.export.video_resolution % 16 == 0, "export.video_resolution", "must be a multiple of 16 (video codecs)"),
         (16 <= cfg.export.texture_size <= 16384, "export.texture_size", "must be in [16, 16384]"),
@@ -535,25 +582,16 @@ def validate(cfg: Config) -> None:
     ]
     for name in ("guidance", "opacity", "sparsity", "transmittance", "orient", "entropy"):
         checks.append((getattr(cfg.loss, name).bounds()[0] >= 0, f"loss.{name}", "must be >= 0"))
-    m = cfg.mesh
-    m_lo, m_hi = min(m.t_min.bounds()[0], m.t_max.bounds()[0]), max(m.t_min.bounds()[1], m.t_max.bounds()[1])
-    checks += [
-        (m.steps >= 0, "mesh.steps", "must be >= 0"),
-        (m.resolution >= 4, "mesh.resolution", "must be >= 4"),
-        (m.deform_scale >= 0, "mesh.deform_scale", "must be >= 0"),
-        (m.width > 0 and m.height > 0, "mesh.width/height", "must be positive"),
-        (m.batch_size >= 1, "mesh.batch_size", "must be >= 1"),
-        (0.0 <= m.textureless_prob <= 1.0, "mesh.textureless_prob", "must be in [0, 1]"),
-        (0.0 < m_lo and m_hi < 1.0, "mesh.t_min/t_max", "must stay inside (0, 1)"),
-        (m.t_min.start <= m.t_max.start and m.t_min.end <= m.t_max.end, "mesh.t_min", "must not exceed mesh.t_max"),
-        (0 < m.distance[0] <= m.distance[1], "mesh.distance", "must be [near, far] with 0 < near <= far"),
-        (0 < m.fovy[0] <= m.fovy[1] < 180, "mesh.fovy", "must be [low, high] degrees inside (0, 180)"),
-        (m.elevation[0] <= m.elevation[1], "mesh.elevation", "must be [low, high]"),
-    ]
-    for name in ("lr_sdf", "lr_deformation", "lr_texture", "lr_background"):
-        checks.append((getattr(m, name).bounds()[0] >= 0, f"mesh.{name}", "must be >= 0"))
-    for name in ("guidance", "normal_consistency", "laplacian", "sign_flip"):
-        checks.append((getattr(m.loss, name).bounds()[0] >= 0, f"mesh.loss.{name}", "must be >= 0"))
+    for section in STAGE_SECTIONS:
+        m = getattr(cfg, section)
+        checks += _mesh_checks(m, section)
+        # the oracle renders its reference with render.ambient: a random split would not match it
+        lit = m.shading in ("random", "lambertian", "textureless")
+        checks.append((not (m.soft_shading and g.type == "oracle" and lit),
+                       f"{section}.soft_shading",
+                       "cannot be used with the oracle prior, whose reference renders use render.ambient"))
+    checks.append((cfg.texture.deform_scale == cfg.geometry.deform_scale, "texture.deform_scale",
+                   "must equal geometry.deform_scale (the texture stage keeps the geometry stage's surface)"))
     for fmt in cfg.export.formats:
         checks.append((fmt in ("obj", "glb", "ply"), "export.formats", f"has '{fmt}'; use obj, glb or ply"))
     for ok, key, why in checks:
@@ -596,3 +634,35 @@ def resolve_device(name: str) -> str:
     if name != "cpu":
         raise UserError(f"unknown device '{name}'; use cpu or cuda")
     return name
+
+
+# The sections of a mesh-shaped stage (MeshConfig), each read by the stage of that name (threed/stages.py).
+STAGE_SECTIONS = ("mesh", "geometry", "texture")
+
+
+def _mesh_checks(m: MeshConfig, prefix: str) -> list[tuple[bool, str, str]]:
+    """Range checks of one mesh stage's section."""
+    lo, hi = min(m.t_min.bounds()[0], m.t_max.bounds()[0]), max(m.t_min.bounds()[1], m.t_max.bounds()[1])
+    checks = [
+        (m.steps >= 0, f"{prefix}.steps", "must be >= 0"),
+        (m.resolution >= 4, f"{prefix}.resolution", "must be >= 4"),
+        (m.deform_scale >= 0, f"{prefix}.deform_scale", "must be >= 0"),
+        (m.width > 0 and m.height > 0, f"{prefix}.width/height", "must be positive"),
+        (m.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1"),
+        (0.0 <= m.textureless_prob <= 1.0, f"{prefix}.textureless_prob", "must be in [0, 1]"),
+        (0.0 <= m.random_aug <= 1.0, f"{prefix}.random_aug", "must be a probability in [0, 1]"),
+        (0.0 <= m.albedo_prob <= 1.0, f"{prefix}.albedo_prob", "must be in [0, 1]"),
+        (0.0 < lo and hi < 1.0, f"{prefix}.t_min/t_max", "must stay inside (0, 1)"),
+        (m.t_min.start <= m.t_max.start and m.t_min.end <= m.t_max.end, f"{prefix}.t_min",
+         f"must not exceed {prefix}.t_max"),
+        (0 < m.distance[0] <= m.distance[1], f"{prefix}.distance", "must be [near, far] with 0 < near <= far"),
+        (0 < m.fovy[0] <= m.fovy[1] < 180, f"{prefix}.fovy", "must be [low, high] degrees inside (0, 180)"),
+        (m.elevation[0] <= m.elevation[1], f"{prefix}.elevation", "must be [low, high]"),
+    ]
+    for name in ("lr_sdf", "lr_deformation", "lr_texture", "lr_background"):
+        checks.append((getattr(m, name).bounds()[0] >= 0, f"{prefix}.{name}", "must be >= 0"))
+    checks.append((same_as_lr(m.lr_texture_mlp) or m.lr_texture_mlp.bounds()[0] >= 0, f"{prefix}.lr_texture_mlp",
+                   f"must be >= 0 throughout (or < 0: {prefix}.lr_texture)"))
+    for name in ("guidance", "normal_consistency", "laplacian", "sign_flip"):
+        checks.append((getattr(m.loss, name).bounds()[0] >= 0, f"{prefix}.loss.{name}", "must be >= 0"))
+    return checks

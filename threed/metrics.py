@@ -77,3 +77,18 @@ def mesh_distance(pred: trimesh.Trimesh, ref: trimesh.Trimesh, n: int = 20000, s
         "fscore_1pct": f_at(0.01 * diagonal),
         "fscore_2pct": f_at(0.02 * diagonal),
     }
+
+
+def vertex_rgb(mesh: trimesh.Trimesh) -> np.ndarray:
+    """(V, 3) colours in [0, 1] of a mesh's vertices: its vertex colours, or its texture read at each vertex's
+    UV. (Load a vertex-coloured OBJ with `skip_materials=True`: its material has no image to read.)"""
+    visual = mesh.visual.to_color() if mesh.visual.kind == "texture" else mesh.visual
+    return np.asarray(visual.vertex_colors, dtype=np.float64)[:, :3] / 255.0
+
+
+def color_error(pred: trimesh.Trimesh, ref: trimesh.Trimesh) -> float:
+    """Mean absolute RGB difference in [0, 1] between each predicted vertex's colour and the colour of the
+    reference vertex nearest to it: how well a recovered appearance matches a reference with known colours
+    (the oracle's), where the shapes agree."""
+    _, nearest = cKDTree(np.asarray(ref.vertices, dtype=np.float64)).query(np.asarray(pred.vertices), k=1)
+    return float(np.abs(vertex_rgb(pred) - vertex_rgb(ref)[nearest]).mean())

@@ -89,7 +89,7 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
             continue  # (the last stage always runs: a finished one still exports and closes the run's record)
         _free(previous, device)
         try:
-            guidance = method.build_guidance(stage.config(cfg), device)
+            guidance = method.build_guidance(stage.config(cfg), device, stage)
         except BaseException:
             if not started and created and not any(out.iterdir()):
                 out.rmdir()  # leave no empty run directory behind a failed start
@@ -234,8 +234,8 @@ def check_resume(run_dir: Path, saved: Config, cfg: Config, steps_given: bool = 
     progress = [(stage, rundir.latest_step(stage.name), stage.steps(cfg)) for stage in method.stages]
     last, last_step, last_steps = progress[-1]
     for i, (stage, _, steps) in enumerate(progress[:-1]):
-        nxt, nxt_step, _ = progress[i + 1]
-        if steps != stage.steps(saved) and (nxt_step > 0 or method.refines):
+        nxt = progress[i + 1][0]
+        if steps != stage.steps(saved) and (rundir.latest_checkpoint(nxt.name) is not None or method.refines):
             key = "--steps" if not stage.section else stage.steps_key
             why = "it comes from another run" if method.refines else f"the {nxt.name} stage has started from it"
             raise UserError(f"{key} cannot change the {stage.name} stage of {run_dir}: {why}; pass "

@@ -508,7 +508,7 @@ def write_report(directory: Path | str) -> Path:
             return write_bench_report(directory, data["runs"], data.get("summary") or [], data.get("benchmark") or {})
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UserError(f"{results} is damaged: re-run the same `threed bench` command to rewrite it") from None
-    if (directory / "config.yaml").is_file() or (directory / "metrics.jsonl").is_file():
+    if RunDir(directory).is_run() or RunDir(directory).metrics_path.is_file():
         return write_run_report(directory)
     raise UserError(f"{directory} holds neither a run (config.yaml) nor a benchmark (results.json): "
                     "pass the --out folder of `threed run` or `threed bench`")

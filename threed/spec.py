@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from threed import methods, priors
-from threed.config import (METHOD_SECTIONS, PRIOR_SECTIONS, Config, MeshConfig, build_config, check_prior_sections,
-                           flatten, load_yaml, preset_path, to_dict)
+from threed.config import (METHOD_SECTIONS, PRIOR_SECTIONS, STAGE_SECTIONS, Config, MeshConfig, build_config,
+                           check_prior_sections, flatten, load_yaml, preset_path, to_dict)
 from threed.errors import UserError
 from threed.rundir import RunDir, checkpoint_step
 
@@ -197,15 +197,18 @@ def resolve(opts: RunOptions, cuda: bool | None = None, only_concerning: bool = 
 
 
 def check_mesh_section(cfg: Config, method: methods.Method) -> None:
-    """The `mesh:` section only concerns methods with a mesh stage; elsewhere a setting there would be ignored."""
-    if any(stage.section == "mesh" for stage in method.stages):
-        return
-    current, default = flatten(to_dict(cfg.mesh)), flatten(to_dict(MeshConfig()))
-    changed = [k for k in current if current[k] != default.get(k)]
-    if changed:
-        keys = ", ".join(f"mesh.{k}" for k in changed[:4])
-        raise UserError(f"{keys} set, but method {method.name} has no mesh stage: drop the setting or pass "
-                        f"--method magic3d")
+    """A stage's section (`mesh:`, `geometry:`, `texture:`) only concerns methods with that stage; elsewhere a
+    setting there would be ignored."""
+    default = flatten(to_dict(MeshConfig()))
+    used = {stage.section for stage in method.stages}
+    for section in STAGE_SECTIONS:
+        current = flatten(to_dict(getattr(cfg, section)))
+        changed = [k for k in current if current[k] != default.get(k)]
+        if changed and section not in used:
+            having = next(m.name for m in methods.METHODS.values() if section in {s.section for s in m.stages})
+            keys = ", ".join(f"{section}.{k}" for k in changed[:4])
+            raise UserError(f"{keys} set, but method {method.name} has no {section} stage: drop the setting or "
+                            f"pass --method {having}")
 
 
 def resolve_refine(opts: RunOptions, cuda: bool | None = None) -> tuple[Config, list[str], Path]:
@@ -244,9 +247,11 @@ def resolve_refine(opts: RunOptions, cuda: bool | None = None) -> tuple[Config, 
     if prior != saved.guidance.type:  # the source's prior settings no longer apply
         section = PRIOR_SECTIONS[saved.guidance.type]
         base["guidance"][section] = to_dict(type(getattr(saved.guidance, section))())
-    for section in METHOD_SECTIONS:  # nor do its method's own (e.g. a prolificdreamer run's guidance.vsd)
+    for section in METHOD_SECTIONS:  # nor do its method's own (e.g. a prolificdreamer run's guidance.vsd) ...
         if section not in method.sections:
             base["guidance"][section] = to_dict(type(getattr(saved.guidance, section))())
+    for section in STAGE_SECTIONS:  # ... nor its later stages' (a prolificdreamer run's geometry and texture)
+        base[section] = to_dict(MeshConfig())
     preset = opts.preset
     if preset is None:
         if cuda is None:
@@ -276,8 +281,8 @@ def resolve_refine(opts: RunOptions, cuda: bool | None = None) -> tuple[Config, 
 
 # Settings a resumed run may change: how long it trains (each stage), where, how often it logs and saves, how
 # the guidance is compiled (the same math), and export.
-RESUMABLE = ("steps", "mesh.steps", "device", "log_every", "checkpoint_every", "keep_checkpoints",
-             "guidance.sd.compile", "guidance.sd.compile_vae")
+RESUMABLE = ("steps", *(f"{section}.steps" for section in STAGE_SECTIONS), "device", "log_every",
+             "checkpoint_every", "keep_checkpoints", "guidance.sd.compile", "guidance.sd.compile_vae")
 RESUMABLE_PREFIXES = ("export.",)
 
 
@@ -301,7 +306,7 @@ def resume_config(saved: Config, opts: RunOptions) -> Config:
         by_key = {OPTIONS[name][0]: flag(name) for name in OPTIONS}
         named = ", ".join(f"{by_key.get(k, k)} ({before.get(k)!r} -> {after[k]!r})" for k in bad)
         raise UserError(f"a resumed run keeps its settings, but these would change: {named}; drop them, or start "
-                        f"a new run with --out (resumable: --steps, --device, {', '.join(RESUMABLE[3:])}, "
-                        f"mesh.steps, export.*)")
+                        f"a new run with --out (resumable: --steps, <stage>.steps, --device, "
+                        f"{', '.join(RESUMABLE[2 + len(STAGE_SECTIONS):])}, export.*)")
     return cfg
 

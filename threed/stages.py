@@ -6,19 +6,25 @@ loop. A stage's name is the one word for it everywhere: its checkpoint folder (R
 (mesh-<name>.<fmt>; the last stage's is mesh.<fmt>).
 
 - `nerf`: DreamFusion's hash-grid NeRF (threed/scenes/nerf.py), trained for `steps`, from a fresh field.
-- `mesh`: Magic3D's mesh stage (threed/scenes/mesh.py; Magic3D and ProlificDreamer), trained for `mesh.steps`,
-  started from the NeRF stage's field at the level of its kept mesh (mesh-nerf.*).
+- `mesh`: Magic3D's mesh stage (threed/scenes/mesh.py), trained for `mesh.steps`, started from the NeRF
+  stage's field at the level of its kept mesh (mesh-nerf.*): surface and texture together, under the method's
+  guidance.
+- `geometry`: ProlificDreamer's stage 2: the same start, the surface shaped from normal maps (`geometry.shading:
+  normal`) under the prior's SDS alone (not the method's VSD), `geometry.steps`.
+- `texture`: ProlificDreamer's stage 3: the geometry stage's surface, kept (its geometry learning rates are 0),
+  its texture trained under the method's guidance (VSD, with a particle score of its own), `texture.steps`.
 
 A stage is finished when its newest checkpoint holds its step count. Each stage sees the run's config through
-`Stage.config`: the mesh stage's cameras, render size, shading and t range come from the `mesh:` section.
-Every stage exports through its scene's `export_mesh` (threed/export.py).
+`Stage.config`: a mesh-shaped stage's section (`mesh:`, `geometry:`, `texture:`, threed/config.py MeshConfig)
+gives its cameras, render size, shading, t range and classifier-free guidance, and the scene reads it as
+`cfg.mesh`. Every stage exports through its scene's `export_mesh` (threed/export.py).
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -38,13 +44,16 @@ class Stage:
     """One stage of a method. `section` names the config section holding its settings and `steps` (empty:
     the run's top level, `steps`); `scene` is the Scene class it trains, restored by `scene.from_state`;
     `start` builds its scene from the previous stage's result (None: a fresh scene, `scene(cfg, device)`);
-    `configure` gives the run's config as the stage sees it (None: the run's own)."""
+    `configure` gives the run's config as the stage sees it, from the run's and the section's name (None:
+    the run's own); `guidance` is "method" for the method's guidance (ProlificDreamer's VSD) or "prior" for
+    the run's prior alone (its SDS)."""
 
     name: str
     scene: Any
     section: str = ""
     start: StartFn | None = None
-    configure: Callable[[Config], Config] | None = None
+    configure: Callable[[Config, str], Config] | None = None
+    guidance: Literal["method", "prior"] = "method"
     diverged_hint: str = "lower optim.lr or guidance.sd.guidance_scale and resume"
 
     @property
@@ -56,7 +65,7 @@ class Stage:
         return int(getattr(cfg, self.section).steps if self.section else cfg.steps)
 
     def config(self, cfg: Config) -> Config:
-        return self.configure(cfg) if self.configure is not None else cfg
+        return self.configure(cfg, self.section) if self.configure is not None else cfg
 
     def finished(self, run: RunDir, cfg: Config) -> bool:
         return run.latest_checkpoint(self.name) is not None and run.latest_step(self.name) >= self.steps(cfg)
@@ -86,31 +95,46 @@ class Stage:
         return trainer
 
 
-def mesh_stage_config(cfg: Config) -> Config:
-    """The run's config as the mesh stage trains with it: its steps, cameras (distance, fovy, elevation),
-    render size, batch, shading and the prior's t range from `mesh:`, and everything else (prompt, prior,
-    background, light, Adam's betas) from the run."""
+def mesh_stage_config(cfg: Config, section: str) -> Config:
+    """The run's config as a mesh-shaped stage trains with it: its section (MeshConfig) becomes `mesh`, which
+    the scene reads; its steps, cameras (distance, fovy, elevation), render size, batch, shading, the prior's t
+    range and classifier-free guidance come from there, and everything else (prompt, prior, background,
+    light, Adam's betas) from the run."""
     out = copy.deepcopy(cfg)
-    m = cfg.mesh
+    m = copy.deepcopy(getattr(cfg, section))
+    out.mesh = m
     out.steps = m.steps
     out.render.width, out.render.height, out.render.batch_size = m.width, m.height, m.batch_size
-    out.render.hires_step = -1  # the mesh stage renders at its own size throughout
+    out.render.hires_step = -1  # a mesh stage renders at its own size throughout
     out.render.shading, out.render.albedo_only_steps = m.shading, m.albedo_only_steps
     out.render.textureless_prob = m.textureless_prob
     out.camera.distance, out.camera.fovy, out.camera.elevation = m.distance, m.fovy, m.elevation
     out.guidance.t_min, out.guidance.t_max = m.t_min, m.t_max
+    if m.guidance_scale >= 0:
+        out.guidance.sd.guidance_scale = m.guidance_scale
     return out
 
 
 def mesh_from_nerf(cfg: Config, previous: Trainer, kept: dict, device: str, progress: bool) -> MeshScene:
-    """The mesh stage's start: the NeRF's surface at the level its kept mesh was extracted at."""
+    """A mesh stage's start from the NeRF: the surface at the level its kept mesh was extracted at, the texture
+    a copy of the NeRF's field."""
     return MeshScene.from_coarse(cfg, previous.scene.field, previous.scene.background, float(kept["threshold"]),
                                  device, progress=progress)
+
+
+def mesh_from_mesh(cfg: Config, previous: Trainer, kept: dict, device: str, progress: bool) -> MeshScene:
+    """A mesh stage's start from the mesh stage before it: its surface, texture field and background as they
+    ended (a copy: the earlier stage's checkpoints keep theirs)."""
+    return MeshScene.from_state(cfg, copy.deepcopy(previous.scene.state_dict()), device)
 
 
 NERF = Stage("nerf", NeRFScene)
 MESH = Stage("mesh", MeshScene, section="mesh", start=mesh_from_nerf, configure=mesh_stage_config,
              diverged_hint="lower mesh.lr_sdf or mesh.lr_texture and resume")
+GEOMETRY = Stage("geometry", MeshScene, section="geometry", start=mesh_from_nerf, configure=mesh_stage_config,
+                 guidance="prior", diverged_hint="lower geometry.lr_sdf or geometry.guidance_scale and resume")
+TEXTURE = Stage("texture", MeshScene, section="texture", start=mesh_from_mesh, configure=mesh_stage_config,
+                diverged_hint="lower texture.lr_texture or guidance.vsd.lora_lr and resume")
 
 
 def offsets(stages: tuple[Stage, ...], cfg: Config) -> list[int]:

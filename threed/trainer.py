@@ -20,12 +20,13 @@ from threed.cameras import sample_cameras
 from threed.config import Config, to_dict
 from threed.errors import Diverged, UserError
 from threed.io import atomic_torch_save
-from threed.render.shading import pick_shading
 from threed.rundir import RunDir, checkpoint_name, checkpoints_in
 from threed.scenes import Scene, weight_used
 from threed.scenes.nerf import NeRFScene
 
 Guidance = Callable[..., dict]
+# optim.optimizer -> its class; every group gets the run's betas, eps and weight decay
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
 class Interrupted(UserError):
@@ -82,8 +83,8 @@ class Trainer:
         for params, schedule in scene.param_groups():
             groups.append({"params": params, "lr": schedule(0)})
             self.lr_schedules.append(schedule)
-        self.optimizer = torch.optim.Adam(groups, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                          weight_decay=cfg.optim.weight_decay)
+        self.optimizer = OPTIMIZERS[cfg.optim.optimizer](groups, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                                                         weight_decay=cfg.optim.weight_decay)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.train_time_s = 0.0  # summed over every segment of a resumed run ...
@@ -119,7 +120,7 @@ class Trainer:
 
     # -- one iteration ------------------------------------------------------------------------
     def train_step(self) -> Record:
-        """Render a batch of random views, score it with the guidance, take one Adam step.
+        """Render a batch of random views, score it with the guidance, take one optimiser step.
 
         Returns the step's losses and the guidance's statistics as computed, tensors still on the device
         (`as_floats` reads them): converting them here would wait for the GPU at every step.
@@ -132,9 +133,8 @@ class Trainer:
         self.scene.prepare(self.step, self.generator)
         width, height = cfg.render.size(self.step)
         cams = sample_cameras(cfg.camera, cfg.render.batch_size, width, height, self.generator,
-                              cfg.render.light_distance).to(dev)
-        shading = pick_shading(cfg.render.shading, self.step, cfg.render.albedo_only_steps,
-                               cfg.render.textureless_prob, self.generator)
+                              cfg.render.light_distance, cfg.render.light_distance_absolute).to(dev)
+        shading = self.scene.pick_shading(self.step, self.generator)
         out = self.scene.render(cams, shading, need_normals=self.uses("orient"), generator=self.generator)
         sync(dev)
         t1 = time.perf_counter()

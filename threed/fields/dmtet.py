@@ -262,12 +262,16 @@ class DMTetGeometry(nn.Module):
     """Per-vertex SDF and deformation on a Kuhn tetrahedral grid; `extract()` gives the differentiable mesh.
 
     Grid vertex i sits at its lattice position + max_offset * tanh(deformation[i]), with max_offset =
-    `deform_scale` x the cell size (DMTet bounds offsets with tanh so tetrahedra keep their shape). The grid's
+    `deform_scale` x the cell size. The default, one cell, is threestudio's bound (the grid's extent divided by
+    its resolution, through tanh; nvdiffrec's alike). Tetrahedra may then invert (below 1/6 of a cell they
+    cannot) and fold the surface locally, which the mesh stage's smoothness losses resist; the mesh's
+    connectivity comes from the lattice and the SDF's signs alone, so it stays closed and consistently wound
+    either way. The grid's
     outermost vertices always count as outside, so the mesh is closed. The grid itself (cells, origin,
     cell size) is saved in the state dict: `DMTetGeometry.from_state_dict` rebuilds a saved one.
     """
 
-    def __init__(self, grid: TetGrid, deform: bool = True, deform_scale: float = 0.15,
+    def __init__(self, grid: TetGrid, deform: bool = True, deform_scale: float = 1.0,
                  device: torch.device | str = "cpu"):
         super().__init__()
         self.grid = grid

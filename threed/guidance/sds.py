@@ -45,13 +45,16 @@ def add_noise(x: Tensor, noise: Tensor, alphas_cumprod_t: Tensor) -> Tensor:
 
 
 def weight(kind: str, alphas_cumprod_t: Tensor) -> Tensor:
-    """w(t): "sds" = 1 - alpha_bar (DreamFusion), "uniform" = 1, "snr" = sqrt(alpha_bar (1 - alpha_bar))."""
+    """w(t), by threestudio's names (models/guidance/stable_diffusion_guidance.py, weighting_strategy):
+    "sds" = 1 - alpha_bar = sigma_t^2 (DreamFusion; stable-dreamfusion's only one), "uniform" = 1 (threestudio's
+    Magic3D coarse stage), "fantasia3d" = sqrt(alpha_bar) (1 - alpha_bar) (Fantasia3D: vanishes at both ends of
+    the noise range, largest at alpha_bar = 1/3)."""
     if kind == "sds":
         return 1.0 - alphas_cumprod_t
     if kind == "uniform":
         return torch.ones_like(alphas_cumprod_t)
-    if kind == "snr":
-        return (alphas_cumprod_t * (1.0 - alphas_cumprod_t)).sqrt()
+    if kind == "fantasia3d":
+        return alphas_cumprod_t.sqrt() * (1.0 - alphas_cumprod_t)
     raise ValueError(f"unknown SDS weighting {kind!r}")
 
 

@@ -28,10 +28,12 @@ class Method:
     refines: bool = False
     sections: tuple[str, ...] = ()  # its own guidance.<section> settings (priors.METHOD_SECTIONS), e.g. vsd
 
-    def build_guidance(self, cfg: Config, device: str) -> Any:
+    def build_guidance(self, cfg: Config, device: str, stage: Stage | None = None) -> Any:
         """The guidance callable for cfg (models are loaded here): the builder of the method's own section
-        where it has one (vsd: ProlificDreamer's VSD), else the run's prior's (threed/priors.py)."""
-        return priors.builder(cfg.guidance.type, self.sections)(cfg, device)
+        where it has one (vsd: ProlificDreamer's VSD), else the run's prior's (threed/priors.py); a stage
+        that asks for the prior alone (ProlificDreamer's geometry stage: SDS) gets the prior's."""
+        own = self.sections if stage is None or stage.guidance == "method" else ()
+        return priors.builder(cfg.guidance.type, own)(cfg, device)
 
     def stage(self, name: str) -> Stage:
         """The stage called `name`."""

@@ -1,7 +1,10 @@
 """Backgrounds behind the object: a learned colour per view direction, a fixed colour, or a random one.
 
 A learned background lets the prior explain "sky" without growing geometry for it; a fixed colour is what
-the oracle prior and mesh-quality tests need (the reference is rendered over the same colour).
+the oracle prior and mesh-quality tests need (the reference is rendered over the same colour). With
+`random_aug` = p > 0, a training render's background is, with probability p, one random colour per image
+instead (threestudio's random_aug, one draw per render as there): the object must stand out against any
+colour, not only against the background learned with it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ class Background(nn.Module):
     def __init__(self, cfg: RenderConfig, n_frequencies: int = 3, hidden: int = 32):
         super().__init__()
         self.kind = cfg.background
+        self.random_aug = cfg.random_aug  # probability per training render (see the module docstring)
         self.register_buffer("color", torch.tensor(cfg.background_color, dtype=torch.float32))
         self.n_frequencies = n_frequencies
         self.mlp = None
@@ -28,12 +32,18 @@ class Background(nn.Module):
         angles = dirs[..., None] * freqs  # (..., 3, F)
         return torch.cat([dirs, torch.sin(angles).flatten(-2), torch.cos(angles).flatten(-2)], dim=-1)
 
+    @staticmethod
+    def _random_colours(dirs: Tensor, generator: torch.Generator | None) -> Tensor:
+        """One uniform random colour per image, (B, H, W, 3)."""
+        return torch.rand(dirs.shape[0], 1, 1, 3, generator=generator).to(dirs.device).expand_as(dirs)
+
     def forward(self, dirs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """dirs (B, H, W, 3) unit view directions -> colours (B, H, W, 3) in [0, 1]."""
+        if self.training and self.random_aug > 0 and torch.rand((), generator=generator).item() < self.random_aug:
+            return self._random_colours(dirs, generator)
         if self.kind == "mlp":
             assert self.mlp is not None
             return torch.sigmoid(self.mlp(self._encode(dirs)))
         if self.kind == "random" and self.training:
-            color = torch.rand(dirs.shape[0], 1, 1, 3, generator=generator).to(dirs.device)
-            return color.expand_as(dirs)
+            return self._random_colours(dirs, generator)
         return self.color.to(dirs.device).expand_as(dirs)

@@ -1,9 +1,11 @@
-"""DreamFusion shading: albedo, Lambertian under a point light, and textureless (white albedo, lit).
+"""DreamFusion shading: albedo, Lambertian under a point light, and textureless (white albedo, lit); and
+normal maps, the image a geometry stage's prior scores (ProlificDreamer's stage 2, Fantasia3D).
 
 Shared by the volume renderer and by anything that must render "the same way" (the oracle prior's
 reference renders), so both apply one formula:
 
     colour = albedo * (ambient + (1 - ambient) * max(0, n . l))
+    normal map = (n + 1) / 2   (world-space unit normal; threestudio's comp_normal)
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-MODES = ("albedo", "lambertian", "textureless")
+MODES = ("albedo", "lambertian", "textureless", "normal")
 
 
 def shade(albedo: Tensor, normal: Tensor | None, points: Tensor | None, light_position: Tensor | None,
@@ -24,6 +26,9 @@ def shade(albedo: Tensor, normal: Tensor | None, points: Tensor | None, light_po
         return albedo
     if mode not in MODES:
         raise ValueError(f"unknown shading mode {mode!r}")
+    if mode == "normal":
+        assert normal is not None
+        return (normal * 0.5 + 0.5).to(albedo.dtype)
     assert normal is not None and points is not None and light_position is not None
     light_dir = light_position - points
     light_dir = light_dir / light_dir.norm(dim=-1, keepdim=True).clamp_min(1e-8)
@@ -35,12 +40,26 @@ def shade(albedo: Tensor, normal: Tensor | None, points: Tensor | None, light_po
 
 
 def pick_shading(configured: str, step: int, albedo_only_steps: int, textureless_prob: float,
-                 generator: torch.Generator) -> str:
-    """Per-step shading mode: fixed, or DreamFusion's random choice after an albedo-only warm-up."""
+                 generator: torch.Generator, albedo_prob: float = 0.0) -> str:
+    """Per-step shading mode: fixed, or DreamFusion's random choice after an albedo-only warm-up.
+
+    After the warm-up (threestudio's diffuse_with_point_light material): albedo with probability
+    `albedo_prob` (its 1 - diffuse_prob), else textureless with probability `textureless_prob`, else
+    lambertian; one draw per step, so with albedo_prob 0 the choice is the same as before it existed.
+    """
     if configured != "random":
         return configured
     if step < albedo_only_steps:
         return "albedo"
-    if torch.rand((), generator=generator).item() < textureless_prob:
+    u = torch.rand((), generator=generator).item()
+    if u < albedo_prob:
+        return "albedo"
+    if u < albedo_prob + (1.0 - albedo_prob) * textureless_prob:
         return "textureless"
     return "lambertian"
+
+
+def soft_ambient(generator: torch.Generator | None) -> float:
+    """Magic3D's soft shading (threestudio's soft_shading): the ambient share of the light drawn uniformly in
+    [0, 1) per render, the rest diffuse, so the prior sees the shape under varying light contrast."""
+    return torch.rand((), generator=generator).item()

@@ -42,7 +42,9 @@ class RenderOutput:
     opacity: Tensor  # (B, H, W, 1)
     depth: Tensor  # (B, H, W, 1)
     background: Tensor  # (B, H, W, 3)
-    orient: Tensor  # scalar: DreamFusion's penalty on normals facing away from the camera
+    # scalar: DreamFusion's penalty on normals facing away from the camera, the sum over samples of
+    # stopgrad(w_i) * max(0, n_i . d)^2 divided by the number of rays with opacity > 0 (threestudio's)
+    orient: Tensor
 
 
 def ray_aabb(rays_o: Tensor, rays_d: Tensor, bound: float) -> tuple[Tensor, Tensor]:
@@ -165,7 +167,9 @@ class VolumeRenderer(nn.Module):
         rgb = accumulate_along_rays(weights, color.view(*weights.shape, 3), ray_indices, n_rays)
         opacity = accumulate_along_rays(weights, None, ray_indices, n_rays)
         depth = accumulate_along_rays(weights, t.view(*weights.shape, 1), ray_indices, n_rays)
-        orient_sum = (weights.reshape(-1) * orient).sum() if orient is not None else rgb.new_zeros(())
+        # The weights are detached (DreamFusion, stable-dreamfusion, threestudio): the penalty turns normals away
+        # from the camera, instead of being paid by removing the density where normals face away.
+        orient_sum = (weights.detach().reshape(-1) * orient).sum() if orient is not None else rgb.new_zeros(())
         return rgb, opacity, depth, orient_sum
 
     def _render_torch(self, field: NeRFField, rays_o: Tensor, rays_d: Tensor, light: Tensor, shading: str,
@@ -233,6 +237,8 @@ class VolumeRenderer(nn.Module):
         rgb = torch.cat([p[0] for p in parts]).view(b, h, w, 3)
         opacity = torch.cat([p[1] for p in parts]).view(b, h, w, 1)
         depth = torch.cat([p[2] for p in parts]).view(b, h, w, 1)
-        orient = torch.stack([p[3] for p in parts]).sum() / max(flat_o.shape[0], 1)
-        bg = background(rays_d, generator)
+        # per ray that sees anything (threestudio's normalisation), not per ray of the batch
+        orient = torch.stack([p[3] for p in parts]).sum() / (opacity > 0).sum().clamp_min(1)
+        # normal maps (the image a geometry stage's prior scores) lie over black, as the mesh scene's do
+        bg = torch.zeros_like(rays_d) if shading == "normal" else background(rays_d, generator)
         return RenderOutput(rgb + (1.0 - opacity) * bg, opacity, depth, bg, orient)

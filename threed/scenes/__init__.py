@@ -1,8 +1,10 @@
 """Scenes: what a training stage optimises and how it is rendered.
 
 The training loop (threed/trainer.py) is the same for every stage; a scene plugs into it with
-- `param_groups()`: [(parameters, learning-rate schedule), ...], one Adam group each;
+- `param_groups()`: [(parameters, learning-rate schedule), ...], one optimiser group each (optim.optimizer);
 - `prepare(step, generator)`: per-step upkeep before rendering (e.g. the NeRF's occupancy grid);
+- `pick_shading(step, generator)`: the step's shading mode, from the scene's own settings (render.* for the
+  NeRF, mesh.* for the mesh stage);
 - `render(cameras, shading, need_normals, generator) -> RenderOutput` (rgb, opacity, depth, background,
   orient), what the guidance reads;
 - `losses`: the loss-weight schedules (a dataclass with `guidance` and one field per regulariser), and
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 import numpy as np
 import torch
 
+from threed.config import same_as_lr
 from threed.progress import bar
 
 if TYPE_CHECKING:
@@ -56,6 +59,8 @@ class Scene(Protocol):
 
     def prepare(self, step: int, generator: torch.Generator | None = None) -> None: ...
 
+    def pick_shading(self, step: int, generator: torch.Generator) -> str: ...
+
     def render(self, cameras: Cameras, shading: str, need_normals: bool = False,
                generator: torch.Generator | None = None) -> RenderOutput: ...
 
@@ -73,6 +78,14 @@ class Scene(Protocol):
 
     def export_mesh(self, resolution: int | None = None, threshold: float | None = None,
                     progress: bool | None = False) -> ExportedMesh: ...
+
+
+def field_groups(field: Any, lr: Schedule, lr_mlp: Schedule) -> list[tuple[list[Tensor], Schedule]]:
+    """A NeRF field's optimiser groups: all of it at `lr`, or, when `lr_mlp` is set (see config.same_as_lr),
+    its hash grid at `lr` and its MLP at `lr_mlp` (threestudio's ProlificDreamer: 0.01 and 0.001)."""
+    if same_as_lr(lr_mlp):
+        return [(list(field.parameters()), lr)]
+    return [(list(field.encoding.parameters()), lr), (list(field.mlp.parameters()), lr_mlp)]
 
 
 def weight_used(losses: Any, name: str) -> bool:

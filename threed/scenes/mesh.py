@@ -4,15 +4,18 @@ Magic3D (Lin et al. 2023) refines the coarse NeRF as an explicit mesh: the surfa
 an SDF on a deformable tetrahedral grid (threed/fields/dmtet.py), extracted by marching tetrahedra every step
 so its vertices are differentiable in the SDF and offsets; it is rasterized (threed/render/rasterize.py,
 nvdiffrast's split: visibility without gradients, differentiable interpolation, antialiasing for silhouette
-gradients), shaded like the NeRF (threed/render/shading.py) with the mesh's interpolated vertex normals, and
-composited over the background. The run's guidance scores the renders (Magic3D: SDS; ProlificDreamer: VSD),
+gradients), shaded like the NeRF (threed/render/shading.py) with the mesh's interpolated vertex normals
+(with mesh.soft_shading, Magic3D's random ambient / diffuse split per training render), and composited over
+the background. The run's guidance scores the renders (Magic3D: SDS; ProlificDreamer: VSD),
 so a 512² render costs little more than a 64² one in the guidance: the VAE encodes at 512 either way.
 
 Starting point (`from_coarse`): the SDF is the coarse density's surface at the level the coarse export
 chose (`DMTetGeometry.from_density`, on a grid fitted to the object's box), and the texture field is a copy
 of the coarse NeRF field (hash grid + MLP), read through its albedo head: the fine stage inherits the coarse
 colours exactly (threestudio's `inherit_texture`), then optimises them on the surface. The background is the
-coarse one, frozen unless `mesh.lr_background` > 0 (as threestudio freezes it when refining).
+coarse one, trained at `mesh.lr_background` (0: frozen). threestudio trains it when refining: its Magic3D
+refine stage optimises every parameter, the background included, at 0.01, its ProlificDreamer texture stage
+the background at 0.001; so do the magic3d preset's mesh stage and prolificdreamer's texture stage.
 
 Image rows: the rasterizer's row 0 is the bottom of the view (NDC y = -1); renders are flipped to the
 top-row-first convention of `Cameras.rays()` before they leave `render`.
@@ -36,10 +39,10 @@ from threed.mesh import Mesh, clean_mesh, vertex_normals as np_vertex_normals
 from threed.mesh_losses import laplacian_smoothing, normal_consistency
 from threed.render.background import Background
 from threed.render.rasterize import MeshRasterizer, edge_topology
-from threed.render.shading import shade
+from threed.render.shading import pick_shading, shade, soft_ambient
 from threed.render.volume import RenderOutput
 from threed.schedule import Schedule
-from threed.scenes import ExportedMesh, weight_used
+from threed.scenes import ExportedMesh, field_groups, weight_used
 
 NEAR, FAR = 0.05, 100.0  # clip planes (scene units); objects sit in [-bound, bound]^3 at distance ~1.5-2
 
@@ -66,6 +69,7 @@ class MeshScene:
         self.geometry = geometry.to(self.device)
         self.texture = texture.to(self.device)
         self.background = background.to(self.device)
+        self.background.random_aug = cfg.mesh.random_aug  # this stage's, not the NeRF stage's render.random_aug
         self.rasterizer = MeshRasterizer(cfg.mesh.rasterizer, self.device)
         self.losses = cfg.mesh.loss
         self.profile = False  # time the parts of `render` (synchronising the device) into `timings`
@@ -105,13 +109,13 @@ class MeshScene:
 
     # -- the Scene interface (threed/scenes/__init__.py) ----------------------------------------------
     def param_groups(self) -> list[tuple[list[Tensor], Schedule]]:
-        """SDF, deformation, texture and background, each with its schedule; a part whose learning rate is
-        zero throughout is frozen (no group, no gradient)."""
+        """SDF, deformation, texture (one group, or its grid and MLP: mesh.lr_texture_mlp) and background, each
+        with its schedule; a part whose learning rate is zero throughout is frozen (no group, no gradient)."""
         m = self.cfg.mesh
         parts: list[tuple[list[Tensor], Schedule]] = [([self.geometry.sdf], m.lr_sdf)]
         if self.geometry.deformation is not None:
             parts.append(([self.geometry.deformation], m.lr_deformation))
-        parts.append((list(self.texture.parameters()), m.lr_texture))
+        parts += field_groups(self.texture, m.lr_texture, m.lr_texture_mlp)
         bg_params = list(self.background.parameters())
         if bg_params:
             parts.append((bg_params, m.lr_background))
@@ -146,6 +150,10 @@ class MeshScene:
     def prepare(self, step: int, generator: torch.Generator | None = None) -> None:
         pass
 
+    def pick_shading(self, step: int, generator: torch.Generator) -> str:
+        m = self.cfg.mesh
+        return pick_shading(m.shading, step, m.albedo_only_steps, m.textureless_prob, generator, m.albedo_prob)
+
     def _tick(self, name: str, start: float) -> float:
         if not self.profile:
             return start
@@ -174,18 +182,22 @@ class MeshScene:
         t = self._tick("rasterize", t)
         hit = rast[..., 3] > 0  # (B, H, W), rows bottom first
         points = surface[..., :3][hit]
-        if shading == "textureless":
-            albedo = points.new_ones(points.shape[0], 3)  # shade() uses the lighting alone
+        if shading in ("textureless", "normal"):
+            albedo = points.new_ones(points.shape[0], 3)  # shade() uses the lighting or the normal alone
         else:
             albedo = self.texture.albedo(points)
         normal = light = None
         if shading != "albedo":
             normal = F.normalize(surface[..., 3:][hit], dim=-1, eps=1e-20)
             light = cameras.light_position[:, None, None, :].expand(b, h, w, 3)[hit]
-        color = shade(albedo, normal, points, light, shading, self.cfg.render.ambient)
+        ambient = self.cfg.render.ambient
+        if self.cfg.mesh.soft_shading and self.texture.training and shading in ("lambertian", "textureless"):
+            ambient = soft_ambient(generator)
+        color = shade(albedo, normal, points, light, shading, ambient)
         t = self._tick("texture", t)
         rays_o, rays_d = cameras.rays()
-        bg = self.background(rays_d, generator)  # rows top first
+        # rows top first; normal maps lie over black, as threestudio renders them for the prior
+        bg = torch.zeros_like(rays_d) if shading == "normal" else self.background(rays_d, generator)
         composite = torch.where(hit[..., None], surface.new_zeros(b, h, w, 3).index_put((hit,), color), bg.flip(1))
         distance = (points - rays_o.flip(1)[hit]).norm(dim=-1)
         depth = surface.new_zeros(b, h, w).index_put((hit,), distance)[..., None]

@@ -11,9 +11,10 @@ from threed.errors import UserError, first_line
 from threed.fields.nerf import NeRFField
 from threed.mesh import auto_threshold, density_grid, extract_mesh
 from threed.render.background import Background
+from threed.render.shading import pick_shading
 from threed.render.volume import RenderOutput, VolumeRenderer
 from threed.schedule import Schedule
-from threed.scenes import ExportedMesh, render_each, weight_used
+from threed.scenes import ExportedMesh, field_groups, render_each, weight_used
 
 
 class NeRFScene:
@@ -36,7 +37,8 @@ class NeRFScene:
         return scene
 
     def param_groups(self) -> list[tuple[list[Tensor], Schedule]]:
-        groups = [(list(self.field.parameters()), self.cfg.optim.lr)]
+        """The field (one group, or its grid and MLP: optim.lr_mlp), then the background if it learns."""
+        groups = field_groups(self.field, self.cfg.optim.lr, self.cfg.optim.lr_mlp)
         bg_params = list(self.background.parameters())
         if bg_params:
             groups.append((bg_params, self.cfg.optim.lr_background))
@@ -67,6 +69,10 @@ class NeRFScene:
     def prepare(self, step: int, generator: torch.Generator | None = None) -> None:
         self.renderer.update_occupancy(self.field, step, generator)
 
+    def pick_shading(self, step: int, generator: torch.Generator) -> str:
+        r = self.cfg.render
+        return pick_shading(r.shading, step, r.albedo_only_steps, r.textureless_prob, generator, r.albedo_prob)
+
     def render(self, cameras: Cameras, shading: str, need_normals: bool = False,
                generator: torch.Generator | None = None) -> RenderOutput:
         return self.renderer(self.field, self.background, cameras, shading, need_normals=need_normals,
@@ -78,7 +84,7 @@ class NeRFScene:
         result: dict[str, Tensor] = {}
         if weight_used(lc, "opacity"):
             result["opacity"] = opacity.mean()
-        if weight_used(lc, "sparsity"):  # ProlificDreamer's
+        if weight_used(lc, "sparsity"):  # threestudio's
             result["sparsity"] = (opacity ** 2 + 0.01).sqrt().mean()
         if weight_used(lc, "transmittance"):
             result["transmittance"] = -torch.clamp((1.0 - opacity).mean(), max=lc.transmittance_target(step))
