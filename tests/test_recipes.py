@@ -33,8 +33,8 @@ import torch
 import yaml
 
 from threed import methods
-from threed.config import (CONFIG_DIR, PRIOR_SECTIONS, Config, _GuidanceSettings, all_keys, build_config, flatten,
-                           to_dict)
+from threed.config import (CONFIG_DIR, PRIOR_SECTIONS, STAGE_SECTIONS, Config, _GuidanceSettings, all_keys,
+                           build_config, flatten, to_dict)
 from threed.schedule import Schedule
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,17 +118,17 @@ def same(a: Any, b: Any) -> bool:
 
 
 def active_keys(cfg: Config) -> list[str]:
-    """The keys a run of this preset reads: the guidance sections of its prior and method only, the mesh
-    section only for methods with a mesh stage."""
+    """The keys a run of this preset reads: the guidance sections of its prior and method only, a stage's
+    section (mesh, geometry, texture) only for methods with a stage that reads it."""
     method = methods.get(cfg.method)
     active_sections = {PRIOR_SECTIONS[cfg.guidance.type], *method.sections}
-    has_mesh = any(stage.name == "mesh" for stage in method.stages)
+    own_stages = {stage.section for stage in method.stages if stage.section}
     keys = []
     for key in all_keys():
         parts = key.split(".")
         if parts[0] == "guidance" and len(parts) == 3 and parts[1] not in active_sections:
             continue
-        if parts[0] == "mesh" and not has_mesh:
+        if parts[0] in STAGE_SECTIONS and parts[0] not in own_stages:
             continue
         keys.append(key)
     return keys
@@ -138,11 +138,13 @@ def active_keys(cfg: Config) -> list[str]:
 
 def _light_distance(cfg: Config) -> str:
     """Whether the training point light's distance is a multiple of the camera distance or absolute: cameras
-    at distance 10 show which (render.light_distance is (0.8, 1.5) in every preset)."""
+    at distance 10 show which (render.light_distance is (0.8, 1.5) in every preset). The cameras are drawn as
+    the trainer draws them (threed/trainer.py, train_step)."""
     from threed.cameras import sample_cameras
 
     camera = dataclasses.replace(cfg.camera, distance=(10.0, 10.0))
-    cams = sample_cameras(camera, 256, 8, 8, torch.Generator().manual_seed(0), cfg.render.light_distance)
+    cams = sample_cameras(camera, 256, 8, 8, torch.Generator().manual_seed(0), cfg.render.light_distance,
+                          cfg.render.light_distance_absolute)
     r = cams.light_position.norm(dim=-1)
     lo, hi = cfg.render.light_distance
     if bool(((r >= 10 * lo - 1e-4) & (r <= 10 * hi + 1e-4)).all()):
@@ -152,14 +154,16 @@ def _light_distance(cfg: Config) -> str:
     return f"other: {float(r.min()):.3g} to {float(r.max()):.3g} at camera distance 10"
 
 
-def _albedo_share(shading: str, albedo_only_steps: int, textureless_prob: float) -> float:
+def _albedo_share(section: Any) -> float:
     """The share of training steps rendered as plain albedo after the albedo-only warm-up, to 0.05 (4000
-    draws from a fixed seed: deterministic)."""
+    draws from a fixed seed: deterministic), picked as a scene picks them from its section (render or mesh:
+    threed/scenes/nerf.py and mesh.py, pick_shading)."""
     from threed.render.shading import pick_shading
 
     generator = torch.Generator().manual_seed(0)
-    step = albedo_only_steps + 10**6
-    picks = [pick_shading(shading, step, albedo_only_steps, textureless_prob, generator) for _ in range(4000)]
+    step = section.albedo_only_steps + 10**6
+    picks = [pick_shading(section.shading, step, section.albedo_only_steps, section.textureless_prob, generator,
+                          section.albedo_prob) for _ in range(4000)]
     return round(20 * picks.count("albedo") / len(picks)) / 20
 
 
@@ -171,10 +175,8 @@ def _weighting_choices(cfg: Config) -> list[str]:
 
 PROBES: dict[str, Callable[[Config], Any]] = {
     "light_distance": _light_distance,
-    "albedo_share_after_warmup": lambda cfg: _albedo_share(cfg.render.shading, cfg.render.albedo_only_steps,
-                                                           cfg.render.textureless_prob),
-    "mesh_albedo_share_after_warmup": lambda cfg: _albedo_share(cfg.mesh.shading, cfg.mesh.albedo_only_steps,
-                                                                cfg.mesh.textureless_prob),
+    "albedo_share_after_warmup": lambda cfg: _albedo_share(cfg.render),
+    "mesh_albedo_share_after_warmup": lambda cfg: _albedo_share(cfg.mesh),
     "weighting_choices": _weighting_choices,
 }
 
