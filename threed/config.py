@@ -562,6 +562,8 @@ def validate(cfg: Config) -> None:
         (g.t_min.start <= g.t_max.start and g.t_min.end <= g.t_max.end, "guidance.t_min",
          "must not exceed guidance.t_max"),
         (g.oracle.views >= 1, "guidance.oracle.views", "must be >= 1"),
+        (not (g.sd.perp_neg and not g.view_dependent_prompting), "guidance.sd.perp_neg",
+         "mixes the view prompts: it needs guidance.view_dependent_prompting=true"),
         (cfg.field.n_levels >= 1, "field.n_levels", "must be >= 1"),
         (cfg.field.max_resolution >= cfg.field.base_resolution, "field.max_resolution", "must be >= field.base_resolution"),
         (cfg.optim.lr.bounds()[0] > 0, "optim.lr", "must be positive"),

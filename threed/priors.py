@@ -52,6 +52,14 @@ class SDConfig:
     # space, ~3x cheaper with its backward, but a different function of the render: it changes the math.
     vae: Literal["full", "tiny"] = "full"
     tiny_vae_model: str = DEFAULT_TINY_VAE_MODEL  # hub id or local AutoencoderTiny folder (vae: tiny)
+    # Perp-Neg (threed/guidance/perp_neg.py): view prompts interpolated by azimuth, the other views' scores
+    # pushed away perpendicular to the positive one; 4 UNet passes per image instead of 2. Each f is
+    # (a, b, c) of a exp(-b r) + c, threestudio's defaults (its prompt processor's perp_neg_f_*).
+    perp_neg: bool = False
+    perp_neg_f_sb: tuple[float, float, float] = (1.0, 0.5, -0.606)  # side, in the side-back half
+    perp_neg_f_fsb: tuple[float, float, float] = (1.0, 0.5, 0.967)  # front, in the side-back half
+    perp_neg_f_fs: tuple[float, float, float] = (4.0, 0.5, -2.426)  # front, in the front-side half
+    perp_neg_f_sf: tuple[float, float, float] = (4.0, 0.5, -2.426)  # side, in the front-side half
 
 
 @dataclass

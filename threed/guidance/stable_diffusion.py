@@ -9,6 +9,8 @@ On a GPU both networks are compiled (threed/guidance/compile.py) and a step neve
 timesteps and noise are drawn there, the view prompts are picked there, and the statistics come back as
 tensors that the trainer reads only when it logs. `guidance.sd.vae: tiny` swaps SD's VAE encoder for a
 distilled AutoencoderTiny (TAESD) into the same latent space: cheaper, but another function of the render.
+`guidance.sd.perp_neg` guides with Perp-Neg (threed/guidance/perp_neg.py) instead of plain classifier-free
+guidance on the view prompts.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from threed.cameras import Cameras
 from threed.errors import UserError, first_line
 from threed.guidance import RandomStream, sds
 from threed.guidance import compile as compiling
+from threed.guidance import perp_neg
 from threed.guidance.hub import SD_SUBFOLDERS, model_identity, pinned_revision, resolve_pretrained
 from threed.prompts import PromptEmbeddings, check_prompt
 
@@ -116,6 +119,9 @@ class StableDiffusionGuidance(RandomStream):
                                         model_identity(self.path), cfg.camera,
                                         view_dependent=g.view_dependent_prompting,
                                         device=self.device, dtype=self.dtype)
+        self.camera_cfg = cfg.camera
+        self.perp_neg_table = (perp_neg.embedding_table(self.prompts.cond, self.prompts.uncond)
+                               if sd.perp_neg else None)
 
         # The two frozen networks, compiled at their first call where the config says so.
         vae_mode = compiling.resolve_mode(sd.compile_vae, self.device, on_cuda="default")
@@ -124,6 +130,8 @@ class StableDiffusionGuidance(RandomStream):
                                                "tiny VAE encoder" if self.tiny_vae else "VAE encoder",
                                                differentiable=True)
         self._noise = compiling.maybe_compile(self._noise_eager, unet_mode, "UNet")
+        self._perp_neg = (compiling.maybe_compile(self._perp_neg_eager, unet_mode, "UNet (Perp-Neg)")
+                          if sd.perp_neg else None)
         self.cudagraphs = any(compiling.uses_cudagraphs(m) for m in (vae_mode, unet_mode))
         self.compile_time_s: float | None = None  # set after the first call when something was compiled
         self._reported = False
@@ -163,21 +171,44 @@ class StableDiffusionGuidance(RandomStream):
             latents = self.vae.encode(x, return_dict=False)[0].mean
         return latents * self.latent_scale
 
+    def guided_eps(self, latents_noisy: Tensor, t: Tensor, cameras: Cameras) -> Tensor:
+        """The guided noise prediction for the cameras' views: classifier-free guidance on each view's
+        prompt, or Perp-Neg (`guidance.sd.perp_neg`) on the prompts it mixes; without a graph."""
+        if self._perp_neg is not None:
+            pos, uncond, neg, weights = perp_neg.prompts_for(self.perp_neg_table, cameras, self.camera_cfg, self.sd)
+            with torch.no_grad():
+                return self._perp_neg(latents_noisy, t, pos, uncond, neg, weights)
+        cond, uncond = self.prompts.for_cameras(cameras)
+        return self.noise_prediction(latents_noisy, t, cond, uncond)
+
     def noise_prediction(self, latents_noisy: Tensor, t: Tensor, cond: Tensor, uncond: Tensor) -> Tensor:
         """Classifier-free guided epsilon: uncond + scale * (cond - uncond), without a graph (compiled
         where configured)."""
         with torch.no_grad():
             return self._noise(latents_noisy, t, cond, uncond)
 
-    def _noise_eager(self, latents_noisy: Tensor, t: Tensor, cond: Tensor, uncond: Tensor) -> Tensor:
-        x_in = torch.cat([latents_noisy, latents_noisy]).to(self.dtype)
-        t_in = torch.cat([t, t])
-        out = self.unet(x_in, t_in, encoder_hidden_states=torch.cat([uncond, cond]), return_dict=False)[0].float()
+    def _eps(self, x_in: Tensor, t_in: Tensor, text: Tensor) -> Tensor:
+        """The UNet's noise prediction (float32) for a batch, from v where the model predicts v."""
+        out = self.unet(x_in, t_in, encoder_hidden_states=text, return_dict=False)[0].float()
         if self.prediction_type == "v_prediction":  # eps = sqrt(abar) v + sqrt(1 - abar) x_t
             abar = self.alphas_cumprod[t_in].view(-1, 1, 1, 1)
             out = abar.sqrt() * out + (1.0 - abar).sqrt() * x_in.float()
-        eps_uncond, eps_cond = out.chunk(2)
+        return out
+
+    def _noise_eager(self, latents_noisy: Tensor, t: Tensor, cond: Tensor, uncond: Tensor) -> Tensor:
+        x_in = torch.cat([latents_noisy, latents_noisy]).to(self.dtype)
+        eps_uncond, eps_cond = self._eps(x_in, torch.cat([t, t]), torch.cat([uncond, cond])).chunk(2)
         return eps_uncond + self.sd.guidance_scale * (eps_cond - eps_uncond)
+
+    def _perp_neg_eager(self, latents_noisy: Tensor, t: Tensor, pos: Tensor, uncond: Tensor, neg: Tensor,
+                        weights: Tensor) -> Tensor:
+        """Perp-Neg's guided epsilon (threed/guidance/perp_neg.py): one UNet batch of the positive, the
+        negative prompt and the two negatives."""
+        x_in = torch.cat([latents_noisy] * 4).to(self.dtype)
+        out = self._eps(x_in, torch.cat([t] * 4), torch.cat([pos, uncond, neg[:, 0], neg[:, 1]]))
+        eps_pos, eps_uncond, eps_neg0, eps_neg1 = out.chunk(4)
+        return perp_neg.combine(eps_uncond, eps_pos, torch.stack([eps_neg0, eps_neg1], dim=1), weights,
+                                self.sd.guidance_scale)
 
     def __call__(self, rgb: Tensor, cameras: Cameras, step: int, shading: str = "albedo",
                  background: Tensor | None = None, **_: object) -> dict[str, Tensor]:
@@ -191,8 +222,7 @@ class StableDiffusionGuidance(RandomStream):
         noise = torch.randn(latents.shape, generator=self.generator, device=self.device)
         abar = self.alphas_cumprod[t]
         latents_noisy = sds.add_noise(latents.detach(), noise, abar)
-        cond, uncond = self.prompts.for_cameras(cameras)
-        eps_hat = self.noise_prediction(latents_noisy, t, cond, uncond)
+        eps_hat = self.guided_eps(latents_noisy, t, cameras)
         w = sds.weight(self.cfg.weighting, abar)
         loss, grad = sds.sds_loss(latents, eps_hat, noise, w, self.cfg.grad_clip)
         if not self._reported:
@@ -204,7 +234,7 @@ class StableDiffusionGuidance(RandomStream):
         from tqdm import tqdm
 
         self._reported = True
-        parts = [self._encode, self._noise]
+        parts = [self._encode, self._noise if self._perp_neg is None else self._perp_neg]
         line = compiling.report(parts)
         if line is not None:
             self.compile_time_s = sum(p.seconds or 0.0 for p in parts if isinstance(p, compiling.CompiledFunction))

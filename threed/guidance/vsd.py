@@ -307,9 +307,9 @@ class StableDiffusionVSD(ParticleScore):
             return unet(latents_noisy.to(self.dtype), t, encoder_hidden_states=text, class_labels=camera).sample.float()
 
     def pretrained_eps(self, latents_noisy: Tensor, t: Tensor, cameras: Cameras) -> Tensor:
-        """CFG noise prediction of the frozen model (view-dependent prompts), without adapters or camera."""
-        cond, uncond = self.sd.prompts.for_cameras(cameras)
-        return self.sd.noise_prediction(latents_noisy, t, cond, uncond)
+        """Guided noise prediction of the frozen model (view-dependent prompts, or Perp-Neg where it is on),
+        without adapters or camera."""
+        return self.sd.guided_eps(latents_noisy, t, cameras)
 
     def plain_text(self, batch: int) -> Tensor:
         text = self.plain_prompts.cond["front"]
