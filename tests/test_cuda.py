@@ -53,8 +53,8 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 # ==== hash grid: Triton kernels against the PyTorch grid at the dreamfusion-sd size ===================
 @needs_triton
 def test_triton_hashgrid_matches_torch_at_dreamfusion_size():
-    """16 levels x 2 features, 2^19 entries per level, 64 x 64 x 128 points (one dreamfusion-sd render's
-    samples) plus the cube's corners and faces; table entries uniform in [-1, 1].
+    """16 levels x 2 features, 2^19 entries per level, 64 x 64 x 128 points (a 64² render's samples at 128
+    per ray) plus the cube's corners and faces; table entries uniform in [-1, 1].
 
     Tolerances as in tests/test_hashgrid_triton.py: values 1e-6 * max |table| (8 float32 products summed in
     another order); table gradients 3e-4 * S_e with S_e = sum |w g| into entry e, i.e. 2 k u for k <= 2500
