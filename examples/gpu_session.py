@@ -17,10 +17,12 @@ Parts, each a subprocess with its own timeout, skipped when the budget cannot co
   g      examples/benchmark_rasterize.py at 512^2, 10k and 100k faces
   m      examples/benchmark_fine.py: Magic3D's mesh stage at 512^2 (it/s, phase split, peak)
   v      examples/benchmark_vsd.py: ProlificDreamer's VSD step against SDS at 64^2 and 512^2 (LoRA branch, peak)
+  p      threed run, prolificdreamer's three stages at 512^2 (NeRF under VSD, geometry under SDS on normal maps,
+         texture under VSD), 30 steps each, textured export: each stage's it/s and peak memory
   c      the fast preset (tiny autoencoder), compiled
   f      threed run, dreamfusion-sd, 1000 steps and mesh export (no video), timed
   d      guidance floors, eager and compiled (benchmark_guidance.py)
-`--skip b,e,g,c,f,d` leaves a session to the mesh stage and VSD (m, v) after the CUDA tests.
+`--skip b,e,g,c,f,d` leaves a session to the mesh stage and ProlificDreamer (m, v, p) after the CUDA tests.
 Writes to --out: summary.txt (the table), results.json (every part's numbers), log.txt (each part's output,
 its tail when long), cuda_tests.jsonl (errors the CUDA tests measured). Everything else stays in --work.
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -240,7 +243,25 @@ def main() -> None:
         if rec.get("status") == "ok":
             s.json_of("v-vsd", out)
 
-    # (c) the fast preset (tiny autoencoder: changes the math)
+    # (p) ProlificDreamer's three stages at 512^2 from the first step, as a run takes them
+    if "p" not in skip:
+        run_dir = s.work / "p-prolificdreamer"
+        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not the resume of an earlier session's
+        sizes = (["--preset", "prolificdreamer-cpu", "--steps", "2", "render.hires_width=32", "render.hires_height=32",
+                  "guidance.sd.resolution=64", "geometry.steps=2", "geometry.resolution=16", "geometry.width=32",
+                  "geometry.height=32", "texture.steps=2", "texture.width=32", "texture.height=32",
+                  "export.texture_size=64"] if dry else
+                 ["--steps", "30", "geometry.steps=30", "texture.steps=30", f"field.backend={new_field}"])
+        rec = s.run("p-prolificdreamer", [py, "-m", "threed.cli", "run", "--method", "prolificdreamer", "--prompt",
+                                          "a pineapple", "--model", sd, "--out", str(run_dir), "--quiet", *dev, *sizes,
+                                          "render.hires_step=0", "export.video=false", "export.preview_views=0",
+                                          "checkpoint_every=0"], timeout=300, need=90)
+        from threed.rundir import RunDir
+
+        _, done = RunDir(run_dir).metrics()
+        if done:
+            rec["result"] = done
+
     if "c" not in skip:
         out = s.work / "c-fast.json"
         fast = "cpu-tiny" if dry else "dreamfusion-sd-fast"
@@ -351,6 +372,13 @@ def summary(s: Session) -> str:
         else:
             rows.append(f"{r['method']} | {r['resolution']}² | {r['median_ms']['step']} | {r.get('lora_branch_ms', '')} | "
                         f"{r['peak_memory_mb']}")
+    pd = (parts.get("p-prolificdreamer") or {}).get("result")
+    rows.append("")
+    rows.append("prolificdreamer (p), 512^2 | train s | it/s (first steps included) | peak MB | start s | export s")
+    for stage in ("nerf", "geometry", "texture"):
+        rows.append(f"{stage} | " + " | ".join(str((pd or {}).get(f"{stage}_{k}", "-")) for k in
+                                              ("wall_time_s", "it_per_s", "peak_memory_mb", "init_time_s",
+                                               "export_time_s")))
     measured = s.out / "cuda_tests.jsonl"
     if measured.exists():
         rows.append("")
