@@ -295,9 +295,13 @@ def fake_pipeline(monkeypatch):
         if cfg.prompt in state["fail"]:
             raise RuntimeError("CUDA out of memory (simulated)")
         trimesh.creation.box().export(out / "mesh.obj")
+        # a method of several stages: the closing record's distances of its earlier stages' meshes (made up)
+        earlier = ({"nerf_chamfer_l1": 0.02, "nerf_chamfer_l1_rel": 0.01, "nerf_fscore_1pct": 0.9,
+                    "nerf_normal_consistency": 0.95} if cfg.method == "magic3d" and cfg.guidance.type == "oracle"
+                   else {})
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": cfg.steps, "done": True, "wall_time_s": 1.5, "it_per_s": 2.0,
-                                "peak_memory_mb": 100.0, "device": "cpu"}) + "\n")
+                                "peak_memory_mb": 100.0, "device": "cpu", **earlier}) + "\n")
         return out
 
     def render_views(run_dir, n_views, shading, size, device=None, trainer=None):
@@ -372,6 +376,24 @@ def test_reference_scores_only_methods_that_see_it(tmp_path, capsys, fake_pipeli
     report = (out / "report.md").read_text()
     assert "Chamfer-L1" in report and "| dreamfusion-oracle |" in report
     assert "| normal consistency |" in report and "normal_consistency" in (out / "results.csv").read_text()
+
+
+def test_reference_rows_carry_each_earlier_stages_distances(tmp_path, capsys, fake_pipeline, tiny_clip):
+    """Magic3D under the oracle with --reference: its row holds the bench's distances of the final mesh and,
+    from the run's closing record, those of its NeRF stage's mesh (nerf_*); DreamFusion's, one stage, none."""
+    ref = tmp_path / "ref.obj"
+    trimesh.creation.box(extents=(1.1, 1.1, 1.1)).export(ref)
+    prompts = write_prompts(tmp_path / "p.txt", "a cube")
+    out = tmp_path / "out"
+    rc, _, err = run_cli(bench_args(prompts, out, "sds,magic3d", "--eval-clip-model", tiny_clip,
+                                    "--eval-clip-pretrained", "none", "--eval-views", "2", "--eval-size", "32",
+                                    "--guidance", "oracle", "--reference", str(ref), "magic3d:mesh.steps=2"), capsys)
+    assert rc == 0, err
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert rows["magic3d"]["nerf_chamfer_l1_rel"] == 0.01 and rows["magic3d"]["nerf_normal_consistency"] == 0.95
+    assert 0.9 < rows["magic3d"]["normal_consistency"] <= 1.0
+    assert not any(k.startswith("nerf_") for k in rows["dreamfusion"])
+    assert "nerf_normal_consistency" in (out / "results.csv").read_text().splitlines()[0]
 
 
 def test_progress_of_training_and_evaluation_is_shown(tmp_path, capsys, fake_pipeline, tiny_clip):

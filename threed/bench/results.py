@@ -13,6 +13,7 @@ import numpy as np
 from threed.bench.evaluate import DISTANCE_KEYS, SHADINGS, Evaluator
 from threed.bench.plan import Entry
 from threed.config import Config
+from threed.metrics import REPORTED
 from threed.rundir import RunDir
 
 
@@ -79,6 +80,7 @@ def collect(plan: list[Entry], statuses: dict[str, dict], evals: dict[str, dict 
             for k in DISTANCE_KEYS:
                 if k in ev:
                     row[k] = ev[k]
+            row.update(earlier_stage_distances(e, done))
         row["run_dir"] = str(e.run_dir.relative_to(out)) if e.run_dir.is_relative_to(out) else str(e.run_dir)
         row["thumbnail"] = str(e.thumb_path.relative_to(out)) if e.thumb_path.exists() else ""
         row["error"] = statuses.get(e.name, {}).get("error", "")
@@ -111,6 +113,14 @@ def collect(plan: list[Entry], statuses: dict[str, dict], evals: dict[str, dict 
                 s[f"mean_{k}"] = _mean(vals)
         summary.append(s)
     return rows, summary
+
+
+def earlier_stage_distances(entry: Entry, done: dict) -> dict[str, Any]:
+    """`<stage>_chamfer_l1`, ... of each stage before the last (its kept mesh-<stage>.*), as the run's closing
+    record measured them against the oracle's reference (threed.metrics.reference_metrics); the final mesh's
+    are the bench's own columns. Empty for one stage or a run that measured none."""
+    stages = [stage for stage, _ in entry.budget][:-1]
+    return {f"{stage}_{k}": done[f"{stage}_{k}"] for stage in stages for k in REPORTED if f"{stage}_{k}" in done}
 
 
 def _mean(values: list) -> float:
