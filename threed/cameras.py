@@ -1,4 +1,4 @@
-"""Cameras on a sphere looking at the origin, and their rays.
+"""Cameras on a sphere looking at the origin (training cameras optionally perturbed), and their rays.
 
 Scene frame: y is up and the object's front faces +z (the glTF convention), so exported meshes open
 upright in viewers. Azimuth 0 looks from +z, azimuth 90 from +x; elevation is above the xz-plane.
@@ -82,14 +82,18 @@ def spherical_position(elevation: Tensor, azimuth: Tensor, distance: Tensor) -> 
                         distance * torch.cos(e) * torch.cos(a)], dim=-1)
 
 
-def look_at(position: Tensor, target: Tensor | None = None) -> Tensor:
-    """Camera-to-world matrices (B, 4, 4) for cameras at `position` looking at `target` (origin)."""
+def look_at(position: Tensor, target: Tensor | None = None, up: Tensor | None = None) -> Tensor:
+    """Camera-to-world matrices (B, 4, 4) for cameras at `position` looking at `target` (the origin), the
+    image's up as close to `up` (B, 3) (the scene's +y) as the view allows."""
     target = torch.zeros_like(position) if target is None else target
     forward = target - position
     forward = forward / forward.norm(dim=-1, keepdim=True)
-    up = torch.tensor([0.0, 1.0, 0.0], device=position.device).expand_as(forward).clone()
-    # Looking straight up or down: any horizontal axis will do as "up".
-    straight = (forward[:, 1].abs() > 0.9999)
+    if up is None:
+        up = torch.tensor([0.0, 1.0, 0.0], device=position.device).expand_as(forward).clone()
+    else:
+        up = up / up.norm(dim=-1, keepdim=True)
+    # Looking straight along up: any axis across the view will do as "up".
+    straight = (forward * up).sum(dim=-1).abs() > 0.9999
     up[straight] = torch.tensor([0.0, 0.0, -1.0], device=position.device)
     right = torch.cross(forward, up, dim=-1)
     right = right / right.norm(dim=-1, keepdim=True)
@@ -114,7 +118,9 @@ def _uniform(n: int, bounds: tuple[float, float], generator: torch.Generator) ->
 
 def sample_cameras(cfg: CameraConfig, n: int, width: int, height: int, generator: torch.Generator,
                    light_distance: tuple[float, float] = (0.8, 1.5), light_absolute: bool = False) -> Cameras:
-    """Training cameras: distance, fovy, elevation, azimuth uniform in the configured ranges.
+    """Training cameras: distance, fovy, elevation, azimuth uniform in the configured ranges, then perturbed
+    as the config says (`position_jitter`, `center_jitter`, `up_jitter`); elevation, azimuth and distance stay
+    the drawn values, which choose the view prompts (as threestudio's unperturbed angles do).
 
     The point light sits near the camera (DreamFusion): its direction is the camera's perturbed by
     Gaussian noise and its distance uniform in `light_distance`, a multiple of the camera distance, or with
@@ -129,7 +135,14 @@ def sample_cameras(cfg: CameraConfig, n: int, width: int, height: int, generator
     direction = direction / direction.norm(dim=-1, keepdim=True)
     light_scale = _uniform(n, light_distance, generator)
     light = direction * (light_scale if light_absolute else distance * light_scale)[:, None]
-    return make_cameras(elevation, azimuth, distance, fovy, width, height, light)
+    cameras = make_cameras(elevation, azimuth, distance, fovy, width, height, light)
+    if max(cfg.position_jitter, cfg.center_jitter, cfg.up_jitter) > 0:
+        # drawn last and only when on, so that runs without jitter see the random stream they always saw
+        moved = position + cfg.position_jitter * (2.0 * torch.rand(n, 3, generator=generator) - 1.0)
+        target = cfg.center_jitter * torch.randn(n, 3, generator=generator)
+        up = torch.tensor([0.0, 1.0, 0.0]) + cfg.up_jitter * torch.randn(n, 3, generator=generator)
+        cameras.c2w = look_at(moved, target, up)
+    return cameras
 
 
 def orbit_cameras(cfg: CameraConfig, n: int, width: int, height: int, elevation: float | None = None) -> Cameras:

@@ -109,6 +109,12 @@ class CameraConfig:
     front_threshold: float = 45.0  # half-angle of the azimuth range called "front"
     back_threshold: float = 45.0
     overhead_threshold: float = 60.0
+    # Training cameras perturbed as threestudio's random-camera data does (0: off): the position moved by up
+    # to `position_jitter` along each axis (uniform), the point looked at by Gaussian noise of std
+    # `center_jitter`, the up vector by Gaussian noise of std `up_jitter` (scene units). Evaluation views never.
+    position_jitter: float = 0.0
+    center_jitter: float = 0.0
+    up_jitter: float = 0.0
 
 
 # What `guidance.type` accepts: the registry's priors (threed/priors.py).
@@ -562,6 +568,8 @@ def validate(cfg: Config) -> None:
         (g.t_min.start <= g.t_max.start and g.t_min.end <= g.t_max.end, "guidance.t_min",
          "must not exceed guidance.t_max"),
         (g.oracle.views >= 1, "guidance.oracle.views", "must be >= 1"),
+        (min(cfg.camera.position_jitter, cfg.camera.center_jitter, cfg.camera.up_jitter) >= 0,
+         "camera.position_jitter/center_jitter/up_jitter", "must be >= 0 (0: off)"),
         (not (g.sd.perp_neg and not g.view_dependent_prompting), "guidance.sd.perp_neg",
          "mixes the view prompts: it needs guidance.view_dependent_prompting=true"),
         (cfg.field.n_levels >= 1, "field.n_levels", "must be >= 1"),
