@@ -93,3 +93,40 @@ def test_presets_perturb_as_their_references():
 def test_negative_jitter_is_refused():
     with pytest.raises(UserError, match="camera.position_jitter"):
         build_config("cpu-tiny", ["camera.center_jitter=-0.1"])
+
+
+def test_elevation_over_the_sphere_as_threestudio_draws_it():
+    """With elevation_sphere_prob 1 every batch maps its uniform draws u in [0, 1] (the same draws as without:
+    the stream only gains the coin) to asin(2 (p0 + (p1 - p0) u) - 1), p = (bound + 90) / 180, threestudio's
+    inverse transform: sin(elevation) uniform in [lo / 90, hi / 90]. By hand for [-10, 45]: u = 0 -> asin(-1/9)
+    = -6.38 degrees, u = 1 -> asin(1/2) = 30 degrees. Over 20000 cameras sin(elevation) has the uniform's mean
+    (lo + hi) / 180 = 0.1944 and std (hi - lo) / 90 / sqrt(12) = 0.1764 (within 2%)."""
+    plain = CameraConfig(elevation=(-10.0, 45.0))
+    sphere = CameraConfig(elevation=(-10.0, 45.0), elevation_sphere_prob=1.0)
+    a = sample_cameras(plain, 6, 8, 8, torch.Generator().manual_seed(5))
+    b = sample_cameras(sphere, 6, 8, 8, torch.Generator().manual_seed(5))
+    u = (a.elevation + 10.0) / 55.0
+    p0, p1 = 80.0 / 180.0, 135.0 / 180.0
+    assert torch.allclose(b.elevation, torch.rad2deg(torch.asin(2 * (p0 + (p1 - p0) * u) - 1)), atol=1e-4)
+    assert torch.equal(a.azimuth, b.azimuth) and torch.equal(a.distance, b.distance)
+    assert math.degrees(math.asin(2 * p0 - 1)) == pytest.approx(-6.38, abs=0.01)
+    many = sample_cameras(sphere, 20000, 8, 8, torch.Generator().manual_seed(0))
+    sines = torch.sin(torch.deg2rad(many.elevation))
+    assert float(sines.mean()) == pytest.approx(35.0 / 180.0, rel=0.02)
+    assert float(sines.std()) == pytest.approx(55.0 / 90.0 / math.sqrt(12), rel=0.02)
+    assert float(many.elevation.min()) >= -6.39 and float(many.elevation.max()) <= 30.0 + 1e-4
+
+
+def test_half_the_batches_draw_over_the_sphere():
+    """elevation_sphere_prob 0.5: a coin per batch (200 batches: 82..118 over the sphere, the 99% binomial
+    interval around 100); over-the-sphere batches are told apart by an elevation outside their degree map."""
+    cfg = CameraConfig(elevation=(-10.0, 45.0), elevation_sphere_prob=0.5)
+    plain = CameraConfig(elevation=(-10.0, 45.0))
+    g, h = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    flipped = 0
+    for _ in range(200):
+        cams = sample_cameras(cfg, 2, 8, 8, g)
+        ref = sample_cameras(plain, 2, 8, 8, h)
+        torch.rand(1, generator=h)  # the coin
+        flipped += int(not torch.equal(cams.elevation, ref.elevation))
+    assert 82 <= flipped <= 118

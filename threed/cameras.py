@@ -116,11 +116,22 @@ def _uniform(n: int, bounds: tuple[float, float], generator: torch.Generator) ->
     return lo + (hi - lo) * torch.rand(n, generator=generator)
 
 
+def _uniform_over_the_sphere(elevation: Tensor, bounds: tuple[float, float]) -> Tensor:
+    """Elevations uniform in degrees within `bounds` mapped, by their share of the range, to elevations uniform
+    over the sphere's area (sin(elevation) uniform), as threestudio's random cameras compute it: sin(elevation)
+    uniform in [lo / 90, hi / 90]. For bounds other than +-90 that range is narrower than the bounds (threestudio's
+    [-10, 45] gives [-6.4, 30] degrees); it is kept so, being what the published recipes trained with."""
+    lo, hi = bounds
+    share = (elevation - lo) / (hi - lo) if hi > lo else torch.zeros_like(elevation)
+    return torch.rad2deg(torch.asin((lo + (hi - lo) * share) / 90.0))
+
+
 def sample_cameras(cfg: CameraConfig, n: int, width: int, height: int, generator: torch.Generator,
                    light_distance: tuple[float, float] = (0.8, 1.5), light_absolute: bool = False) -> Cameras:
-    """Training cameras: distance, fovy, elevation, azimuth uniform in the configured ranges, then perturbed
-    as the config says (`position_jitter`, `center_jitter`, `up_jitter`); elevation, azimuth and distance stay
-    the drawn values, which choose the view prompts (as threestudio's unperturbed angles do).
+    """Training cameras: distance, fovy, elevation, azimuth uniform in the configured ranges (a batch's
+    elevations uniform over the sphere's area instead with probability `elevation_sphere_prob`), then
+    perturbed as the config says (`position_jitter`, `center_jitter`, `up_jitter`); elevation, azimuth and
+    distance stay the drawn values, which choose the view prompts (as threestudio's unperturbed angles do).
 
     The point light sits near the camera (DreamFusion): its direction is the camera's perturbed by
     Gaussian noise and its distance uniform in `light_distance`, a multiple of the camera distance, or with
@@ -130,10 +141,14 @@ def sample_cameras(cfg: CameraConfig, n: int, width: int, height: int, generator
     fovy = _uniform(n, cfg.fovy, generator)
     elevation = _uniform(n, cfg.elevation, generator)
     azimuth = _uniform(n, cfg.azimuth, generator)
-    position = spherical_position(elevation, azimuth, distance)
-    direction = position + 0.5 * distance[:, None] * torch.randn(n, 3, generator=generator)
-    direction = direction / direction.norm(dim=-1, keepdim=True)
+    light_noise = torch.randn(n, 3, generator=generator)
     light_scale = _uniform(n, light_distance, generator)
+    # drawn after the others and only when on, so that runs without it see the random stream they always saw
+    if cfg.elevation_sphere_prob > 0 and float(torch.rand(1, generator=generator)) < cfg.elevation_sphere_prob:
+        elevation = _uniform_over_the_sphere(elevation, cfg.elevation)
+    position = spherical_position(elevation, azimuth, distance)
+    direction = position + 0.5 * distance[:, None] * light_noise
+    direction = direction / direction.norm(dim=-1, keepdim=True)
     light = direction * (light_scale if light_absolute else distance * light_scale)[:, None]
     cameras = make_cameras(elevation, azimuth, distance, fovy, width, height, light)
     if max(cfg.position_jitter, cfg.center_jitter, cfg.up_jitter) > 0:

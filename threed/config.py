@@ -112,6 +112,9 @@ class CameraConfig:
     # Training cameras perturbed as threestudio's random-camera data does (0: off): the position moved by up
     # to `position_jitter` along each axis (uniform), the point looked at by Gaussian noise of std
     # `center_jitter`, the up vector by Gaussian noise of std `up_jitter` (scene units). Evaluation views never.
+    # The share of batches whose elevations are uniform over the sphere's area between the elevation bounds
+    # rather than uniform in degrees (threestudio: half; uniform in degrees crowds views towards the poles).
+    elevation_sphere_prob: float = 0.0
     position_jitter: float = 0.0
     center_jitter: float = 0.0
     up_jitter: float = 0.0
@@ -568,6 +571,7 @@ def validate(cfg: Config) -> None:
         (g.t_min.start <= g.t_max.start and g.t_min.end <= g.t_max.end, "guidance.t_min",
          "must not exceed guidance.t_max"),
         (g.oracle.views >= 1, "guidance.oracle.views", "must be >= 1"),
+        (0.0 <= cfg.camera.elevation_sphere_prob <= 1.0, "camera.elevation_sphere_prob", "must be in [0, 1]"),
         (min(cfg.camera.position_jitter, cfg.camera.center_jitter, cfg.camera.up_jitter) >= 0,
          "camera.position_jitter/center_jitter/up_jitter", "must be >= 0 (0: off)"),
         (not (g.sd.perp_neg and not g.view_dependent_prompting), "guidance.sd.perp_neg",
