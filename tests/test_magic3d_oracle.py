@@ -32,7 +32,7 @@ def test_the_mesh_stage_improves_on_the_nerf_mesh(tmp_path: Path) -> None:
 
     Measured (seed 0, 2-core CPU, 80 s): the NeRF's marching-cubes mesh 0.617% Chamfer-L1 of the diagonal,
     F@1% 0.889; after the mesh stage 0.481%, F@1% 0.973 (0.78x the coarse Chamfer) with offsets bounded at 0.15
-    of a cell, 0.473%, F@1% 0.978 (0.77x) at the default one cell (threestudio's), 0.444%, F@1% 0.988 (0.72x)
+    of a cell, 0.473%, F@1% 0.978 (0.77x) at the default one cell (threestudio's), 0.441%, F@1% 0.989 (0.72x)
     with the start SDF blurred by one cell (mesh.start_smoothing, the default). Asserted: the mesh stage
     removes at least 10% of the coarse Chamfer and does not lose F-score, and the final mesh is within 0.65%
     (a third above the measured value).

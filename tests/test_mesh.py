@@ -245,6 +245,26 @@ def test_repair_removes_zero_area_faces_without_moving_the_surface():
     assert len(repair(cap, f)[1]) == len(f)  # flipped, not collapsed
 
 
+def test_repair_leaves_a_margin_for_the_files_rounding():
+    """A cap 2x the tolerance off its edge is no defect in memory (mesh_defects: thinner than the tolerance),
+    but files round coordinates to ~1e-6, which could put it below: repair flips every face thinner than
+    REPAIR_MARGIN x the tolerance, so the thinnest face left is at least that thick."""
+    from threed.mesh import MERGE_TOLERANCE, REPAIR_MARGIN, _face_heights
+
+    ball = trimesh.creation.icosphere(2)
+    v, f = np.asarray(ball.vertices, np.float64), np.asarray(ball.faces)
+    a, b, c = f[0]
+    tol = MERGE_TOLERANCE * float(np.linalg.norm(v.max(axis=0) - v.min(axis=0)))
+    edge = 0.3 * v[a] + 0.7 * v[b]
+    outward = np.cross(v[b] - v[a], np.cross(v[c] - v[a], v[b] - v[a]))
+    cap = v.copy()
+    cap[c] = edge + 2.0 * tol * outward / np.linalg.norm(outward)
+    assert mesh_defects(cap, f)["zero_area_faces"] == 0
+    rv, rf = repair(cap, f)
+    assert float(_face_heights(rv, rf)[0].min()) >= 0.99 * REPAIR_MARGIN * tol
+    assert_clean(rv, rf, components=1)
+
+
 def test_repair_drops_a_dangling_face_and_cuts_off_a_fin():
     """A face on its own and a face hung on one of the ball's edges (3 faces there) are no closed surface:
     both go, even with keep_components=0 (a closed surface has at least 4 faces), and the ball stays whole."""

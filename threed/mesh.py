@@ -222,6 +222,10 @@ def _compact(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.nd
 # the same way. `repair` removes all of it without moving the surface: see its docstring.
 
 MERGE_TOLERANCE = 1e-6  # of the bounding-box diagonal: closer vertices are one point (float32 resolves ~1e-7)
+# `repair` works to this multiple of the tolerance `mesh_defects` checks: files store coordinates to about
+# 1e-6 (OBJ's %.6f), which can move a face's height or two vertices' distance by about that much, so a face
+# or a pair just above the tolerance in memory could fall below it in the file a reader loads.
+REPAIR_MARGIN = 4.0
 
 
 def _tolerance(vertices: np.ndarray) -> float:
@@ -472,8 +476,8 @@ def repair(vertices: np.ndarray, faces: np.ndarray, keep_components: float = 0.0
     """A mesh without zero-area or duplicate faces, coincident vertices, non-manifold edges or vertices, or
     specks: what a file's reader (merging coincident vertices) sees as one closed surface per part.
 
-    In order: vertices closer than `MERGE_TOLERANCE` x the diagonal merged and zero-area faces flipped away
-    or collapsed (`_collapse_degenerate`); duplicate faces dropped (`_drop_duplicate_faces`); vertices
+    In order: vertices closer than `MERGE_TOLERANCE` x the diagonal (with `REPAIR_MARGIN`) merged and
+    zero-area faces flipped away or collapsed (`_collapse_degenerate`); duplicate faces dropped (`_drop_duplicate_faces`); vertices
     where surfaces meet split (`_split_non_manifold`); then components with fewer than 4 faces (no closed
     surface has fewer: one-face specks, split-off fins) and, when `keep_components` > 0, those under that
     fraction of the largest's faces dropped.
@@ -484,7 +488,7 @@ def repair(vertices: np.ndarray, faces: np.ndarray, keep_components: float = 0.0
     if len(faces) == 0:
         return vertices, faces
     tol = _tolerance(vertices)
-    vertices, faces = _collapse_degenerate(vertices, faces, tol)
+    vertices, faces = _collapse_degenerate(vertices, faces, REPAIR_MARGIN * tol)
     faces = _drop_duplicate_faces(faces)
     vertices, faces = _split_non_manifold(*_compact(vertices, faces), tol)
     faces = _keep_large_components(faces, len(vertices), keep_components, min_faces=4)
