@@ -477,10 +477,10 @@ def repair(vertices: np.ndarray, faces: np.ndarray, keep_components: float = 0.0
     specks: what a file's reader (merging coincident vertices) sees as one closed surface per part.
 
     In order: vertices closer than `MERGE_TOLERANCE` x the diagonal (with `REPAIR_MARGIN`) merged and
-    zero-area faces flipped away or collapsed (`_collapse_degenerate`); duplicate faces dropped (`_drop_duplicate_faces`); vertices
-    where surfaces meet split (`_split_non_manifold`); then components with fewer than 4 faces (no closed
-    surface has fewer: one-face specks, split-off fins) and, when `keep_components` > 0, those under that
-    fraction of the largest's faces dropped.
+    zero-area faces flipped away or collapsed (`_collapse_degenerate`); duplicate faces dropped
+    (`_drop_duplicate_faces`); vertices where surfaces meet split (`_split_non_manifold`); then components
+    with fewer than 4 faces (no closed surface has fewer: one-face specks, split-off fins) and, when
+    `keep_components` > 0, those under that fraction of the largest's faces dropped.
     """
     vertices = np.asarray(vertices, dtype=np.float32).reshape(-1, 3)
     faces = np.asarray(faces, dtype=np.int64).reshape(-1, 3)
