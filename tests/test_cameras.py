@@ -130,3 +130,35 @@ def test_half_the_batches_draw_over_the_sphere():
         torch.rand(1, generator=h)  # the coin
         flipped += int(not torch.equal(cams.elevation, ref.elevation))
     assert 82 <= flipped <= 118
+
+
+def test_dreamfusion_light_with_an_absolute_jitter_by_replay():
+    """light_jitter 1 in scene units (threestudio's light_position_perturb): the light's direction is the
+    camera's position plus the standard normal draw, normalised; its distance the uniform draw in
+    light_distance (absolute here)."""
+    n = 6
+    a, b = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    cams = sample_cameras(CameraConfig(), n, 8, 8, a, (0.8, 1.5), True, "dreamfusion", 1.0, True)
+    for _ in range(4):
+        torch.rand(n, generator=b)
+    noise = torch.randn(n, 3, generator=b)
+    scale = 0.8 + 0.7 * torch.rand(n, generator=b)
+    direction = cams.position + noise
+    expected = direction / direction.norm(dim=-1, keepdim=True) * scale[:, None]
+    assert torch.allclose(cams.light_position, expected, atol=1e-6)
+
+
+def test_magic3d_light_lies_within_60_degrees_of_the_camera():
+    """light_sample magic3d over 4000 cameras: the angle between the light's and the camera's directions is
+    90 degrees less the elevation above the plane across the camera, uniform in [30, 90]: so uniform in
+    [0, 60] (mean 30, within 3%; none beyond 60); the angle around the camera's direction uniform (the mean
+    of the light's component along a fixed axis across it is about 0)."""
+    cams = sample_cameras(CameraConfig(), 4000, 8, 8, torch.Generator().manual_seed(0), (0.8, 1.5), True, "magic3d")
+    cam = cams.position / cams.position.norm(dim=-1, keepdim=True)
+    light = cams.light_position / cams.light_position.norm(dim=-1, keepdim=True)
+    angle = torch.rad2deg(torch.acos((cam * light).sum(-1).clamp(-1, 1)))
+    assert float(angle.max()) <= 60.0 + 1e-3 and float(angle.min()) >= 0.0
+    assert float(angle.mean()) == pytest.approx(30.0, rel=0.03)
+    across = torch.nn.functional.normalize(torch.cross(cam, torch.tensor([[0.0, 1.0, 0.0]]).expand_as(cam), dim=-1), dim=-1)
+    assert abs(float((light * across).sum(-1).mean())) < 0.02
+    assert cams.light_position.norm(dim=-1).min() >= 0.8 - 1e-5 and cams.light_position.norm(dim=-1).max() <= 1.5 + 1e-5

@@ -7,6 +7,7 @@ Camera frame: OpenGL (looks along -z, y up).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -116,6 +117,24 @@ def _uniform(n: int, bounds: tuple[float, float], generator: torch.Generator) ->
     return lo + (hi - lo) * torch.rand(n, generator=generator)
 
 
+def _light_near(position: Tensor, noise: Tensor) -> Tensor:
+    """Unit light directions (B, 3) within 60 degrees of the cameras' (Magic3D's strategy in threestudio): the
+    elevation above the plane across the camera's direction uniform in [30, 90] degrees, the angle around it
+    uniform, both from the uniform transforms of `noise`'s first two columns (standard normal draws, so the
+    strategies share the random stream's layout). The distribution is symmetric about the camera's direction,
+    so which axes span the plane across it does not matter."""
+    z = position / position.norm(dim=-1, keepdim=True)
+    helper = torch.where((z[:, 1].abs() > 0.9)[:, None], torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0]))
+    x = torch.cross(helper, z, dim=-1)
+    x = x / x.norm(dim=-1, keepdim=True)
+    y = torch.cross(z, x, dim=-1)
+    u = 0.5 * (1.0 + torch.erf(noise[:, :2] / math.sqrt(2.0)))  # uniform in [0, 1]
+    around = (2.0 * u[:, 0] - 1.0) * math.pi
+    above = math.pi / 6 + u[:, 1] * math.pi / 3
+    return ((torch.cos(above) * torch.cos(around))[:, None] * x + (torch.cos(above) * torch.sin(around))[:, None] * y
+            + torch.sin(above)[:, None] * z)
+
+
 def _uniform_over_the_sphere(elevation: Tensor, bounds: tuple[float, float]) -> Tensor:
     """Elevations uniform in degrees within `bounds` mapped, by their share of the range, to elevations uniform
     over the sphere's area (sin(elevation) uniform), as threestudio's random cameras compute it: sin(elevation)
@@ -127,15 +146,21 @@ def _uniform_over_the_sphere(elevation: Tensor, bounds: tuple[float, float]) -> 
 
 
 def sample_cameras(cfg: CameraConfig, n: int, width: int, height: int, generator: torch.Generator,
-                   light_distance: tuple[float, float] = (0.8, 1.5), light_absolute: bool = False) -> Cameras:
+                   light_distance: tuple[float, float] = (0.8, 1.5), light_absolute: bool = False,
+                   light_sample: str = "dreamfusion", light_jitter: float = 0.5,
+                   light_jitter_absolute: bool = False) -> Cameras:
     """Training cameras: distance, fovy, elevation, azimuth uniform in the configured ranges (a batch's
     elevations uniform over the sphere's area instead with probability `elevation_sphere_prob`), then
     perturbed as the config says (`position_jitter`, `center_jitter`, `up_jitter`); elevation, azimuth and
     distance stay the drawn values, which choose the view prompts (as threestudio's unperturbed angles do).
 
-    The point light sits near the camera (DreamFusion): its direction is the camera's perturbed by
-    Gaussian noise and its distance uniform in `light_distance`, a multiple of the camera distance, or with
-    `light_absolute` scene units from the origin (threestudio's light_distance_range). The same draws either way.
+    The point light sits near the camera. `light_sample` dreamfusion (DreamFusion): its direction is the
+    camera's perturbed by Gaussian noise of std `light_jitter` (x the camera's distance, or scene units with
+    `light_jitter_absolute`); magic3d (threestudio's Magic3D strategy): 30 to 90 degrees above the plane across
+    the camera's direction, uniform in angle, at any angle around it. Its distance is uniform in
+    `light_distance`, a multiple of the camera distance, or with `light_absolute` scene units from the origin
+    (threestudio's light_distance_range). The same number of draws whichever the settings, but for the
+    optional ones last.
     """
     distance = _uniform(n, cfg.distance, generator)
     fovy = _uniform(n, cfg.fovy, generator)
@@ -147,7 +172,12 @@ def sample_cameras(cfg: CameraConfig, n: int, width: int, height: int, generator
     if cfg.elevation_sphere_prob > 0 and float(torch.rand(1, generator=generator)) < cfg.elevation_sphere_prob:
         elevation = _uniform_over_the_sphere(elevation, cfg.elevation)
     position = spherical_position(elevation, azimuth, distance)
-    direction = position + 0.5 * distance[:, None] * light_noise
+    if light_sample == "magic3d":
+        direction = _light_near(position, light_noise)
+    elif light_jitter_absolute:
+        direction = position + light_jitter * light_noise
+    else:
+        direction = position + light_jitter * distance[:, None] * light_noise
     direction = direction / direction.norm(dim=-1, keepdim=True)
     light = direction * (light_scale if light_absolute else distance * light_scale)[:, None]
     cameras = make_cameras(elevation, azimuth, distance, fovy, width, height, light)

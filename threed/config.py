@@ -72,6 +72,13 @@ class RenderConfig:
     # units from the origin (threestudio's light_distance_range, [0.8, 1.5] by default).
     light_distance: tuple[float, float] = (0.8, 1.5)
     light_distance_absolute: bool = False
+    # The point light's direction (threestudio's light_sample_strategy): dreamfusion, the camera's direction
+    # perturbed by Gaussian noise of std light_jitter (x the camera's distance, or scene units with
+    # light_jitter_absolute: threestudio's light_position_perturb); magic3d, within 60 degrees of the camera's
+    # direction (30 to 90 degrees above the plane across it, any angle around it).
+    light_sample: Literal["dreamfusion", "magic3d"] = "dreamfusion"
+    light_jitter: float = 0.5
+    light_jitter_absolute: bool = False
     background: Literal["mlp", "solid", "random"] = "mlp"
     background_color: tuple[float, float, float] = (1.0, 1.0, 1.0)
     # Probability that a training render's background is replaced by one random colour per image (threestudio's
@@ -565,6 +572,7 @@ def validate(cfg: Config) -> None:
         (0.0 <= cfg.render.textureless_prob <= 1.0, "render.textureless_prob", "must be in [0, 1]"),
         (0.0 <= cfg.render.random_aug <= 1.0, "render.random_aug", "must be a probability in [0, 1]"),
         (0.0 <= cfg.render.albedo_prob <= 1.0, "render.albedo_prob", "must be in [0, 1]"),
+        (cfg.render.light_jitter >= 0, "render.light_jitter", "must be >= 0"),
         (0 < cfg.render.light_distance[0] <= cfg.render.light_distance[1], "render.light_distance",
          "must be [near, far] with 0 < near <= far"),
         (0.0 < t_lo and t_hi < 1.0, "guidance.t_min/t_max", "must stay inside (0, 1)"),
