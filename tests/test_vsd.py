@@ -212,6 +212,16 @@ def test_an_incompatible_lora_base_is_refused(tiny_sd_dir, tmp_path):
         vsd.build_vsd(sd_config(tiny_sd_dir, f"guidance.vsd.lora_model={other}"), "cpu")
 
 
+def test_the_particle_scores_adamw_takes_the_configured_eps(tiny_sd_dir, tmp_path):
+    """threestudio's ProlificDreamer steps the LoRA with AdamW at eps 1e-15 (the preset's), betas (0.9, 0.99),
+    torch's weight decay; the default eps is torch's 1e-8, for both priors."""
+    g = vsd.build_vsd(sd_config(tiny_sd_dir, "guidance.vsd.lora_eps=1e-15"), "cpu")
+    group = g.optimizer.param_groups[0]
+    assert (group["eps"], group["betas"], group["weight_decay"]) == (1e-15, (0.9, 0.99), 0.01)
+    reference = shapes.save(shapes.sphere(), tmp_path / "sphere.ply")
+    assert vsd.build_vsd(oracle_config(reference), "cpu").optimizer.param_groups[0]["eps"] == 1e-8
+
+
 def test_prior_specific_keys_are_checked(tmp_path):
     reference = shapes.save(shapes.sphere(subdivisions=1), tmp_path / "s.ply")
     with pytest.raises(UserError, match="guidance.vsd.lora_rank set, but only the stable_diffusion prior"):

@@ -599,6 +599,7 @@ def validate(cfg: Config) -> None:
         (g.vsd.lora_rank >= 1, "guidance.vsd.lora_rank", "must be >= 1"),
         (g.vsd.lora_samples >= 1, "guidance.vsd.lora_samples", "must be >= 1"),
         (g.vsd.lora_lr.bounds()[0] > 0, "guidance.vsd.lora_lr", "must be positive"),
+        (g.vsd.lora_eps > 0, "guidance.vsd.lora_eps", "must be positive"),
         (0.0 <= g.vsd.lora_t[0] < g.vsd.lora_t[1] <= 1.0, "guidance.vsd.lora_t", "must be [lo, hi] with 0 <= lo < hi <= 1"),
         (0.0 <= g.vsd.camera_dropout <= 1.0, "guidance.vsd.camera_dropout", "must be in [0, 1]"),
         (len(g.vsd.denoiser_channels) >= 1 and min(g.vsd.denoiser_channels) >= 8

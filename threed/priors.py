@@ -92,6 +92,7 @@ class VSDConfig:
     lora_rank: int = 4
     lora_alpha: float = 4.0  # the LoRA's output is scaled by alpha / rank
     lora_lr: Schedule = Schedule.constant(1e-4)  # AdamW, its own step every training step
+    lora_eps: float = 1e-8  # that AdamW's eps (torch's default; threestudio's ProlificDreamer configs: 1e-15)
     lora_t: tuple[float, float] = (0.0, 1.0)  # its training timesteps: t ~ U[lo, hi) * T
     lora_samples: int = 1  # (t, noise) draws per render in its loss (threestudio's lora_n_timestamp_samples)
     camera_dropout: float = 0.1  # probability of training it without the camera (zeros), as for CFG

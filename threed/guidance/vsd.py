@@ -149,8 +149,10 @@ class ParticleScore:
 
     def _setup_optimizer(self, params: dict[str, nn.Parameter]) -> None:
         self.trainable = params
-        # threestudio's AdamW settings for the guidance parameters (betas 0.9, 0.99; default weight decay)
-        self.optimizer = torch.optim.AdamW(list(params.values()), lr=self.cfg.vsd.lora_lr(0), betas=(0.9, 0.99))
+        # threestudio's AdamW settings for the guidance parameters (betas 0.9, 0.99; default weight decay;
+        # eps from the config, threestudio's 1e-15 in the prolificdreamer preset)
+        self.optimizer = torch.optim.AdamW(list(params.values()), lr=self.cfg.vsd.lora_lr(0), betas=(0.9, 0.99),
+                                           eps=self.cfg.vsd.lora_eps)
         self.timings: dict[str, float] = {}
 
     def _training_draws(self, x: Tensor, camera: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
