@@ -18,7 +18,6 @@ point); it shrinks as the sample count grows.
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 import numpy as np
@@ -133,9 +132,22 @@ def color_error(pred: trimesh.Trimesh, ref: trimesh.Trimesh) -> float:
     return float(np.abs(vertex_rgb(pred) - vertex_rgb(ref)[nearest]).mean())
 
 
+def load_mesh(path: Path | str) -> trimesh.Trimesh:
+    """`trimesh.load(path, force="mesh")`, cached by path and modification time (treat it as read-only): a
+    run's closing record and its closing summary read the same files. Raises what trimesh and the file system
+    raise for a missing or unreadable file."""
+    path = Path(path)
+    return _load_mesh(str(path), path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_mesh(path: str, mtime: int) -> trimesh.Trimesh:
+    return trimesh.load(path, force="mesh")
+
+
 def file_distance(mesh_path: Path | str, reference: Path | str) -> dict[str, float]:
-    """`mesh_distance` between two mesh files; raises what trimesh raises for an unreadable file. Cached by
-    path and modification time: a run's closing record and its closing summary ask for the same numbers."""
+    """`mesh_distance` between two mesh files (`load_mesh`), cached likewise: the closing record and the
+    closing summary ask for the same numbers."""
     mesh_path, reference = Path(mesh_path), Path(reference)
     return dict(_file_distance(str(mesh_path), mesh_path.stat().st_mtime_ns, str(reference),
                                reference.stat().st_mtime_ns))
@@ -143,9 +155,7 @@ def file_distance(mesh_path: Path | str, reference: Path | str) -> dict[str, flo
 
 @functools.lru_cache(maxsize=16)
 def _file_distance(mesh_path: str, mesh_mtime: int, reference: str, reference_mtime: int) -> tuple:
-    pred = trimesh.load(mesh_path, force="mesh")
-    ref = trimesh.load(reference, force="mesh")
-    return tuple(mesh_distance(pred, ref).items())
+    return tuple(mesh_distance(_load_mesh(mesh_path, mesh_mtime), _load_mesh(reference, reference_mtime)).items())
 
 
 def reference_metrics(meshes: dict[str, Path | str | None], reference: Path | str) -> dict[str, float]:

@@ -219,8 +219,7 @@ def stage_meshes(rundir: RunDir, stages: tuple[Stage, ...]) -> dict[str, Path | 
     out: dict[str, Path | None] = {}
     for i, stage in enumerate(stages):
         stem = FINAL_MESH if i == len(stages) - 1 else stage_mesh_stem(stage.name)
-        files = [rundir.path / f"{stem}.{ext}" for ext in ("obj", "ply", "glb")]
-        out["" if len(stages) == 1 else f"{stage.name}_"] = next((p for p in files if p.exists()), None)
+        out["" if len(stages) == 1 else f"{stage.name}_"] = rundir.mesh_file(stem)
     return out
 
 
@@ -322,16 +321,14 @@ def export_run(run_dir: Path, formats: tuple[str, ...] | None = None, resolution
 def chamfer_line(mesh_path: Path | str, reference: Path | str) -> str:
     """One line: the Chamfer-L1 distance, F-score and normal consistency from the mesh file to the reference
     mesh (threed/metrics.py)."""
-    import trimesh
-
-    from threed.metrics import file_distance
+    from threed.metrics import file_distance, load_mesh
 
     try:
-        ref = trimesh.load(reference, force="mesh")
+        ref = load_mesh(reference)
     except Exception as e:  # trimesh raises many types for unreadable files
         raise UserError(f"cannot read the reference mesh {reference} ({first_line(e)}): "
                         "pass an OBJ, PLY or GLB") from None
-    pred = trimesh.load(mesh_path, force="mesh")
+    pred = load_mesh(mesh_path)
     if len(pred.faces) == 0 or len(ref.faces) == 0:
         return f"Chamfer-L1 from {Path(mesh_path).name} to {Path(reference).name}: undefined (a mesh is empty)"
     d = file_distance(mesh_path, reference)

@@ -180,6 +180,11 @@ class RunDir:
         return 0
 
     # -- meshes -------------------------------------------------------------------------------
+    def mesh_file(self, stem: str) -> Path | None:
+        """The run's mesh `<stem>` (FINAL_MESH or a stage's `stage_mesh_stem`): its OBJ, else PLY, else GLB;
+        None if none was written."""
+        return next((p for p in (self.path / f"{stem}.{ext}" for ext in ("obj", "ply", "glb")) if p.exists()), None)
+
     def mesh_entries(self) -> dict[str, dict]:
         """mesh.json's entries, keyed by file name ({} when absent or unreadable)."""
         try:

@@ -59,8 +59,7 @@ def mesh_stats(run_dir: Path, reference: str | None) -> dict:
     `reference` if given (threed.metrics.mesh_distance)."""
     import trimesh
 
-    files = [RunDir(run_dir).path / f"{FINAL_MESH}.{ext}" for ext in ("obj", "ply", "glb")]
-    path = next((p for p in files if p.exists()), None)
+    path = RunDir(run_dir).mesh_file(FINAL_MESH)
     stats: dict[str, Any] = {"faces": 0, "watertight": False}
     mesh = None
     if path is not None:
