@@ -115,8 +115,7 @@ def main() -> None:
             fwd, bwd = [], []
             row_began = time.perf_counter()
             for i in range(args.warmup + args.repeats):
-                cams = sample_cameras(cfg.camera, cfg.render.batch_size, size, size, generator,
-                                      cfg.render.light_distance, cfg.render.light_distance_absolute).to(device)
+                cams = sample_cameras(cfg.camera, cfg.render.batch_size, size, size, generator, cfg.render).to(device)
                 field.zero_grad(set_to_none=True)
                 sync(device)
                 t0 = time.perf_counter()

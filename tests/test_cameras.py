@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from threed.cameras import look_at, sample_cameras, spherical_position
-from threed.config import CameraConfig, build_config
+from threed.config import CameraConfig, RenderConfig, build_config
 from threed.errors import UserError
 
 
@@ -37,7 +37,7 @@ def _draws(n: int, generator: torch.Generator) -> None:
 def test_without_jitter_the_random_stream_is_unchanged():
     n = 5
     a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    cams = sample_cameras(CameraConfig(), n, 16, 16, a)
+    cams = sample_cameras(CameraConfig(), n, 16, 16, a, RenderConfig())
     _draws(n, b)
     assert torch.equal(a.get_state(), b.get_state())
     target = cams.position + cams.c2w[:, :3, 2] * -cams.distance[:, None]  # the optical axis through the origin
@@ -51,9 +51,10 @@ def test_jittered_cameras_are_look_at_of_the_perturbed_draws():
     n = 7
     cfg = CameraConfig(position_jitter=0.1, center_jitter=0.2, up_jitter=0.02)
     a, b = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
-    cams = sample_cameras(cfg, n, 16, 16, a)
+    cams = sample_cameras(cfg, n, 16, 16, a, RenderConfig())
     _draws(n, b)
-    moved = spherical_position(cams.elevation, cams.azimuth, cams.distance) + 0.1 * (2 * torch.rand(n, 3, generator=b) - 1)
+    moved = (spherical_position(cams.elevation, cams.azimuth, cams.distance)
+             + 0.1 * (2 * torch.rand(n, 3, generator=b) - 1))
     target = 0.2 * torch.randn(n, 3, generator=b)
     up = torch.tensor([0.0, 1.0, 0.0]) + 0.02 * torch.randn(n, 3, generator=b)
     assert torch.equal(cams.c2w, look_at(moved, target, up))
@@ -68,7 +69,7 @@ def test_jitter_statistics():
     (measured 0.914, and 0 without up_jitter; within 10%)."""
     n = 4000
     cfg = CameraConfig(position_jitter=0.1, center_jitter=0.2, up_jitter=0.02)
-    cams = sample_cameras(cfg, n, 16, 16, torch.Generator().manual_seed(0))
+    cams = sample_cameras(cfg, n, 16, 16, torch.Generator().manual_seed(0), RenderConfig())
     offset = cams.position - spherical_position(cams.elevation, cams.azimuth, cams.distance)
     assert float(offset.abs().max()) <= 0.1 + 1e-6
     assert float(offset.std()) == pytest.approx(0.1 / math.sqrt(3), rel=0.05)
@@ -103,14 +104,14 @@ def test_elevation_over_the_sphere_as_threestudio_draws_it():
     (lo + hi) / 180 = 0.1944 and std (hi - lo) / 90 / sqrt(12) = 0.1764 (within 2%)."""
     plain = CameraConfig(elevation=(-10.0, 45.0))
     sphere = CameraConfig(elevation=(-10.0, 45.0), elevation_sphere_prob=1.0)
-    a = sample_cameras(plain, 6, 8, 8, torch.Generator().manual_seed(5))
-    b = sample_cameras(sphere, 6, 8, 8, torch.Generator().manual_seed(5))
+    a = sample_cameras(plain, 6, 8, 8, torch.Generator().manual_seed(5), RenderConfig())
+    b = sample_cameras(sphere, 6, 8, 8, torch.Generator().manual_seed(5), RenderConfig())
     u = (a.elevation + 10.0) / 55.0
     p0, p1 = 80.0 / 180.0, 135.0 / 180.0
     assert torch.allclose(b.elevation, torch.rad2deg(torch.asin(2 * (p0 + (p1 - p0) * u) - 1)), atol=1e-4)
     assert torch.equal(a.azimuth, b.azimuth) and torch.equal(a.distance, b.distance)
     assert math.degrees(math.asin(2 * p0 - 1)) == pytest.approx(-6.38, abs=0.01)
-    many = sample_cameras(sphere, 20000, 8, 8, torch.Generator().manual_seed(0))
+    many = sample_cameras(sphere, 20000, 8, 8, torch.Generator().manual_seed(0), RenderConfig())
     sines = torch.sin(torch.deg2rad(many.elevation))
     assert float(sines.mean()) == pytest.approx(35.0 / 180.0, rel=0.02)
     assert float(sines.std()) == pytest.approx(55.0 / 90.0 / math.sqrt(12), rel=0.02)
@@ -125,8 +126,8 @@ def test_half_the_batches_draw_over_the_sphere():
     g, h = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     flipped = 0
     for _ in range(200):
-        cams = sample_cameras(cfg, 2, 8, 8, g)
-        ref = sample_cameras(plain, 2, 8, 8, h)
+        cams = sample_cameras(cfg, 2, 8, 8, g, RenderConfig())
+        ref = sample_cameras(plain, 2, 8, 8, h, RenderConfig())
         torch.rand(1, generator=h)  # the coin
         flipped += int(not torch.equal(cams.elevation, ref.elevation))
     assert 82 <= flipped <= 118
@@ -138,7 +139,9 @@ def test_dreamfusion_light_with_an_absolute_jitter_by_replay():
     light_distance (absolute here)."""
     n = 6
     a, b = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
-    cams = sample_cameras(CameraConfig(), n, 8, 8, a, (0.8, 1.5), True, "dreamfusion", 1.0, True)
+    light = RenderConfig(light_distance=(0.8, 1.5), light_distance_absolute=True, light_jitter=1.0,
+                         light_jitter_absolute=True)
+    cams = sample_cameras(CameraConfig(), n, 8, 8, a, light)
     for _ in range(4):
         torch.rand(n, generator=b)
     noise = torch.randn(n, 3, generator=b)
@@ -153,12 +156,14 @@ def test_magic3d_light_lies_within_60_degrees_of_the_camera():
     90 degrees less the elevation above the plane across the camera, uniform in [30, 90]: so uniform in
     [0, 60] (mean 30, within 3%; none beyond 60); the angle around the camera's direction uniform (the mean
     of the light's component along a fixed axis across it is about 0)."""
-    cams = sample_cameras(CameraConfig(), 4000, 8, 8, torch.Generator().manual_seed(0), (0.8, 1.5), True, "magic3d")
+    light = RenderConfig(light_distance=(0.8, 1.5), light_distance_absolute=True, light_sample="magic3d")
+    cams = sample_cameras(CameraConfig(), 4000, 8, 8, torch.Generator().manual_seed(0), light)
     cam = cams.position / cams.position.norm(dim=-1, keepdim=True)
     light = cams.light_position / cams.light_position.norm(dim=-1, keepdim=True)
     angle = torch.rad2deg(torch.acos((cam * light).sum(-1).clamp(-1, 1)))
     assert float(angle.max()) <= 60.0 + 1e-3 and float(angle.min()) >= 0.0
     assert float(angle.mean()) == pytest.approx(30.0, rel=0.03)
-    across = torch.nn.functional.normalize(torch.cross(cam, torch.tensor([[0.0, 1.0, 0.0]]).expand_as(cam), dim=-1), dim=-1)
+    up = torch.tensor([[0.0, 1.0, 0.0]]).expand_as(cam)
+    across = torch.nn.functional.normalize(torch.cross(cam, up, dim=-1), dim=-1)
     assert abs(float((light * across).sum(-1).mean())) < 0.02
     assert cams.light_position.norm(dim=-1).min() >= 0.8 - 1e-5 and cams.light_position.norm(dim=-1).max() <= 1.5 + 1e-5

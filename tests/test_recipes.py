@@ -143,8 +143,7 @@ def _light_distance(cfg: Config) -> str:
     from threed.cameras import sample_cameras
 
     camera = dataclasses.replace(cfg.camera, distance=(10.0, 10.0))
-    cams = sample_cameras(camera, 256, 8, 8, torch.Generator().manual_seed(0), cfg.render.light_distance,
-                          cfg.render.light_distance_absolute)
+    cams = sample_cameras(camera, 256, 8, 8, torch.Generator().manual_seed(0), cfg.render)
     r = cams.light_position.norm(dim=-1)
     lo, hi = cfg.render.light_distance
     if bool(((r >= 10 * lo - 1e-4) & (r <= 10 * hi + 1e-4)).all()):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from threed.cameras import sample_cameras
-from threed.config import CameraConfig, build_config
+from threed.config import CameraConfig, RenderConfig, build_config
 from threed.render.shading import pick_shading
 
 
@@ -42,8 +42,10 @@ def test_light_distance_in_scene_units_or_camera_distances():
     """The same draws either way: only the light's distance from the origin differs, absolute in [0.8, 1.5]
     (threestudio's light_distance_range) or that multiple of each camera's distance."""
     cfg = CameraConfig()
-    relative = sample_cameras(cfg, 256, 8, 8, torch.Generator().manual_seed(0), (0.8, 1.5))
-    absolute = sample_cameras(cfg, 256, 8, 8, torch.Generator().manual_seed(0), (0.8, 1.5), light_absolute=True)
+    relative = sample_cameras(cfg, 256, 8, 8, torch.Generator().manual_seed(0),
+                              RenderConfig(light_distance=(0.8, 1.5)))
+    absolute = sample_cameras(cfg, 256, 8, 8, torch.Generator().manual_seed(0),
+                              RenderConfig(light_distance=(0.8, 1.5), light_distance_absolute=True))
     assert torch.equal(relative.c2w, absolute.c2w)
     r, a = relative.light_position.norm(dim=-1), absolute.light_position.norm(dim=-1)
     assert torch.allclose(r, a * relative.distance, rtol=1e-5)

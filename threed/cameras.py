@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from threed.config import CameraConfig
+    from threed.config import CameraConfig, RenderConfig
 
 
 @dataclass
@@ -146,41 +146,39 @@ def _uniform_over_the_sphere(elevation: Tensor, bounds: tuple[float, float]) -> 
 
 
 def sample_cameras(cfg: CameraConfig, n: int, width: int, height: int, generator: torch.Generator,
-                   light_distance: tuple[float, float] = (0.8, 1.5), light_absolute: bool = False,
-                   light_sample: str = "dreamfusion", light_jitter: float = 0.5,
-                   light_jitter_absolute: bool = False) -> Cameras:
+                   render: RenderConfig) -> Cameras:
     """Training cameras: distance, fovy, elevation, azimuth uniform in the configured ranges (a batch's
     elevations uniform over the sphere's area instead with probability `elevation_sphere_prob`), then
     perturbed as the config says (`position_jitter`, `center_jitter`, `up_jitter`); elevation, azimuth and
     distance stay the drawn values, which choose the view prompts (as threestudio's unperturbed angles do).
 
-    The point light sits near the camera. `light_sample` dreamfusion (DreamFusion): its direction is the
-    camera's perturbed by Gaussian noise of std `light_jitter` (x the camera's distance, or scene units with
-    `light_jitter_absolute`); magic3d (threestudio's Magic3D strategy): 30 to 90 degrees above the plane across
-    the camera's direction, uniform in angle, at any angle around it. Its distance is uniform in
-    `light_distance`, a multiple of the camera distance, or with `light_absolute` scene units from the origin
-    (threestudio's light_distance_range). The same number of draws whichever the settings, but for the
-    optional ones last.
+    The point light sits near the camera, as `render`'s light settings say. `light_sample` dreamfusion
+    (DreamFusion): its direction is the camera's perturbed by Gaussian noise of std `light_jitter` (x the
+    camera's distance, or scene units with `light_jitter_absolute`); magic3d (threestudio's Magic3D strategy):
+    30 to 90 degrees above the plane across the camera's direction, uniform in angle, at any angle around it.
+    Its distance is uniform in `light_distance`, a multiple of the camera distance, or with
+    `light_distance_absolute` scene units from the origin (threestudio's light_distance_range). The same
+    number of draws whichever the settings, but for the optional ones last.
     """
     distance = _uniform(n, cfg.distance, generator)
     fovy = _uniform(n, cfg.fovy, generator)
     elevation = _uniform(n, cfg.elevation, generator)
     azimuth = _uniform(n, cfg.azimuth, generator)
     light_noise = torch.randn(n, 3, generator=generator)
-    light_scale = _uniform(n, light_distance, generator)
+    light_scale = _uniform(n, render.light_distance, generator)
     # drawn after the others and only when on, so that runs without it see the random stream they always saw
     if cfg.elevation_sphere_prob > 0 and float(torch.rand(1, generator=generator)) < cfg.elevation_sphere_prob:
         elevation = _uniform_over_the_sphere(elevation, cfg.elevation)
     position = spherical_position(elevation, azimuth, distance)
-    if light_sample == "magic3d":
+    if render.light_sample == "magic3d":
         direction = _light_near(position, light_noise)
-    elif light_jitter_absolute:
-        direction = position + light_jitter * light_noise
+    elif render.light_jitter_absolute:
+        direction = position + render.light_jitter * light_noise
     else:
-        direction = position + light_jitter * distance[:, None] * light_noise
+        direction = position + render.light_jitter * distance[:, None] * light_noise
     direction = direction / direction.norm(dim=-1, keepdim=True)
-    light = direction * (light_scale if light_absolute else distance * light_scale)[:, None]
-    cameras = make_cameras(elevation, azimuth, distance, fovy, width, height, light)
+    scale = light_scale if render.light_distance_absolute else distance * light_scale
+    cameras = make_cameras(elevation, azimuth, distance, fovy, width, height, direction * scale[:, None])
     if max(cfg.position_jitter, cfg.center_jitter, cfg.up_jitter) > 0:
         # drawn last and only when on, so that runs without jitter see the random stream they always saw
         moved = position + cfg.position_jitter * (2.0 * torch.rand(n, 3, generator=generator) - 1.0)

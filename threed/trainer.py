@@ -132,9 +132,7 @@ class Trainer:
         t0 = time.perf_counter()
         self.scene.prepare(self.step, self.generator)
         width, height = cfg.render.size(self.step)
-        r = cfg.render
-        cams = sample_cameras(cfg.camera, r.batch_size, width, height, self.generator, r.light_distance,
-                              r.light_distance_absolute, r.light_sample, r.light_jitter, r.light_jitter_absolute).to(dev)
+        cams = sample_cameras(cfg.camera, cfg.render.batch_size, width, height, self.generator, cfg.render).to(dev)
         shading = self.scene.pick_shading(self.step, self.generator)
         out = self.scene.render(cams, shading, need_normals=self.uses("orient"), generator=self.generator)
         sync(dev)
