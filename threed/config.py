@@ -116,12 +116,12 @@ class CameraConfig:
     front_threshold: float = 45.0  # half-angle of the azimuth range called "front"
     back_threshold: float = 45.0
     overhead_threshold: float = 60.0
-    # Training cameras perturbed as threestudio's random-camera data does (0: off): the position moved by up
-    # to `position_jitter` along each axis (uniform), the point looked at by Gaussian noise of std
-    # `center_jitter`, the up vector by Gaussian noise of std `up_jitter` (scene units). Evaluation views never.
     # The share of batches whose elevations are uniform over the sphere's area between the elevation bounds
     # rather than uniform in degrees (threestudio: half; uniform in degrees crowds views towards the poles).
     elevation_sphere_prob: float = 0.0
+    # Training cameras perturbed as threestudio's random-camera data does (0: off): the position moved by up
+    # to `position_jitter` along each axis (uniform), the point looked at by Gaussian noise of std
+    # `center_jitter`, the up vector by Gaussian noise of std `up_jitter` (scene units). Evaluation views never.
     position_jitter: float = 0.0
     center_jitter: float = 0.0
     up_jitter: float = 0.0

@@ -60,8 +60,7 @@ def view_weights(cameras: Cameras, camera_cfg: CameraConfig, sd: SDConfig) -> tu
     """Per camera: the positive prompt's mix (B, 5) over `embedding_table`'s rows (front, side, back, overhead,
     the negative prompt), the two negative prompts' rows (B, 2) and their weights (B, 2), as in the module
     docstring."""
-    azimuth = cameras.azimuth.double()
-    a = (torch.remainder(azimuth + 180.0, 360.0) - 180.0).abs()  # in [0, 180]
+    a = cameras.azimuth.double().abs()  # Cameras keep azimuths in [-180, 180): a is in [0, 180]
     overhead = view_indices(cameras, camera_cfg) == OVERHEAD
     front_half = a < 90.0
     r_fs = 1.0 - a / 90.0
@@ -84,9 +83,10 @@ def view_weights(cameras: Cameras, camera_cfg: CameraConfig, sd: SDConfig) -> tu
     return mix, rows, weights
 
 
-def embedding_table(cond: dict[str, Tensor], uncond: Tensor) -> Tensor:
-    """(len(VIEWS) + 1, L, D): the view prompts' embeddings in VIEWS order, then the negative prompt's."""
-    return torch.stack([cond[v] for v in VIEWS] + [uncond])
+def embedding_table(cond_table: Tensor, uncond: Tensor) -> Tensor:
+    """(len(VIEWS) + 1, L, D): the view prompts' embeddings in VIEWS order (PromptEmbeddings.cond_table), then
+    the negative prompt's."""
+    return torch.cat([cond_table, uncond[None]])
 
 
 def prompts_for(table: Tensor, cameras: Cameras, camera_cfg: CameraConfig,

@@ -120,7 +120,7 @@ class StableDiffusionGuidance(RandomStream):
                                         view_dependent=g.view_dependent_prompting,
                                         device=self.device, dtype=self.dtype)
         self.camera_cfg = cfg.camera
-        self.perp_neg_table = (perp_neg.embedding_table(self.prompts.cond, self.prompts.uncond)
+        self.perp_neg_table = (perp_neg.embedding_table(self.prompts.cond_table, self.prompts.uncond)
                                if sd.perp_neg else None)
 
         # The two frozen networks, compiled at their first call where the config says so.
