@@ -31,7 +31,7 @@ def test_every_preset_loads(preset):
 def test_dreamfusion_preset_has_the_paper_hyperparameters():
     cfg = build_config("dreamfusion-sd")
     assert (cfg.render.width, cfg.render.height) == (64, 64)
-    assert cfg.guidance.sd.guidance_scale == 100.0
+    assert cfg.guidance.sd.guidance_scale == 101.0  # the paper's w = 100 in (1 + w) eps_text - w eps_uncond
     assert (cfg.guidance.t_min(0), cfg.guidance.t_max(10**6)) == (0.02, 0.98)
     assert cfg.guidance.weighting == "sds"
     assert (cfg.field.n_levels, cfg.field.n_features_per_level, cfg.field.log2_hashmap_size) == (16, 2, 19)

@@ -137,9 +137,12 @@ def test_perp_neg_needs_view_dependent_prompts():
 
 
 def test_the_perp_neg_preset_is_dreamfusion_sd_with_perp_neg_on():
+    """Perp-Neg on, and threestudio's scale 100 in the usual form its Perp-Neg branch uses (without Perp-Neg
+    threestudio adds the scale to the text prediction: 101 in threed's form, dreamfusion-sd's value)."""
     plain, perp = (flatten(to_dict(build_config(p))) for p in ("dreamfusion-sd", "dreamfusion-sd-perpneg"))
     assert perp["guidance.sd.perp_neg"] is True and plain["guidance.sd.perp_neg"] is False
-    assert {k for k in plain if plain[k] != perp[k]} == {"guidance.sd.perp_neg"}
+    assert (plain["guidance.sd.guidance_scale"], perp["guidance.sd.guidance_scale"]) == (101.0, 100.0)
+    assert {k for k in plain if plain[k] != perp[k]} == {"guidance.sd.perp_neg", "guidance.sd.guidance_scale"}
 
 
 def test_a_tiny_run_with_perp_neg_trains(tiny_sd_dir, tmp_path, capsys):
