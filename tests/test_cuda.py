@@ -203,8 +203,8 @@ def one_camera(size: int):
 
 
 def test_fp16_sd_guidance_step_is_finite(sd21_random):
-    """The preset's guidance (fp16 SD-2.1-base architecture, a 64² render encoded at 512, CFG 100, SDS
-    weighting), eagerly: finite loss, statistics and render gradient, at a low and a high timestep."""
+    """The preset's guidance (fp16 SD-2.1-base architecture, a 64² render encoded at 512, CFG 100 in the paper's
+    form (101 in threed's), SDS weighting), eagerly: finite loss, statistics and render gradient, at a low and a high timestep."""
     from threed.config import build_config
     from threed.guidance.stable_diffusion import StableDiffusionGuidance
     from threed.schedule import Schedule
@@ -213,7 +213,7 @@ def test_fp16_sd_guidance_step_is_finite(sd21_random):
                                           "guidance.sd.compile_vae=none"])
     cfg.prompt, cfg.seed = "a yellow rubber duck", 0
     g = StableDiffusionGuidance(cfg, "cuda")
-    assert g.dtype == torch.float16 and g.sd.resolution == 512 and g.sd.guidance_scale == 100.0
+    assert g.dtype == torch.float16 and g.sd.resolution == 512 and g.sd.guidance_scale == 101.0
     for step, (lo, hi) in enumerate([(0.02, 0.05), (0.9, 0.98)]):
         g.cfg = dataclasses.replace(g.cfg, t_min=Schedule.constant(lo), t_max=Schedule.constant(hi))
         rgb = torch.rand(1, 64, 64, 3, device="cuda", requires_grad=True)

@@ -175,7 +175,7 @@ def test_magic3d_presets_and_method_choice():
     m = cfg.mesh
     assert (m.width, m.height, m.steps, m.resolution) == (512, 512, 5000, 128)
     assert m.fovy == (30.0, 45.0) and m.distance == (1.5, 2.0) and (m.t_min(0), m.t_max(0)) == (0.02, 0.5)
-    assert cfg.guidance.sd.guidance_scale == 100.0 and m.lr_texture(0) == 0.01 and m.lr_background(0) == 0.01
+    assert cfg.guidance.sd.guidance_scale == 101.0 and m.lr_texture(0) == 0.01 and m.lr_background(0) == 0.01
     assert m.deform_scale == 1.0 and m.soft_shading and m.albedo_prob == 0.25
     assert cfg.export.texture
 

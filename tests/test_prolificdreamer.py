@@ -54,7 +54,7 @@ def test_preset_has_threestudios_geometry_and_texture_stages():
         assert stage.camera.distance == (1.0, 1.5) and stage.camera.fovy == (40.0, 70.0)
         assert stage.camera.elevation == (-10.0, 45.0)
         assert (stage.guidance.t_min(0), stage.guidance.t_max(5000), stage.guidance.t_max(5001)) == (0.02, 0.98, 0.5)
-    assert geometry.render.shading == "normal" and geometry.guidance.sd.guidance_scale == 100.0
+    assert geometry.render.shading == "normal" and geometry.guidance.sd.guidance_scale == 101.0
     assert (GEOMETRY.guidance, TEXTURE.guidance) == ("prior", "method")  # SDS, then VSD
     assert geometry.mesh.lr_texture(0) == 0.0 and geometry.mesh.loss.laplacian(0) > 0
     assert texture.render.shading == "albedo" and texture.guidance.sd.guidance_scale == 7.5
