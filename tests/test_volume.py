@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from threed.cameras import make_cameras
-from threed.config import RenderConfig
+from threed.config import RenderConfig, build_config
+from threed.errors import UserError
 from threed.render.background import Background
 from threed.render.volume import VolumeRenderer, ray_aabb
 
@@ -319,3 +320,32 @@ def test_normal_maps_of_the_volume_renderer_are_those_of_its_field_over_black():
     assert int(covered.sum()) > 0 and float(out.rgb[covered].std()) > 0.01  # normals vary over the blob
     # where nothing is, black: the colour is the composited normals alone, at most the opacity per channel
     assert bool((out.rgb <= out.opacity + 1e-6).all())
+
+
+def test_soft_shading_draws_one_ambient_share_per_lit_training_render():
+    """render.soft_shading (threestudio's soft_shading, on in magic3d's NeRF stage): a lit training render is
+    shaded with ambient = one uniform draw from the run's generator, taken before the ray samples' own draws;
+    albedo renders and evaluation renders draw nothing and use render.ambient."""
+    field = ConstantField(5.0, radius=0.6).train()
+    cam = front_camera()
+
+    def render(shading, generator, **cfg):
+        cfg = RenderConfig(num_samples=16, background="solid", backend="torch", **cfg)
+        return VolumeRenderer(cfg, "cpu")(field, Background(cfg).eval(), cam, shading, generator=generator).rgb
+
+    generator = torch.Generator().manual_seed(5)
+    soft = render("textureless", generator, soft_shading=True)
+    expected_generator = torch.Generator().manual_seed(5)
+    share = float(torch.rand((), generator=expected_generator))
+    assert torch.equal(soft, render("textureless", expected_generator, ambient=share))
+    assert not torch.allclose(soft, render("textureless", torch.Generator().manual_seed(5)), atol=1e-3)
+    assert torch.equal(render("albedo", torch.Generator().manual_seed(7), soft_shading=True),
+                       render("albedo", torch.Generator().manual_seed(7)))
+    field.eval()
+    assert torch.equal(render("textureless", None, soft_shading=True), render("textureless", None))
+
+
+def test_soft_shading_is_magic3d_s_and_refused_with_the_oracle():
+    assert build_config("magic3d").render.soft_shading and not build_config("dreamfusion-sd").render.soft_shading
+    with pytest.raises(UserError, match="render.soft_shading"):  # the oracle's reference uses render.ambient
+        build_config("oracle", ["render.soft_shading=true", "render.shading=random"])

@@ -68,6 +68,9 @@ class RenderConfig:
     # splits into textureless (textureless_prob) and lambertian.
     albedo_prob: float = 0.0
     ambient: float = 0.1
+    # Magic3D's soft shading in this (the NeRF) stage: each lit training render splits its light between ambient
+    # and diffuse at random (ambient ~ U[0, 1)) instead of `ambient`'s fixed split. Mesh stages: mesh.soft_shading.
+    soft_shading: bool = False
     # The point light's distance: a multiple of the camera's distance, or, with light_distance_absolute, scene
     # units from the origin (threestudio's light_distance_range, [0.8, 1.5] by default).
     light_distance: tuple[float, float] = (0.8, 1.5)
@@ -608,10 +611,14 @@ def validate(cfg: Config) -> None:
     ]
     for name in ("guidance", "opacity", "sparsity", "transmittance", "orient", "entropy"):
         checks.append((getattr(cfg.loss, name).bounds()[0] >= 0, f"loss.{name}", "must be >= 0"))
+    # the oracle renders its reference with render.ambient: a random split would not match it
+    checks.append((not (cfg.render.soft_shading and g.type == "oracle"
+                        and cfg.render.shading in ("random", "lambertian", "textureless")),
+                   "render.soft_shading", "cannot be used with the oracle prior, whose reference renders use "
+                   "render.ambient"))
     for section in STAGE_SECTIONS:
         m = getattr(cfg, section)
         checks += _mesh_checks(m, section)
-        # the oracle renders its reference with render.ambient: a random split would not match it
         lit = m.shading in ("random", "lambertian", "textureless")
         checks.append((not (m.soft_shading and g.type == "oracle" and lit),
                        f"{section}.soft_shading",

@@ -33,7 +33,7 @@ from threed.render.background import Background
 from threed.render.occupancy import OccupancyGrid
 from threed.render.quadrature import accumulate_along_rays, weights_from_densities
 from threed.render.rng import uniform
-from threed.render.shading import shade
+from threed.render.shading import shade, soft_ambient
 
 
 @dataclass
@@ -139,7 +139,8 @@ class VolumeRenderer(nn.Module):
 
     # -- per-sample work shared by both paths -------------------------------------------------
     def _shade_samples(self, field: NeRFField, pts: Tensor, dirs: Tensor, light: Tensor, albedo: Tensor,
-                       weights: Tensor, shading: str, need_normals: bool) -> tuple[Tensor, Tensor | None]:
+                       weights: Tensor, shading: str, need_normals: bool, ambient: float
+                       ) -> tuple[Tensor, Tensor | None]:
         """Colour (N, 3) and orientation penalty (N,) (or None) of samples with compositing `weights` (N,).
 
         Normals cost six density evaluations each (finite differences), so they are computed only where a
@@ -150,20 +151,20 @@ class VolumeRenderer(nn.Module):
             return albedo, None
         visible = (weights.detach() > 1e-4).nonzero().squeeze(1)
         normal = torch.zeros_like(pts).index_put((visible,), field.normal(pts[visible]))
-        color = shade(albedo, normal, pts, light, shading, self.cfg.ambient)
+        color = shade(albedo, normal, pts, light, shading, ambient)
         orient = (normal * dirs).sum(-1).clamp_min(0.0) ** 2  # normals pointing away from the camera
         return color, orient
 
     def _composite(self, field: NeRFField, pts: Tensor, dirs: Tensor, light: Tensor, albedo: Tensor,
                    weights: Tensor, t: Tensor, ray_indices: Tensor | None, n_rays: int, shading: str,
-                   need_normals: bool) -> tuple[Tensor, ...]:
+                   need_normals: bool, ambient: float) -> tuple[Tensor, ...]:
         """Shade the samples and accumulate colour, opacity, depth and the orientation penalty per ray.
 
         `weights` and `t` are batched (n_rays, S) when `ray_indices` is None, else packed (N,); the
         per-sample tensors `pts`, `dirs`, `light`, `albedo` are flat (N, 3) in the same order.
         """
         color, orient = self._shade_samples(field, pts, dirs, light, albedo, weights.reshape(-1), shading,
-                                            need_normals)
+                                            need_normals, ambient)
         rgb = accumulate_along_rays(weights, color.view(*weights.shape, 3), ray_indices, n_rays)
         opacity = accumulate_along_rays(weights, None, ray_indices, n_rays)
         depth = accumulate_along_rays(weights, t.view(*weights.shape, 1), ray_indices, n_rays)
@@ -173,7 +174,7 @@ class VolumeRenderer(nn.Module):
         return rgb, opacity, depth, orient_sum
 
     def _render_torch(self, field: NeRFField, rays_o: Tensor, rays_d: Tensor, light: Tensor, shading: str,
-                      need_normals: bool, generator: torch.Generator | None) -> tuple[Tensor, ...]:
+                      need_normals: bool, generator: torch.Generator | None, ambient: float) -> tuple[Tensor, ...]:
         n, s = rays_o.shape[0], self.cfg.num_samples
         near, far = ray_aabb(rays_o, rays_d, self.cfg.bound)
         if field.training:
@@ -193,10 +194,10 @@ class VolumeRenderer(nn.Module):
         weights, _, _ = weights_from_densities(sigma.view(n, s), delta)
         dirs = rays_d[:, None].expand(n, s, 3).reshape(-1, 3)
         lights = light[:, None].expand(n, s, 3).reshape(-1, 3)
-        return self._composite(field, pts, dirs, lights, albedo, weights, t, None, n, shading, need_normals)
+        return self._composite(field, pts, dirs, lights, albedo, weights, t, None, n, shading, need_normals, ambient)
 
     def _render_nerfacc(self, field: NeRFField, rays_o: Tensor, rays_d: Tensor, light: Tensor, shading: str,
-                        need_normals: bool, generator: torch.Generator | None) -> tuple[Tensor, ...]:
+                        need_normals: bool, generator: torch.Generator | None, ambient: float) -> tuple[Tensor, ...]:
         assert self.estimator is not None
         n = rays_o.shape[0]
         near, far = ray_aabb(rays_o, rays_d, self.cfg.bound)
@@ -215,7 +216,7 @@ class VolumeRenderer(nn.Module):
         sigma, albedo = field(pts)
         weights, _, _ = weights_from_densities(sigma, t_ends - t_starts, ray_indices, n)
         return self._composite(field, pts, rays_d[ray_indices], light[ray_indices], albedo, weights, mid,
-                               ray_indices, n, shading, need_normals)
+                               ray_indices, n, shading, need_normals, ambient)
 
     def forward(self, field: NeRFField, background: Background, cameras: Cameras, shading: str,
                 need_normals: bool = False, generator: torch.Generator | None = None) -> RenderOutput:
@@ -230,9 +231,14 @@ class VolumeRenderer(nn.Module):
         chunk = self.cfg.chunk_rays
         limit = self.cfg.checkpoint_rays
         recompute = torch.is_grad_enabled() and 0 < limit < flat_o.shape[0]
+        # one light split per render (threestudio draws one per batch), drawn before the chunks so that a
+        # recomputed chunk sees the same
+        ambient = self.cfg.ambient
+        if self.cfg.soft_shading and field.training and shading in ("lambertian", "textureless"):
+            ambient = soft_ambient(generator)
         for i in range(0, max(flat_o.shape[0], 1), chunk):  # zero rays: one empty chunk
             sl = slice(i, i + chunk)
-            args = (field, flat_o[sl], flat_d[sl], light[sl], shading, need_normals, generator)
+            args = (field, flat_o[sl], flat_d[sl], light[sl], shading, need_normals, generator, ambient)
             parts.append(checkpointed(render, args, generator) if recompute else render(*args))
         rgb = torch.cat([p[0] for p in parts]).view(b, h, w, 3)
         opacity = torch.cat([p[1] for p in parts]).view(b, h, w, 1)
