@@ -204,7 +204,8 @@ def one_camera(size: int):
 
 def test_fp16_sd_guidance_step_is_finite(sd21_random):
     """The preset's guidance (fp16 SD-2.1-base architecture, a 64² render encoded at 512, CFG 100 in the paper's
-    form (101 in threed's), SDS weighting), eagerly: finite loss, statistics and render gradient, at a low and a high timestep."""
+    form (101 in threed's), SDS weighting), eagerly: finite loss, statistics and render gradient, at a low and
+    a high timestep."""
     from threed.config import build_config
     from threed.guidance.stable_diffusion import StableDiffusionGuidance
     from threed.schedule import Schedule

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from threed import methods, spec
-from threed.cameras import make_cameras
+from threed.cameras import make_cameras, view_names
 from threed.cli import main
 from threed.config import build_config
 from threed.errors import UserError
@@ -61,6 +61,18 @@ def test_preset_has_threestudios_geometry_and_texture_stages():
     assert texture.mesh.lr_sdf(0) == texture.mesh.lr_deformation(0) == 0.0  # the geometry is kept
     assert texture.mesh.lr_texture(0) == 0.01 and texture.mesh.lr_background(0) == 0.001
     assert texture.mesh.lr_texture_mlp(0) == 0.001 and texture.optim.optimizer == "adamw"  # grid 0.01, MLP 0.001
+
+
+def test_the_geometry_stage_calls_views_front_and_back_within_its_own_cones():
+    """threestudio's geometry stage sets no thresholds (45 degrees, its prompt processor's default) where its
+    NeRF and texture stages set 30: a camera 40 degrees off the front is "front" only in the geometry stage."""
+    from threed.stages import GEOMETRY, NERF, TEXTURE
+
+    cfg = build_config("prolificdreamer")
+    one = lambda v: torch.tensor([float(v)])  # noqa: E731
+    cam = make_cameras(one(10.0), one(40.0), one(1.5), one(60.0), 8, 8)
+    names = {stage.name: view_names(cam, stage.config(cfg).camera)[0] for stage in (NERF, GEOMETRY, TEXTURE)}
+    assert names == {"nerf": "side", "geometry": "front", "texture": "side"}
 
 
 @pytest.mark.parametrize("preset", ["prolificdreamer", "prolificdreamer-cpu"])
@@ -172,7 +184,7 @@ def test_chunk_checkpointing_gives_the_same_render_gradients_and_random_stream()
     """With render.checkpoint_rays below the ray count each chunk is recomputed in backward; the render, the
     field's gradients and the generator's state afterwards equal the plain path's (stratified samples are
     drawn from the generator, which the recomputation must replay)."""
-    from threed.cameras import make_cameras
+    from threed.cameras import make_cameras, view_names
     from threed.config import FieldConfig, RenderConfig
 
     results = []

@@ -252,6 +252,10 @@ class MeshConfig:
     t_min: Schedule = Schedule.constant(0.02)  # the prior's diffusion-time range in this stage
     t_max: Schedule = Schedule.constant(0.5)
     guidance_scale: float = -1.0  # classifier-free guidance of this stage's Stable Diffusion (< 0: the prior's)
+    # the view-dependent prompts' front and back cones in this stage (degrees; < 0: camera.front_threshold and
+    # camera.back_threshold)
+    front_threshold: float = -1.0
+    back_threshold: float = -1.0
     lr_sdf: Schedule = Schedule.constant(1e-4)  # scene units per step (a cell at resolution 128 is ~0.01)
     lr_deformation: Schedule = Schedule.constant(0.01)  # of the pre-tanh offset
     lr_texture: Schedule = Schedule.constant(0.01)  # the texture field's hash grid (and MLP, unless ...)

@@ -97,8 +97,8 @@ class Stage:
 
 def mesh_stage_config(cfg: Config, section: str) -> Config:
     """The run's config as a mesh-shaped stage trains with it: its section (MeshConfig) becomes `mesh`, which
-    the scene reads; its steps, cameras (distance, fovy, elevation), render size, batch, shading, the prior's t
-    range and classifier-free guidance come from there, and everything else (prompt, prior, background,
+    the scene reads; its steps, cameras (distance, fovy, elevation, the view prompts' front and back cones),
+    render size, batch, shading, the prior's t range and classifier-free guidance come from there, and everything else (prompt, prior, background,
     light, Adam's betas) from the run."""
     out = copy.deepcopy(cfg)
     m = copy.deepcopy(getattr(cfg, section))
@@ -112,6 +112,10 @@ def mesh_stage_config(cfg: Config, section: str) -> Config:
     out.guidance.t_min, out.guidance.t_max = m.t_min, m.t_max
     if m.guidance_scale >= 0:
         out.guidance.sd.guidance_scale = m.guidance_scale
+    if m.front_threshold >= 0:
+        out.camera.front_threshold = m.front_threshold
+    if m.back_threshold >= 0:
+        out.camera.back_threshold = m.back_threshold
     return out
 
 
