@@ -190,6 +190,28 @@ def test_start_from_a_coarse_field_inherits_its_albedo_and_level(tmp_path):
         assert all(p is not q for q in field.parameters())
 
 
+
+@pytest.mark.parametrize("fresh", [(), ("texture",), ("texture", "background")])
+def test_a_stage_start_copies_or_renews_the_appearance_and_keeps_the_surface(fresh):
+    """mesh_from_mesh: the surface is the stage before's; the texture field and background are copies of its
+    (the default) or, with mesh.fresh_texture / fresh_background (threestudio builds both anew at a stage's
+    start), newly initialised: none of the trained values survive."""
+    keys = ("render.background=mlp", *(f"mesh.fresh_{part}={part in fresh}" for part in ("texture", "background")))
+    before = sphere_scene(16, ("render.background=mlp",))
+    with torch.no_grad():
+        for p in (*before.texture.parameters(), *before.background.parameters()):
+            p.add_(0.1)  # trained: unlike any new one
+    cfg = stages.MESH.config(build_config("magic3d-oracle", ["render.background_color=[0, 0, 0]",
+                                                             "mesh.rasterizer=torch", *keys]))
+    after = stages.mesh_from_mesh(cfg, type("Previous", (), {"scene": before})(), {}, "cpu", False)
+    assert torch.equal(after.geometry.sdf, before.geometry.sdf)
+    for part in ("texture", "background"):
+        new, old = getattr(after, part), getattr(before, part)
+        assert all(p is not q for p in new.parameters() for q in old.parameters())
+        same = [torch.equal(p, q) for p, q in zip(new.parameters(), old.parameters(), strict=True)]
+        assert not any(same) if part in fresh else all(same), part
+
+
 def test_checkpoint_round_trip_rebuilds_the_grid():
     scene = sphere_scene(24)
     with torch.no_grad():
@@ -290,3 +312,27 @@ def test_the_exported_surface_is_clean_where_marching_tetrahedra_leaves_zero_are
         defects = mesh_defects(loaded.vertices, loaded.faces)
         assert defects.pop("components") == 1 and not any(defects.values()), (path.name, defects)
         assert loaded.volume == pytest.approx(trimesh.Trimesh(raw_v, raw_f, process=False).volume, rel=1e-3)
+
+
+def test_keep_components_takes_small_parts_out_of_the_render():
+    """mesh.keep_components (threestudio's isosurface_remove_outliers, 0.01 in ProlificDreamer's texture
+    stage): a floater under that fraction of the largest part's faces is not rendered; the SDF keeps it."""
+    big, small = torch.tensor([0.0, 0.0, 0.0]), torch.tensor([0.0, 0.6, 0.0])
+
+    def sdf(p):
+        return torch.minimum((p - big.to(p)).norm(dim=-1) - 0.35, (p - small.to(p)).norm(dim=-1) - 0.08)
+
+    cams = views(1, 48, 48)
+    renders = {}
+    for keep in (0.0, 0.1):  # the floater: 184 faces, 5% of the sphere's 3456
+        cfg = stages.MESH.config(build_config("magic3d-oracle", ["render.background_color=[0, 0, 0]",
+                                                                 "mesh.rasterizer=torch", f"mesh.keep_components={keep}"]))
+        geometry = DMTetGeometry.from_sdf(sdf, TetGrid.cube(32, 1.0))
+        scene = MeshScene(cfg, geometry, NeRFField(cfg.field, 1.0), Background(cfg.render), "cpu")
+        with torch.no_grad():
+            renders[keep] = (scene.render(cams, "albedo").opacity, scene._mesh[1].shape[0])
+        all_faces = geometry.extract()[1].shape[0]
+    (everything, n_all), (kept, n_kept) = renders[0.0], renders[0.1]
+    assert n_all == all_faces and 0.8 * n_all < n_kept < n_all  # the floater's faces, a few % of the total
+    assert float(everything.sum() - kept.sum()) > 10  # its pixels: the view sees it (a disc of ~40 px)
+    assert float((kept - everything).clamp_min(0).sum()) < 1e-6  # nothing else changed

@@ -194,7 +194,7 @@ def _components(faces: np.ndarray, n_vertices: int) -> np.ndarray:
     return labels[faces[:, 0]]
 
 
-def _keep_large_components(faces: np.ndarray, n_vertices: int, fraction: float,
+def keep_large_components(faces: np.ndarray, n_vertices: int, fraction: float,
                            min_faces: int = 0) -> np.ndarray:
     """Faces of the components whose face count is at least `fraction` of the largest's and at least
     `min_faces`."""
@@ -491,7 +491,7 @@ def repair(vertices: np.ndarray, faces: np.ndarray, keep_components: float = 0.0
     vertices, faces = _collapse_degenerate(vertices, faces, REPAIR_MARGIN * tol)
     faces = _drop_duplicate_faces(faces)
     vertices, faces = _split_non_manifold(*_compact(vertices, faces), tol)
-    faces = _keep_large_components(faces, len(vertices), keep_components, min_faces=4)
+    faces = keep_large_components(faces, len(vertices), keep_components, min_faces=4)
     return _compact(vertices, faces)
 
 

@@ -31,6 +31,8 @@ import torch
 from threed.config import Config
 from threed.rundir import RunDir, load_checkpoint
 from threed.scenes import Scene
+from threed.fields.nerf import NeRFField
+from threed.render.background import Background
 from threed.scenes.mesh import MeshScene
 from threed.scenes.nerf import NeRFScene
 from threed.trainer import Guidance, Trainer
@@ -121,15 +123,28 @@ def mesh_stage_config(cfg: Config, section: str) -> Config:
 
 def mesh_from_nerf(cfg: Config, previous: Trainer, kept: dict, device: str, progress: bool) -> MeshScene:
     """A mesh stage's start from the NeRF: the surface at the level its kept mesh was extracted at, the texture
-    a copy of the NeRF's field."""
-    return MeshScene.from_coarse(cfg, previous.scene.field, previous.scene.background, float(kept["threshold"]),
-                                 device, progress=progress)
+    and background copies of the NeRF's (or new: mesh.fresh_texture, mesh.fresh_background)."""
+    scene = MeshScene.from_coarse(cfg, previous.scene.field, previous.scene.background, float(kept["threshold"]),
+                                  device, progress=progress)
+    return renew_appearance(scene)
 
 
 def mesh_from_mesh(cfg: Config, previous: Trainer, kept: dict, device: str, progress: bool) -> MeshScene:
     """A mesh stage's start from the mesh stage before it: its surface, texture field and background as they
-    ended (a copy: the earlier stage's checkpoints keep theirs)."""
-    return MeshScene.from_state(cfg, copy.deepcopy(previous.scene.state_dict()), device)
+    ended (a copy: the earlier stage's checkpoints keep theirs; or new: mesh.fresh_texture, fresh_background)."""
+    return renew_appearance(MeshScene.from_state(cfg, copy.deepcopy(previous.scene.state_dict()), device))
+
+
+def renew_appearance(scene: MeshScene) -> MeshScene:
+    """The texture field and background freshly initialised where the stage asks for it (its config's
+    mesh.fresh_texture / fresh_background), the surface kept."""
+    cfg = scene.cfg
+    if cfg.mesh.fresh_texture:
+        scene.texture = NeRFField(cfg.field, cfg.render.bound, scene.device)
+    if cfg.mesh.fresh_background:
+        scene.background = Background(cfg.render).to(scene.device)
+        scene.background.random_aug = cfg.mesh.random_aug
+    return scene
 
 
 NERF = Stage("nerf", NeRFScene)

@@ -36,7 +36,7 @@ from threed.config import Config
 from threed.errors import Diverged, UserError, first_line
 from threed.fields.dmtet import DMTetGeometry
 from threed.fields.nerf import NeRFField
-from threed.mesh import Mesh, clean_mesh, vertex_normals as np_vertex_normals
+from threed.mesh import Mesh, clean_mesh, keep_large_components, vertex_normals as np_vertex_normals
 from threed.mesh_losses import laplacian_smoothing, normal_consistency
 from threed.render.background import Background
 from threed.render.rasterize import MeshRasterizer, edge_topology
@@ -172,6 +172,9 @@ class MeshScene:
         vertices, faces = self.geometry.extract()
         if faces.shape[0] == 0:
             raise EmptySurface("the mesh stage's surface vanished (the SDF has no zero crossing)")
+        if self.cfg.mesh.keep_components > 0:  # outliers out of the render (one host sync)
+            kept = keep_large_components(faces.cpu().numpy(), vertices.shape[0], self.cfg.mesh.keep_components)
+            faces = torch.from_numpy(kept).to(faces.device)
         self._mesh = (vertices, faces)
         t = self._tick("extract", t)
         b, h, w = len(cameras), cameras.height, cameras.width
