@@ -33,6 +33,23 @@ from torch import Tensor
 
 # The checkpoint's key prefix of the UNet (latent diffusion's `model.diffusion_model.`).
 LDM_UNET_PREFIX = "model.diffusion_model."
+# threed's scene frame (y up, front towards +z) into the one MVDream-threestudio hands the model its cameras
+# in (threestudio's: z up, front towards +x): x -> y, y -> z, z -> x, a rotation.
+TO_THREESTUDIO = ((0.0, 0.0, 1.0, 0.0), (1.0, 0.0, 0.0, 0.0), (0.0, 1.0, 0.0, 0.0), (0.0, 0.0, 0.0, 1.0))
+
+
+def camera_condition(c2w: Tensor) -> Tensor:
+    """The UNet's camera input for threed's camera-to-world matrices (B, 4, 4): each camera as
+    MVDream-threestudio gives it (its c2w in threestudio's frame, OpenGL camera axes; the position scaled
+    onto the unit sphere, mvdream.camera_utils.normalize_camera), flattened row-major to (B, 16).
+
+    bytedance/MVDream's own get_camera(elevation, azimuth) builds the same matrices in a frame turned 90
+    degrees about the up axis: threed's (and threestudio's) azimuth a is its azimuth a + 90."""
+    m = torch.tensor(TO_THREESTUDIO, dtype=c2w.dtype, device=c2w.device) @ c2w
+    position = m[:, :3, 3]
+    m = m.clone()
+    m[:, :3, 3] = position / (position.norm(dim=-1, keepdim=True) + 1e-8)
+    return m.reshape(-1, 16)
 
 
 class MultiViewAttnProcessor:
@@ -78,7 +95,7 @@ class MultiViewUNet(UNet2DConditionModel):
                 camera: Tensor | None = None, num_frames: int = 1, **kwargs: Any) -> Tensor:  # type: ignore[override]
         """The noise prediction for `sample` [(objects x num_frames), C, H, W] (views innermost), with
         `camera` [(objects x num_frames), 16] the flattened camera-to-world matrices in MVDream's convention
-        (threed/guidance/mvdream_cameras.py). Without a camera, no camera term (the reference's camera=None)."""
+        (`camera_condition`). Without a camera, no camera term (the reference's camera=None)."""
         kwargs["cross_attention_kwargs"] = {"num_frames": num_frames}
         if camera is not None or self.class_embedding is None:
             labels = None if camera is None else camera.to(sample.dtype)
