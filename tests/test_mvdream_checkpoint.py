@@ -119,3 +119,17 @@ def test_bad_paths_and_files_fail_in_one_line(tmp_path: Path, monkeypatch: pytes
     with pytest.raises(UserError, match="holds 0 checkpoints"):
         mc.load_mvdream(str(empty))
     assert time.perf_counter() - started < 10
+
+
+def test_a_folder_in_threeds_layout_loads(tmp_path: Path):
+    """unet/, vae/, text_encoder/ as save_pretrained writes them (threed/random_models.py, for timings)."""
+    from threed.random_models import build_random_mvdream
+
+    folder = build_random_mvdream(tmp_path / "mv", tiny=True)
+    model = mc.load_mvdream(str(folder))
+    assert model.unet.config.class_embed_type == "projection" and model.unet.config.cross_attention_dim == 64
+    assert type(model.unet.attn_processors[next(iter(model.unet.attn_processors))]).__name__ == "MultiViewAttnProcessor"
+    with torch.no_grad():
+        eps = model.unet(torch.randn(4, 4, 8, 8), torch.tensor([10] * 4), torch.randn(4, 77, 64),
+                         camera=torch.randn(4, 16), num_frames=4)
+    assert eps.shape == (4, 4, 8, 8)

@@ -13,32 +13,14 @@ from threed.random_models import (  # noqa: F401
 )
 
 
-def build_tiny_mvdream(folder: "Path", seed: int = 0) -> "Path":
-    """A tiny MVDream checkpoint in the official file layout (random weights for the keys and shapes that
-    tests/data/mvdream/make_keys.py recorded from the reference at a tiny size) and its config beside it:
-    `folder`/mvdream-tiny.pt and mvdream-tiny.yaml. Norm weights are 1 + noise, the DDPM betas the real
-    ones (the loader checks them); everything else small noise. Returns the .pt's path."""
-    import gzip
-    import shutil
+def build_tiny_mvdream(folder, seed: int = 0):  # type: ignore[no-untyped-def]
+    """A tiny MVDream checkpoint in the official file layout and its config beside it (the keys and shapes
+    tests/data/mvdream/make_keys.py recorded from the reference at a tiny size): `folder`/mvdream-tiny.pt and
+    mvdream-tiny.yaml. Returns the .pt's path."""
     from pathlib import Path
 
-    import torch
+    from threed.random_models import write_random_mvdream
 
     data = Path(__file__).parent / "data" / "mvdream"
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    with gzip.open(data / "tiny-keys.txt.gz", "rt") as f:
-        for line in f:
-            key, shape = line.rstrip("\n").split("\t")
-            dims = [int(x) for x in shape.split("x")] if shape else []
-            t = 0.05 * torch.randn(dims, generator=g)
-            if key.endswith(".weight") and len(dims) == 1:  # GroupNorm / LayerNorm scales
-                t += 1.0
-            state[key] = t
-    state["betas"] = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64).pow(2).float()
-    path = folder / "mvdream-tiny.pt"
-    torch.save(state, path)
-    shutil.copy(data / "tiny-model.yaml", folder / "mvdream-tiny.yaml")
-    return path
+    return write_random_mvdream(Path(folder) / "mvdream-tiny.pt", data / "tiny-keys.txt.gz", data / "tiny-model.yaml",
+                                seed=seed)

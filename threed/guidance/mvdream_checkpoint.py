@@ -15,9 +15,11 @@ buffers (`betas`, `alphas_cumprod`, ...). `split_checkpoint` maps every key:
   reference's "linear" schedule, linspace of square roots squared, is diffusers' "scaled_linear"); the loader
   checks they agree.
 
-No diffusers-format folder is read: the authors publish only this file, and the community conversions on the
-hub (e.g. ashawkey/mvdream-sd2.1-diffusers) are unmaintained and bring UNet classes of their own as remote
-code. A folder holding the .pt (and optionally the reference's .yaml config) works.
+A folder holding the .pt (and optionally the reference's .yaml config) works, and so does a folder of the three
+modules as threed saves them (unet/, vae/, text_encoder/ with save_pretrained; threed/random_models.py
+writes one for speed measurements). The community diffusers conversions on the hub (e.g.
+ashawkey/mvdream-sd2.1-diffusers) are not read: the authors publish only the .pt, and those conversions are
+unmaintained and bring UNet classes of their own as remote code.
 
 The tokenizer is open_clip's own (its BPE vocabulary ships with the package), as the reference uses.
 tests/test_mvdream_checkpoint.py maps the official key list (tests/data/mvdream/official-keys.txt.gz)
@@ -217,6 +219,8 @@ def resolve_checkpoint(model: str, revision: str = "") -> tuple[Path, Path | Non
             return path, config if config.is_file() else None
         if not path.is_dir():
             raise _missing(f"MVDream checkpoint '{model}' does not exist")
+        if (path / "unet" / "config.json").is_file():  # threed's own layout of the three modules
+            return path, None
         files = sorted(f for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES and f.is_file())
         chosen = [f for f in files if f.name == CHECKPOINT_FILE] or files
         if len(chosen) != 1:
@@ -296,6 +300,27 @@ def _materialise_buffers(module: torch.nn.Module) -> None:
         owner.register_buffer("position_ids", torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=False)
 
 
+def _load_modules(folder: Path, dtype: torch.dtype) -> "MVDreamModel":
+    """The three modules from a folder in threed's layout (unet/, vae/, text_encoder/, save_pretrained)."""
+    import open_clip
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import CLIPTextModel
+
+    try:
+        unet = MultiViewUNet.from_pretrained(folder / "unet", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype)
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"cannot load MVDream from '{folder}' ({first_line(e)}); pass the {CHECKPOINT_FILE} "
+                        f"checkpoint or a folder holding it") from None
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", prediction_type="epsilon")
+    return MVDreamModel(unet, vae, text_encoder, open_clip.get_tokenizer("ViT-H-14"), scheduler, folder)
+
+
 @dataclass
 class MVDreamModel:
     """MVDream's parts, frozen and in eval mode: the multi-view UNet, the VAE, the text encoder (penultimate
@@ -315,6 +340,8 @@ def load_mvdream(model: str = DEFAULT_MODEL, revision: str = "", dtype: torch.dt
     from diffusers import DDPMScheduler
 
     path, config = resolve_checkpoint(model, revision)
+    if path.is_dir():
+        return _load_modules(path, dtype)
     params = read_params(config)
     state = read_state(path)
     if TEXT_PREFIX + "token_embedding.weight" not in state or LDM_UNET_PREFIX + "time_embed.0.weight" not in state:

@@ -24,6 +24,7 @@ MLP's keys renamed onto the class embedding's).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import torch
@@ -87,6 +88,7 @@ class MultiViewUNet(UNet2DConditionModel):
     Its config is a UNet2DConditionModel's with `class_embed_type="projection"` and
     `projection_class_embeddings_input_dim=16`; it saves and loads with save_pretrained/from_pretrained."""
 
+    @functools.wraps(UNet2DConditionModel.__init__)  # its signature: diffusers' from_config reads it
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.set_attn_processor(MultiViewAttnProcessor())
