@@ -19,6 +19,8 @@ Parts, each a subprocess with its own timeout, skipped when the budget cannot co
   v      examples/benchmark_vsd.py: ProlificDreamer's VSD step against SDS at 64^2 and 512^2 (LoRA branch, peak)
   p      threed run, prolificdreamer's three stages at 512^2 (NeRF under VSD, geometry under SDS on normal maps,
          texture under VSD), 30 steps each, textured export: each stage's it/s and peak memory
+  mv     threed run, mvdream with MVDream's real-size architecture and random weights (built on the GPU,
+         saved in fp16): 30 steps at 64^2 x 8 views and 30 at 256^2 x 4 views, each run's it/s and peak memory
   c      the fast preset (tiny autoencoder), compiled
   f      threed run, dreamfusion-sd, 1000 steps and mesh export (no video), timed
   d      guidance floors, eager and compiled (benchmark_guidance.py)
@@ -262,6 +264,31 @@ def main() -> None:
         if done:
             rec["result"] = done
 
+    # (mv) MVDream's two phases, 64^2 x 8 views and 256^2 x 4 views, with the real-size multi-view model
+    if "mv" not in skip:
+        model = s.work / "mvdream"
+        rec = s.run("mv-build", [py, "-c", "import sys, torch; from threed.random_models import build_random_mvdream; "
+                                 "build_random_mvdream(sys.argv[1], sys.argv[2], torch.float16, sys.argv[3] == 'tiny')",
+                                 str(model), "cpu" if dry else "cuda", "tiny" if dry else "full"], timeout=150, need=40)
+        sizes = (["--steps", "2", "guidance.mvdream.resolution=32", "render.num_samples=16", "field.n_levels=4",
+                  "field.log2_hashmap_size=12", "field.max_resolution=64", "export.resolution=32", "render.width=16",
+                  "render.height=16", "render.hires_width=16", "render.hires_height=16"] if dry else
+                 ["--steps", "30", f"field.backend={new_field}"])
+        for name, phase in (("mv-64x8", ["render.hires_step=-1"]), ("mv-256x4", ["render.hires_step=0"])):
+            if rec.get("status") != "ok":
+                break
+            run_dir = s.work / name
+            shutil.rmtree(run_dir, ignore_errors=True)
+            part = s.run(name, [py, "-m", "threed.cli", "run", "--method", "mvdream", "--prompt", "a yellow rubber duck",
+                                "--mvdream-model", str(model), "--out", str(run_dir), "--quiet", *dev, *sizes, *phase,
+                                "export.video=false", "export.preview_views=0", "checkpoint_every=0"],
+                         timeout=240, need=60)
+            from threed.rundir import RunDir
+
+            _, done = RunDir(run_dir).metrics()
+            if done:
+                part["result"] = done
+
     if "c" not in skip:
         out = s.work / "c-fast.json"
         fast = "cpu-tiny" if dry else "dreamfusion-sd-fast"
@@ -379,6 +406,11 @@ def summary(s: Session) -> str:
         rows.append(f"{stage} | " + " | ".join(str((pd or {}).get(f"{stage}_{k}", "-")) for k in
                                               ("wall_time_s", "it_per_s", "peak_memory_mb", "init_time_s",
                                                "export_time_s")))
+    rows.append("")
+    rows.append("mvdream (mv), real-size model, random weights | train s | it/s (first steps included) | peak MB")
+    for name in ("mv-64x8", "mv-256x4"):
+        done = (parts.get(name) or {}).get("result") or {}
+        rows.append(f"{name} | " + " | ".join(str(done.get(k, "-")) for k in ("wall_time_s", "it_per_s", "peak_memory_mb")))
     measured = s.out / "cuda_tests.jsonl"
     if measured.exists():
         rows.append("")

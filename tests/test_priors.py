@@ -34,7 +34,8 @@ def registry_options() -> dict[str, tuple[str, str, bool]]:
 @pytest.mark.parametrize("command", ["run", "bench"])
 def test_the_command_line_takes_the_registry_priors_and_options(command):
     parser = subparser(command)
-    assert option(parser, "--guidance").choices == ["stable_diffusion", "sd", "oracle", "clip"] == priors.choices()
+    assert option(parser, "--guidance").choices == ["stable_diffusion", "sd", "oracle", "clip",
+                                                     "mvdream"] == priors.choices()
     for prior, opt in priors.options():
         action = option(parser, opt.flag)
         assert action.dest == opt.name and action.help.startswith(opt.help)
@@ -61,7 +62,7 @@ def test_a_registered_prior_reaches_the_command_line(monkeypatch):
 def test_the_config_sections_and_prior_names_are_the_registry_s():
     fields = {f.name: f for f in dataclasses.fields(GuidanceConfig)}
     sections = priors.sections()
-    assert list(sections) == ["sd", "oracle", "clip", "vsd"]
+    assert list(sections) == ["sd", "oracle", "clip", "mvdream", "vsd", "multiview"]
     assert [name for name in fields if name in sections] == list(sections)  # after the shared settings, in order
     defaults = GuidanceConfig()
     for section, settings in sections.items():
@@ -70,7 +71,7 @@ def test_the_config_sections_and_prior_names_are_the_registry_s():
     assert typing.get_args(typing.get_type_hints(GuidanceConfig)["type"]) == tuple(priors.PRIORS)
     assert defaults.type == priors.default_prior() == "stable_diffusion"
     assert config.PRIOR_SECTIONS == {p.name: p.section for p in priors.PRIORS.values()}
-    assert config.METHOD_SECTIONS == {"vsd": "prolificdreamer"}
+    assert config.METHOD_SECTIONS == {"vsd": "prolificdreamer", "multiview": "mvdream"}
     assert {s.method for s in priors.METHOD_SECTIONS.values()} <= set(methods.METHODS)
     assert methods.get("prolificdreamer").sections == ("vsd",)
 
@@ -82,7 +83,8 @@ def test_the_run_specification_s_options_are_the_registry_s():
     assert concerning == {"model": ("guidance.sd.model", "stable_diffusion", False),
                           "reference": ("guidance.oracle.reference", "oracle", False),
                           "clip_model": ("guidance.clip.models", "clip", True),
-                          "clip_pretrained": ("guidance.clip.pretrained", "clip", True)}
+                          "clip_pretrained": ("guidance.clip.pretrained", "clip", True),
+                          "mvdream_model": ("guidance.mvdream.model", "mvdream", False)}
     assert {f.name for f in dataclasses.fields(spec.RunOptions)} >= set(registry_options())
     every_key = set(config.all_keys())
     assert all(key in every_key for key, _, _ in registry_options().values())

@@ -159,7 +159,11 @@ def sample_cameras(cfg: CameraConfig, n: int, width: int, height: int, generator
     Its distance is uniform in `light_distance`, a multiple of the camera distance, or with
     `light_distance_absolute` scene units from the origin (threestudio's light_distance_range). The same
     number of draws whichever the settings, but for the optional ones last.
+
+    With `cfg.views` > 1 the batch is objects of that many views (`sample_multiview_cameras`).
     """
+    if cfg.views > 1:
+        return sample_multiview_cameras(cfg, n, width, height, generator, render)
     distance = _uniform(n, cfg.distance, generator)
     fovy = _uniform(n, cfg.fovy, generator)
     elevation = _uniform(n, cfg.elevation, generator)
@@ -169,6 +173,8 @@ def sample_cameras(cfg: CameraConfig, n: int, width: int, height: int, generator
     # drawn after the others and only when on, so that runs without it see the random stream they always saw
     if cfg.elevation_sphere_prob > 0 and float(torch.rand(1, generator=generator)) < cfg.elevation_sphere_prob:
         elevation = _uniform_over_the_sphere(elevation, cfg.elevation)
+    if cfg.distance_relative:
+        distance = distance / torch.tan(0.5 * torch.deg2rad(fovy))
     position = spherical_position(elevation, azimuth, distance)
     if render.light_sample == "magic3d":
         direction = _light_near(position, light_noise)
@@ -184,6 +190,50 @@ def sample_cameras(cfg: CameraConfig, n: int, width: int, height: int, generator
         moved = position + cfg.position_jitter * (2.0 * torch.rand(n, 3, generator=generator) - 1.0)
         target = cfg.center_jitter * torch.randn(n, 3, generator=generator)
         up = torch.tensor([0.0, 1.0, 0.0]) + cfg.up_jitter * torch.randn(n, 3, generator=generator)
+        cameras.c2w = look_at(moved, target, up)
+    return cameras
+
+
+def sample_multiview_cameras(cfg: CameraConfig, n: int, width: int, height: int, generator: torch.Generator,
+                             render: RenderConfig) -> Cameras:
+    """MVDream's training batches, as MVDream-threestudio's random multi-view cameras draw them: n / views
+    objects, each of `cfg.views` cameras (consecutive in the batch) sharing one elevation, distance and fovy
+    and one light draw, at azimuths 360 / views apart from a uniform random start, so that a batch's views
+    cover the azimuth range; `distance_relative` and `elevation_sphere_prob` (one draw per batch) as in
+    `sample_cameras`. Perturbations, where configured, are drawn once per object."""
+    k = cfg.views
+    if n % k:
+        raise ValueError(f"a batch of {n} cameras is not whole objects of {k} views")
+    m = n // k
+    distance = _uniform(m, cfg.distance, generator)
+    fovy = _uniform(m, cfg.fovy, generator)
+    elevation = _uniform(m, cfg.elevation, generator)
+    start = torch.rand(m, generator=generator)
+    light_noise = torch.randn(m, 3, generator=generator)
+    light_scale = _uniform(m, render.light_distance, generator)
+    if cfg.elevation_sphere_prob > 0 and float(torch.rand(1, generator=generator)) < cfg.elevation_sphere_prob:
+        elevation = _uniform_over_the_sphere(elevation, cfg.elevation)
+    if cfg.distance_relative:
+        distance = distance / torch.tan(0.5 * torch.deg2rad(fovy))
+    lo, hi = cfg.azimuth
+    azimuth = ((start[:, None] + torch.arange(k)[None, :]) / k * (hi - lo) + lo).reshape(-1)
+    each = lambda t: t.repeat_interleave(k, dim=0)  # noqa: E731  (one value per object -> per view)
+    elevation, distance, fovy, light_noise = each(elevation), each(distance), each(fovy), each(light_noise)
+    light_scale = each(light_scale)
+    position = spherical_position(elevation, azimuth, distance)
+    if render.light_sample == "magic3d":
+        direction = _light_near(position, light_noise)
+    elif render.light_jitter_absolute:
+        direction = position + render.light_jitter * light_noise
+    else:
+        direction = position + render.light_jitter * distance[:, None] * light_noise
+    direction = direction / direction.norm(dim=-1, keepdim=True)
+    scale = light_scale if render.light_distance_absolute else distance * light_scale
+    cameras = make_cameras(elevation, azimuth, distance, fovy, width, height, direction * scale[:, None])
+    if max(cfg.position_jitter, cfg.center_jitter, cfg.up_jitter) > 0:
+        moved = position + each(cfg.position_jitter * (2.0 * torch.rand(m, 3, generator=generator) - 1.0))
+        target = each(cfg.center_jitter * torch.randn(m, 3, generator=generator))
+        up = torch.tensor([0.0, 1.0, 0.0]) + each(cfg.up_jitter * torch.randn(m, 3, generator=generator))
         cameras.c2w = look_at(moved, target, up)
     return cameras
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
-from dataclasses import dataclass
-from dataclasses import field as _field
+from dataclasses import dataclass, field as _field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -369,6 +368,8 @@ def validate(cfg: Config) -> None:
          "must not exceed guidance.t_max"),
         (g.oracle.views >= 1, "guidance.oracle.views", "must be >= 1"),
         (0.0 <= cfg.camera.elevation_sphere_prob <= 1.0, "camera.elevation_sphere_prob", "must be in [0, 1]"),
+        (cfg.camera.views >= 1 and 0 == cfg.render.batch_size % cfg.camera.views == cfg.render.hires_batch_size
+         % cfg.camera.views, "camera.views", "must be >= 1 and divide render.batch_size and hires_batch_size"),
         (min(cfg.camera.position_jitter, cfg.camera.center_jitter, cfg.camera.up_jitter) >= 0,
          "camera.position_jitter/center_jitter/up_jitter", "must be >= 0 (0: off)"),
         (not (g.sd.perp_neg and not g.view_dependent_prompting), "guidance.sd.perp_neg",

@@ -99,6 +99,25 @@ class VSDConfig:
     denoiser_channels: tuple[int, ...] = (32, 64)  # oracle prior: widths of the pixel denoiser's levels
 
 
+@dataclass
+class MVDreamConfig:
+    """MVDream's multi-view prior (threed/guidance/mvdream.py, its weights: guidance/mvdream_checkpoint.py)."""
+
+    model: str = "MVDream/MVDream"  # hub id (its sd-v2.1-base-4view.pt), the checkpoint file, or a folder with it
+    revision: str = ""  # hub revision (branch, tag or commit); empty: latest
+    half_precision: bool = True  # fp16 weights on CUDA; always fp32 on CPU
+    guidance_scale: float = 50.0  # classifier-free guidance (MVDream-threestudio's)
+    resolution: int = 256  # image size fed to the VAE encoder (the model's 4 x 256 x 256)
+
+
+@dataclass
+class MultiViewConfig:
+    """The mvdream method's loss, for either prior (threed/guidance/mvdream.py): MVDream's x0 reconstruction."""
+
+    recon_loss: bool = True  # the x0-reconstruction loss (false: SDS with guidance.weighting)
+    recon_std_rescale: float = 0.5  # mix of the CFG reconstruction rescaled to the unguided one's std
+
+
 # -- the table's rows ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -164,6 +183,18 @@ def _build_clip(cfg: Config, device: str) -> Any:
     return ClipGuidance(cfg, device)
 
 
+def _build_mvdream(cfg: Config, device: str) -> Any:
+    from threed.guidance.mvdream import MVDreamGuidance
+
+    return MVDreamGuidance(cfg, device)
+
+
+def _build_multiview(cfg: Config, device: str) -> Any:
+    from threed.guidance.mvdream import build_mvdream
+
+    return build_mvdream(cfg, device)
+
+
 def _build_vsd(cfg: Config, device: str) -> Any:
     from threed.guidance.vsd import build_vsd
 
@@ -182,11 +213,14 @@ PRIORS: dict[str, Prior] = {p.name: p for p in (
     Prior("clip", "clip", ClipConfig, _build_clip, options=(
         Option("clip_model", "models", "open_clip architecture(s), comma-separated", is_list=True),
         Option("clip_pretrained", "pretrained", "tag | checkpoint path | none, comma-separated", is_list=True))),
+    Prior("mvdream", "mvdream", MVDreamConfig, _build_mvdream, options=(
+        Option("mvdream_model", "model", "MVDream: hub id, sd-v2.1-base-4view.pt file, or a folder holding it"),)),
 )}
 
 # Sections under `guidance.` that one method owns, by section name.
 METHOD_SECTIONS: dict[str, MethodSection] = {s.section: s for s in (
     MethodSection("vsd", "prolificdreamer", VSDConfig, _build_vsd),
+    MethodSection("multiview", "mvdream", MultiViewConfig, _build_multiview),
 )}
 
 

@@ -8,6 +8,10 @@ depend on its weight values); never read image quality from them.
 - `build_tiny_sd`: a tiny Stable Diffusion (milliseconds per step on a CPU), for tests.
 - `build_random_sd`: Stable Diffusion's real-size architecture from config files, for step timings.
 - `build_clip_tokenizer`: CLIP's real BPE vocabulary, built offline from the merges open_clip ships.
+- `write_random_mvdream`: an MVDream checkpoint in the official file layout from a recorded key list
+  (tests/data/mvdream/: official-keys.txt.gz at full size, tiny-keys.txt.gz with tiny-model.yaml).
+- `build_random_mvdream`: MVDream's modules (real size, or tiny) saved in threed's folder layout, for step
+  timings without the key list.
 """
 
 from __future__ import annotations
@@ -202,3 +206,53 @@ def benchmark_sd(model: str | None, folder: Path, tiny: bool, arch: Path, device
     if tiny:
         return str(build_tiny_sd(Path(folder) / "sd"))
     return str(build_random_sd(Path(arch), Path(folder) / "sd", device=device))
+
+
+def write_random_mvdream(path: str | Path, keys_file: str | Path, config: str | Path | None = None,
+                         dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+    """An MVDream checkpoint at `path` (.pt) in the official layout: random tensors for the keys and shapes of
+    `keys_file` (gzip text, `key<TAB>shape` lines), norm scales 1 + noise, the real DDPM betas (the loader
+    checks them), small noise elsewhere; `config` (a .yaml in the reference's format) is copied beside it
+    for a size other than SD 2.1-base's."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    with gzip.open(keys_file, "rt") as f:
+        for line in f:
+            key, shape = line.rstrip("\n").split("\t")
+            dims = [int(x) for x in shape.split("x")] if shape else []
+            t = 0.05 * torch.randn(dims, generator=g)
+            if key.endswith(".weight") and len(dims) == 1:  # GroupNorm / LayerNorm scales
+                t += 1.0
+            state[key] = t.to(dtype)
+    state["betas"] = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64).pow(2).float()
+    torch.save(state, path)
+    if config is not None:
+        shutil.copy(config, path.with_suffix(".yaml"))
+    return path
+
+
+def build_random_mvdream(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                         tiny: bool = False) -> Path:
+    """MVDream's UNet, VAE and text encoder with their own random initialisation, built on `device` and saved
+    to `folder` (unet/, vae/, text_encoder/) in `dtype`: SD 2.1-base's real sizes, or tiny ones."""
+    from threed.guidance.mvdream_checkpoint import SD21_PARAMS, SD21_TEXT, build_modules
+
+    params, text = SD21_PARAMS, SD21_TEXT
+    if tiny:
+        params = {**SD21_PARAMS, "unet_config": {"params": {
+            **SD21_PARAMS["unet_config"]["params"], "model_channels": 32, "attention_resolutions": [1],
+            "num_res_blocks": 1, "channel_mult": [1, 2], "num_head_channels": 16, "context_dim": 64}},
+            "first_stage_config": {"params": {"embed_dim": 4, "ddconfig": {
+                **SD21_PARAMS["first_stage_config"]["params"]["ddconfig"], "ch": 32, "ch_mult": [1, 2],
+                "num_res_blocks": 1}}}}
+        text = {**SD21_TEXT, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 1,
+                "num_attention_heads": 1, "projection_dim": 64}
+    torch.manual_seed(0)
+    folder = Path(folder)
+    for name, module in zip(("unet", "vae", "text_encoder"), build_modules(params, text, device)):
+        module.to(dtype).save_pretrained(folder / name)
+    return folder

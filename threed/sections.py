@@ -71,12 +71,14 @@ class RenderConfig:
     # random_aug, which ProlificDreamer turns on): the object cannot lean on one learned background. Never at
     # evaluation or export. The mesh stage has its own, mesh.random_aug.
     random_aug: float = 0.0
+    random_aug_shared: bool = False  # one random colour for the whole batch (share_aug_bg: MVDream's views)
     chunk_rays: int = 16384
     # ProlificDreamer renders small while the coarse shape forms, then at full size: from `hires_step` on the
     # training renders are hires_width x hires_height (< 0: never).
     hires_step: int = -1
     hires_width: int = 512
     hires_height: int = 512
+    hires_batch_size: int = 0  # renders per step from hires_step on (0: batch_size); MVDream: 8, then 4
     # Above this many rays per batch (e.g. 512x512), each chunk's activations are recomputed in backward
     # (gradient checkpointing) instead of kept: memory of one chunk for about one more forward (0: never).
     checkpoint_rays: int = 65536
@@ -111,6 +113,8 @@ class CameraConfig:
     position_jitter: float = 0.0
     center_jitter: float = 0.0
     up_jitter: float = 0.0
+    views: int = 1  # cameras per object (MVDream: 4), see threed/cameras.py sample_multiview_cameras
+    distance_relative: bool = False  # distance x 1 / tan(fovy / 2) (MVDream-threestudio's relative_radius)
 
 
 @dataclass

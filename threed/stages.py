@@ -111,6 +111,7 @@ def mesh_stage_config(cfg: Config, section: str) -> Config:
     out.render.shading, out.render.albedo_only_steps = m.shading, m.albedo_only_steps
     out.render.textureless_prob = m.textureless_prob
     out.camera.distance, out.camera.fovy, out.camera.elevation = m.distance, m.fovy, m.elevation
+    out.camera.views, out.camera.distance_relative = 1, False  # single views at the section's distances (MVDream's NeRF groups them)
     out.guidance.t_min, out.guidance.t_max = m.t_min, m.t_max
     if m.guidance_scale >= 0:
         out.guidance.sd.guidance_scale = m.guidance_scale

@@ -132,7 +132,9 @@ class Trainer:
         t0 = time.perf_counter()
         self.scene.prepare(self.step, self.generator)
         width, height = cfg.render.size(self.step)
-        cams = sample_cameras(cfg.camera, cfg.render.batch_size, width, height, self.generator, cfg.render).to(dev)
+        hires = 0 <= cfg.render.hires_step <= self.step and cfg.render.hires_batch_size > 0
+        batch = cfg.render.hires_batch_size if hires else cfg.render.batch_size
+        cams = sample_cameras(cfg.camera, batch, width, height, self.generator, cfg.render).to(dev)
         shading = self.scene.pick_shading(self.step, self.generator)
         out = self.scene.render(cams, shading, need_normals=self.uses("orient"), generator=self.generator)
         sync(dev)

@@ -4,7 +4,8 @@ A learned background lets the prior explain "sky" without growing geometry for i
 the oracle prior and mesh-quality tests need (the reference is rendered over the same colour). With
 `random_aug` = p > 0, a training render's background is, with probability p, one random colour per image
 instead (threestudio's random_aug, one draw per render as there): the object must stand out against any
-colour, not only against the background learned with it.
+colour, not only against the background learned with it. `random_aug_shared`: one colour for the whole batch
+(threestudio's share_aug_bg, as MVDream's views of one object share it).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class Background(nn.Module):
         super().__init__()
         self.kind = cfg.background
         self.random_aug = cfg.random_aug  # probability per training render (see the module docstring)
+        self.random_aug_shared = cfg.random_aug_shared  # one colour for the whole batch (MVDream's views)
         self.register_buffer("color", torch.tensor(cfg.background_color, dtype=torch.float32))
         self.n_frequencies = n_frequencies
         self.mlp = None
@@ -33,14 +35,15 @@ class Background(nn.Module):
         return torch.cat([dirs, torch.sin(angles).flatten(-2), torch.cos(angles).flatten(-2)], dim=-1)
 
     @staticmethod
-    def _random_colours(dirs: Tensor, generator: torch.Generator | None) -> Tensor:
-        """One uniform random colour per image, (B, H, W, 3)."""
-        return torch.rand(dirs.shape[0], 1, 1, 3, generator=generator).to(dirs.device).expand_as(dirs)
+    def _random_colours(dirs: Tensor, generator: torch.Generator | None, shared: bool = False) -> Tensor:
+        """One uniform random colour per image (or one for the batch), (B, H, W, 3)."""
+        n = 1 if shared else dirs.shape[0]
+        return torch.rand(n, 1, 1, 3, generator=generator).to(dirs.device).expand_as(dirs)
 
     def forward(self, dirs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """dirs (B, H, W, 3) unit view directions -> colours (B, H, W, 3) in [0, 1]."""
         if self.training and self.random_aug > 0 and torch.rand((), generator=generator).item() < self.random_aug:
-            return self._random_colours(dirs, generator)
+            return self._random_colours(dirs, generator, self.random_aug_shared)
         if self.kind == "mlp":
             assert self.mlp is not None
             return torch.sigmoid(self.mlp(self._encode(dirs)))
