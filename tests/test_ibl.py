@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests import shapes
+import shapes
 from threed.cameras import make_cameras
 from threed.errors import UserError
 from threed.render import ibl
