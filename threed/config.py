@@ -23,6 +23,9 @@ from threed.errors import UserError, first_line
 # The prior sections' settings live with the registry; they are importable from here as before.
 from threed.priors import (DEFAULT_SD_MODEL, DEFAULT_TINY_VAE_MODEL, ClipConfig, CompileMode,  # noqa: F401
                            OracleConfig, SDConfig, VSDConfig)
+# The mesh stages' sections live in their own module; importable from here as before.
+from threed.mesh_config import (AppearanceConfig, GeometryConfig, MeshConfig, MeshLossConfig,  # noqa: F401
+                                SDFInitConfig)
 from threed.schedule import Schedule
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -201,66 +204,6 @@ class LossConfig:
 
 
 @dataclass
-class MeshLossConfig:
-    """Weights (schedules over the mesh stage's steps) of the mesh stage's losses; zero throughout: not computed."""
-
-    guidance: Schedule = Schedule.constant(1.0)
-    # 1 - cos between the normals of the two faces at each edge (threed/mesh_losses.py). threestudio's 1e4
-    # is for 1 - cos between *vertex* normals at an edge's ends, which is smaller on the same mesh.
-    normal_consistency: Schedule = Schedule.constant(0.0)
-    laplacian: Schedule = Schedule.constant(0.0)  # mean |mean(neighbours) - vertex|, scene units
-    sign_flip: Schedule = Schedule.constant(0.0)  # DMTet's SDF regulariser on crossing edges (fields/dmtet.py)
-
-
-@dataclass
-class MeshConfig:
-    """A mesh stage (threed/scenes/mesh.py): a DMTet surface and a texture field, rasterized and optimised
-    under the prior. Three sections have this shape, one per stage (threed/stages.py): `mesh`, Magic3D's fine
-    stage (magic3d, magic3d-refine): the surface starts from the NeRF's density at its export level, the
-    texture as a copy of the NeRF's albedo; `geometry` and `texture`, ProlificDreamer's stages 2 and 3: the
-    geometry stage starts like `mesh` and shapes the surface from normal maps (`shading: normal`, SDS), the
-    texture stage keeps that surface (its geometry learning rates 0) and trains the texture under VSD.
-    Only methods with the stage read its section. Schedules here count the stage's own steps (from 0).
-    Settings it does not name (ambient light, light distance, background kind, eval cameras, the optimiser:
-    optim.optimizer, betas, eps, weight_decay) are the run's."""
-
-    steps: int = 5000
-    resolution: int = 128  # tetrahedral grid cells along the longest side of the coarse object's box
-    # Largest vertex offset per axis, in cells (0: no deformation). threestudio bounds it by tanh to the grid's
-    # extent / isosurface_resolution, one cell here (nvdiffrec alike); below 1/6 no tetrahedron can invert.
-    deform_scale: float = 1.0
-    # Gaussian blur of the start SDF, in cells (0: off): removes the facets that the NeRF density's jitter
-    # from grid vertex to grid vertex gives marching tetrahedra (threed/fields/dmtet.py, sdf_from_values)
-    start_smoothing: float = 1.0
-    width: int = 512
-    height: int = 512
-    batch_size: int = 1
-    rasterizer: Literal["auto", "torch", "nvdiffrast"] = "auto"
-    shading: Literal["random", "albedo", "lambertian", "textureless", "normal"] = "random"
-    albedo_only_steps: int = 0
-    textureless_prob: float = 0.5
-    albedo_prob: float = 0.0  # render.albedo_prob in this stage
-    # Magic3D's soft shading (threestudio's soft_shading): each training render splits its light between
-    # ambient and diffuse at random (ambient ~ U[0, 1)) instead of render.ambient's fixed split.
-    soft_shading: bool = False
-    distance: tuple[float, float] = (1.5, 2.0)  # camera ranges of this stage (azimuth: camera.azimuth)
-    fovy: tuple[float, float] = (30.0, 45.0)
-    elevation: tuple[float, float] = (-10.0, 45.0)
-    t_min: Schedule = Schedule.constant(0.02)  # the prior's diffusion-time range in this stage
-    t_max: Schedule = Schedule.constant(0.5)
-    guidance_scale: float = -1.0  # classifier-free guidance of this stage's Stable Diffusion (< 0: the prior's)
-    lr_sdf: Schedule = Schedule.constant(1e-4)  # scene units per step (a cell at resolution 128 is ~0.01)
-    lr_deformation: Schedule = Schedule.constant(0.01)  # of the pre-tanh offset
-    lr_texture: Schedule = Schedule.constant(0.01)  # the texture field's hash grid (and MLP, unless ...)
-    lr_texture_mlp: Schedule = Schedule.constant(-1.0)  # ... its MLP's own rate; < 0: mesh.lr_texture
-    # the background, copied from the coarse stage (0: frozen; threestudio trains it: 0.01 in Magic3D's refine
-    # stage, 0.001 in ProlificDreamer's texture stage)
-    lr_background: Schedule = Schedule.constant(0.0)
-    random_aug: float = 0.0  # render.random_aug in this stage (threestudio's ProlificDreamer texture stage: off)
-    loss: MeshLossConfig = _field(default_factory=MeshLossConfig)
-
-
-@dataclass
 class ExportConfig:
     resolution: int = 256  # marching-cubes grid per axis
     threshold: float = -1.0  # density level; < 0 picks it automatically (silhouette agreement)
@@ -298,8 +241,9 @@ class Config:
     loss: LossConfig = _field(default_factory=LossConfig)
     export: ExportConfig = _field(default_factory=ExportConfig)
     mesh: MeshConfig = _field(default_factory=MeshConfig)
-    geometry: MeshConfig = _field(default_factory=MeshConfig)
+    geometry: GeometryConfig = _field(default_factory=GeometryConfig)
     texture: MeshConfig = _field(default_factory=MeshConfig)
+    appearance: AppearanceConfig = _field(default_factory=AppearanceConfig)
 
 
 def _nearest(name: str, options: list[str]) -> str:
@@ -616,6 +560,18 @@ def validate(cfg: Config) -> None:
         checks.append((not (m.soft_shading and g.type == "oracle" and lit),
                        f"{section}.soft_shading",
                        "cannot be used with the oracle prior, whose reference renders use render.ambient"))
+    i = cfg.geometry.init
+    checks += [
+        (cfg.geometry.latent_steps >= 0, "geometry.latent_steps", "must be >= 0"),
+        (0 < i.radius < cfg.render.bound, "geometry.init.radius", "must be in (0, render.bound)"),
+        (0 < i.mesh_scale <= 1, "geometry.init.mesh_scale", "must be in (0, 1] (a fraction of render.bound)"),
+        (i.mesh_up[1] != i.mesh_front[1], "geometry.init.mesh_front", "must be another axis than geometry.init.mesh_up"),
+        (cfg.appearance.env_scale > 0, "appearance.env_scale", "must be positive"),
+        (0 <= cfg.appearance.roughness[0] <= cfg.appearance.roughness[1] <= 1, "appearance.roughness",
+         "must be [low, high] inside [0, 1]"),
+        (0 <= cfg.appearance.metallic[0] <= cfg.appearance.metallic[1] <= 1, "appearance.metallic",
+         "must be [low, high] inside [0, 1]"),
+    ]
     checks.append((cfg.texture.deform_scale == cfg.geometry.deform_scale, "texture.deform_scale",
                    "must equal geometry.deform_scale (the texture stage keeps the geometry stage's surface)"))
     for fmt in cfg.export.formats:
@@ -663,7 +619,7 @@ def resolve_device(name: str) -> str:
 
 
 # The sections of a mesh-shaped stage (MeshConfig), each read by the stage of that name (threed/stages.py).
-STAGE_SECTIONS = ("mesh", "geometry", "texture")
+STAGE_SECTIONS = ("mesh", "geometry", "texture", "appearance")
 
 
 def _mesh_checks(m: MeshConfig, prefix: str) -> list[tuple[bool, str, str]]:
