@@ -173,3 +173,13 @@ def test_oracle_pbr_reference_matches_the_scenes_pbr_render(tmp_path):
     diff = (out.rgb - ref).abs()[covered]
     assert covered.sum() > 400
     assert float(diff.max()) < 0.1 and float(diff.mean()) < 0.005
+
+
+def test_init_mesh_belongs_to_a_geometry_stage_that_follows_no_nerf(tmp_path, capsys):
+    """ProlificDreamer's geometry stage starts from its NeRF: a guide mesh there would be ignored, so it is an
+    error naming the method that takes it."""
+    guide = shapes.save(shapes.sphere(subdivisions=1), tmp_path / "guide.ply")
+    code = main(["run", "--method", "prolificdreamer", "--prompt", "a vase", "--init-mesh", str(guide),
+                 "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "--method fantasia3d" in err and len(err.splitlines()) == 1

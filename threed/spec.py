@@ -209,6 +209,11 @@ def check_mesh_section(cfg: Config, method: methods.Method) -> None:
             keys = ", ".join(f"{section}.{k}" for k in changed[:4])
             raise UserError(f"{keys} set, but method {method.name} has no {section} stage: drop the setting or "
                             f"pass --method {having}")
+    # geometry.init (--init-mesh) starts a geometry stage that follows no NeRF (Fantasia3D's)
+    starts = [s for s in method.stages if s.section == "geometry"]
+    if cfg.geometry.init != type(cfg.geometry.init)() and starts and starts[0].start is not None:
+        raise UserError(f"geometry.init (--init-mesh) set, but method {method.name}'s geometry stage starts from its "
+                        "NeRF: drop it or pass --method fantasia3d")
 
 
 def resolve_refine(opts: RunOptions, cuda: bool | None = None) -> tuple[Config, list[str], Path]:
