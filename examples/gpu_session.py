@@ -21,6 +21,8 @@ Parts, each a subprocess with its own timeout, skipped when the budget cannot co
          texture under VSD), 30 steps each, textured export: each stage's it/s and peak memory
   mv     threed run, mvdream with MVDream's real-size architecture and random weights (built on the GPU,
          saved in fp16): 30 steps at 64^2 x 8 views and 30 at 256^2 x 4 views, each run's it/s and peak memory
+  fa     threed run, fantasia3d's two stages at 512^2 (geometry from a sphere on normal maps, its latent
+         warm-up included; appearance under split-sum lighting), 30 steps each, PBR export: it/s and peak per stage
   c      the fast preset (tiny autoencoder), compiled
   f      threed run, dreamfusion-sd, 1000 steps and mesh export (no video), timed
   d      guidance floors, eager and compiled (benchmark_guidance.py)
@@ -288,6 +290,23 @@ def main() -> None:
             _, done = RunDir(run_dir).metrics()
             if done:
                 part["result"] = done
+    # (fa) Fantasia3D's two stages at 512^2, the geometry stage's latent warm-up taking half its steps
+    if "fa" not in skip:
+        run_dir = s.work / "fa-fantasia3d"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        sizes = (["guidance.sd.resolution=64", "geometry.steps=2", "geometry.latent_steps=1", "geometry.resolution=16",
+                  "geometry.width=32", "geometry.height=32", "appearance.steps=2", "appearance.width=32",
+                  "appearance.height=32", "export.texture_size=64"] if dry else
+                 ["geometry.steps=30", "geometry.latent_steps=15", "appearance.steps=30", f"field.backend={new_field}"])
+        rec = s.run("fa-fantasia3d", [py, "-m", "threed.cli", "run", "--method", "fantasia3d", "--prompt",
+                                      "a ceramic vase", "--model", sd, "--out", str(run_dir), "--quiet", *dev, *sizes,
+                                      "export.video=false", "export.preview_views=0", "checkpoint_every=0"],
+                    timeout=300, need=90)
+        from threed.rundir import RunDir
+
+        _, done = RunDir(run_dir).metrics()
+        if done:
+            rec["result"] = done
 
     if "c" not in skip:
         out = s.work / "c-fast.json"
@@ -411,6 +430,13 @@ def summary(s: Session) -> str:
     for name in ("mv-64x8", "mv-256x4"):
         done = (parts.get(name) or {}).get("result") or {}
         rows.append(f"{name} | " + " | ".join(str(done.get(k, "-")) for k in ("wall_time_s", "it_per_s", "peak_memory_mb")))
+    fa = (parts.get("fa-fantasia3d") or {}).get("result")
+    rows.append("")
+    rows.append("fantasia3d (fa), 512^2 | train s | it/s (first steps included) | peak MB | start s | export s")
+    for stage in ("geometry", "appearance"):
+        rows.append(f"{stage} | " + " | ".join(str((fa or {}).get(f"{stage}_{k}", "-")) for k in
+                                              ("wall_time_s", "it_per_s", "peak_memory_mb", "init_time_s",
+                                               "export_time_s")))
     measured = s.out / "cuda_tests.jsonl"
     if measured.exists():
         rows.append("")

@@ -1,5 +1,10 @@
 """Wavefront OBJ with texture coordinates, normals and an MTL whose diffuse map is a PNG beside it.
 
+A physically based material (albedo, roughness, metallic) adds two grey PNGs, `<stem>_roughness.png` and
+`<stem>_metallic.png`, named by the MTL's PBR extension (`Pr`/`map_Pr` roughness, `Pm`/`map_Pm` metallic):
+the keys Blender's OBJ importer and exporter use for the Principled BSDF's roughness and metallic, and that
+tinyobjloader and assimp read; viewers without them still show the albedo (`map_Kd`).
+
 Texture coordinates follow OBJ's convention: (0, 0) is the image's bottom-left corner, so image row 0
 (the top) is v = 1. Positions and normals may be shared across a UV seam while texture coordinates are
 not, so faces index them separately (`f v/vt/vn`): the OBJ stays welded where the geometry is.
@@ -25,17 +30,27 @@ def _rows(fmt: str, array: np.ndarray) -> str:
     return ((fmt + "\n") * len(array)) % tuple(values)
 
 
-def mtl_text(texture_name: str, material: str = _MATERIAL) -> str:
+def mtl_text(texture_name: str, material: str = _MATERIAL, roughness_name: str = "",
+             metallic_name: str = "") -> str:
     """An albedo-only material: the diffuse colour is the texture (Kd 1 multiplies it), no specular
-    highlight (Ks 0, illum 1: colour and ambient only), no ambient tint of its own (Ka 0), opaque."""
-    return (f"newmtl {material}\nKa 0 0 0\nKd 1 1 1\nKs 0 0 0\nNs 1\nd 1\nillum 1\n"
+    highlight (Ks 0, illum 1: colour and ambient only), no ambient tint of its own (Ka 0), opaque. With
+    roughness and metallic maps, a PBR material: Pr 1 / Pm 1 (the maps' values hold) and map_Pr / map_Pm."""
+    text = (f"newmtl {material}\nKa 0 0 0\nKd 1 1 1\nKs 0 0 0\nNs 1\nd 1\nillum 1\n"
             f"map_Kd {texture_name}\n")
+    if roughness_name:
+        text += f"Pr 1\nmap_Pr {roughness_name}\n"
+    if metallic_name:
+        text += f"Pm 1\nmap_Pm {metallic_name}\n"
+    return text
 
 
 def write_textured_obj(path: Path | str, vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray,
                        image: np.ndarray, normals: np.ndarray | None = None,
-                       uv_faces: np.ndarray | None = None) -> list[Path]:
-    """Write `path` (.obj), its .mtl and its .png texture (same stem); returns the three paths, OBJ first.
+                       uv_faces: np.ndarray | None = None,
+                       metallic_roughness: np.ndarray | None = None) -> list[Path]:
+    """Write `path` (.obj), its .mtl and its .png texture (same stem); returns the paths, OBJ first. With
+    `metallic_roughness` ((H, W, 3) uint8, roughness in G and metallic in B, as glTF packs them) also
+    `<stem>_roughness.png` and `<stem>_metallic.png`, named in the MTL.
 
     vertices: (N, 3) float; faces: (M, 3) int, 0-based, counter-clockwise from outside; uvs: (T, 2) in
     [0, 1], OBJ convention (v up); uv_faces: (M, 3) indices into `uvs` (default: `faces`, one UV per
@@ -59,6 +74,12 @@ def write_textured_obj(path: Path | str, vertices: np.ndarray, faces: np.ndarray
     lines += [f"usemtl {_MATERIAL}\n", _rows(face_fmt, corners.reshape(len(faces), -1))]
 
     write_png(image, png)
-    atomic_write_text(mtl, mtl_text(png.name))
+    maps: list[Path] = []
+    if metallic_roughness is not None:
+        for name, channel in (("roughness", 1), ("metallic", 2)):
+            maps.append(write_png(np.ascontiguousarray(np.repeat(metallic_roughness[..., channel:channel + 1], 3,
+                                                                 axis=-1)), path.with_name(f"{path.stem}_{name}.png")))
+    atomic_write_text(mtl, mtl_text(png.name, roughness_name=maps[0].name if maps else "",
+                                    metallic_name=maps[1].name if maps else ""))
     atomic_write_text(path, "".join(lines))
-    return [path, mtl, png]
+    return [path, mtl, png, *maps]

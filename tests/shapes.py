@@ -122,7 +122,20 @@ def duck(resolution: int = 64, max_faces: int = 16000, blend: float = 0.12) -> t
     return _finish(_from_sdf(sdf, 0.6, resolution, max_faces))
 
 
-# `duck` is not in ALL (the shapes every raycast test sweeps): it is the smoothness benchmark's reference.
+def peanut(resolution: int = 64, max_faces: int = 12000, blend: float = 0.1) -> trimesh.Trimesh:
+    """Two spheres side by side along x joined by a fillet: a saddle-shaped concave waist between two convex
+    lobes, a concavity that cameras above and below the equator see (unlike a cup's cavity)."""
+
+    def sdf(p: np.ndarray) -> np.ndarray:
+        left = np.linalg.norm(p - np.array([-0.24, 0.0, 0.0]), axis=-1) - 0.3
+        right = np.linalg.norm(p - np.array([0.24, 0.02, 0.0]), axis=-1) - 0.27
+        return _smooth_min(left, right, blend)
+
+    return _finish(_from_sdf(sdf, 0.6, resolution, max_faces))
+
+
+# `duck` and `peanut` are not in ALL (the shapes every raycast test sweeps): the smoothness benchmark's and
+# Fantasia3D's oracle references.
 ALL = {"sphere": sphere, "ellipsoid": ellipsoid, "rounded_box": rounded_box, "torus": torus, "cup": cup}
 
 

@@ -264,4 +264,5 @@ def test_magic3d_refine_takes_a_prolificdreamer_run(tmp_path):
     assert refined.method == "magic3d-refine" and refined.steps == 400 and checkpoint.name == "step-000400.pt"
     assert refined.guidance.vsd == type(refined.guidance.vsd)()
     assert refined.mesh == build_config("magic3d-oracle").mesh
-    assert refined.geometry == refined.texture == type(refined.mesh)()  # the source's later stages are not this run's
+    # the source's later stages are not this run's: each section at its defaults
+    assert refined.geometry == type(refined.geometry)() and refined.texture == type(refined.texture)()

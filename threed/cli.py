@@ -73,6 +73,14 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--from", dest="from_run", metavar="DIR",
                    help="magic3d-refine: refine the NeRF of the run in DIR, in a new run [--out: DIR-refine]")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--init-mesh", dest="init_mesh", metavar="PATH",
+                   help="fantasia3d: start the surface from this guide mesh instead of a sphere (geometry.init.mesh)")
+    p.add_argument("--init-mesh-up", dest="init_mesh_up", choices=("+x", "+y", "+z", "-x", "-y", "-z"),
+                   help="the guide mesh's up axis [+y]")
+    p.add_argument("--init-mesh-front", dest="init_mesh_front", choices=("+x", "+y", "+z", "-x", "-y", "-z"),
+                   help="the axis the guide mesh's front faces [+z]")
+    p.add_argument("--env-map", dest="env_map", metavar="FILE.hdr",
+                   help="fantasia3d: the environment lighting the material, a Radiance .hdr (appearance.env_map)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
 
@@ -121,9 +129,28 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _fantasia3d_options(args: argparse.Namespace) -> None:
+    """--init-mesh, its axes and --env-map as overrides of the geometry and appearance sections, the files
+    checked now (a missing, empty or unreadable one is one line) and kept as absolute paths for --resume."""
+    given = {"geometry.init.mesh": args.init_mesh, "geometry.init.mesh_up": args.init_mesh_up,
+             "geometry.init.mesh_front": args.init_mesh_front, "appearance.env_map": args.env_map}
+    if args.init_mesh:
+        from threed.fields.sdf_init import load_guide_mesh
+
+        load_guide_mesh(args.init_mesh)
+        given["geometry.init.mesh"] = str(Path(args.init_mesh).resolve())
+    if args.env_map:
+        from threed.render.hdr import read_hdr
+
+        read_hdr(args.env_map)
+        given["appearance.env_map"] = str(Path(args.env_map).resolve())
+    args.overrides = [f"{k}={v}" for k, v in given.items() if v] + list(args.overrides or [])
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from threed import pipeline, spec
 
+    _fantasia3d_options(args)
     opts = spec.RunOptions.from_args(args)
     if args.resume:
         if args.from_run:

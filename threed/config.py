@@ -22,11 +22,14 @@ from threed.errors import UserError, first_line
 # The prior sections' settings live with the registry; they are importable from here as before.
 from threed.priors import (DEFAULT_SD_MODEL, DEFAULT_TINY_VAE_MODEL, ClipConfig, CompileMode,  # noqa: F401
                            OracleConfig, SDConfig, VSDConfig)
+# The mesh stages' sections live in their own module; importable from here as before.
+from threed.mesh_config import (AppearanceConfig, GeometryConfig, MeshConfig, MeshLossConfig,  # noqa: F401
+                                SDFInitConfig)
 from threed.schedule import Schedule
-# The sections of the field, renderer, cameras, optimiser, losses, mesh-shaped stages and export live in
-# threed/sections.py; they are importable from here as before.
-from threed.sections import (CameraConfig, ExportConfig, FieldConfig, LossConfig, MeshConfig,  # noqa: F401
-                             MeshLossConfig, OptimConfig, RenderConfig, same_as_lr)
+# The sections of the field, renderer, cameras, optimiser, losses and export live in threed/sections.py;
+# they are importable from here as before.
+from threed.sections import (CameraConfig, ExportConfig, FieldConfig, LossConfig, OptimConfig,  # noqa: F401
+                             RenderConfig, same_as_lr)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -86,8 +89,9 @@ class Config:
     loss: LossConfig = _field(default_factory=LossConfig)
     export: ExportConfig = _field(default_factory=ExportConfig)
     mesh: MeshConfig = _field(default_factory=MeshConfig)
-    geometry: MeshConfig = _field(default_factory=MeshConfig)
+    geometry: GeometryConfig = _field(default_factory=GeometryConfig)
     texture: MeshConfig = _field(default_factory=MeshConfig)
+    appearance: AppearanceConfig = _field(default_factory=AppearanceConfig)
 
 
 def _nearest(name: str, options: list[str]) -> str:
@@ -410,6 +414,18 @@ def validate(cfg: Config) -> None:
         checks.append((not (m.soft_shading and g.type == "oracle" and lit),
                        f"{section}.soft_shading",
                        "cannot be used with the oracle prior, whose reference renders use render.ambient"))
+    i = cfg.geometry.init
+    checks += [
+        (cfg.geometry.latent_steps >= 0, "geometry.latent_steps", "must be >= 0"),
+        (0 < i.radius < cfg.render.bound, "geometry.init.radius", "must be in (0, render.bound)"),
+        (0 < i.mesh_scale <= 1, "geometry.init.mesh_scale", "must be in (0, 1] (a fraction of render.bound)"),
+        (i.mesh_up[1] != i.mesh_front[1], "geometry.init.mesh_front", "must be another axis than geometry.init.mesh_up"),
+        (cfg.appearance.env_scale > 0, "appearance.env_scale", "must be positive"),
+        (0 <= cfg.appearance.roughness[0] <= cfg.appearance.roughness[1] <= 1, "appearance.roughness",
+         "must be [low, high] inside [0, 1]"),
+        (0 <= cfg.appearance.metallic[0] <= cfg.appearance.metallic[1] <= 1, "appearance.metallic",
+         "must be [low, high] inside [0, 1]"),
+    ]
     checks.append((cfg.texture.deform_scale == cfg.geometry.deform_scale, "texture.deform_scale",
                    "must equal geometry.deform_scale (the texture stage keeps the geometry stage's surface)"))
     for fmt in cfg.export.formats:
@@ -457,7 +473,7 @@ def resolve_device(name: str) -> str:
 
 
 # The sections of a mesh-shaped stage (MeshConfig), each read by the stage of that name (threed/stages.py).
-STAGE_SECTIONS = ("mesh", "geometry", "texture")
+STAGE_SECTIONS = ("mesh", "geometry", "texture", "appearance")
 
 
 def _mesh_checks(m: MeshConfig, prefix: str) -> list[tuple[bool, str, str]]:

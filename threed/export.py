@@ -87,7 +87,7 @@ def export_stage(run_dir: Path | str, trainer: Trainer, stage: str | None = None
         files = export_textured(mesh.vertices, mesh.faces, exported.albedo, run.path, textured, size,
                                 cfg.export.texture_max_faces, trainer.device,
                                 sys.stderr.isatty() if progress is None else progress, name=stem,
-                                inset=exported.inset, timings=timings)
+                                inset=exported.inset, timings=timings, material_fn=exported.material)
         written += files
         for p in files:
             if p.suffix[1:] in textured:

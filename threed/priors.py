@@ -70,6 +70,8 @@ class OracleConfig:
     views: int = 4  # K: reference views in the posterior (1 = the exact view only)
     jitter: float = 3.0  # degrees of azimuth/elevation jitter for views 2..K
     color: tuple[float, float, float] = (0.8, 0.8, 0.8)  # reference albedo if it has none
+    roughness: float = 0.5  # the reference's roughness and metallic where it is shaded physically based (pbr)
+    metallic: float = 0.0
 
 
 @dataclass

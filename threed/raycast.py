@@ -218,9 +218,12 @@ def _supersampled(cameras: Cameras, s: int) -> Cameras:
 @torch.no_grad()
 def render_mesh(vertices: Tensor, faces: Tensor, vertex_colors: Tensor, cameras: Cameras, shading: str,
                 ambient: float, background: Tensor, supersample: int = 2, clusters: FaceClusters | None = None,
-                normals: Tensor | None = None) -> Tensor:
+                normals: Tensor | None = None, environment: tuple | None = None,
+                roughness_metallic: Tensor | None = None) -> Tensor:
     """Render a vertex-coloured mesh (B, H, W, 3), shaded like the volume renderer and composited over
-    `background` (B, H, W, 3).
+    `background` (B, H, W, 3). Shading `pbr`: split-sum image-based lighting (threed/render/ibl.py) of the
+    vertex colours as albedo with per-vertex (roughness, metallic) `roughness_metallic` (V, 2), under
+    `environment` (an EnvironmentLight and its BRDF table), clamped to [0, 1] like the mesh scene's.
 
     Per hit: albedo = barycentric vertex colour; normal = barycentric corner normal (`corner_normals`,
     pass `normals` (F, 3, 3) to reuse them), flipped to face the camera so that open or inconsistently
@@ -257,7 +260,16 @@ def render_mesh(vertices: Tensor, faces: Tensor, vertex_colors: Tensor, cameras:
             points = rays_o[idx] + hits.t[idx, None] * rays_d[idx]
             ray_cam = torch.div(idx, s * h * s * w, rounding_mode="floor")
             light = cameras.light_position.float()[ray_cam]
-        color[idx] = shade(albedo, normal, points, light, shading, ambient)
+        if shading == "pbr":
+            from threed.render.ibl import shade_pbr
+
+            assert environment is not None and roughness_metallic is not None, "pbr shading needs a material"
+            rm = (roughness_metallic.float().to(device)[faces[face]] * bary).sum(1)
+            view = rays_d[idx] / rays_d[idx].norm(dim=-1, keepdim=True).clamp_min(1e-20)
+            color[idx] = shade_pbr(environment[0], environment[1], albedo, rm[:, :1], rm[:, 1:], normal,
+                                   view).clamp(0.0, 1.0)
+        else:
+            color[idx] = shade(albedo, normal, points, light, shading, ambient)
     color = color.view(b, h, s, w, s, 3).mean(dim=(2, 4))
     coverage = hits.hit.float().view(b, h, s, w, s, 1).mean(dim=(2, 4))
     return color + (1.0 - coverage) * background.to(device=device, dtype=color.dtype)

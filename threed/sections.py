@@ -1,11 +1,10 @@
-"""The settings sections of the field, renderer, cameras, optimiser, losses, mesh-shaped stages and export:
+"""The settings sections of the field, renderer, cameras, optimiser, losses and export:
 plain dataclasses, filled and checked by threed/config.py (which re-exports them), importing nothing of
 threed but the schedule type, so any module can read them without pulling in the config's machinery."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from dataclasses import field as _field
 from typing import Literal
 
 from threed.schedule import Schedule
@@ -152,77 +151,6 @@ class LossConfig:
     # DreamFusion's normal orientation penalty: per ray with opacity > 0, weights detached (threed/render/volume.py)
     orient: Schedule = Schedule.constant(0.0)
     entropy: Schedule = Schedule.constant(0.0)  # binary entropy of opacity: pushes it to 0 or 1
-
-
-@dataclass
-class MeshLossConfig:
-    """Weights (schedules over the mesh stage's steps) of the mesh stage's losses; zero throughout: not computed."""
-
-    guidance: Schedule = Schedule.constant(1.0)
-    # 1 - cos between the normals of the two faces at each edge (threed/mesh_losses.py). threestudio's 1e4
-    # is for 1 - cos between *vertex* normals at an edge's ends, which is smaller on the same mesh.
-    normal_consistency: Schedule = Schedule.constant(0.0)
-    laplacian: Schedule = Schedule.constant(0.0)  # mean |mean(neighbours) - vertex|, scene units
-    sign_flip: Schedule = Schedule.constant(0.0)  # DMTet's SDF regulariser on crossing edges (fields/dmtet.py)
-
-
-@dataclass
-class MeshConfig:
-    """A mesh stage (threed/scenes/mesh.py): a DMTet surface and a texture field, rasterized and optimised
-    under the prior. Three sections have this shape, one per stage (threed/stages.py): `mesh`, Magic3D's fine
-    stage (magic3d, magic3d-refine): the surface starts from the NeRF's density at its export level, the
-    texture as a copy of the NeRF's albedo; `geometry` and `texture`, ProlificDreamer's stages 2 and 3: the
-    geometry stage starts like `mesh` and shapes the surface from normal maps (`shading: normal`, SDS), the
-    texture stage keeps that surface (its geometry learning rates 0) and trains the texture under VSD.
-    Only methods with the stage read its section. Schedules here count the stage's own steps (from 0).
-    Settings it does not name (ambient light, light distance, background kind, eval cameras, the optimiser:
-    optim.optimizer, betas, eps, weight_decay) are the run's."""
-
-    steps: int = 5000
-    resolution: int = 128  # tetrahedral grid cells along the longest side of the coarse object's box
-    # Largest vertex offset per axis, in cells (0: no deformation). threestudio bounds it by tanh to the grid's
-    # extent / isosurface_resolution, one cell here (nvdiffrec alike); below 1/6 no tetrahedron can invert.
-    deform_scale: float = 1.0
-    # Gaussian blur of the start SDF, in cells (0: off): removes the facets that the NeRF density's jitter
-    # from grid vertex to grid vertex gives marching tetrahedra (threed/fields/dmtet.py, sdf_from_values)
-    start_smoothing: float = 1.0
-    width: int = 512
-    height: int = 512
-    batch_size: int = 1
-    rasterizer: Literal["auto", "torch", "nvdiffrast"] = "auto"
-    shading: Literal["random", "albedo", "lambertian", "textureless", "normal"] = "random"
-    albedo_only_steps: int = 0
-    textureless_prob: float = 0.5
-    albedo_prob: float = 0.0  # render.albedo_prob in this stage
-    # Magic3D's soft shading (threestudio's soft_shading): each training render splits its light between
-    # ambient and diffuse at random (ambient ~ U[0, 1)) instead of render.ambient's fixed split.
-    soft_shading: bool = False
-    distance: tuple[float, float] = (1.5, 2.0)  # camera ranges of this stage (azimuth: camera.azimuth)
-    fovy: tuple[float, float] = (30.0, 45.0)
-    elevation: tuple[float, float] = (-10.0, 45.0)
-    t_min: Schedule = Schedule.constant(0.02)  # the prior's diffusion-time range in this stage
-    t_max: Schedule = Schedule.constant(0.5)
-    guidance_scale: float = -1.0  # classifier-free guidance of this stage's Stable Diffusion (< 0: the prior's)
-    # the view-dependent prompts' front and back cones in this stage (degrees; < 0: camera.front_threshold and
-    # camera.back_threshold)
-    front_threshold: float = -1.0
-    back_threshold: float = -1.0
-    # Start this stage's texture field / background new (threestudio builds both anew at each stage start, as
-    # it converts only the geometry) instead of as copies of the stage before's.
-    fresh_texture: bool = False
-    fresh_background: bool = False
-    lr_sdf: Schedule = Schedule.constant(1e-4)  # scene units per step (a cell at resolution 128 is ~0.01)
-    lr_deformation: Schedule = Schedule.constant(0.01)  # of the pre-tanh offset
-    lr_texture: Schedule = Schedule.constant(0.01)  # the texture field's hash grid (and MLP, unless ...)
-    lr_texture_mlp: Schedule = Schedule.constant(-1.0)  # ... its MLP's own rate; < 0: mesh.lr_texture
-    # the background, copied from the coarse stage (0: frozen; threestudio trains it: 0.01 in Magic3D's refine
-    # stage, 0.001 in ProlificDreamer's texture stage)
-    lr_background: Schedule = Schedule.constant(0.0)
-    random_aug: float = 0.0  # render.random_aug in this stage (threestudio's ProlificDreamer texture stage: off)
-    # Render the surface without its connected parts under this fraction of the largest part's faces (0: all
-    # of it; threestudio's isosurface_remove_outliers, which ProlificDreamer's texture stage turns on at 0.01).
-    keep_components: float = 0.0
-    loss: MeshLossConfig = _field(default_factory=MeshLossConfig)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from threed import methods, priors
-from threed.config import (METHOD_SECTIONS, PRIOR_SECTIONS, STAGE_SECTIONS, Config, MeshConfig, build_config,
+from threed.config import (METHOD_SECTIONS, PRIOR_SECTIONS, STAGE_SECTIONS, Config, build_config,
                            check_prior_sections, flatten, load_yaml, preset_path, to_dict)
 from threed.errors import UserError
 from threed.rundir import RunDir, checkpoint_step
@@ -199,9 +199,9 @@ def resolve(opts: RunOptions, cuda: bool | None = None, only_concerning: bool = 
 def check_mesh_section(cfg: Config, method: methods.Method) -> None:
     """A stage's section (`mesh:`, `geometry:`, `texture:`) only concerns methods with that stage; elsewhere a
     setting there would be ignored."""
-    default = flatten(to_dict(MeshConfig()))
     used = {stage.section for stage in method.stages}
     for section in STAGE_SECTIONS:
+        default = flatten(to_dict(type(getattr(cfg, section))()))  # MeshConfig or its geometry/appearance kind
         current = flatten(to_dict(getattr(cfg, section)))
         changed = [k for k in current if current[k] != default.get(k)]
         if changed and section not in used:
@@ -209,6 +209,11 @@ def check_mesh_section(cfg: Config, method: methods.Method) -> None:
             keys = ", ".join(f"{section}.{k}" for k in changed[:4])
             raise UserError(f"{keys} set, but method {method.name} has no {section} stage: drop the setting or "
                             f"pass --method {having}")
+    # geometry.init (--init-mesh) starts a geometry stage that follows no NeRF (Fantasia3D's)
+    starts = [s for s in method.stages if s.section == "geometry"]
+    if cfg.geometry.init != type(cfg.geometry.init)() and starts and starts[0].start is not None:
+        raise UserError(f"geometry.init (--init-mesh) set, but method {method.name}'s geometry stage starts from its "
+                        "NeRF: drop it or pass --method fantasia3d")
 
 
 def resolve_refine(opts: RunOptions, cuda: bool | None = None) -> tuple[Config, list[str], Path]:
@@ -251,7 +256,7 @@ def resolve_refine(opts: RunOptions, cuda: bool | None = None) -> tuple[Config, 
         if section not in method.sections:
             base["guidance"][section] = to_dict(type(getattr(saved.guidance, section))())
     for section in STAGE_SECTIONS:  # ... nor its later stages' (a prolificdreamer run's geometry and texture)
-        base[section] = to_dict(MeshConfig())
+        base[section] = to_dict(type(getattr(saved, section))())
     preset = opts.preset
     if preset is None:
         if cuda is None:

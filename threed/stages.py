@@ -14,6 +14,13 @@ loop. A stage's name is the one word for it everywhere: its checkpoint folder (R
 - `texture`: ProlificDreamer's stage 3: the geometry stage's surface, kept (its geometry learning rates are 0),
   its texture trained under the method's guidance (VSD, with a particle score of its own), `texture.steps`.
 
+Fantasia3D's two stages (threed/methods/fantasia3d.py) share the names and scene:
+- `geometry` (FANTASIA3D_GEOMETRY): the `geometry:` section's surface started from `geometry.init` (a sphere or
+  a guide mesh) rather than a NeRF, shaped from normal maps under the prior (the first `geometry.latent_steps`
+  scoring the 64² normal-and-mask image as the latent);
+- `appearance`: that surface kept, a material field trained under split-sum image-based lighting
+  (`appearance:`, `shading: pbr`), `appearance.steps`.
+
 A stage is finished when its newest checkpoint holds its step count. Each stage sees the run's config through
 `Stage.config`: a mesh-shaped stage's section (`mesh:`, `geometry:`, `texture:`, threed/config.py MeshConfig)
 gives its cameras, render size, shading, t range and classifier-free guidance, and the scene reads it as
@@ -119,6 +126,8 @@ def mesh_stage_config(cfg: Config, section: str) -> Config:
         out.camera.front_threshold = m.front_threshold
     if m.back_threshold >= 0:
         out.camera.back_threshold = m.back_threshold
+    if getattr(m, "weighting", ""):  # a stage with an SDS weighting of its own (Fantasia3D's appearance)
+        out.guidance.weighting = m.weighting
     return out
 
 
@@ -148,6 +157,24 @@ def renew_appearance(scene: MeshScene) -> MeshScene:
     return scene
 
 
+def material_from_geometry(cfg: Config, previous: Trainer, kept: dict, device: str, progress: bool) -> MeshScene:
+    """Fantasia3D's appearance start: the geometry stage's surface as it ended (a copy), a fresh material field."""
+    return MeshScene.from_geometry(cfg, copy.deepcopy(previous.scene.state_dict()), device)
+
+
+@dataclass(frozen=True)
+class ShapeStart:
+    """The fresh scene of a first stage that is a surface, not a NeRF (Fantasia3D's geometry): called like a
+    scene class, `(cfg, device)`, it starts the SDF from `geometry.init`; `from_state` restores a checkpoint."""
+
+    def __call__(self, cfg: Config, device: str) -> MeshScene:
+        return MeshScene.from_shape(cfg, device)
+
+    @staticmethod
+    def from_state(cfg: Config, state: dict, device: str) -> MeshScene:
+        return MeshScene.from_state(cfg, state, device)
+
+
 NERF = Stage("nerf", NeRFScene)
 MESH = Stage("mesh", MeshScene, section="mesh", start=mesh_from_nerf, configure=mesh_stage_config,
              diverged_hint="lower mesh.lr_sdf or mesh.lr_texture and resume")
@@ -155,6 +182,10 @@ GEOMETRY = Stage("geometry", MeshScene, section="geometry", start=mesh_from_nerf
                  guidance="prior", diverged_hint="lower geometry.lr_sdf or geometry.guidance_scale and resume")
 TEXTURE = Stage("texture", MeshScene, section="texture", start=mesh_from_mesh, configure=mesh_stage_config,
                 diverged_hint="lower texture.lr_texture or guidance.vsd.lora_lr and resume")
+FANTASIA3D_GEOMETRY = Stage("geometry", ShapeStart(), section="geometry", configure=mesh_stage_config,
+                            diverged_hint="lower geometry.lr_sdf or geometry.guidance_scale and resume")
+APPEARANCE = Stage("appearance", MeshScene, section="appearance", start=material_from_geometry,
+                   configure=mesh_stage_config, diverged_hint="lower appearance.lr_texture and resume")
 
 
 def offsets(stages: tuple[Stage, ...], cfg: Config) -> list[int]:
@@ -164,4 +195,3 @@ def offsets(stages: tuple[Stage, ...], cfg: Config) -> list[int]:
         out.append(total)
         total += stage.steps(cfg)
     return out
-

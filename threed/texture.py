@@ -29,6 +29,7 @@ from exporters.arrays import uv_mesh_arrays
 from threed.errors import UserError
 
 AlbedoFn = Callable[[Tensor], Tensor]  # (N, 3) points -> (N, 3) colours in [0, 1]
+MaterialFn = Callable[[Tensor], Tensor]  # (N, 3) points -> (N, 5) albedo, roughness, metallic in [0, 1]
 
 TEXTURE_FORMATS = ("obj", "glb")
 MIN_TEXTURE_SIZE, MAX_TEXTURE_SIZE = 16, 16384
@@ -227,8 +228,9 @@ def push_pull_fill(image: Tensor, mask: Tensor) -> Tensor:
 def bake_texture(vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray, uv_faces: np.ndarray | None,
                  albedo_fn: AlbedoFn, size: int = 1024, device: str | torch.device = "cpu",
                  progress: bool = True, *, gutter: int = 8, inset: float = 0.0,
-                 normals: np.ndarray | None = None, chunk: int = 1 << 18) -> np.ndarray:
-    """An (size, size, 3) uint8 texture whose texels hold `albedo_fn` at the surface points they map to.
+                 normals: np.ndarray | None = None, chunk: int = 1 << 18, channels: int = 3) -> np.ndarray:
+    """An (size, size, channels) uint8 texture whose texels hold `albedo_fn` at the surface points they map
+    to (`channels` values in [0, 1] per point: 3 for a colour, 5 for a material's albedo, roughness, metallic).
 
     vertices (N, 3) and faces (M, 3) give the surface; uvs (T, 2) in [0, 1] (v up, image row 0 is
     v = 1) and uv_faces (M, 3) give each face's texture coordinates (None: uvs are per vertex and
@@ -264,19 +266,19 @@ def bake_texture(vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray, uv_fa
         direction = F.normalize((n[f[face]] * weights).sum(dim=1), dim=-1)
         points = points - float(inset) * direction
 
-    colours = torch.empty(len(points), 3, dtype=torch.float32, device=device)
+    colours = torch.empty(len(points), channels, dtype=torch.float32, device=device)
     with tqdm(total=len(points), desc="bake texture", unit="texel", unit_scale=True, leave=False,
               disable=not progress) as bar:
         for start in range(0, len(points), chunk):
             out = albedo_fn(points[start:start + chunk])
-            colours[start:start + chunk] = out.reshape(-1, 3).float().clamp(0.0, 1.0)
+            colours[start:start + chunk] = out.reshape(-1, channels).float().clamp(0.0, 1.0)
             bar.update(min(chunk, len(points) - start))
 
-    image = torch.zeros(size * size, 3, dtype=torch.float32, device=device)
+    image = torch.zeros(size * size, channels, dtype=torch.float32, device=device)
     mask = torch.zeros(size * size, dtype=torch.bool, device=device)
     image[texel] = colours
     mask[texel] = True
-    image, mask = image.reshape(size, size, 3), mask.reshape(size, size)
+    image, mask = image.reshape(size, size, channels), mask.reshape(size, size)
     image, mask = dilate(image, mask, gutter)
     image = push_pull_fill(image, mask)
     return (image.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).cpu().numpy()
@@ -286,9 +288,13 @@ def export_textured(vertices: np.ndarray, faces: np.ndarray, albedo_fn: AlbedoFn
                     formats: Iterable[str] = TEXTURE_FORMATS, texture_size: int = 1024,
                     max_faces: int = 50000, device: str | torch.device = "cpu", progress: bool = True, *,
                     name: str = "mesh", inset: float = 0.0, max_chart_area: float = 0.02,
-                    padding: int = 2, timings: dict[str, float] | None = None) -> list[Path]:
+                    padding: int = 2, timings: dict[str, float] | None = None,
+                    material_fn: MaterialFn | None = None) -> list[Path]:
     """Decimate to at most `max_faces`, unwrap, bake `albedo_fn` and write `name`.obj/.mtl/.png and/or
-    `name`.glb into `out_dir`; returns the paths written.
+    `name`.glb into `out_dir`; returns the paths written. With `material_fn` (a physically based material)
+    that is baked instead, in the same pass, into the albedo texture and a metallic-roughness texture
+    (glTF's packing: roughness in G, metallic in B): the GLB's metallicRoughnessTexture, and the OBJ's
+    roughness and metallic maps.
 
     50k faces by default: xatlas then takes 2-8 s on a shared 2-core CPU (see `unwrap`; with its
     defaults 6-22 s, and it grows about quadratically beyond), and a 1024^2 texture still gives each
@@ -335,16 +341,20 @@ def export_textured(vertices: np.ndarray, faces: np.ndarray, albedo_fn: AlbedoFn
     welded = vmapping[uv_faces]
     done("unwrap")
     steps.set_postfix_str(f"bake {texture_size}x{texture_size}")
-    image = bake_texture(vertices, welded, uvs, uv_faces, albedo_fn, texture_size, device, progress,
-                         inset=inset, normals=normals)
+    baked = bake_texture(vertices, welded, uvs, uv_faces, material_fn or albedo_fn, texture_size, device,
+                         progress, inset=inset, normals=normals, channels=5 if material_fn else 3)
+    image, metallic_roughness = baked[..., :3], None
+    if material_fn is not None:
+        metallic_roughness = np.concatenate([np.full_like(baked[..., :1], 255), baked[..., 3:5]], axis=-1)
     done("bake")
     steps.set_postfix_str("write " + ", ".join(formats))
     written: list[Path] = []
     if "obj" in formats:
-        written += write_textured_obj(out_dir / f"{name}.obj", vertices, welded, uvs, image, normals, uv_faces)
+        written += write_textured_obj(out_dir / f"{name}.obj", vertices, welded, uvs, image, normals, uv_faces,
+                                      metallic_roughness=metallic_roughness)
     if "glb" in formats:
         written.append(write_textured_glb(out_dir / f"{name}.glb", vertices[vmapping], uv_faces, uvs, image,
-                                          normals[vmapping]))
+                                          normals[vmapping], metallic_roughness=metallic_roughness))
     done("write")
     steps.close()
     return written

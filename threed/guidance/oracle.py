@@ -18,6 +18,11 @@ which is how they are computed here: no catastrophic cancellation, so with K = 1
 the reference exactly gets a gradient of exactly zero, and eps_hat - eps = r (x - I) holds to rounding.
 K = 1 is a noise-free, randomly scaled L2 pull toward the reference view; K > 1 is a genuine mixture
 whose answer depends on the noise draw, closer to how a real prior behaves.
+
+Fantasia3D's shadings: `pbr` renders the reference with its colours as albedo and guidance.oracle.roughness
+and .metallic under the stage's environment (split-sum image-based lighting, the scene's formula);
+`normal_latent` (the geometry warm-up) compares the normal map in [-1, 1] and the mask, both downsampled to
+the latent's size as Stable Diffusion's guidance takes them.
 """
 
 from __future__ import annotations
@@ -114,12 +119,35 @@ class OracleGuidance(RandomStream):
         self.alphas = sds.sd_alphas_cumprod().to(self.device)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.supersample = 2
+        self.stage_cfg = cfg.mesh  # a mesh stage's section: its environment for pbr shading
+        self.latent_size = cfg.guidance.sd.resolution // 8
+        self._environment = None
+        n = len(mesh.vertices)
+        self.roughness_metallic = torch.tensor([[g.oracle.roughness, g.oracle.metallic]], device=self.device).expand(n, 2)
+
+    def environment(self) -> tuple:
+        """The stage's prefiltered environment and BRDF table (as the mesh scene builds them)."""
+        if self._environment is None:
+            from threed.render.ibl import brdf_lut, environment_light
+
+            m = self.stage_cfg
+            self._environment = (environment_light(getattr(m, "env_map", ""), getattr(m, "env_scale", 2.0),
+                                                   device=self.device), brdf_lut(device=self.device))
+        return self._environment
 
     def render_reference(self, cameras: Cameras, shading: str, background: Tensor) -> Tensor:
-        """The reference mesh rendered like the field: (B, H, W, 3) in [0, 1] over `background`."""
+        """The reference mesh rendered like the field: (B, H, W, 3) in [0, 1] over `background`; for
+        `normal_latent`, (B, H, W, 4): the normal map in [-1, 1] over -1, and the mask."""
+        if shading == "normal_latent":
+            zeros = torch.zeros_like(background)
+            normal = self.render_reference(cameras, "normal", zeros)
+            mask = raycast.render_mesh(self.vertices, self.faces, torch.ones_like(self.colors), cameras, "albedo",
+                                       0.0, zeros, supersample=self.supersample, clusters=self.clusters)[..., :1]
+            return torch.cat([normal * 2.0 - 1.0, mask], dim=-1)
+        pbr = dict(environment=self.environment(), roughness_metallic=self.roughness_metallic) if shading == "pbr" else {}
         return raycast.render_mesh(self.vertices, self.faces, self.colors, cameras, shading, self.render_cfg.ambient,
                                    background, supersample=self.supersample, clusters=self.clusters,
-                                   normals=self.normals)
+                                   normals=self.normals, **pbr)
 
     def reference_cameras(self, cameras: Cameras) -> list[Cameras]:
         """K camera sets: the given cameras, then K-1 copies with azimuth/elevation jittered."""
@@ -134,6 +162,12 @@ class OracleGuidance(RandomStream):
                                       cameras.height, cameras.light_position.detach().cpu().float()))
         return views
 
+    def _latent_size(self, images: Tensor) -> Tensor:
+        """(N, H, W, C) images resized (bilinear) to the latent's size, as Stable Diffusion's guidance does."""
+        size = (self.latent_size, self.latent_size)
+        return torch.nn.functional.interpolate(images.permute(0, 3, 1, 2), size, mode="bilinear",
+                                               align_corners=False).permute(0, 2, 3, 1)
+
     def __call__(self, rgb: Tensor, cameras: Cameras, step: int, shading: str, background: Tensor, **_: object) -> dict:
         b = rgb.shape[0]
         if rgb.shape[1:3] != (cameras.height, cameras.width):
@@ -142,12 +176,15 @@ class OracleGuidance(RandomStream):
         background = background.detach().to(self.device)
         refs = torch.stack([self.render_reference(c, shading, background) for c in self.reference_cameras(cameras)],
                            dim=1).to(rgb.dtype)  # (B, K, H, W, 3)
-        x = 2.0 * rgb - 1.0
+        if shading == "normal_latent":  # already in the latent's range: only brought to the latent's size
+            x, refs = self._latent_size(rgb), self._latent_size(refs.flatten(0, 1)).unflatten(0, (b, -1))
+        else:
+            x, refs = 2.0 * rgb - 1.0, 2.0 * refs - 1.0
         t = sds.sample_timesteps(self.cfg, step, b, self.alphas.shape[0], self.generator)
         abar = self.alphas[t.to(self.device)].to(rgb.device)
-        noise = torch.randn(rgb.shape, generator=self.generator).to(rgb.device, rgb.dtype)
+        noise = torch.randn(x.shape, generator=self.generator).to(rgb.device, rgb.dtype)
         with torch.no_grad():
-            eps_hat, weights = oracle_eps(x.detach(), 2.0 * refs.to(rgb.device) - 1.0, abar, noise)
+            eps_hat, weights = oracle_eps(x.detach(), refs.to(rgb.device), abar, noise)
         loss, grad = sds.sds_loss(x, eps_hat, noise, sds.weight(self.cfg.weighting, abar), self.cfg.grad_clip)
         entropy = -(weights * weights.clamp_min(1e-30).log()).sum(1).mean()
         return {

@@ -217,7 +217,12 @@ class StableDiffusionGuidance(RandomStream):
         if self.cudagraphs:
             compiling.new_iteration()
         batch = rgb.shape[0]
-        latents = self.encode_images(rgb).float()
+        if shading == "normal_latent":  # Fantasia3D's warm-up: the normal-and-mask render is the latent itself
+            size = self.sd.resolution // 8
+            latents = F.interpolate(rgb.permute(0, 3, 1, 2).float(), (size, size), mode="bilinear",
+                                    align_corners=False)
+        else:
+            latents = self.encode_images(rgb).float()
         t = sds.sample_timesteps(self.cfg, step, batch, self.num_train_timesteps, self.generator)
         noise = torch.randn(latents.shape, generator=self.generator, device=self.device)
         abar = self.alphas_cumprod[t]

@@ -41,12 +41,15 @@ if TYPE_CHECKING:
 @dataclass
 class ExportedMesh:
     """A scene's surface as exported: the mesh (vertex colours = albedo), facts for mesh.json (`about`), and
-    the albedo function a baked texture reads, `inset` scene units inside the surface."""
+    the albedo function a baked texture reads, `inset` scene units inside the surface. A physically based
+    material (Fantasia3D's) also gives `material`: points (N, 3) -> (N, 5) albedo, roughness, metallic, baked
+    into albedo and metallic-roughness textures."""
 
     mesh: Mesh
     about: dict
     albedo: Callable[[Tensor], Tensor]
     inset: float = 0.0
+    material: Callable[[Tensor], Tensor] | None = None
 
 
 class Scene(Protocol):

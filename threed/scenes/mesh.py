@@ -18,6 +18,12 @@ threestudio trains it when refining: its Magic3D refine stage optimises every pa
 included, at 0.01, its ProlificDreamer texture stage the background at 0.001; so do the magic3d preset's
 mesh stage and prolificdreamer's texture stage.
 
+Fantasia3D's stages use the same scene: its geometry stage starts from a sphere or a guide mesh (`from_shape`,
+threed/fields/sdf_init.py) and scores normal maps (`shading: normal`), for its first `latent_steps` steps as
+the 64² normal-and-mask image standing in for the latent (`normal_latent`); its appearance stage keeps that
+surface (`from_geometry`) and trains a material field (threed/fields/material.py) shaded by split-sum
+image-based lighting (`shading: pbr`, threed/render/ibl.py), exported as a PBR material.
+
 Image rows: the rasterizer's row 0 is the bottom of the view (NDC y = -1); renders are flipped to the
 top-row-first convention of `Cameras.rays()` before they leave `render`.
 """
@@ -35,6 +41,7 @@ from threed.cameras import Cameras
 from threed.config import Config
 from threed.errors import Diverged, UserError, first_line
 from threed.fields.dmtet import DMTetGeometry
+from threed.fields.material import MaterialField
 from threed.fields.nerf import NeRFField
 from threed.mesh import Mesh, clean_mesh, keep_large_components, vertex_normals as np_vertex_normals
 from threed.mesh_losses import laplacian_smoothing, normal_consistency
@@ -50,6 +57,16 @@ NEAR, FAR = 0.05, 100.0  # clip planes (scene units); objects sit in [-bound, bo
 
 class EmptySurface(Diverged):
     """The SDF has no zero crossing: there is no surface to render."""
+
+
+def texture_field(cfg: Config, device: torch.device | str) -> NeRFField | MaterialField:
+    """The field a mesh stage colours its surface with: a material (albedo, roughness, metallic) where it
+    shades physically based (`pbr`), else a NeRF-shaped texture field read through its albedo."""
+    m = cfg.mesh
+    if m.shading == "pbr":
+        return MaterialField(cfg.field, cfg.render.bound, tuple(getattr(m, "roughness", (0.08, 0.9))),
+                             tuple(getattr(m, "metallic", (0.0, 0.9))), device)
+    return NeRFField(cfg.field, cfg.render.bound, device)
 
 
 def vertex_normals(vertices: Tensor, faces: Tensor) -> Tensor:
@@ -76,6 +93,7 @@ class MeshScene:
         self.profile = False  # time the parts of `render` (synchronising the device) into `timings`
         self.timings: dict[str, float] = {}
         self._mesh: tuple[Tensor, Tensor] | None = None  # the last render's surface, for the regularisers
+        self._light = None  # the prefiltered environment of `pbr` shading, built at its first render
 
     @property
     def renderer(self) -> MeshRasterizer:
@@ -99,12 +117,32 @@ class MeshScene:
         return cls(cfg, geometry, texture, bg, device)
 
     @classmethod
+    def from_shape(cls, cfg: Config, device: torch.device | str) -> "MeshScene":
+        """A geometry stage's start with no NeRF before it (Fantasia3D): the SDF of `mesh.init` (a sphere or a
+        guide mesh, threed/fields/sdf_init.py) on a grid of `mesh.resolution` cells across the scene's cube."""
+        from threed.fields.sdf_init import initial_sdf
+        from threed.fields.tetgrid import TetGrid
+
+        m = cfg.mesh
+        grid = TetGrid.cube(m.resolution, cfg.render.bound)
+        geometry = DMTetGeometry(grid, deform=m.deform_scale > 0, deform_scale=m.deform_scale, device=device)
+        geometry.set_sdf(initial_sdf(m.init, grid, cfg.render.bound, device))
+        return cls(cfg, geometry, texture_field(cfg, device), Background(cfg.render), device)
+
+    @classmethod
+    def from_geometry(cls, cfg: Config, state: dict, device: torch.device | str) -> "MeshScene":
+        """A stage that keeps an earlier stage's surface (its checkpoint `state`'s geometry, copied) with a
+        fresh texture field and background of its own (Fantasia3D's appearance stage)."""
+        geometry = DMTetGeometry.from_state_dict(state["geometry"], device, deform_scale=cfg.mesh.deform_scale)
+        return cls(cfg, geometry, texture_field(cfg, device), Background(cfg.render), device)
+
+    @classmethod
     def from_state(cls, cfg: Config, state: dict, device: torch.device | str) -> "MeshScene":
         """The scene a mesh-stage checkpoint holds (its tetrahedral grid included)."""
         if "geometry" not in state:
             raise UserError("the checkpoint holds no mesh-stage geometry: pass a checkpoints/mesh/step-*.pt file")
         geometry = DMTetGeometry.from_state_dict(state["geometry"], device, deform_scale=cfg.mesh.deform_scale)
-        scene = cls(cfg, geometry, NeRFField(cfg.field, cfg.render.bound, device), Background(cfg.render), device)
+        scene = cls(cfg, geometry, texture_field(cfg, device), Background(cfg.render), device)
         scene.load_state_dict(state)
         return scene
 
@@ -153,7 +191,19 @@ class MeshScene:
 
     def pick_shading(self, step: int, generator: torch.Generator) -> str:
         m = self.cfg.mesh
+        if m.shading == "normal" and step < getattr(m, "latent_steps", 0):
+            return "normal_latent"  # Fantasia3D's warm-up: the normal map and mask as the latent
         return pick_shading(m.shading, step, m.albedo_only_steps, m.textureless_prob, generator, m.albedo_prob)
+
+    def environment(self):
+        """The prefiltered environment light of `pbr` shading (mesh.env_map times mesh.env_scale; cached)."""
+        if self._light is None:
+            from threed.render.ibl import brdf_lut, environment_light
+
+            m = self.cfg.mesh
+            self._light = (environment_light(getattr(m, "env_map", ""), getattr(m, "env_scale", 2.0),
+                                             device=self.device), brdf_lut(device=self.device))
+        return self._light
 
     def _tick(self, name: str, start: float) -> float:
         if not self.profile:
@@ -186,22 +236,38 @@ class MeshScene:
         t = self._tick("rasterize", t)
         hit = rast[..., 3] > 0  # (B, H, W), rows bottom first
         points = surface[..., :3][hit]
-        if shading in ("textureless", "normal"):
+        latent = shading == "normal_latent"
+        mode = "normal" if latent else shading
+        rays_o, rays_d = cameras.rays()
+        if mode in ("textureless", "normal"):
             albedo = points.new_ones(points.shape[0], 3)  # shade() uses the lighting or the normal alone
+        elif mode == "pbr":
+            material = self.texture.material(points)
+            albedo = material[:, :3]
         else:
             albedo = self.texture.albedo(points)
         normal = light = None
-        if shading != "albedo":
+        if mode != "albedo":
             normal = F.normalize(surface[..., 3:][hit], dim=-1, eps=1e-20)
             light = cameras.light_position[:, None, None, :].expand(b, h, w, 3)[hit]
         ambient = self.cfg.render.ambient
-        if self.cfg.mesh.soft_shading and self.texture.training and shading in ("lambertian", "textureless"):
+        if self.cfg.mesh.soft_shading and self.texture.training and mode in ("lambertian", "textureless"):
             ambient = soft_ambient(generator)
-        color = shade(albedo, normal, points, light, shading, ambient)
+        if mode == "pbr":
+            from threed.render.ibl import shade_pbr
+
+            env, lut = self.environment()
+            view = F.normalize(rays_d.flip(1)[hit], dim=-1)
+            color = shade_pbr(env, lut, albedo, material[:, 3:4], material[:, 4:5], normal, view).clamp(0.0, 1.0)
+        else:
+            color = shade(albedo, normal, points, light, mode, ambient)
+        if latent:  # Fantasia3D's latent: the normal in [-1, 1] over -1, and the mask
+            color = color * 2.0 - 1.0
         t = self._tick("texture", t)
-        rays_o, rays_d = cameras.rays()
         # rows top first; normal maps lie over black, as threestudio renders them for the prior
-        bg = torch.zeros_like(rays_d) if shading == "normal" else self.background(rays_d, generator)
+        bg = torch.zeros_like(rays_d) if mode == "normal" else self.background(rays_d, generator)
+        if latent:
+            bg = bg - 1.0
         composite = torch.where(hit[..., None], surface.new_zeros(b, h, w, 3).index_put((hit,), color), bg.flip(1))
         distance = (points - rays_o.flip(1)[hit]).norm(dim=-1)
         depth = surface.new_zeros(b, h, w).index_put((hit,), distance)[..., None]
@@ -210,6 +276,8 @@ class MeshScene:
         image = self.rasterizer.antialias(image.contiguous(), rast, pos, faces, topology)
         self._tick("antialias", t)
         rgb, opacity = image[..., :3].flip(1), image[..., 3:].flip(1)
+        if latent:  # four channels, as threestudio's Fantasia3D feeds them to the prior (its rgb_as_latents)
+            rgb = torch.cat([rgb, opacity], dim=-1)
         return RenderOutput(rgb, opacity, depth.flip(1), bg, rgb.new_zeros(()))
 
     def regularisers(self, out: RenderOutput, step: int) -> dict[str, Tensor]:
@@ -262,4 +330,6 @@ class MeshScene:
             colors.append(self.texture.albedo(points).float().clamp(0, 1).cpu().numpy())
         colors_np = np.concatenate(colors) if colors else np.zeros((0, 3), np.float32)
         mesh = Mesh(vertices=v, faces=f, colors=colors_np, normals=np_vertex_normals(v, f))
-        return ExportedMesh(mesh, {"tet_grid_cells": list(self.geometry.grid.cells)}, self.texture.albedo)
+        material = self.texture.material if isinstance(self.texture, MaterialField) else None
+        return ExportedMesh(mesh, {"tet_grid_cells": list(self.geometry.grid.cells)}, self.texture.albedo,
+                            material=material)
