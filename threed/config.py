@@ -20,6 +20,7 @@ import yaml
 
 from threed import priors
 from threed.errors import UserError, first_line
+from threed.image_config import ImageConfig
 # The prior sections' settings live with the registry; they are importable from here as before.
 from threed.priors import (DEFAULT_SD_MODEL, DEFAULT_TINY_VAE_MODEL, ClipConfig, CompileMode,  # noqa: F401
                            OracleConfig, SDConfig, VSDConfig)
@@ -300,6 +301,7 @@ class Config:
     mesh: MeshConfig = _field(default_factory=MeshConfig)
     geometry: MeshConfig = _field(default_factory=MeshConfig)
     texture: MeshConfig = _field(default_factory=MeshConfig)
+    image: ImageConfig = _field(default_factory=ImageConfig)
 
 
 def _nearest(name: str, options: list[str]) -> str:
@@ -608,6 +610,7 @@ def validate(cfg: Config) -> None:
     ]
     for name in ("guidance", "opacity", "sparsity", "transmittance", "orient", "entropy"):
         checks.append((getattr(cfg.loss, name).bounds()[0] >= 0, f"loss.{name}", "must be >= 0"))
+    checks += cfg.image.checks()
     for section in STAGE_SECTIONS:
         m = getattr(cfg, section)
         checks += _mesh_checks(m, section)

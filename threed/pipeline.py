@@ -70,7 +70,7 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
     rundir = RunDir(out)
     device = resolve_device(cfg.device)
     method = methods.get(cfg.method)
-    if not cfg.prompt.strip() and cfg.guidance.type != "oracle":
+    if not cfg.prompt.strip() and cfg.guidance.type != "oracle" and not method.image:
         raise UserError('the prompt is empty: pass --prompt "a yellow rubber duck"')
     created = not out.exists()
     check_writable(out)
@@ -368,8 +368,8 @@ def written_summary(paths: Sequence[Path | str], reference: Path | str | None = 
 
 
 def default_out_dir(cfg: Config) -> Path:
-    """outputs/<prompt slug> (or the reference's name), with a numeric suffix if taken."""
-    name = cfg.prompt or Path(cfg.guidance.oracle.reference).stem or cfg.method
+    """outputs/<prompt slug> (or the input image's or the reference's name), with a numeric suffix if taken."""
+    name = cfg.prompt or Path(cfg.image.path).stem or Path(cfg.guidance.oracle.reference).stem or cfg.method
     slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:60] or "run"
     base = Path("outputs") / slug
     path, i = base, 1

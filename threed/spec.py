@@ -42,6 +42,7 @@ class _Options:
     seed: int | None = None
     device: str | None = None
     from_run: str | None = None  # magic3d-refine: the run whose NeRF is refined
+    image: str | None = None  # image-to-3D: the input image (image.path)
     overrides: list[str] = field(default_factory=list)
 
     @classmethod
@@ -71,7 +72,7 @@ def _option_specs() -> dict[str, OptionSpec]:
     """The run's own options around the registry's options of one prior, in the order they are applied."""
     concerning = {o.name: OptionSpec(p.key(o), p.name, o.is_list, o.path) for p, o in priors.options()}
     return {"prompt": OptionSpec("prompt", None), "negative_prompt": OptionSpec("negative_prompt", None),
-            **concerning, **{name: OptionSpec(name, None) for name in ("steps", "seed", "device")}}
+            "image": OptionSpec("image.path", None, path=True), **concerning, **{name: OptionSpec(name, None) for name in ("steps", "seed", "device")}}
 
 
 # option -> what it sets; the options of one prior come from the registry
@@ -157,6 +158,8 @@ def choose_method(opts: RunOptions, preset_data: dict | None, prior: str | None)
         return method
     if from_preset:
         return methods.get(str(from_preset))
+    if getattr(opts, "image", None) and (prior is None or prior in methods.for_image().priors):
+        return methods.for_image()  # `threed run --image photo.png`: image-to-3D
     return methods.for_prior(prior) if prior else methods.get("dreamfusion")
 
 
@@ -192,8 +195,24 @@ def resolve(opts: RunOptions, cuda: bool | None = None, only_concerning: bool = 
                         f"{cfg.guidance.type}: pass --guidance {method.priors[0]}")
     check_prior_sections(cfg, {PRIOR_SECTIONS[cfg.guidance.type], *method.sections})
     check_mesh_section(cfg, method)
+    check_image(cfg, method)
     cfg.guidance.oracle.reference = absolute(cfg.guidance.oracle.reference)
     return cfg, notes
+
+
+def check_image(cfg: Config, method: methods.Method) -> None:
+    """An image-to-3D method needs its input image, readable now (a bad file should cost no model loading);
+    a text method takes none."""
+    if method.image and not cfg.image.path:
+        raise UserError(f"method {method.name} reconstructs an object from an image: pass --image photo.png")
+    if cfg.image.path and not method.image:
+        raise UserError(f"--image is the input of image-to-3D, but method {method.name} works from text: drop "
+                        f"--image or pass --method {methods.for_image().name}")
+    if cfg.image.path:
+        from threed.image import reference_image
+
+        cfg.image.path = absolute(cfg.image.path)
+        reference_image(cfg.image)
 
 
 def check_mesh_section(cfg: Config, method: methods.Method) -> None:
