@@ -206,8 +206,9 @@ def check_image(cfg: Config, method: methods.Method) -> None:
     if method.image and not cfg.image.path:
         raise UserError(f"method {method.name} reconstructs an object from an image: pass --image photo.png")
     if cfg.image.path and not method.image:
+        image_methods = [m.name for m in methods.METHODS.values() if m.image]
         raise UserError(f"--image is the input of image-to-3D, but method {method.name} works from text: drop "
-                        f"--image or pass --method {methods.for_image().name}")
+                        f"--image" + (f" or pass --method {image_methods[0]}" if image_methods else ""))
     if cfg.image.path:
         from threed.image import reference_image
 
