@@ -52,8 +52,12 @@ def _add_model_options(p: argparse.ArgumentParser, bench: bool = False) -> None:
     p.add_argument("--guidance", choices=priors.choices(),
                    help="the prior [the preset's or the method's]" if not bench else
                         "the prior of every method that takes it [each method's own]")
+    helps: dict[str, list[str]] = {}  # an option several priors take (--model) is one flag
     for _, option in priors.options():
-        p.add_argument(option.flag, dest=option.name, help=option.help + (option.bench_help if bench else ""))
+        helps.setdefault(option.name, []).append(option.help + (option.bench_help if bench else ""))
+    for _, option in priors.options():
+        if option.name in helps:
+            p.add_argument(option.flag, dest=option.name, help="; ".join(helps.pop(option.name)))
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:

@@ -24,7 +24,7 @@ from threed.image_config import ImageConfig
 # The prior sections' settings live with the registry; they are importable from here as before.
 from threed.priors import (DEFAULT_SD_MODEL, DEFAULT_TINY_VAE_MODEL, ClipConfig, CompileMode,  # noqa: F401
                            OracleConfig, SDConfig, VSDConfig)
-from threed.schedule import Schedule
+from threed.schedule import Schedule, progressive_checks, render_size
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -96,11 +96,11 @@ class RenderConfig:
     # (gradient checkpointing) instead of kept: memory of one chunk for about one more forward (0: never).
     checkpoint_rays: int = 65536
 
+    progressive: tuple[tuple[int, int, int], ...] = ()  # (from step, square size, batch): threed/schedule.py
+
     def size(self, step: int) -> tuple[int, int]:
-        """(width, height) of the training renders at `step`."""
-        if 0 <= self.hires_step <= step:
-            return self.hires_width, self.hires_height
-        return self.width, self.height
+        """(width, height) of the training renders at `step` (threed/schedule.py, render_size)."""
+        return render_size(self, step)
 
 
 @dataclass
@@ -610,7 +610,7 @@ def validate(cfg: Config) -> None:
     ]
     for name in ("guidance", "opacity", "sparsity", "transmittance", "orient", "entropy"):
         checks.append((getattr(cfg.loss, name).bounds()[0] >= 0, f"loss.{name}", "must be >= 0"))
-    checks += cfg.image.checks()
+    checks += cfg.image.checks() + progressive_checks(cfg.render)
     for section in STAGE_SECTIONS:
         m = getattr(cfg, section)
         checks += _mesh_checks(m, section)

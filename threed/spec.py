@@ -54,7 +54,8 @@ class _Options:
 
 
 RunOptions = dataclasses.make_dataclass(
-    "RunOptions", [(option.name, str | None, None) for _, option in priors.options()], bases=(_Options,),
+    "RunOptions", [(name, str | None, None) for name in dict.fromkeys(o.name for _, o in priors.options())],
+    bases=(_Options,),
     namespace={"__doc__": _Options.__doc__, "__module__": __name__})
 
 
@@ -70,13 +71,20 @@ class OptionSpec(NamedTuple):
 
 def _option_specs() -> dict[str, OptionSpec]:
     """The run's own options around the registry's options of one prior, in the order they are applied."""
-    concerning = {o.name: OptionSpec(p.key(o), p.name, o.is_list, o.path) for p, o in priors.options()}
+    concerning: dict[str, OptionSpec] = {}
+    for p, o in priors.options():  # an option of several priors: its first's (SHARED_KEYS has the others)
+        concerning.setdefault(o.name, OptionSpec(p.key(o), p.name, o.is_list, o.path))
     return {"prompt": OptionSpec("prompt", None), "negative_prompt": OptionSpec("negative_prompt", None),
             "image": OptionSpec("image.path", None, path=True), **concerning, **{name: OptionSpec(name, None) for name in ("steps", "seed", "device")}}
 
 
 # option -> what it sets; the options of one prior come from the registry
 OPTIONS: dict[str, OptionSpec] = _option_specs()
+# An option that several priors take (--model: stable_diffusion's and zero123's): prior -> the key it sets there.
+# OPTIONS holds its first prior's.
+SHARED_KEYS: dict[str, dict[str, str]] = {
+    name: keys for name in OPTIONS
+    if len(keys := {p.name: p.key(o) for p, o in priors.options() if o.name == name}) > 1}
 
 
 def flag(option: str) -> str:
@@ -107,6 +115,8 @@ def option_overrides(opts: RunOptions, prior: str, only_concerning: bool = False
     out = []
     for name in given(opts):
         key, concerns, is_list, is_path = OPTIONS[name]
+        if prior in SHARED_KEYS.get(name, {}):
+            key, concerns = SHARED_KEYS[name][prior], prior
         if concerns is not None and concerns != prior:
             if only_concerning:
                 continue
