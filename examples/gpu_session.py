@@ -19,6 +19,8 @@ Parts, each a subprocess with its own timeout, skipped when the budget cannot co
   v      examples/benchmark_vsd.py: ProlificDreamer's VSD step against SDS at 64^2 and 512^2 (LoRA branch, peak)
   p      threed run, prolificdreamer's three stages at 512^2 (NeRF under VSD, geometry under SDS on normal maps,
          texture under VSD), 30 steps each, textured export: each stage's it/s and peak memory
+  z      examples/benchmark_zero123.py: the zero123 preset's 64², 128² and 256² stages (batches 12, 8, 4)
+         with Zero123's real-size architecture, random weights: it/s and peak memory per stage
   c      the fast preset (tiny autoencoder), compiled
   f      threed run, dreamfusion-sd, 1000 steps and mesh export (no video), timed
   d      guidance floors, eager and compiled (benchmark_guidance.py)
@@ -262,6 +264,15 @@ def main() -> None:
         if done:
             rec["result"] = done
 
+    # (z) image-to-3D: the zero123 preset's three resolution stages with Zero123's real-size architecture
+    if "z" not in skip:
+        out = s.work / "z-zero123.json"
+        z123 = [py, "examples/benchmark_zero123.py", *dev, "--json", str(out)]
+        z123 += ["--tiny", "--steps", "1", "--warmup", "1"] if dry else ["--steps", "10", "--warmup", "3"]
+        rec = s.run("z-zero123", z123, timeout=300, need=90)
+        if rec.get("status") == "ok":
+            s.json_of("z-zero123", out)
+
     if "c" not in skip:
         out = s.work / "c-fast.json"
         fast = "cpu-tiny" if dry else "dreamfusion-sd-fast"
@@ -372,6 +383,12 @@ def summary(s: Session) -> str:
         else:
             rows.append(f"{r['method']} | {r['resolution']}² | {r['median_ms']['step']} | {r.get('lora_branch_ms', '')} | "
                         f"{r['peak_memory_mb']}")
+    z = (parts.get("z-zero123") or {}).get("result")
+    if z:
+        for st in z.get("stages", []):
+            rows.append(f"zero123 (z) {st['render']}² x {st['batch']}: {st['it_per_s']} it/s, peak "
+                        f"{st['peak_memory_mb']} MB")
+        rows.append(f"zero123 (z): 600 steps estimated at {z.get('estimated_train_s')} s of training")
     pd = (parts.get("p-prolificdreamer") or {}).get("result")
     rows.append("")
     rows.append("prolificdreamer (p), 512^2 | train s | it/s (first steps included) | peak MB | start s | export s")

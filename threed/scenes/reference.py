@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -67,6 +68,15 @@ class ReferenceViewNeRFScene(NeRFScene):
 
     def render_reference(self, size: int) -> RenderOutput:
         return self.render(reference_camera(self.cfg.image, size).to(self.device), "albedo")
+
+    @torch.no_grad()
+    def reference_pair(self, size: int) -> list[np.ndarray]:
+        """[the input image over the background, the render from the reference camera] (uint8 (size, size, 3)):
+        the preview's first row."""
+        out = self.render_reference(size)
+        shown = self.reference.over(out.background[0].cpu().float(), size)
+        to_bytes = lambda x: (x.clamp(0, 1) * 255).round().byte().cpu().numpy()  # noqa: E731
+        return [to_bytes(shown), to_bytes(out.rgb[0])]
 
     def regularisers(self, out: RenderOutput, step: int) -> dict[str, Tensor]:
         result = super().regularisers(out, step)
