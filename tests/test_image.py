@@ -180,3 +180,18 @@ def test_text_methods_take_no_image(tmp_path: Path, capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "--image" in err and "from text" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_reference_view_metrics_by_hand() -> None:
+    """Uniform images 0.5 and 0.6: MSE 0.01, PSNR 20 dB; SSIM (no variance) (2 0.3 + 1e-4) / (0.61 + 1e-4)
+    = 0.98361; masks of 4 and 4 pixels sharing 2: IoU 2 / 6."""
+    from threed.image_metrics import mask_iou, psnr, ssim
+
+    a, b = torch.full((16, 16, 3), 0.5), torch.full((16, 16, 3), 0.6)
+    assert abs(psnr(a, b) - 20.0) < 1e-4
+    assert abs(ssim(a, b) - 0.6001 / 0.6101) < 1e-5 and ssim(a, a) == pytest.approx(1.0)
+    m1, m2 = torch.zeros(4, 4), torch.zeros(4, 4)
+    m1[0, :4] = 1.0
+    m2[0, 2:] = 1.0
+    m2[1, :2] = 1.0
+    assert mask_iou(m1, m2) == pytest.approx(2 / 6)

@@ -131,6 +131,8 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
         record = final_record(rundir, cfg, stages, done_stats, trainer, device)
         if cfg.guidance.type == "oracle" and cfg.guidance.oracle.reference:
             record.update(reference_metrics(stage_meshes(rundir, stages), cfg.guidance.oracle.reference))
+        if hasattr(trainer.scene, "reference_metrics"):  # image-to-3D: the reference view against the image
+            record.update(trainer.scene.reference_metrics())
         rundir.append_metrics(record)
     write_run_report(out)
     return written + [p for p in earlier if p not in written]

@@ -78,6 +78,20 @@ class ReferenceViewNeRFScene(NeRFScene):
         to_bytes = lambda x: (x.clamp(0, 1) * 255).round().byte().cpu().numpy()  # noqa: E731
         return [to_bytes(shown), to_bytes(out.rgb[0])]
 
+    @torch.no_grad()
+    def reference_metrics(self) -> dict[str, float]:
+        """How the reference view reproduces the input image, at the image's size: PSNR and SSIM of the
+        colour (the image over the render's background) and the IoU of opacity and alpha (each > 0.5);
+        threed/image_metrics.py. For a run's closing record."""
+        from threed.image_metrics import mask_iou, psnr, ssim
+
+        size = self.reference.size
+        out = self.render_reference(size)
+        render = out.rgb[0].clamp(0, 1).cpu()
+        target = self.reference.over(out.background[0].cpu().float())
+        return {"reference_psnr": round(psnr(render, target), 3), "reference_ssim": round(ssim(render, target), 4),
+                "reference_mask_iou": round(mask_iou(out.opacity[0, ..., 0].cpu(), self.reference.alpha), 4)}
+
     def regularisers(self, out: RenderOutput, step: int) -> dict[str, Tensor]:
         result = super().regularisers(out, step)
         if weight_used(self.losses, "rgb") or weight_used(self.losses, "mask"):
