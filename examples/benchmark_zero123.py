@@ -50,7 +50,6 @@ def main() -> None:
     from threed.random_models import build_zero123, tiny_zero123_ldm_config
     from threed.schedule import render_batch
     from threed.stages import IMAGE_NERF
-    from threed.trainer import Trainer
 
     work = Path(tempfile.mkdtemp(prefix="threed-zero123-"))
     image = np.zeros((256, 256, 4), dtype=np.uint8)  # an orange disc: something to frame
@@ -66,7 +65,8 @@ def main() -> None:
     base = [f"image.path={work / 'input.png'}", f"guidance.zero123.model={model}", f"device={args.device}"]
     if args.tiny:
         base += ["guidance.zero123.resolution=32", "field.n_levels=4", "field.max_resolution=64",
-                 "render.num_samples=32", "render.progressive=[[0, 16, 2], [2, 24, 2]]", "image.sizes=[[0, 24], [2, 32]]"]
+                 "render.num_samples=32", "render.progressive=[[0, 16, 2], [2, 24, 2]]",
+                 "image.sizes=[[0, 24], [2, 32]]"]
     cfg = build_config(args.preset, base + list(args.overrides))
     guidance = Zero123Guidance(cfg, args.device)
     stages = list(cfg.render.progressive) or [(0, cfg.render.width, cfg.render.batch_size)]

@@ -109,3 +109,16 @@ def test_offline_model_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "hf download kxic/zero123-xl" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_image_with_the_oracle_takes_the_oracle_preset(tmp_path: Path) -> None:
+    """`threed run --image IMG --guidance oracle --reference MESH`: image-to-3D's oracle preset, whose image is
+    not re-framed (it is the mesh seen from the reference camera)."""
+    from threed import spec
+
+    mesh = tmp_path / "m.ply"
+    trimesh.creation.icosphere(subdivisions=1, radius=0.4).export(mesh)
+    opts = spec.RunOptions(image=str(_disc(tmp_path / "a.png")), guidance="oracle", reference=str(mesh))
+    cfg, _ = spec.resolve(opts, cuda=False)
+    assert (cfg.method, cfg.guidance.type, cfg.image.recentre) == ("zero123", "oracle", False)
+    assert Path(cfg.guidance.oracle.reference) == mesh.resolve()

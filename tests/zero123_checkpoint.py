@@ -35,7 +35,8 @@ def unet_to_ldm(state: dict[str, torch.Tensor], levels: int, per_level: int) -> 
         if key.startswith("time_embedding."):
             new = {"linear_1": "time_embed.0", "linear_2": "time_embed.2"}[parts[1]] + "." + ".".join(parts[2:])
         elif parts[0] in ("conv_in", "conv_norm_out", "conv_out"):
-            new = {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}[parts[0]] + "." + parts[1]
+            names = {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+            new = names[parts[0]] + "." + parts[1]
         elif parts[0] == "down_blocks":
             i, kind = int(parts[1]), parts[2]
             if kind == "downsamplers":

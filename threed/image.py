@@ -67,7 +67,8 @@ def resample(rgb: Tensor, alpha: Tensor, size: int | tuple[int, int]) -> tuple[T
     pre = torch.cat([rgb * alpha[..., None], alpha[..., None]], dim=-1).permute(2, 0, 1)[None]
     out = F.interpolate(pre, size=hw, mode="bilinear", align_corners=False, antialias=True)[0].permute(1, 2, 0)
     a = out[..., 3].clamp(0.0, 1.0)
-    straight = torch.where(a[..., None] > 1e-6, out[..., :3] / a[..., None].clamp_min(1e-6), torch.zeros_like(out[..., :3]))
+    covered = a[..., None] > 1e-6
+    straight = torch.where(covered, out[..., :3] / a[..., None].clamp_min(1e-6), torch.zeros_like(out[..., :3]))
     return straight.clamp(0.0, 1.0), a
 
 

@@ -75,7 +75,8 @@ def _option_specs() -> dict[str, OptionSpec]:
     for p, o in priors.options():  # an option of several priors: its first's (SHARED_KEYS has the others)
         concerning.setdefault(o.name, OptionSpec(p.key(o), p.name, o.is_list, o.path))
     return {"prompt": OptionSpec("prompt", None), "negative_prompt": OptionSpec("negative_prompt", None),
-            "image": OptionSpec("image.path", None, path=True), **concerning, **{name: OptionSpec(name, None) for name in ("steps", "seed", "device")}}
+            "image": OptionSpec("image.path", None, path=True), **concerning,
+            **{name: OptionSpec(name, None) for name in ("steps", "seed", "device")}}
 
 
 # option -> what it sets; the options of one prior come from the registry

@@ -76,7 +76,8 @@ class Zero123Guidance(RandomStream):
             if self.dtype != torch.float32:  # (a cast to float32 would make diffusers warn about nothing)
                 module.to(self.dtype)
         self.parts = parts
-        self.unet, self.vae, self.image_encoder, self.projection = parts.unet, parts.vae, parts.image_encoder, parts.projection
+        self.unet, self.vae = parts.unet, parts.vae
+        self.image_encoder, self.projection = parts.image_encoder, parts.projection
         self.alphas_cumprod = parts.alphas_cumprod.to(self.device, torch.float32)
         self.num_train_timesteps = int(self.alphas_cumprod.shape[0])
         self.latent_scale = parts.latent_scale
