@@ -55,7 +55,7 @@ def tiny_zero123(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 TINY = ["guidance.zero123.resolution=32", "image.size=64", "image.sizes=[[0, 24]]", "render.progressive=[[0, 16, 2]]",
-        "export.resolution=24", "export.video=false", "export.preview_views=2", "export.video_resolution=32",
+        "export.resolution=24", "export.video=false", "export.preview_views=1", "export.video_resolution=32", "export.threshold=5",
         "export.formats=[obj, glb]", "checkpoint_every=2", "log_every=1", "render.num_samples=24",
         "field.n_levels=4", "field.log2_hashmap_size=12", "field.max_resolution=64", "field.hidden_dim=16"]
 
@@ -77,7 +77,7 @@ def test_image_to_3d_end_to_end_and_resume(tmp_path: Path, tiny_zero123: Path, c
     assert -1.0 <= records[-1]["reference_ssim"] <= 1.0
     # the preview's first row: the input image (framed, over the white background) beside the reference render
     preview = np.asarray(Image.open(out / "preview.png").convert("RGB"))
-    assert preview.shape[:2] == (3 * 32, 2 * 32)
+    assert preview.shape[:2] == (2 * 32, 2 * 32)  # [input, reference view], [colour, textureless]
     shown = load_image(image, size=64).over((1.0, 1.0, 1.0), 32)
     assert np.abs(preview[:32, :32].astype(float) / 255 - shown.numpy()).max() < 0.01
     assert "the input image and the render from the reference camera" in (out / "report.html").read_text()
@@ -87,6 +87,9 @@ def test_image_to_3d_end_to_end_and_resume(tmp_path: Path, tiny_zero123: Path, c
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["done"] and records[-1]["step"] == 5
     assert any(r.get("step") == 4 and "loss_rgb" in r for r in records)
+    # re-exporting needs no input image (it may have moved since)
+    image.rename(tmp_path / "elsewhere.png")
+    assert main(["export", str(out), "--format", "obj", "--resolution", "16", "--device", "cpu"]) == 0
 
 
 def test_bad_image_stops_before_the_model_loads(tmp_path: Path, tiny_zero123: Path, capsys: pytest.CaptureFixture,

@@ -132,7 +132,10 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
         if cfg.guidance.type == "oracle" and cfg.guidance.oracle.reference:
             record.update(reference_metrics(stage_meshes(rundir, stages), cfg.guidance.oracle.reference))
         if hasattr(trainer.scene, "reference_metrics"):  # image-to-3D: the reference view against the image
-            record.update(trainer.scene.reference_metrics())
+            try:
+                record.update(trainer.scene.reference_metrics())
+            except UserError as e:  # the input image moved away since the run started
+                print(f"threed: warning: no reference-view metrics: {e}", flush=True)
         rundir.append_metrics(record)
     write_run_report(out)
     return written + [p for p in earlier if p not in written]

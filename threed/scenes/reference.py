@@ -60,8 +60,13 @@ class ReferenceViewNeRFScene(NeRFScene):
 
     def __init__(self, cfg: Config, device: torch.device | str):
         super().__init__(cfg, device)
-        self.reference = reference_image(cfg.image)
         self.losses = ReferenceLosses(cfg.loss, cfg.image)
+
+    @property
+    def reference(self) -> ReferenceImage:
+        """The input image, read when first needed: a run's export needs it only for the preview's first row
+        and the closing record, so an image moved away since training does not stop an export."""
+        return reference_image(self.cfg.image)
 
     def reference_size(self, step: int) -> int:
         return self.cfg.image.size_at(step) or self.cfg.render.size(step)[1]
