@@ -23,6 +23,15 @@ from threed.scenes.reference import reference_camera
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One PyTorch thread, as the measurement below was taken (and put back afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def mesh_rgba(mesh: trimesh.Trimesh, image_cfg, size: int) -> np.ndarray:
     """(size, size, 4) uint8: the mesh's albedo seen from the reference camera, alpha its antialiased coverage
     (rendered over black and over white: alpha = 1 - (white - black); colour = black / alpha, straight)."""
@@ -41,11 +50,10 @@ def mesh_rgba(mesh: trimesh.Trimesh, image_cfg, size: int) -> np.ndarray:
 def test_image_to_3d_under_the_oracle_recovers_the_shape(tmp_path: Path) -> None:
     """An ellipsoid (radii 0.55, 0.35, 0.4, colours by position) seen from the reference camera (5 degrees up,
     3.8 away, 20 degrees) is the input image; zero123-oracle with 150 steps at 32² renders, a 32² reference
-    render and two oracle views per step. Measured (seed 0, 2-core CPU shared with three other jobs, load ~10):
-    Chamfer-L1 0.727% of the reference's diagonal, reference-view PSNR 32.6 dB at 64², 74 s of CPU (user + sys)
-    for the whole test, 6.8 min wall under that load. Thresholds: the issue's 1% for Chamfer-L1; 30 dB for
+    render and two oracle views per step. Measured (seed 0, one thread, 2-core CPU shared with three other jobs,
+    load ~10): Chamfer-L1 0.727% of the reference's diagonal, reference-view PSNR 32.6 dB at 64², 69-74 s of
+    CPU (user + sys) for the whole test, 2.6-6.8 min wall under that load. Thresholds: the issue's 1% for Chamfer-L1; 30 dB for
     the PSNR (2.6 dB under the measurement; the untrained field's blob scores 9.4 dB)."""
-    torch.set_num_threads(1)
     ref = shapes.ALL["ellipsoid"]()
     reference = shapes.save(ref, tmp_path / "ellipsoid.ply")
     image_cfg = build_config("zero123-oracle").image
