@@ -23,6 +23,8 @@ Parts, each a subprocess with its own timeout, skipped when the budget cannot co
          saved in fp16): 30 steps at 64^2 x 8 views and 30 at 256^2 x 4 views, each run's it/s and peak memory
   fa     threed run, fantasia3d's two stages at 512^2 (geometry from a sphere on normal maps, its latent
          warm-up included; appearance under split-sum lighting), 30 steps each, PBR export: it/s and peak per stage
+  z      examples/benchmark_zero123.py: the zero123 preset's 64², 128² and 256² stages (batches 12, 8, 4)
+         with Zero123's real-size architecture, random weights: it/s and peak memory per stage
   c      the fast preset (tiny autoencoder), compiled
   f      threed run, dreamfusion-sd, 1000 steps and mesh export (no video), timed
   d      guidance floors, eager and compiled (benchmark_guidance.py)
@@ -282,7 +284,7 @@ def main() -> None:
             run_dir = s.work / name
             shutil.rmtree(run_dir, ignore_errors=True)
             part = s.run(name, [py, "-m", "threed.cli", "run", "--method", "mvdream", "--prompt", "a yellow rubber duck",
-                                "--mvdream-model", str(model), "--out", str(run_dir), "--quiet", *dev, *sizes, *phase,
+                                "--model", str(model), "--out", str(run_dir), "--quiet", *dev, *sizes, *phase,
                                 "export.video=false", "export.preview_views=0", "checkpoint_every=0"],
                          timeout=240, need=60)
             from threed.rundir import RunDir
@@ -307,6 +309,14 @@ def main() -> None:
         _, done = RunDir(run_dir).metrics()
         if done:
             rec["result"] = done
+    # (z) image-to-3D: the zero123 preset's three resolution stages with Zero123's real-size architecture
+    if "z" not in skip:
+        out = s.work / "z-zero123.json"
+        z123 = [py, "examples/benchmark_zero123.py", *dev, "--json", str(out)]
+        z123 += ["--tiny", "--steps", "1", "--warmup", "1"] if dry else ["--steps", "10", "--warmup", "3"]
+        rec = s.run("z-zero123", z123, timeout=300, need=90)
+        if rec.get("status") == "ok":
+            s.json_of("z-zero123", out)
 
     if "c" not in skip:
         out = s.work / "c-fast.json"
@@ -418,6 +428,12 @@ def summary(s: Session) -> str:
         else:
             rows.append(f"{r['method']} | {r['resolution']}² | {r['median_ms']['step']} | {r.get('lora_branch_ms', '')} | "
                         f"{r['peak_memory_mb']}")
+    z = (parts.get("z-zero123") or {}).get("result")
+    if z:
+        for st in z.get("stages", []):
+            rows.append(f"zero123 (z) {st['render']}² x {st['batch']}: {st['it_per_s']} it/s, peak "
+                        f"{st['peak_memory_mb']} MB")
+        rows.append(f"zero123 (z): 600 steps estimated at {z.get('estimated_train_s')} s of training")
     pd = (parts.get("p-prolificdreamer") or {}).get("result")
     rows.append("")
     rows.append("prolificdreamer (p), 512^2 | train s | it/s (first steps included) | peak MB | start s | export s")

@@ -25,7 +25,7 @@ TINY = ["render.width=16", "render.height=16", "render.batch_size=4", "render.hi
 def test_mvdream_run_end_to_end_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture):
     ckpt = build_tiny_mvdream(tmp_path / "model")
     out = tmp_path / "duck"
-    code = main(["run", "--method", "mvdream", "--prompt", "a yellow rubber duck", "--mvdream-model", str(ckpt),
+    code = main(["run", "--method", "mvdream", "--prompt", "a yellow rubber duck", "--model", str(ckpt),
                  "--steps", "2", "--device", "cpu", "--out", str(out), "--quiet", *TINY])
     assert code == 0, capsys.readouterr().err
     for name in ["config.yaml", "metrics.jsonl", "mesh.obj", "mesh.glb", "preview.png"]:
@@ -40,7 +40,7 @@ def test_mvdream_run_end_to_end_and_resume(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_bad_checkpoint_path_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture):
-    code = main(["run", "--method", "mvdream", "--prompt", "a duck", "--mvdream-model", str(tmp_path / "nope.pt"),
+    code = main(["run", "--method", "mvdream", "--prompt", "a duck", "--model", str(tmp_path / "nope.pt"),
                  "--device", "cpu", "--out", str(tmp_path / "run"), "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code != 0 and "nope.pt" in err and "does not exist" in err and "hf download MVDream/MVDream" in err

@@ -28,18 +28,20 @@ def option(parser: argparse.ArgumentParser, flag: str) -> argparse.Action:
 
 
 def registry_options() -> dict[str, tuple[str, str, bool]]:
-    return {o.name: (p.key(o), p.name, o.is_list) for p, o in priors.options()}
+    out: dict[str, tuple[str, str, bool]] = {}
+    for p, o in priors.options():  # an option several priors take (--model) concerns its first
+        out.setdefault(o.name, (p.key(o), p.name, o.is_list))
+    return out
 
 
 @pytest.mark.parametrize("command", ["run", "bench"])
 def test_the_command_line_takes_the_registry_priors_and_options(command):
     parser = subparser(command)
-    assert option(parser, "--guidance").choices == ["stable_diffusion", "sd", "oracle", "clip",
-                                                     "mvdream"] == priors.choices()
+    assert option(parser, "--guidance").choices == ["stable_diffusion", "sd", "oracle", "clip", "mvdream",
+                                                     "zero123"] == priors.choices()
     for prior, opt in priors.options():
         action = option(parser, opt.flag)
-        assert action.dest == opt.name and action.help.startswith(opt.help)
-        assert action.help.endswith(opt.bench_help if command == "bench" else opt.help)
+        assert action.dest == opt.name and opt.help + (opt.bench_help if command == "bench" else "") in action.help
 
 
 def test_a_registered_prior_reaches_the_command_line(monkeypatch):
@@ -62,7 +64,7 @@ def test_a_registered_prior_reaches_the_command_line(monkeypatch):
 def test_the_config_sections_and_prior_names_are_the_registry_s():
     fields = {f.name: f for f in dataclasses.fields(GuidanceConfig)}
     sections = priors.sections()
-    assert list(sections) == ["sd", "oracle", "clip", "mvdream", "vsd", "multiview"]
+    assert list(sections) == ["sd", "oracle", "clip", "mvdream", "zero123", "vsd", "multiview"]
     assert [name for name in fields if name in sections] == list(sections)  # after the shared settings, in order
     defaults = GuidanceConfig()
     for section, settings in sections.items():
@@ -83,8 +85,9 @@ def test_the_run_specification_s_options_are_the_registry_s():
     assert concerning == {"model": ("guidance.sd.model", "stable_diffusion", False),
                           "reference": ("guidance.oracle.reference", "oracle", False),
                           "clip_model": ("guidance.clip.models", "clip", True),
-                          "clip_pretrained": ("guidance.clip.pretrained", "clip", True),
-                          "mvdream_model": ("guidance.mvdream.model", "mvdream", False)}
+                          "clip_pretrained": ("guidance.clip.pretrained", "clip", True)}
+    assert spec.SHARED_KEYS == {"model": {"stable_diffusion": "guidance.sd.model", "mvdream": "guidance.mvdream.model",
+                                          "zero123": "guidance.zero123.model"}}
     assert {f.name for f in dataclasses.fields(spec.RunOptions)} >= set(registry_options())
     every_key = set(config.all_keys())
     assert all(key in every_key for key, _, _ in registry_options().values())
@@ -104,8 +107,10 @@ def test_every_guidance_takes_the_run_config_and_a_device():
     from threed.guidance.oracle import OracleGuidance
     from threed.guidance.stable_diffusion import StableDiffusionGuidance
     from threed.guidance.vsd import OracleVSD, StableDiffusionVSD, build_vsd
+    from threed.guidance.zero123 import Zero123Guidance
 
-    for guidance in (StableDiffusionGuidance, ClipGuidance, OracleGuidance, StableDiffusionVSD, OracleVSD):
+    for guidance in (StableDiffusionGuidance, ClipGuidance, OracleGuidance, StableDiffusionVSD, OracleVSD,
+                     Zero123Guidance):
         assert list(inspect.signature(guidance.__init__).parameters) == ["self", "cfg", "device"], guidance
     assert list(inspect.signature(build_vsd).parameters) == ["cfg", "device"]
 

@@ -52,8 +52,12 @@ def _add_model_options(p: argparse.ArgumentParser, bench: bool = False) -> None:
     p.add_argument("--guidance", choices=priors.choices(),
                    help="the prior [the preset's or the method's]" if not bench else
                         "the prior of every method that takes it [each method's own]")
+    helps: dict[str, list[str]] = {}  # an option several priors take (--model) is one flag
     for _, option in priors.options():
-        p.add_argument(option.flag, dest=option.name, help=option.help + (option.bench_help if bench else ""))
+        helps.setdefault(option.name, []).append(option.help + (option.bench_help if bench else ""))
+    for _, option in priors.options():
+        if option.name in helps:
+            p.add_argument(option.flag, dest=option.name, help="; ".join(helps.pop(option.name)))
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
@@ -61,6 +65,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("run", help="optimise a 3D asset from a text prompt (or a reference mesh)", epilog=EPILOG)
     p.add_argument("--prompt", help="text prompt, e.g. \"a yellow rubber duck\"")
+    p.add_argument("--image", help="image-to-3D: the input image (RGBA PNG, or any image with pip install "
+                                   "'threed[image]') [method zero123]")
     p.add_argument("--method", help=f"{', '.join(methods.names())} [from the preset or the prior; dreamfusion]")
     p.add_argument("--preset", help="a preset in configs/ or a .yaml file [the method's; its CPU preset "
                                     "where no CUDA GPU is visible]")

@@ -19,13 +19,14 @@ import yaml
 
 from threed import priors
 from threed.errors import UserError, first_line
+from threed.image_config import ImageConfig
 # The prior sections' settings live with the registry; they are importable from here as before.
 from threed.priors import (DEFAULT_SD_MODEL, DEFAULT_TINY_VAE_MODEL, ClipConfig, CompileMode,  # noqa: F401
                            OracleConfig, SDConfig, VSDConfig)
 # The mesh stages' sections live in their own module; importable from here as before.
 from threed.mesh_config import (AppearanceConfig, GeometryConfig, MeshConfig, MeshLossConfig,  # noqa: F401
                                 SDFInitConfig)
-from threed.schedule import Schedule
+from threed.schedule import Schedule, progressive_checks
 # The sections of the field, renderer, cameras, optimiser, losses and export live in threed/sections.py;
 # they are importable from here as before.
 from threed.sections import (CameraConfig, ExportConfig, FieldConfig, LossConfig, OptimConfig,  # noqa: F401
@@ -92,6 +93,7 @@ class Config:
     geometry: GeometryConfig = _field(default_factory=GeometryConfig)
     texture: MeshConfig = _field(default_factory=MeshConfig)
     appearance: AppearanceConfig = _field(default_factory=AppearanceConfig)
+    image: ImageConfig = _field(default_factory=ImageConfig)
 
 
 def _nearest(name: str, options: list[str]) -> str:
@@ -407,6 +409,7 @@ def validate(cfg: Config) -> None:
                         and cfg.render.shading in ("random", "lambertian", "textureless")),
                    "render.soft_shading", "cannot be used with the oracle prior, whose reference renders use "
                    "render.ambient"))
+    checks += cfg.image.checks() + progressive_checks(cfg.render)
     for section in STAGE_SECTIONS:
         m = getattr(cfg, section)
         checks += _mesh_checks(m, section)

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+import numpy as np
+
 from threed.cameras import orbit_cameras
 from threed.errors import UserError, first_line
 from threed.rundir import FINAL_MESH, RunDir, stage_mesh_stem
@@ -115,7 +117,13 @@ def export_stage(run_dir: Path | str, trainer: Trainer, stage: str | None = None
             colour, _ = render_each(trainer.scene, cams, "albedo", trainer.device, progress, "preview: colour")
             plain, _ = render_each(trainer.scene, cams, "textureless", trainer.device, progress,
                                    "preview: textureless")
-            return video_writer.write_image_grid(list(colour) + list(plain), run.path / "preview.png", cols=n)
+            # image-to-3D: a first row with the input image beside the render from the reference camera
+            pair = getattr(trainer.scene, "reference_pair", None)
+            first = list(pair(side)) if pair is not None else []
+            cols = max(n, len(first))
+            first += [np.zeros_like(first[0])] * (cols - len(first)) if first else []
+            return video_writer.write_image_grid(first + list(colour) + list(plain), run.path / "preview.png",
+                                                 cols=cols)
 
         _write_optional("preview.png", preview, written)
     return written

@@ -70,7 +70,7 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
     rundir = RunDir(out)
     device = resolve_device(cfg.device)
     method = methods.get(cfg.method)
-    if not cfg.prompt.strip() and cfg.guidance.type != "oracle":
+    if not cfg.prompt.strip() and cfg.guidance.type != "oracle" and not method.image:
         raise UserError('the prompt is empty: pass --prompt "a yellow rubber duck"')
     created = not out.exists()
     check_writable(out)
@@ -131,6 +131,11 @@ def run(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
         record = final_record(rundir, cfg, stages, done_stats, trainer, device)
         if cfg.guidance.type == "oracle" and cfg.guidance.oracle.reference:
             record.update(reference_metrics(stage_meshes(rundir, stages), cfg.guidance.oracle.reference))
+        if hasattr(trainer.scene, "reference_metrics"):  # image-to-3D: the reference view against the image
+            try:
+                record.update(trainer.scene.reference_metrics())
+            except UserError as e:  # the input image moved away since the run started
+                print(f"threed: warning: no reference-view metrics: {e}", flush=True)
         rundir.append_metrics(record)
     write_run_report(out)
     return written + [p for p in earlier if p not in written]
@@ -368,8 +373,8 @@ def written_summary(paths: Sequence[Path | str], reference: Path | str | None = 
 
 
 def default_out_dir(cfg: Config) -> Path:
-    """outputs/<prompt slug> (or the reference's name), with a numeric suffix if taken."""
-    name = cfg.prompt or Path(cfg.guidance.oracle.reference).stem or cfg.method
+    """outputs/<prompt slug> (or the input image's or the reference's name), with a numeric suffix if taken."""
+    name = cfg.prompt or Path(cfg.image.path).stem or Path(cfg.guidance.oracle.reference).stem or cfg.method
     slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:60] or "run"
     base = Path("outputs") / slug
     path, i = base, 1

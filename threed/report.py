@@ -249,6 +249,9 @@ def write_run_report(run_dir: Path | str) -> Path:
     guidance = cfg.get("guidance") if isinstance(cfg.get("guidance"), dict) else {}
     prompt = str(cfg.get("prompt") or "")
     oracle = guidance.get("oracle") if isinstance(guidance.get("oracle"), dict) else {}
+    image = cfg.get("image") if isinstance(cfg.get("image"), dict) else {}
+    if not prompt and image.get("path"):
+        prompt = f"image {Path(str(image['path'])).name}"
     if not prompt and oracle.get("reference"):
         prompt = f"reference {Path(str(oracle['reference'])).name}"
     title = prompt or run_dir.name
@@ -280,7 +283,11 @@ def write_run_report(run_dir: Path | str) -> Path:
                 + "</div>")
     body.append('<h2>Preview</h2><div class="preview">'
                 + _preview("preview.png" if _exists(run_dir, "preview.png") else None, f"preview of {title}")
-                + '</div><p class="note">Colour (top) and textureless (bottom) renders from evenly spaced views.</p>')
+                + '</div><p class="note">' + ("Top row: the input image and the render from the reference camera; "
+                                              "then colour and textureless renders from evenly spaced views.</p>"
+                                              if image.get("path") else
+                                              "Colour (top) and textureless (bottom) renders from evenly spaced "
+                                              "views.</p>"))
 
     body.append("<h2>Final metrics</h2>")
     metrics: dict[str, Any] = {}

@@ -84,3 +84,42 @@ class Schedule:
         if end_step <= start_step and start != end:
             raise UserError(f"bad value {list(value)!r} for '{key}': end_step must be after start_step")
         return cls(int(start_step), float(start), float(end), int(end_step), kind)
+
+
+def _progressive(render: Any, step: int) -> tuple[int, int, int] | None:
+    """The `render.progressive` entry in force at `step` (the last whose step has come), or None."""
+    current = None
+    for entry in render.progressive:
+        if step >= entry[0]:
+            current = entry
+    return current
+
+
+def render_size(render: Any, step: int) -> tuple[int, int]:
+    """(width, height) of the training renders at `step`, from a RenderConfig: threestudio's progressive
+    batches where `render.progressive` lists them ((from step, square size, batch), e.g. Stable Zero123's 64, 128
+    and 256 from steps 0, 200 and 300), else `hires_width` x `hires_height` from `hires_step` on (ProlificDreamer),
+    else `width` x `height`."""
+    entry = _progressive(render, step)
+    if entry is not None:
+        return entry[1], entry[1]
+    if 0 <= render.hires_step <= step:
+        return render.hires_width, render.hires_height
+    return render.width, render.height
+
+
+def render_batch(render: Any, step: int) -> int:
+    """The training batch at `step`, from a RenderConfig: `render.progressive`'s where it has an entry in force,
+    else `render.batch_size`."""
+    entry = _progressive(render, step)
+    return entry[2] if entry is not None else render.batch_size
+
+
+def progressive_checks(render: Any) -> list[tuple[bool, str, str]]:
+    """(ok, key, why) for threed.config.validate: `render.progressive`'s steps increasing from 0, sizes and batches
+    positive."""
+    steps = [e[0] for e in render.progressive]
+    return [(all(e[1] > 0 and e[2] >= 1 for e in render.progressive), "render.progressive",
+             "needs a size > 0 and a batch >= 1 in each (from step, size, batch)"),
+            (not steps or (steps[0] == 0 and steps == sorted(set(steps))), "render.progressive",
+             "must start at step 0 with increasing steps")]

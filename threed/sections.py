@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from threed.schedule import Schedule
+from threed.schedule import Schedule, render_size
 
 
 @dataclass
@@ -71,6 +71,7 @@ class RenderConfig:
     # evaluation or export. The mesh stage has its own, mesh.random_aug.
     random_aug: float = 0.0
     random_aug_shared: bool = False  # one random colour for the whole batch (share_aug_bg: MVDream's views)
+    progressive: tuple[tuple[int, int, int], ...] = ()  # (from step, square size, batch): threed/schedule.py
     chunk_rays: int = 16384
     # ProlificDreamer renders small while the coarse shape forms, then at full size: from `hires_step` on the
     # training renders are hires_width x hires_height (< 0: never).
@@ -83,10 +84,8 @@ class RenderConfig:
     checkpoint_rays: int = 65536
 
     def size(self, step: int) -> tuple[int, int]:
-        """(width, height) of the training renders at `step`."""
-        if 0 <= self.hires_step <= step:
-            return self.hires_width, self.hires_height
-        return self.width, self.height
+        """(width, height) of the training renders at `step` (threed/schedule.py, render_size)."""
+        return render_size(self, step)
 
 
 @dataclass

@@ -42,6 +42,7 @@ class _Options:
     seed: int | None = None
     device: str | None = None
     from_run: str | None = None  # magic3d-refine: the run whose NeRF is refined
+    image: str | None = None  # image-to-3D: the input image (image.path)
     overrides: list[str] = field(default_factory=list)
 
     @classmethod
@@ -53,7 +54,8 @@ class _Options:
 
 
 RunOptions = dataclasses.make_dataclass(
-    "RunOptions", [(option.name, str | None, None) for _, option in priors.options()], bases=(_Options,),
+    "RunOptions", [(name, str | None, None) for name in dict.fromkeys(o.name for _, o in priors.options())],
+    bases=(_Options,),
     namespace={"__doc__": _Options.__doc__, "__module__": __name__})
 
 
@@ -69,13 +71,21 @@ class OptionSpec(NamedTuple):
 
 def _option_specs() -> dict[str, OptionSpec]:
     """The run's own options around the registry's options of one prior, in the order they are applied."""
-    concerning = {o.name: OptionSpec(p.key(o), p.name, o.is_list, o.path) for p, o in priors.options()}
+    concerning: dict[str, OptionSpec] = {}
+    for p, o in priors.options():  # an option of several priors: its first's (SHARED_KEYS has the others)
+        concerning.setdefault(o.name, OptionSpec(p.key(o), p.name, o.is_list, o.path))
     return {"prompt": OptionSpec("prompt", None), "negative_prompt": OptionSpec("negative_prompt", None),
-            **concerning, **{name: OptionSpec(name, None) for name in ("steps", "seed", "device")}}
+            "image": OptionSpec("image.path", None, path=True), **concerning,
+            **{name: OptionSpec(name, None) for name in ("steps", "seed", "device")}}
 
 
 # option -> what it sets; the options of one prior come from the registry
 OPTIONS: dict[str, OptionSpec] = _option_specs()
+# An option that several priors take (--model: stable_diffusion's and zero123's): prior -> the key it sets there.
+# OPTIONS holds its first prior's.
+SHARED_KEYS: dict[str, dict[str, str]] = {
+    name: keys for name in OPTIONS
+    if len(keys := {p.name: p.key(o) for p, o in priors.options() if o.name == name}) > 1}
 
 
 def flag(option: str) -> str:
@@ -106,6 +116,8 @@ def option_overrides(opts: RunOptions, prior: str, only_concerning: bool = False
     out = []
     for name in given(opts):
         key, concerns, is_list, is_path = OPTIONS[name]
+        if prior in SHARED_KEYS.get(name, {}):
+            key, concerns = SHARED_KEYS[name][prior], prior
         if concerns is not None and concerns != prior:
             if only_concerning:
                 continue
@@ -157,6 +169,8 @@ def choose_method(opts: RunOptions, preset_data: dict | None, prior: str | None)
         return method
     if from_preset:
         return methods.get(str(from_preset))
+    if getattr(opts, "image", None) and (prior is None or prior in methods.for_image().priors):
+        return methods.for_image()  # `threed run --image photo.png`: image-to-3D
     return methods.for_prior(prior) if prior else methods.get("dreamfusion")
 
 
@@ -192,8 +206,25 @@ def resolve(opts: RunOptions, cuda: bool | None = None, only_concerning: bool = 
                         f"{cfg.guidance.type}: pass --guidance {method.priors[0]}")
     check_prior_sections(cfg, {PRIOR_SECTIONS[cfg.guidance.type], *method.sections})
     check_mesh_section(cfg, method)
+    check_image(cfg, method)
     cfg.guidance.oracle.reference = absolute(cfg.guidance.oracle.reference)
     return cfg, notes
+
+
+def check_image(cfg: Config, method: methods.Method) -> None:
+    """An image-to-3D method needs its input image, readable now (a bad file should cost no model loading);
+    a text method takes none."""
+    if method.image and not cfg.image.path:
+        raise UserError(f"method {method.name} reconstructs an object from an image: pass --image photo.png")
+    if cfg.image.path and not method.image:
+        image_methods = [m.name for m in methods.METHODS.values() if m.image]
+        raise UserError(f"--image is the input of image-to-3D, but method {method.name} works from text: drop "
+                        f"--image" + (f" or pass --method {image_methods[0]}" if image_methods else ""))
+    if cfg.image.path:
+        from threed.image import reference_image
+
+        cfg.image.path = absolute(cfg.image.path)
+        reference_image(cfg.image)
 
 
 def check_mesh_section(cfg: Config, method: methods.Method) -> None:

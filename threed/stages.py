@@ -5,7 +5,8 @@ loop. A stage's name is the one word for it everywhere: its checkpoint folder (R
 `stage` of its metrics.jsonl records, and the mesh it leaves behind when a later stage follows
 (mesh-<name>.<fmt>; the last stage's is mesh.<fmt>).
 
-- `nerf`: DreamFusion's hash-grid NeRF (threed/scenes/nerf.py), trained for `steps`, from a fresh field.
+- `nerf`: DreamFusion's hash-grid NeRF (threed/scenes/nerf.py), trained for `steps`, from a fresh field;
+  image-to-3D's (IMAGE_NERF, threed/scenes/reference.py) adds the input image's reference-view losses.
 - `mesh`: Magic3D's mesh stage (threed/scenes/mesh.py), trained for `mesh.steps`, started from the NeRF
   stage's field at the level of its kept mesh (mesh-nerf.*): surface and texture together, under the method's
   guidance.
@@ -42,6 +43,7 @@ from threed.fields.nerf import NeRFField
 from threed.render.background import Background
 from threed.scenes.mesh import MeshScene
 from threed.scenes.nerf import NeRFScene
+from threed.scenes.reference import ReferenceViewNeRFScene
 from threed.trainer import Guidance, Trainer
 
 # (the stage's config, the previous stage's trainer, mesh.json's entry of its kept mesh, device, progress)
@@ -114,7 +116,7 @@ def mesh_stage_config(cfg: Config, section: str) -> Config:
     out.mesh = m
     out.steps = m.steps
     out.render.width, out.render.height, out.render.batch_size = m.width, m.height, m.batch_size
-    out.render.hires_step = -1  # a mesh stage renders at its own size throughout
+    out.render.hires_step, out.render.progressive = -1, ()  # a mesh stage renders at its own size throughout
     out.render.shading, out.render.albedo_only_steps = m.shading, m.albedo_only_steps
     out.render.textureless_prob = m.textureless_prob
     out.camera.distance, out.camera.fovy, out.camera.elevation = m.distance, m.fovy, m.elevation
@@ -176,6 +178,9 @@ class ShapeStart:
 
 
 NERF = Stage("nerf", NeRFScene)
+# image-to-3D's NeRF (zero123): the same field, also held to the input image from the reference camera
+IMAGE_NERF = Stage("nerf", ReferenceViewNeRFScene, diverged_hint="lower optim.lr or guidance.zero123.guidance_scale "
+                                                                  "and resume")
 MESH = Stage("mesh", MeshScene, section="mesh", start=mesh_from_nerf, configure=mesh_stage_config,
              diverged_hint="lower mesh.lr_sdf or mesh.lr_texture and resume")
 GEOMETRY = Stage("geometry", MeshScene, section="geometry", start=mesh_from_nerf, configure=mesh_stage_config,

@@ -21,6 +21,7 @@ from threed.config import Config, to_dict
 from threed.errors import Diverged, UserError
 from threed.io import atomic_torch_save
 from threed.rundir import RunDir, checkpoint_name, checkpoints_in
+from threed.schedule import render_batch
 from threed.scenes import Scene, weight_used
 from threed.scenes.nerf import NeRFScene
 
@@ -132,9 +133,8 @@ class Trainer:
         t0 = time.perf_counter()
         self.scene.prepare(self.step, self.generator)
         width, height = cfg.render.size(self.step)
-        hires = 0 <= cfg.render.hires_step <= self.step and cfg.render.hires_batch_size > 0
-        batch = cfg.render.hires_batch_size if hires else cfg.render.batch_size
-        cams = sample_cameras(cfg.camera, batch, width, height, self.generator, cfg.render).to(dev)
+        cams = sample_cameras(cfg.camera, render_batch(cfg.render, self.step), width, height, self.generator,
+                              cfg.render).to(dev)
         shading = self.scene.pick_shading(self.step, self.generator)
         out = self.scene.render(cams, shading, need_normals=self.uses("orient"), generator=self.generator)
         sync(dev)

@@ -8,13 +8,14 @@ look methods up here, aliases included.
 from __future__ import annotations
 
 from threed.errors import UserError
-from threed.methods import clip, dreamfusion, fantasia3d, magic3d, mvdream, prolificdreamer
+from threed.methods import clip, dreamfusion, fantasia3d, magic3d, mvdream, prolificdreamer, zero123
 from threed.methods.method import Method
 
-__all__ = ["ALIASES", "METHODS", "Method", "for_prior", "get", "names"]
+__all__ = ["ALIASES", "METHODS", "Method", "for_image", "for_prior", "get", "names"]
 
 METHODS: dict[str, Method] = {m.name: m for m in (dreamfusion.METHOD, clip.METHOD, *magic3d.METHODS,
-                                                   prolificdreamer.METHOD, mvdream.METHOD, fantasia3d.METHOD)}
+                                                   prolificdreamer.METHOD, mvdream.METHOD, fantasia3d.METHOD,
+                                                   zero123.METHOD)}
 ALIASES: dict[str, str] = {alias: m.name for m in METHODS.values() for alias in m.aliases}
 
 
@@ -36,3 +37,11 @@ def for_prior(prior: str) -> Method:
         if method.priors[0] == prior:
             return method
     return next(m for m in METHODS.values() if prior in m.priors)
+
+
+def for_image() -> Method:
+    """The image-to-3D method `threed run --image` takes when none is named."""
+    for method in METHODS.values():
+        if method.image:
+            return method
+    raise UserError("no image-to-3D method is available")

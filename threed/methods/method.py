@@ -27,6 +27,7 @@ class Method:
     prior_presets: dict[str, str] = field(default_factory=dict)  # a preset tuned for a prior, e.g. oracle
     refines: bool = False
     sections: tuple[str, ...] = ()  # its own guidance.<section> settings (priors.METHOD_SECTIONS), e.g. vsd
+    image: bool = False  # image-to-3D: it reconstructs the object of an input image (image.path, --image)
 
     def build_guidance(self, cfg: Config, device: str, stage: Stage | None = None) -> Any:
         """The guidance callable for cfg (models are loaded here): the builder of the method's own section
