@@ -23,6 +23,7 @@ from threed.errors import UserError, first_line
 # The prior sections' settings live with the registry; they are importable from here as before.
 from threed.priors import (DEFAULT_SD_MODEL, DEFAULT_TINY_VAE_MODEL, ClipConfig, CompileMode,  # noqa: F401
                            OracleConfig, SDConfig, VSDConfig)
+from threed.gaussian_settings import GaussianConfig, gaussian_checks
 from threed.schedule import Schedule
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -300,6 +301,7 @@ class Config:
     mesh: MeshConfig = _field(default_factory=MeshConfig)
     geometry: MeshConfig = _field(default_factory=MeshConfig)
     texture: MeshConfig = _field(default_factory=MeshConfig)
+    gaussians: GaussianConfig = _field(default_factory=GaussianConfig)
 
 
 def _nearest(name: str, options: list[str]) -> str:
@@ -606,6 +608,7 @@ def validate(cfg: Config) -> None:
          and all(c % 8 == 0 for c in g.vsd.denoiser_channels), "guidance.vsd.denoiser_channels",
          "must be one or more multiples of 8"),
     ]
+    checks += gaussian_checks(cfg.gaussians)
     for name in ("guidance", "opacity", "sparsity", "transmittance", "orient", "entropy"):
         checks.append((getattr(cfg.loss, name).bounds()[0] >= 0, f"loss.{name}", "must be >= 0"))
     for section in STAGE_SECTIONS:

@@ -197,8 +197,8 @@ def resolve(opts: RunOptions, cuda: bool | None = None, only_concerning: bool = 
 
 
 def check_mesh_section(cfg: Config, method: methods.Method) -> None:
-    """A stage's section (`mesh:`, `geometry:`, `texture:`) only concerns methods with that stage; elsewhere a
-    setting there would be ignored."""
+    """A stage's section (`mesh:`, `geometry:`, `texture:`, and those a stage `reads`, `gaussians:`) only
+    concerns methods with that stage; elsewhere a setting there would be ignored."""
     default = flatten(to_dict(MeshConfig()))
     used = {stage.section for stage in method.stages}
     for section in STAGE_SECTIONS:
@@ -209,6 +209,16 @@ def check_mesh_section(cfg: Config, method: methods.Method) -> None:
             keys = ", ".join(f"{section}.{k}" for k in changed[:4])
             raise UserError(f"{keys} set, but method {method.name} has no {section} stage: drop the setting or "
                             f"pass --method {having}")
+    read = {section for stage in method.stages for section in stage.reads}
+    for section in {section for m in methods.METHODS.values() for stage in m.stages for section in stage.reads}:
+        current = flatten(to_dict(getattr(cfg, section)))
+        default = flatten(to_dict(type(getattr(cfg, section))()))
+        changed = [k for k in current if current[k] != default.get(k)]
+        if changed and section not in read:
+            having = next(m.name for m in methods.METHODS.values() if section in {r for s in m.stages for r in s.reads})
+            keys = ", ".join(f"{section}.{k}" for k in changed[:4])
+            raise UserError(f"{keys} set, but method {method.name} does not read them: drop the setting or pass "
+                            f"--method {having}")
 
 
 def resolve_refine(opts: RunOptions, cuda: bool | None = None) -> tuple[Config, list[str], Path]:

@@ -11,6 +11,12 @@ loop. A stage's name is the one word for it everywhere: its checkpoint folder (R
   guidance.
 - `geometry`: ProlificDreamer's stage 2: the same start, the surface shaped from normal maps (`geometry.shading:
   normal`) under the prior's SDS alone (not the method's VSD), `geometry.steps`.
+- `gaussians`: DreamGaussian's 3D Gaussians (threed/scenes/gaussians.py), trained for `steps` from a ball,
+  densified and pruned as they train (settings: `gaussians:`).
+- `texture` after `gaussians`: DreamGaussian's texture refinement, `texture.steps`: the surface of the
+  Gaussians' opacity field at the level of their kept mesh (mesh-gaussians.*), kept (the texture section's
+  geometry learning rates are 0), a texture field fitted to the Gaussians' colours, then trained under the
+  prior.
 - `texture`: ProlificDreamer's stage 3: the geometry stage's surface, kept (its geometry learning rates are 0),
   its texture trained under the method's guidance (VSD, with a particle score of its own), `texture.steps`.
 
@@ -31,6 +37,7 @@ import torch
 from threed.config import Config
 from threed.rundir import RunDir, load_checkpoint
 from threed.scenes import Scene
+from threed.scenes.gaussians import GaussianScene, texture_scene
 from threed.scenes.mesh import MeshScene
 from threed.scenes.nerf import NeRFScene
 from threed.trainer import Guidance, Trainer
@@ -46,7 +53,8 @@ class Stage:
     `start` builds its scene from the previous stage's result (None: a fresh scene, `scene(cfg, device)`);
     `configure` gives the run's config as the stage sees it, from the run's and the section's name (None:
     the run's own); `guidance` is "method" for the method's guidance (ProlificDreamer's VSD) or "prior" for
-    the run's prior alone (its SDS)."""
+    the run's prior alone (its SDS); `reads` names config sections that only this stage reads (a setting there
+is an error for a method without the stage)."""
 
     name: str
     scene: Any
@@ -54,6 +62,7 @@ class Stage:
     start: StartFn | None = None
     configure: Callable[[Config, str], Config] | None = None
     guidance: Literal["method", "prior"] = "method"
+    reads: tuple[str, ...] = ()  # config sections only this stage reads, besides `section` (gaussians)
     diverged_hint: str = "lower optim.lr or guidance.sd.guidance_scale and resume"
 
     @property
@@ -128,6 +137,12 @@ def mesh_from_mesh(cfg: Config, previous: Trainer, kept: dict, device: str, prog
     return MeshScene.from_state(cfg, copy.deepcopy(previous.scene.state_dict()), device)
 
 
+def mesh_from_gaussians(cfg: Config, previous: Trainer, kept: dict, device: str, progress: bool) -> MeshScene:
+    """DreamGaussian's texture stage's start: the Gaussians' surface at the level their kept mesh was extracted
+    at, with a texture field fitted to their colours."""
+    return texture_scene(cfg, previous.scene, float(kept["threshold"]), device, progress=progress)
+
+
 NERF = Stage("nerf", NeRFScene)
 MESH = Stage("mesh", MeshScene, section="mesh", start=mesh_from_nerf, configure=mesh_stage_config,
              diverged_hint="lower mesh.lr_sdf or mesh.lr_texture and resume")
@@ -135,6 +150,11 @@ GEOMETRY = Stage("geometry", MeshScene, section="geometry", start=mesh_from_nerf
                  guidance="prior", diverged_hint="lower geometry.lr_sdf or geometry.guidance_scale and resume")
 TEXTURE = Stage("texture", MeshScene, section="texture", start=mesh_from_mesh, configure=mesh_stage_config,
                 diverged_hint="lower texture.lr_texture or guidance.vsd.lora_lr and resume")
+
+GAUSSIANS = Stage("gaussians", GaussianScene, reads=("gaussians",),
+                  diverged_hint="lower gaussians.lr_position or guidance.sd.guidance_scale and resume")
+GAUSSIAN_TEXTURE = Stage("texture", MeshScene, section="texture", start=mesh_from_gaussians,
+                         configure=mesh_stage_config, diverged_hint="lower texture.lr_texture and resume")
 
 
 def offsets(stages: tuple[Stage, ...], cfg: Config) -> list[int]:

@@ -8,13 +8,13 @@ look methods up here, aliases included.
 from __future__ import annotations
 
 from threed.errors import UserError
-from threed.methods import clip, dreamfusion, magic3d, prolificdreamer
+from threed.methods import clip, dreamfusion, dreamgaussian, magic3d, prolificdreamer
 from threed.methods.method import Method
 
 __all__ = ["ALIASES", "METHODS", "Method", "for_prior", "get", "names"]
 
 METHODS: dict[str, Method] = {m.name: m for m in (dreamfusion.METHOD, clip.METHOD, *magic3d.METHODS,
-                                                   prolificdreamer.METHOD)}
+                                                   prolificdreamer.METHOD, dreamgaussian.METHOD)}
 ALIASES: dict[str, str] = {alias: m.name for m in METHODS.values() for alias in m.aliases}
 
 
