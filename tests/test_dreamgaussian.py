@@ -100,3 +100,17 @@ def test_gaussian_stage_resumes_exactly_across_densification(tiny_sd_dir, tmp_pa
     resumed.fit(4, progress=False)
     for name, p in straight.scene.gaussians.named_groups():
         assert torch.equal(p, getattr(resumed.scene.gaussians, name)), name
+
+
+def test_bench_takes_dreamgaussian(tmp_path):
+    """`threed bench --methods dreamgaussian` plans both stages, with the preset a run would take."""
+    from threed.bench import plan as bench_plan
+    from threed.cli import parser
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a ripe strawberry\n")
+    args = parser().parse_args(["bench", "--prompts", str(prompts), "--methods", "dreamgaussian,dreamfusion",
+                                "--steps", "3", "--out", str(tmp_path / "b"), "--device", "cpu"])
+    entries = {e.method: e for e in bench_plan.make_plan(args, cuda=False)[0]}
+    assert entries["dreamgaussian"].budget == [("gaussians", 3), ("texture", 50)]
+    assert entries["dreamgaussian"].cfg.gaussians.num_points == 5000
