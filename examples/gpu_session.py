@@ -272,7 +272,8 @@ def main() -> None:
         sizes = (["--steps", "4", "render.width=16", "render.height=16", "gaussians.num_points=400",
                   "gaussians.grow_steps=[2]", "gaussians.grow_sizes=[32]", "gaussians.densify_every=2",
                   "guidance.sd.resolution=64", "export.resolution=32", "export.threshold=0.2", "texture.steps=2",
-                  "texture.resolution=16", "texture.width=32", "texture.height=32", "export.texture_size=64"]
+                  "texture.resolution=16", "texture.width=32", "texture.height=32", "export.texture_size=64",
+                  "gaussians.texture_fit_steps=5"]
                  if dry else [])
         started = time.monotonic()
         rec = s.run("s-dreamgaussian", [py, "-m", "threed.cli", "run", "--method", "dreamgaussian", "--prompt",

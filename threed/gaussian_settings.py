@@ -43,6 +43,8 @@ class GaussianConfig:
     # 512²): from step grow_steps[i] on, the training renders are grow_sizes[i]² (empty: render.width/height).
     grow_steps: tuple[int, ...] = ()
     grow_sizes: tuple[int, ...] = ()
+    # Adam steps fitting the texture stage's field to the Gaussians' colours on their surface (its start)
+    texture_fit_steps: int = 200
     block: int = 16  # the PyTorch rasterizer's block of pixels (memory: block² x the Gaussians over it)
 
 
@@ -57,6 +59,7 @@ def gaussian_checks(g: GaussianConfig) -> list[tuple[bool, str, str]]:
         (0.0 <= g.min_opacity < 1.0, "gaussians.min_opacity", "must be in [0, 1)"),
         (g.opacity_reset_every >= 0, "gaussians.opacity_reset_every", "must be >= 0 (0: never)"),
         (g.block >= 1, "gaussians.block", "must be >= 1"),
+        (g.texture_fit_steps >= 0, "gaussians.texture_fit_steps", "must be >= 0"),
         (len(g.grow_steps) == len(g.grow_sizes) and min(g.grow_sizes, default=1) > 0
          and list(g.grow_steps) == sorted(g.grow_steps), "gaussians.grow_steps/grow_sizes",
          "must be as many ascending steps as positive sizes"),

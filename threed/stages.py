@@ -140,7 +140,8 @@ def mesh_from_mesh(cfg: Config, previous: Trainer, kept: dict, device: str, prog
 def mesh_from_gaussians(cfg: Config, previous: Trainer, kept: dict, device: str, progress: bool) -> MeshScene:
     """DreamGaussian's texture stage's start: the Gaussians' surface at the level their kept mesh was extracted
     at, with a texture field fitted to their colours."""
-    return texture_scene(cfg, previous.scene, float(kept["threshold"]), device, progress=progress)
+    return texture_scene(cfg, previous.scene, float(kept["threshold"]), device, progress=progress,
+                         fit_steps=cfg.gaussians.texture_fit_steps)
 
 
 NERF = Stage("nerf", NeRFScene)

@@ -47,6 +47,9 @@ class GaussianScene:
         self.cfg = cfg
         self.device = torch.device(device)
         g = cfg.gaussians
+        if g.backend == "gsplat":
+            raise UserError("gaussians.backend=gsplat is not available yet: pass gaussians.backend=auto (threed's "
+                            "PyTorch rasterizer, the same conventions)")
         if gaussians is None:
             gaussians = Gaussians.ball(g.num_points, g.init_radius, g.init_opacity,
                                        torch.Generator().manual_seed(cfg.seed))
