@@ -25,6 +25,8 @@ Parts, each a subprocess with its own timeout, skipped when the budget cannot co
          warm-up included; appearance under split-sum lighting), 30 steps each, PBR export: it/s and peak per stage
   z      examples/benchmark_zero123.py: the zero123 preset's 64², 128² and 256² stages (batches 12, 8, 4)
          with Zero123's real-size architecture, random weights: it/s and peak memory per stage
+  s      threed run, dreamgaussian's two stages (Gaussians 128² to 512², 50 texture steps at 512²), textured
+         export: each stage's it/s and peak memory, the whole run's wall time
   c      the fast preset (tiny autoencoder), compiled
   f      threed run, dreamfusion-sd, 1000 steps and mesh export (no video), timed
   d      guidance floors, eager and compiled (benchmark_guidance.py)
@@ -304,6 +306,23 @@ def main() -> None:
                                       "a ceramic vase", "--model", sd, "--out", str(run_dir), "--quiet", *dev, *sizes,
                                       "export.video=false", "export.preview_views=0", "checkpoint_every=0"],
                     timeout=300, need=90)
+    # (s) DreamGaussian's two stages as a run takes them: 500 steps of Gaussians (128² growing to 512²), the
+    # mesh, 50 texture steps at 512², textured export: each stage's it/s and peak memory, the run's wall time
+    if "s" not in skip:
+        run_dir = s.work / "s-dreamgaussian"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        sizes = (["--steps", "4", "render.width=16", "render.height=16", "gaussians.num_points=400",
+                  "gaussians.grow_steps=[2]", "gaussians.grow_sizes=[32]", "gaussians.densify_every=2",
+                  "guidance.sd.resolution=64", "export.resolution=32", "export.threshold=0.2", "texture.steps=2",
+                  "texture.resolution=16", "texture.width=32", "texture.height=32", "export.texture_size=64",
+                  "gaussians.texture_fit_steps=5"]
+                 if dry else [])
+        started = time.monotonic()
+        rec = s.run("s-dreamgaussian", [py, "-m", "threed.cli", "run", "--method", "dreamgaussian", "--prompt",
+                                        "a ripe strawberry", "--model", sd, "--out", str(run_dir), "--quiet", *dev,
+                                        *sizes, "export.video=false", "export.preview_views=0", "checkpoint_every=0"],
+                    timeout=420, need=120)
+        rec["end_to_end_s"] = round(time.monotonic() - started, 1)  # model load, both stages, export
         from threed.rundir import RunDir
 
         _, done = RunDir(run_dir).metrics()
@@ -451,6 +470,15 @@ def summary(s: Session) -> str:
     rows.append("fantasia3d (fa), 512^2 | train s | it/s (first steps included) | peak MB | start s | export s")
     for stage in ("geometry", "appearance"):
         rows.append(f"{stage} | " + " | ".join(str((fa or {}).get(f"{stage}_{k}", "-")) for k in
+                                              ("wall_time_s", "it_per_s", "peak_memory_mb", "init_time_s",
+                                               "export_time_s")))
+    dg_part = parts.get("s-dreamgaussian") or {}
+    dg = dg_part.get("result")
+    rows.append("")
+    rows.append(f"dreamgaussian (s), end to end {dg_part.get('end_to_end_s', '-')} s | train s | it/s | peak MB | "
+                "start s | export s")
+    for stage in ("gaussians", "texture"):
+        rows.append(f"{stage} | " + " | ".join(str((dg or {}).get(f"{stage}_{k}", "-")) for k in
                                               ("wall_time_s", "it_per_s", "peak_memory_mb", "init_time_s",
                                                "export_time_s")))
     measured = s.out / "cuda_tests.jsonl"

@@ -119,17 +119,19 @@ def same(a: Any, b: Any) -> bool:
 
 def active_keys(cfg: Config) -> list[str]:
     """The keys a run of this preset reads: the guidance sections of its prior and method only, a stage's
-    section (mesh, geometry, texture) only for methods with a stage that reads it, the input image's (image)
-    only for image-to-3D methods."""
+    section (mesh, geometry, texture, and those a stage `reads`: gaussians) only for methods with that stage, the
+    input image's (image) only for image-to-3D methods."""
     method = methods.get(cfg.method)
     active_sections = {PRIOR_SECTIONS[cfg.guidance.type], *method.sections}
     own_stages = {stage.section for stage in method.stages if stage.section}
+    own_stages |= {section for stage in method.stages for section in stage.reads}
+    stage_sections = {*STAGE_SECTIONS, *(s for m in methods.METHODS.values() for st in m.stages for s in st.reads)}
     keys = []
     for key in all_keys():
         parts = key.split(".")
         if parts[0] == "guidance" and len(parts) == 3 and parts[1] not in active_sections:
             continue
-        if parts[0] in STAGE_SECTIONS and parts[0] not in own_stages:
+        if parts[0] in stage_sections and parts[0] not in own_stages:
             continue
         if parts[0] == "image" and not method.image:  # the input of image-to-3D methods only
             continue

@@ -22,6 +22,17 @@ def test_cosine_schedule_eases_in_and_out():
     assert s(25) == pytest.approx(0.5 + 0.5 * math.cos(math.pi / 4))  # slower than linear (0.75) near the start
 
 
+def test_exponential_schedule_is_log_linear():
+    """3DGS's position learning rate (get_expon_lr_func without its delay): exp of the linear blend of logs."""
+    s = Schedule.parse([0, 0.01, 0.0002, 300, "exponential"], "gaussians.lr_position")
+    assert s(0) == pytest.approx(0.01) and s(300) == pytest.approx(0.0002) and s(10**6) == pytest.approx(0.0002)
+    assert s(150) == pytest.approx(math.sqrt(0.01 * 0.0002))
+    assert s(60) == pytest.approx(math.exp(math.log(0.01) * 0.8 + math.log(0.0002) * 0.2))
+    assert s.to_plain() == [0, 0.01, 0.0002, 300, "exponential"]
+    with pytest.raises(UserError, match="> 0"):
+        Schedule.parse([0, 0.01, 0.0, 300, "exponential"], "k")
+
+
 def test_step_change_and_constant():
     s = Schedule.parse([5000, 0.98, 0.5, 5001], "guidance.t_max")
     assert s(5000) == 0.98 and s(5001) == 0.5

@@ -24,6 +24,7 @@ from threed.image_config import ImageConfig
 from threed.priors import (DEFAULT_SD_MODEL, DEFAULT_TINY_VAE_MODEL, ClipConfig, CompileMode,  # noqa: F401
                            OracleConfig, SDConfig, VSDConfig)
 # The mesh stages' sections live in their own module; importable from here as before.
+from threed.gaussian_settings import GaussianConfig, gaussian_checks
 from threed.mesh_config import (AppearanceConfig, GeometryConfig, MeshConfig, MeshLossConfig,  # noqa: F401
                                 SDFInitConfig)
 from threed.schedule import Schedule, progressive_checks
@@ -94,6 +95,7 @@ class Config:
     texture: MeshConfig = _field(default_factory=MeshConfig)
     appearance: AppearanceConfig = _field(default_factory=AppearanceConfig)
     image: ImageConfig = _field(default_factory=ImageConfig)
+    gaussians: GaussianConfig = _field(default_factory=GaussianConfig)
 
 
 def _nearest(name: str, options: list[str]) -> str:
@@ -402,6 +404,7 @@ def validate(cfg: Config) -> None:
          and all(c % 8 == 0 for c in g.vsd.denoiser_channels), "guidance.vsd.denoiser_channels",
          "must be one or more multiples of 8"),
     ]
+    checks += gaussian_checks(cfg.gaussians)
     for name in ("guidance", "opacity", "sparsity", "transmittance", "orient", "entropy"):
         checks.append((getattr(cfg.loss, name).bounds()[0] >= 0, f"loss.{name}", "must be >= 0"))
     # the oracle renders its reference with render.ambient: a random split would not match it

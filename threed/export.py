@@ -98,6 +98,9 @@ def export_stage(run_dir: Path | str, trainer: Trainer, stage: str | None = None
                                   "decimated_to_at_most": int(cfg.export.texture_max_faces), **about,
                                   "texture_time_s": {k: round(v, 3) for k, v in timings.items()}}
     written.append(run.write_mesh_entries(meshes))
+    own_files = getattr(trainer.scene, "export_files", None)
+    if own_files is not None:  # what a scene writes of its own kind (the Gaussians' 3DGS .ply)
+        written += own_files(run.path)
 
     if cfg.export.video if video is None else video:
         def turntable() -> Path:

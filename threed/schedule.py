@@ -4,6 +4,7 @@ In a preset a schedule is written as a plain number (constant) or as threestudio
 
     [start_step, start_value, end_value, end_step]              linear from start to end
     [start_step, start_value, end_value, end_step, cosine]      half-cosine ease from start to end
+    [start_step, start_value, end_value, end_step, exponential] log-linear (3DGS's position learning rate)
 
 The value is `start_value` up to `start_step`, `end_value` from `end_step` on, and in between moves
 linearly (or along a half cosine). `end_step == start_step + 1` makes a step change, e.g. ProlificDreamer's
@@ -18,7 +19,7 @@ from typing import Any, Literal
 
 from threed.errors import UserError
 
-Kind = Literal["linear", "cosine"]
+Kind = Literal["linear", "cosine", "exponential"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class Schedule:
         frac = (step - self.start_step) / (self.end_step - self.start_step)
         if self.kind == "cosine":
             frac = 0.5 - 0.5 * math.cos(math.pi * frac)
+        if self.kind == "exponential":
+            return math.exp(math.log(self.start) * (1 - frac) + math.log(self.end) * frac)
         return self.start + frac * (self.end - self.start)
 
     def bounds(self) -> tuple[float, float]:
@@ -56,14 +59,15 @@ class Schedule:
         if self.is_constant:
             return self.start
         out: list = [self.start_step, self.start, self.end, self.end_step]
-        return out + ["cosine"] if self.kind == "cosine" else out
+        return out + [self.kind] if self.kind != "linear" else out
 
     @classmethod
     def parse(cls, value: Any, key: str) -> Schedule:
         """A number, a Schedule, or the list form; a UserError naming `key` otherwise."""
         if isinstance(value, Schedule):
             return value
-        hint = f"bad value {value!r} for '{key}': expected a number or [start_step, start, end, end_step(, cosine)]"
+        hint = (f"bad value {value!r} for '{key}': expected a number or "
+                f"[start_step, start, end, end_step(, cosine or exponential)]")
         if isinstance(value, str):
             try:
                 value = float(value)
@@ -75,10 +79,12 @@ class Schedule:
             raise UserError(hint)
         kind = value[4] if len(value) == 5 else "linear"
         numbers = value[:4]
-        if kind not in ("linear", "cosine") or any(isinstance(v, bool) or not isinstance(v, (int, float))
+        if kind not in ("linear", "cosine", "exponential") or any(isinstance(v, bool) or not isinstance(v, (int, float))
                                                    for v in numbers):
             raise UserError(hint)
         start_step, start, end, end_step = numbers
+        if kind == "exponential" and min(start, end) <= 0:
+            raise UserError(f"bad value {list(value)!r} for '{key}': an exponential schedule's values must be > 0")
         if int(start_step) != start_step or int(end_step) != end_step or start_step < 0:
             raise UserError(f"bad value {list(value)!r} for '{key}': the steps must be whole numbers >= 0")
         if end_step <= start_step and start != end:

@@ -228,8 +228,8 @@ def check_image(cfg: Config, method: methods.Method) -> None:
 
 
 def check_mesh_section(cfg: Config, method: methods.Method) -> None:
-    """A stage's section (`mesh:`, `geometry:`, `texture:`) only concerns methods with that stage; elsewhere a
-    setting there would be ignored."""
+    """A stage's section (`mesh:`, `geometry:`, `texture:`, `appearance:`, and those a stage `reads`,
+    `gaussians:`) only concerns methods with that stage; elsewhere a setting there would be ignored."""
     used = {stage.section for stage in method.stages}
     for section in STAGE_SECTIONS:
         default = flatten(to_dict(type(getattr(cfg, section))()))  # MeshConfig or its geometry/appearance kind
@@ -245,6 +245,16 @@ def check_mesh_section(cfg: Config, method: methods.Method) -> None:
     if cfg.geometry.init != type(cfg.geometry.init)() and starts and starts[0].start is not None:
         raise UserError(f"geometry.init (--init-mesh) set, but method {method.name}'s geometry stage starts from its "
                         "NeRF: drop it or pass --method fantasia3d")
+    read = {section for stage in method.stages for section in stage.reads}
+    for section in {section for m in methods.METHODS.values() for stage in m.stages for section in stage.reads}:
+        current = flatten(to_dict(getattr(cfg, section)))
+        default = flatten(to_dict(type(getattr(cfg, section))()))
+        changed = [k for k in current if current[k] != default.get(k)]
+        if changed and section not in read:
+            having = next(m.name for m in methods.METHODS.values() if section in {r for s in m.stages for r in s.reads})
+            keys = ", ".join(f"{section}.{k}" for k in changed[:4])
+            raise UserError(f"{keys} set, but method {method.name} does not read them: drop the setting or pass "
+                            f"--method {having}")
 
 
 def resolve_refine(opts: RunOptions, cuda: bool | None = None) -> tuple[Config, list[str], Path]:

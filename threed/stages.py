@@ -12,6 +12,12 @@ loop. A stage's name is the one word for it everywhere: its checkpoint folder (R
   guidance.
 - `geometry`: ProlificDreamer's stage 2: the same start, the surface shaped from normal maps (`geometry.shading:
   normal`) under the prior's SDS alone (not the method's VSD), `geometry.steps`.
+- `gaussians`: DreamGaussian's 3D Gaussians (threed/scenes/gaussians.py), trained for `steps` from a ball,
+  densified and pruned as they train (settings: `gaussians:`).
+- `texture` after `gaussians`: DreamGaussian's texture refinement, `texture.steps`: the surface of the
+  Gaussians' opacity field at the level of their kept mesh (mesh-gaussians.*), kept (the texture section's
+  geometry learning rates are 0), a texture field fitted to the Gaussians' colours, then trained under the
+  prior.
 - `texture`: ProlificDreamer's stage 3: the geometry stage's surface, kept (its geometry learning rates are 0),
   its texture trained under the method's guidance (VSD, with a particle score of its own), `texture.steps`.
 
@@ -37,10 +43,11 @@ from typing import Any, Callable, Literal
 import torch
 
 from threed.config import Config
-from threed.rundir import RunDir, load_checkpoint
-from threed.scenes import Scene
 from threed.fields.nerf import NeRFField
 from threed.render.background import Background
+from threed.rundir import RunDir, load_checkpoint
+from threed.scenes import Scene
+from threed.scenes.gaussians import GaussianScene, texture_scene
 from threed.scenes.mesh import MeshScene
 from threed.scenes.nerf import NeRFScene
 from threed.scenes.reference import ReferenceViewNeRFScene
@@ -57,7 +64,8 @@ class Stage:
     `start` builds its scene from the previous stage's result (None: a fresh scene, `scene(cfg, device)`);
     `configure` gives the run's config as the stage sees it, from the run's and the section's name (None:
     the run's own); `guidance` is "method" for the method's guidance (ProlificDreamer's VSD) or "prior" for
-    the run's prior alone (its SDS)."""
+    the run's prior alone (its SDS); `reads` names config sections that only this stage reads (a setting there
+is an error for a method without the stage)."""
 
     name: str
     scene: Any
@@ -65,6 +73,7 @@ class Stage:
     start: StartFn | None = None
     configure: Callable[[Config, str], Config] | None = None
     guidance: Literal["method", "prior"] = "method"
+    reads: tuple[str, ...] = ()  # config sections only this stage reads, besides `section` (gaussians)
     diverged_hint: str = "lower optim.lr or guidance.sd.guidance_scale and resume"
 
     @property
@@ -177,6 +186,13 @@ class ShapeStart:
         return MeshScene.from_state(cfg, state, device)
 
 
+def mesh_from_gaussians(cfg: Config, previous: Trainer, kept: dict, device: str, progress: bool) -> MeshScene:
+    """DreamGaussian's texture stage's start: the Gaussians' surface at the level their kept mesh was extracted
+    at, with a texture field fitted to their colours."""
+    return texture_scene(cfg, previous.scene, float(kept["threshold"]), device, progress=progress,
+                         fit_steps=cfg.gaussians.texture_fit_steps)
+
+
 NERF = Stage("nerf", NeRFScene)
 # image-to-3D's NeRF (zero123): the same field, also held to the input image from the reference camera
 IMAGE_NERF = Stage("nerf", ReferenceViewNeRFScene, diverged_hint="lower optim.lr or guidance.zero123.guidance_scale "
@@ -191,6 +207,11 @@ FANTASIA3D_GEOMETRY = Stage("geometry", ShapeStart(), section="geometry", config
                             diverged_hint="lower geometry.lr_sdf or geometry.guidance_scale and resume")
 APPEARANCE = Stage("appearance", MeshScene, section="appearance", start=material_from_geometry,
                    configure=mesh_stage_config, diverged_hint="lower appearance.lr_texture and resume")
+
+GAUSSIANS = Stage("gaussians", GaussianScene, reads=("gaussians",),
+                  diverged_hint="lower gaussians.lr_position or guidance.sd.guidance_scale and resume")
+GAUSSIAN_TEXTURE = Stage("texture", MeshScene, section="texture", start=mesh_from_gaussians,
+                         configure=mesh_stage_config, diverged_hint="lower texture.lr_texture and resume")
 
 
 def offsets(stages: tuple[Stage, ...], cfg: Config) -> list[int]:

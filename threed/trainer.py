@@ -132,7 +132,7 @@ class Trainer:
         self.scene.train()
         t0 = time.perf_counter()
         self.scene.prepare(self.step, self.generator)
-        width, height = cfg.render.size(self.step)
+        width, height = getattr(self.scene, "render_size", cfg.render.size)(self.step)  # a scene may choose
         cams = sample_cameras(cfg.camera, render_batch(cfg.render, self.step), width, height, self.generator,
                               cfg.render).to(dev)
         shading = self.scene.pick_shading(self.step, self.generator)
@@ -157,6 +157,9 @@ class Trainer:
         for group, schedule in zip(self.optimizer.param_groups, self.lr_schedules):
             group["lr"] = schedule(self.step)
         self.optimizer.step()
+        after_step = getattr(self.scene, "after_step", None)
+        if after_step is not None:  # a scene that reshapes itself as it trains (Gaussians densify)
+            after_step(self.step + 1, self.optimizer, self.generator)
         sync(dev)
         t4 = time.perf_counter()
         self.timings = {"render": t1 - t0, "guidance": t2 - t1, "backward": t3 - t2, "optimizer": t4 - t3}

@@ -8,14 +8,15 @@ look methods up here, aliases included.
 from __future__ import annotations
 
 from threed.errors import UserError
-from threed.methods import clip, dreamfusion, fantasia3d, magic3d, mvdream, prolificdreamer, zero123
+from threed.methods import (clip, dreamfusion, dreamgaussian, fantasia3d, magic3d, mvdream, prolificdreamer,
+                            zero123)
 from threed.methods.method import Method
 
 __all__ = ["ALIASES", "METHODS", "Method", "for_image", "for_prior", "get", "names"]
 
 METHODS: dict[str, Method] = {m.name: m for m in (dreamfusion.METHOD, clip.METHOD, *magic3d.METHODS,
                                                    prolificdreamer.METHOD, mvdream.METHOD, fantasia3d.METHOD,
-                                                   zero123.METHOD)}
+                                                   zero123.METHOD, dreamgaussian.METHOD)}
 ALIASES: dict[str, str] = {alias: m.name for m in METHODS.values() for alias in m.aliases}
 
 

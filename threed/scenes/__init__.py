@@ -13,9 +13,13 @@ The training loop (threed/trainer.py) is the same for every stage; a scene plugs
 - `train()` / `eval()` and `describe()` (the backends chosen, for the run's first line);
 - `export_mesh(resolution, threshold, progress) -> ExportedMesh`: its surface as a mesh, with the albedo
   function a texture is baked from (threed/export.py writes the files; no exporter switches on the scene).
+- optionally `render_size(step) -> (width, height)` of the training renders (default: render.size(step)), and
+  `after_step(step, optimizer, generator)`: upkeep after the optimiser's step numbered `step`
+  (from 1), which may add or remove parameter rows and their optimiser state (the Gaussians' densification).
 
 `nerf.NeRFScene` is DreamFusion's hash-grid NeRF + volume renderer + background; `mesh.MeshScene` is
-Magic3D's fine stage: a DMTet surface + texture field + rasterizer + background.
+Magic3D's fine stage: a DMTet surface + texture field + rasterizer + background; `gaussians.GaussianScene`
+is DreamGaussian's 3D Gaussians + splatting rasterizer + background.
 """
 
 from __future__ import annotations

@@ -17,6 +17,18 @@ from threed.schedule import Schedule
 from threed.scenes import ExportedMesh, field_groups, render_each, weight_used
 
 
+def silhouette_cameras(cfg: Config, size: int) -> Cameras:
+    """Views for choosing the marching-cubes level: an orbit at the evaluation elevation, plus above and
+    below."""
+    cam = cfg.camera
+    el = [cam.eval_elevation] * 6 + [60.0, -30.0]
+    az = [i * 60.0 for i in range(6)] + [30.0, 210.0]
+    n = len(el)
+    full = lambda v: torch.full((n,), float(v))  # noqa: E731
+    return make_cameras(torch.tensor(el), torch.tensor(az), full(cam.eval_distance), full(cam.eval_fovy),
+                        size, size)
+
+
 class NeRFScene:
     """Field (density + albedo), background and volume renderer; the regularisers act on rendered opacity
     and the orientation penalty (cfg.loss)."""
@@ -115,15 +127,7 @@ class NeRFScene:
 
     # -- export -----------------------------------------------------------------------------------------
     def _silhouette_cameras(self, size: int) -> Cameras:
-        """Views for choosing the marching-cubes level: an orbit at the evaluation elevation, plus above and
-        below."""
-        cam = self.cfg.camera
-        el = [cam.eval_elevation] * 6 + [60.0, -30.0]
-        az = [i * 60.0 for i in range(6)] + [30.0, 210.0]
-        n = len(el)
-        full = lambda v: torch.full((n,), float(v))  # noqa: E731
-        return make_cameras(torch.tensor(el), torch.tensor(az), full(cam.eval_distance), full(cam.eval_fovy),
-                            size, size)
+        return silhouette_cameras(self.cfg, size)
 
     @torch.no_grad()
     def export_mesh(self, resolution: int | None = None, threshold: float | None = None,

@@ -1,0 +1,116 @@
+"""`threed run --method dreamgaussian` end to end on a tiny random Stable Diffusion (the real pipeline, tiny
+sizes): both stages, the 3DGS .ply, the textured GLB, resume; and the Gaussian stage's checkpoints resuming
+bit for bit across densification (the optimiser state follows the rows)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from exporters.splat_ply import read_splat_ply
+from helpers_gltf import validate_gltf
+from threed import methods
+from threed.cli import main
+from threed.config import build_config
+from threed.rundir import RunDir, load_checkpoint
+from threed.stages import GAUSSIANS
+
+TINY = ["render.width=16", "render.height=16", "gaussians.num_points=400", "gaussians.grow_steps=[2]",
+        "gaussians.grow_sizes=[24]", "gaussians.densify_every=2", "guidance.sd.resolution=32",
+        "field.n_levels=4", "field.max_resolution=64", "field.log2_hashmap_size=12", "export.resolution=32",
+        "export.threshold=0.2", "export.video_frames=4", "export.video_resolution=32", "export.preview_views=2",
+        "export.texture_size=64", "texture.steps=2", "texture.resolution=16", "texture.width=32",
+        "texture.height=32", "gaussians.texture_fit_steps=5", "log_every=1", "checkpoint_every=2"]
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def dg_run(tiny_sd_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dg") / "duck"
+    code = main(["run", "--method", "dreamgaussian", "--prompt", "a yellow rubber duck", "--model", str(tiny_sd_dir),
+                 "--steps", "4", "--device", "cpu", "--out", str(out), "--quiet", *TINY])
+    assert code == 0
+    return out
+
+
+def test_dreamgaussian_writes_both_stages_and_the_gaussians(dg_run):
+    out = dg_run
+    for name in ["config.yaml", "mesh.obj", "mesh.png", "mesh.glb", "mesh-gaussians.obj", "gaussians.ply",
+                 "turntable.mp4", "preview.png", "report.html"]:
+        assert (out / name).is_file(), name
+    assert [p.name for p in sorted((out / "checkpoints" / "gaussians").glob("*.pt"))] == ["step-000002.pt",
+                                                                                          "step-000004.pt"]
+    recs = records(out)
+    steps = [(r["stage"], r["step"]) for r in recs if "loss" in r]
+    assert steps == [("gaussians", s) for s in (1, 2, 3, 4)] + [("texture", 5), ("texture", 6)]
+    assert all(np.isfinite(r["loss"]) for r in recs if "loss" in r)
+    final = recs[-1]
+    assert final["done"] and final["step"] == 6 and final["gaussians_wall_time_s"] > 0
+    meshes = json.loads((out / "mesh.json").read_text())["meshes"]
+    assert meshes["mesh-gaussians.obj"]["threshold"] == 0.2 and meshes["mesh-gaussians.obj"]["stage"] == "gaussians"
+    assert meshes["mesh.glb"]["stage"] == "texture"
+    assert validate_gltf(out / "mesh.glb")["issues"]["numErrors"] == 0
+    # the .ply holds the Gaussians of the last checkpoint (densified: more or fewer than the 400 started with)
+    splats = read_splat_ply(out / "gaussians.ply")
+    state = load_checkpoint(out / "checkpoints" / "gaussians" / "step-000004.pt", "cpu")["gaussians"]
+    assert np.array_equal(splats["means"], state["means"].numpy())
+    assert np.array_equal(splats["logit_opacities"], state["logit_opacities"].numpy())
+    # the texture stage kept the surface: its geometry received no update
+    texture_state = load_checkpoint(out / "checkpoints" / "texture" / "step-000002.pt", "cpu")
+    assert texture_state["optimizer"]["param_groups"][0]["lr"] > 0  # the texture's group; no geometry group
+
+
+def test_dreamgaussian_resumes(dg_run, capsys):
+    out = dg_run
+    code, stdout, _ = run_cli(["run", "--resume", out], capsys)
+    assert code == 0 and "is finished" in stdout
+    code, _, err = run_cli(["run", "--resume", out, "texture.steps=3", "--quiet"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (out / "checkpoints" / "texture").glob("*.pt"))[-1] == "step-000003.pt"
+    assert records(out)[-1]["step"] == 7
+
+
+def test_gaussian_stage_resumes_exactly_across_densification(tiny_sd_dir, tmp_path):
+    """4 steps straight against 2, a checkpoint, and 2 more: the same Gaussians, although densification at
+    step 2 changed their number between the two segments."""
+    cfg = build_config("dreamgaussian", [f"guidance.sd.model={tiny_sd_dir}", "device=cpu", "prompt=a duck", *TINY,
+                                         "gaussians.grad_threshold=0.0", "checkpoint_every=0"])
+    method = methods.get("dreamgaussian")
+    guidance = lambda: method.build_guidance(cfg, "cpu", GAUSSIANS)  # noqa: E731 (its random stream starts afresh)
+    straight = GAUSSIANS.trainer(cfg, "cpu", guidance(), RunDir(tmp_path / "a"))
+    straight.fit(4, progress=False)
+    first = GAUSSIANS.trainer(cfg, "cpu", guidance(), RunDir(tmp_path / "b"))
+    first.fit(2, progress=False)
+    assert len(first.scene.gaussians) > 400  # a threshold of 0 densifies every Gaussian seen
+    resumed = GAUSSIANS.trainer(cfg, "cpu", guidance(), RunDir(tmp_path / "b"))
+    assert resumed.step == 2 and len(resumed.scene.gaussians) == len(first.scene.gaussians)
+    resumed.fit(4, progress=False)
+    for name, p in straight.scene.gaussians.named_groups():
+        assert torch.equal(p, getattr(resumed.scene.gaussians, name)), name
+
+
+def test_bench_takes_dreamgaussian(tmp_path):
+    """`threed bench --methods dreamgaussian` plans both stages, with the preset a run would take."""
+    from threed.bench import plan as bench_plan
+    from threed.cli import parser
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a ripe strawberry\n")
+    args = parser().parse_args(["bench", "--prompts", str(prompts), "--methods", "dreamgaussian,dreamfusion",
+                                "--steps", "3", "--out", str(tmp_path / "b"), "--device", "cpu"])
+    entries = {e.method: e for e in bench_plan.make_plan(args, cuda=False)[0]}
+    assert entries["dreamgaussian"].budget == [("gaussians", 3), ("texture", 50)]
+    assert entries["dreamgaussian"].cfg.gaussians.num_points == 5000

@@ -1,0 +1,206 @@
+"""3D Gaussian splatting in plain PyTorch, with the conventions of 3DGS (Kerbl et al. 2023) and gsplat.
+
+Each Gaussian (mean μ, covariance Σ = R S Sᵀ Rᵀ from a quaternion and per-axis scales, opacity o, colour c)
+is projected by the EWA approximation (Zwicker et al. 2002): in camera coordinates t = W μ + w, the
+perspective map's Jacobian J at t (its x/z and y/z clamped to 1.3 times the half field of view, as both
+implementations do) gives the image-plane covariance Σ' = J W Σ Wᵀ Jᵀ + 0.3 I, the 0.3 pixel² dilation
+that keeps every splat at least about a pixel wide. Its 3σ radius is ceil(3 √λ_max); Gaussians nearer than
+`near` or off the image are culled (radius 0).
+
+A pixel p composites the Gaussians covering it front to back, sorted by camera depth:
+    α_i = min(0.99, o_i exp(-½ (p - μ'_i)ᵀ Σ'_i⁻¹ (p - μ'_i))),  skipped when α_i < 1/255,
+    C = Σ_i c_i α_i T_i + T_final · background,   T_i = Π_{j<i} (1 - α_j),
+stopping before the Gaussian that would take T below 1e-4. Which Gaussians a pixel considers is decided per
+block of pixels from the 3σ boxes, as the CUDA kernels decide it per 16x16 tile (the default block is that
+tile): the image is computed one block at a time with only the Gaussians whose boxes touch it, which bounds
+memory by the block's pixels times the Gaussians there, not by the image's pixels times all Gaussians. No tile lists, no custom kernels: autograd
+differentiates everything, in any dtype (the tests check the gradients in float64).
+
+Image conventions are `threed.cameras.Cameras.rays()`'s: OpenGL camera (looking along -z, y up), square
+pixels, focal 0.5 H / tan(fovy / 2), pixel (col i, row j) centred at (i + 0.5, j + 0.5), row 0 at the top.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+ALPHA_MAX = 0.99  # an opaque splat still lets 1% through: the gradient reaches what lies behind it
+ALPHA_MIN = 1.0 / 255.0  # contributions below one 8-bit level are skipped
+T_MIN = 1e-4  # a pixel stops once its transmittance would fall below this
+DILATION = 0.3  # pixel² added to the projected covariance's diagonal (the low-pass filter)
+SH_C0 = 0.28209479177387814  # the degree-0 real spherical harmonic, 1 / (2 √π)
+
+
+def sh0_to_rgb(f_dc: Tensor) -> Tensor:
+    """Colours of degree-0 spherical-harmonic coefficients (3DGS: 0.5 + C0 f, clamped below at 0)."""
+    return (SH_C0 * f_dc + 0.5).clamp_min(0.0)
+
+
+def rgb_to_sh0(rgb: Tensor) -> Tensor:
+    return (rgb - 0.5) / SH_C0
+
+
+def quaternion_to_rotation(q: Tensor) -> Tensor:
+    """(N, 4) quaternions (w, x, y, z), normalised here -> (N, 3, 3) rotation matrices."""
+    q = q / q.norm(dim=-1, keepdim=True)
+    w, x, y, z = q.unbind(-1)
+    return torch.stack([
+        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+    ], dim=-1).reshape(*q.shape[:-1], 3, 3)
+
+
+def covariance_3d(scales: Tensor, quaternions: Tensor) -> Tensor:
+    """(N, 3, 3) world covariances R S Sᵀ Rᵀ from (N, 3) scales (standard deviations) and (N, 4) quaternions."""
+    m = quaternion_to_rotation(quaternions) * scales[..., None, :]
+    return m @ m.transpose(-1, -2)
+
+
+@dataclass
+class Projected:
+    """One view's projected Gaussians (N each): pixel means, conics (a, b, c) of Σ'⁻¹ = [[a, b], [b, c]],
+    camera depths, 3σ radii in pixels (0: culled)."""
+
+    means2d: Tensor  # (N, 2) pixels (x right, y down)
+    conics: Tensor  # (N, 3)
+    depths: Tensor  # (N,)
+    radii: Tensor  # (N,) long
+
+
+def project(means: Tensor, covariances: Tensor, w2c: Tensor, focal: float, width: int, height: int,
+            near: float = 0.01) -> Projected:
+    """EWA projection of (N, 3) means and (N, 3, 3) covariances through a camera (`w2c`, (4, 4), OpenGL
+    camera frame) with a square-pixel `focal` (pixels) and the principal point at the image's centre."""
+    rot, trans = w2c[:3, :3], w2c[:3, 3]
+    t = means @ rot.T + trans  # camera coordinates; visible points have z < 0
+    depth = -t[:, 2]
+    safe = torch.where(depth > near, depth, torch.full_like(depth, 1.0))  # culled points: any finite value
+    tan_x, tan_y = 0.5 * width / focal, 0.5 * height / focal
+    # the Jacobian's x/z and y/z clamped to 1.3 x the half field of view (3DGS, gsplat): splats far outside
+    # the view do not blow up
+    tx = (t[:, 0] / safe).clamp(-1.3 * tan_x, 1.3 * tan_x) * safe
+    ty = (t[:, 1] / safe).clamp(-1.3 * tan_y, 1.3 * tan_y) * safe
+    zeros = torch.zeros_like(safe)
+    # d(u, v)/d(x, y, z) of u = cx + f x / d, v = cy - f y / d with d = -z
+    jac = torch.stack([
+        torch.stack([focal / safe, zeros, focal * tx / safe ** 2], dim=-1),
+        torch.stack([zeros, -focal / safe, -focal * ty / safe ** 2], dim=-1),
+    ], dim=-2)  # (N, 2, 3)
+    m = jac @ rot
+    cov2d = m @ covariances @ m.transpose(-1, -2)
+    a = cov2d[:, 0, 0] + DILATION
+    b = cov2d[:, 0, 1]
+    c = cov2d[:, 1, 1] + DILATION
+    det = a * c - b * b
+    ok = (depth > near) & (det > 0)
+    det_safe = torch.where(ok, det, torch.ones_like(det))
+    conics = torch.stack([c / det_safe, -b / det_safe, a / det_safe], dim=-1)
+    mid = 0.5 * (a + c)
+    lam = mid + torch.sqrt((mid * mid - det).clamp_min(0.01))
+    radii = torch.ceil(3.0 * torch.sqrt(lam.detach())).long()
+    u = 0.5 * width + focal * t[:, 0] / safe
+    v = 0.5 * height - focal * t[:, 1] / safe
+    means2d = torch.stack([u, v], dim=-1)
+    ud, vd = u.detach(), v.detach()
+    on_image = (ud + radii > 0) & (ud - radii < width) & (vd + radii > 0) & (vd - radii < height)
+    radii = torch.where(ok & on_image, radii, torch.zeros_like(radii))
+    return Projected(means2d, conics, depth, radii)
+
+
+def _composite_block(pixels: Tensor, means2d: Tensor, conics: Tensor, opacities: Tensor, features: Tensor
+                     ) -> tuple[Tensor, Tensor]:
+    """(P, 2) pixel centres against (M, ...) Gaussians sorted front to back -> ((P, C) Σ w_i f_i, (P,) Σ w_i)."""
+    d = pixels[:, None, :] - means2d[None, :, :]  # (P, M, 2)
+    power = -0.5 * (conics[:, 0] * d[..., 0] ** 2 + conics[:, 2] * d[..., 1] ** 2) - conics[:, 1] * d[..., 0] * d[..., 1]
+    alpha = (opacities * torch.exp(power)).clamp(max=ALPHA_MAX)
+    alpha = torch.where(alpha >= ALPHA_MIN, alpha, torch.zeros_like(alpha))
+    keep = torch.cumprod(1.0 - alpha, dim=1)  # transmittance after each Gaussian
+    alpha = torch.where(keep.detach() >= T_MIN, alpha, torch.zeros_like(alpha))  # stop before T < 1e-4
+    trans = torch.cumprod(1.0 - alpha, dim=1)
+    before = torch.cat([torch.ones_like(trans[:, :1]), trans[:, :-1]], dim=1)
+    weights = alpha * before
+    return weights @ features, weights.sum(dim=1)
+
+
+def rasterize(projected: Projected, opacities: Tensor, features: Tensor, width: int, height: int,
+              block: int = 16) -> tuple[Tensor, Tensor]:
+    """Front-to-back alpha compositing of one view's projected Gaussians: (N,) opacities and (N, C)
+    features (colours, depth, ...) -> ((H, W, C) Σ w_i f_i, (H, W) accumulated opacity 1 - T_final). The
+    background is the caller's: C + (1 - opacity) · background."""
+    visible = projected.radii > 0
+    order = torch.argsort(projected.depths.detach().masked_fill(~visible, float("inf")))
+    order = order[: int(visible.sum())]
+    means2d, conics = projected.means2d[order], projected.conics[order]
+    radii = projected.radii[order].to(means2d.dtype)
+    opac, feats = opacities[order], features[order]
+    dtype, device = means2d.dtype, means2d.device
+    lo, hi = means2d.detach() - radii[:, None], means2d.detach() + radii[:, None]
+    out = features.new_zeros(height, width, features.shape[-1])
+    acc = features.new_zeros(height, width)
+    rows_out, acc_rows = [], []
+    for y0 in range(0, height, block):
+        y1 = min(y0 + block, height)
+        row_cols, row_acc = [], []
+        band = (hi[:, 1] > y0) & (lo[:, 1] < y1)
+        for x0 in range(0, width, block):
+            x1 = min(x0 + block, width)
+            sel = band & (hi[:, 0] > x0) & (lo[:, 0] < x1)
+            if not bool(sel.any()):
+                row_cols.append(out[y0:y1, x0:x1])
+                row_acc.append(acc[y0:y1, x0:x1])
+                continue
+            ys = torch.arange(y0, y1, device=device, dtype=dtype) + 0.5
+            xs = torch.arange(x0, x1, device=device, dtype=dtype) + 0.5
+            gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+            pixels = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=-1)
+            idx = sel.nonzero().squeeze(1)
+            color, alpha = _composite_block(pixels, means2d[idx], conics[idx], opac[idx], feats[idx])
+            row_cols.append(color.reshape(y1 - y0, x1 - x0, -1))
+            row_acc.append(alpha.reshape(y1 - y0, x1 - x0))
+        rows_out.append(torch.cat(row_cols, dim=1))
+        acc_rows.append(torch.cat(row_acc, dim=1))
+    return torch.cat(rows_out, dim=0), torch.cat(acc_rows, dim=0)
+
+
+@dataclass
+class SplatOutput:
+    """A batch of views: (B, H, W, 3) colour composited over the background, (B, H, W, 1) opacity, (B, H, W, 1)
+    expected depth (camera distance along -z, 0 where empty), and per view the pixel means ((N, 2) each, their
+    gradients kept after backward: densification reads them) and radii ((B, N))."""
+
+    rgb: Tensor
+    opacity: Tensor
+    depth: Tensor
+    means2d: list[Tensor]
+    radii: Tensor
+
+
+def focal_length(fovy: float, height: int) -> float:
+    return 0.5 * height / math.tan(0.5 * fovy)
+
+
+def render(means: Tensor, scales: Tensor, quaternions: Tensor, opacities: Tensor, colors: Tensor, c2w: Tensor,
+           fovy: Tensor, width: int, height: int, background: Tensor, near: float = 0.01, block: int = 16
+           ) -> SplatOutput:
+    """Render (N, ...) Gaussians from each of B cameras (`c2w` (B, 4, 4), `fovy` (B,) radians) over
+    `background` (B, H, W, 3)."""
+    cov = covariance_3d(scales, quaternions)
+    rgbs, alphas, depths, means2d, radii = [], [], [], [], []
+    for i in range(c2w.shape[0]):
+        w2c = torch.linalg.inv(c2w[i].to(means.dtype))
+        proj = project(means, cov, w2c, focal_length(float(fovy[i]), height), width, height, near)
+        if proj.means2d.requires_grad:
+            proj.means2d.retain_grad()
+        feats = torch.cat([colors, proj.depths[:, None]], dim=-1)
+        image, alpha = rasterize(proj, opacities, feats, width, height, block)
+        rgbs.append(image[..., :3] + (1.0 - alpha[..., None]) * background[i])
+        depths.append(image[..., 3:])
+        alphas.append(alpha[..., None])
+        means2d.append(proj.means2d)
+        radii.append(proj.radii)
+    return SplatOutput(torch.stack(rgbs), torch.stack(alphas), torch.stack(depths), means2d, torch.stack(radii))
