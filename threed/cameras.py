@@ -176,15 +176,8 @@ def sample_cameras(cfg: CameraConfig, n: int, width: int, height: int, generator
     if cfg.distance_relative:
         distance = distance / torch.tan(0.5 * torch.deg2rad(fovy))
     position = spherical_position(elevation, azimuth, distance)
-    if render.light_sample == "magic3d":
-        direction = _light_near(position, light_noise)
-    elif render.light_jitter_absolute:
-        direction = position + render.light_jitter * light_noise
-    else:
-        direction = position + render.light_jitter * distance[:, None] * light_noise
-    direction = direction / direction.norm(dim=-1, keepdim=True)
-    scale = light_scale if render.light_distance_absolute else distance * light_scale
-    cameras = make_cameras(elevation, azimuth, distance, fovy, width, height, direction * scale[:, None])
+    light = _light_positions(position, distance, light_noise, light_scale, render)
+    cameras = make_cameras(elevation, azimuth, distance, fovy, width, height, light)
     if max(cfg.position_jitter, cfg.center_jitter, cfg.up_jitter) > 0:
         # drawn last and only when on, so that runs without jitter see the random stream they always saw
         moved = position + cfg.position_jitter * (2.0 * torch.rand(n, 3, generator=generator) - 1.0)
@@ -192,6 +185,20 @@ def sample_cameras(cfg: CameraConfig, n: int, width: int, height: int, generator
         up = torch.tensor([0.0, 1.0, 0.0]) + cfg.up_jitter * torch.randn(n, 3, generator=generator)
         cameras.c2w = look_at(moved, target, up)
     return cameras
+
+
+def _light_positions(position: Tensor, distance: Tensor, noise: Tensor, scale: Tensor,
+                     render: RenderConfig) -> Tensor:
+    """The point lights of cameras at `position` (N, 3), from their draws `noise` (N, 3) and `scale` (N,):
+    render.light_sample's direction, at render.light_distance (absolute, or x the camera's distance)."""
+    if render.light_sample == "magic3d":
+        direction = _light_near(position, noise)
+    elif render.light_jitter_absolute:
+        direction = position + render.light_jitter * noise
+    else:
+        direction = position + render.light_jitter * distance[:, None] * noise
+    direction = direction / direction.norm(dim=-1, keepdim=True)
+    return direction * (scale if render.light_distance_absolute else distance * scale)[:, None]
 
 
 def sample_multiview_cameras(cfg: CameraConfig, n: int, width: int, height: int, generator: torch.Generator,
@@ -221,15 +228,8 @@ def sample_multiview_cameras(cfg: CameraConfig, n: int, width: int, height: int,
     elevation, distance, fovy, light_noise = each(elevation), each(distance), each(fovy), each(light_noise)
     light_scale = each(light_scale)
     position = spherical_position(elevation, azimuth, distance)
-    if render.light_sample == "magic3d":
-        direction = _light_near(position, light_noise)
-    elif render.light_jitter_absolute:
-        direction = position + render.light_jitter * light_noise
-    else:
-        direction = position + render.light_jitter * distance[:, None] * light_noise
-    direction = direction / direction.norm(dim=-1, keepdim=True)
-    scale = light_scale if render.light_distance_absolute else distance * light_scale
-    cameras = make_cameras(elevation, azimuth, distance, fovy, width, height, direction * scale[:, None])
+    light = _light_positions(position, distance, light_noise, light_scale, render)
+    cameras = make_cameras(elevation, azimuth, distance, fovy, width, height, light)
     if max(cfg.position_jitter, cfg.center_jitter, cfg.up_jitter) > 0:
         moved = position + each(cfg.position_jitter * (2.0 * torch.rand(m, 3, generator=generator) - 1.0))
         target = each(cfg.center_jitter * torch.randn(m, 3, generator=generator))

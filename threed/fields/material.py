@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from threed.config import FieldConfig
 from threed.fields.hashgrid_backend import make_hashgrid
+from threed.fields.nerf import field_mlp
 
 
 class MaterialField(nn.Module):
@@ -27,13 +28,7 @@ class MaterialField(nn.Module):
         self.roughness_range = (float(roughness[0]), float(roughness[1]))
         self.metallic_range = (float(metallic[0]), float(metallic[1]))
         self.encoding, self.backend = make_hashgrid(cfg, device)
-        layers: list[nn.Module] = []
-        width = self.encoding.output_dim
-        for _ in range(cfg.n_hidden_layers):
-            layers += [nn.Linear(width, cfg.hidden_dim), nn.ReLU(inplace=True)]
-            width = cfg.hidden_dim
-        layers.append(nn.Linear(width, 5))
-        self.mlp = nn.Sequential(*layers).to(device)
+        self.mlp = field_mlp(cfg, self.encoding.output_dim, 5, device)
 
     def _raw(self, x: Tensor) -> Tensor:
         unit = ((x / self.bound) + 1.0) * 0.5

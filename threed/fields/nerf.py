@@ -33,6 +33,17 @@ def trunc_exp(x: Tensor) -> Tensor:
     return _TruncExp.apply(x)
 
 
+def field_mlp(cfg: FieldConfig, in_dim: int, out_dim: int, device: torch.device | str | None) -> nn.Sequential:
+    """The small MLP on a hash grid's features: cfg.n_hidden_layers ReLU layers of cfg.hidden_dim."""
+    layers: list[nn.Module] = []
+    width = in_dim
+    for _ in range(cfg.n_hidden_layers):
+        layers += [nn.Linear(width, cfg.hidden_dim), nn.ReLU(inplace=True)]
+        width = cfg.hidden_dim
+    layers.append(nn.Linear(width, out_dim))
+    return nn.Sequential(*layers).to(device)
+
+
 class NeRFField(nn.Module):
     """Points in the cube [-bound, bound]^3 -> (density >= 0, albedo in [0, 1]^3)."""
 
@@ -41,13 +52,7 @@ class NeRFField(nn.Module):
         self.cfg = cfg
         self.bound = bound
         self.encoding, self.backend = make_hashgrid(cfg, device)
-        layers: list[nn.Module] = []
-        width = self.encoding.output_dim
-        for _ in range(cfg.n_hidden_layers):
-            layers += [nn.Linear(width, cfg.hidden_dim), nn.ReLU(inplace=True)]
-            width = cfg.hidden_dim
-        layers.append(nn.Linear(width, 4))
-        self.mlp = nn.Sequential(*layers).to(device)
+        self.mlp = field_mlp(cfg, self.encoding.output_dim, 4, device)
 
     def density_bias(self, x: Tensor) -> Tensor:
         r = x.norm(dim=-1)
