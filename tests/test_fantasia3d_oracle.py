@@ -78,10 +78,9 @@ def test_appearance_recovers_a_known_material_and_keeps_the_surface(tmp_path):
     right) with albedo (0.7, 0.45, 0.25), roughness 0.5, metallic 0, lit by the stage's environment; the
     appearance stage runs the preset's 128² renders for 500 steps (one geometry step before it).
 
-    Measured (seed 0, one thread, 2-core CPU at a load average of about 10: about 100 s of CPU time,
-    the whole file 106 s user+sys): over the
-    surface's vertices the recovered albedo is off by 0.038 on average (mean (0.733, 0.486, 0.282)), the 90th
-    percentile of the worst channel's error is 0.24 (vertices the cameras rarely see, near the bottom), the
+    Measured (seed 0, one thread, 2-core CPU at a load average of about 10; about 100 s of CPU time, the
+    whole file 106 s user+sys): over the surface's vertices the recovered albedo is off by 0.038 on average
+    (mean (0.733, 0.486, 0.282)), the 90th percentile of the worst channel's error is 0.24 (vertices the cameras rarely see, near the bottom), the
     median roughness is 0.44 (metallic averages 0.12: a little metal stands in for some of the roughness and
     albedo); after 200 steps it was 0.079, 0.20 and 0.68, still moving. Bounds, about 1.5x the measured
     errors: albedo mean error 0.06, 90th percentile 0.35, median roughness within 0.1 of 0.5. The surface
