@@ -74,6 +74,10 @@ class OracleConfig:
     color: tuple[float, float, float] = (0.8, 0.8, 0.8)  # reference albedo if it has none
     roughness: float = 0.5  # the reference's roughness and metallic where it is shaded physically based (pbr)
     metallic: float = 0.0
+    # how the reference views are made: "raycast" (threed/raycast.py, any shading) or "raster" (the mesh
+    # scene's rasterizer, for the mesh-shaped shadings normal, normal_latent, albedo and pbr; several times
+    # faster on a CPU, the same images up to antialiasing; other shadings still ray cast)
+    renderer: str = "raycast"
 
 
 @dataclass
