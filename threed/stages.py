@@ -65,7 +65,7 @@ class Stage:
     `configure` gives the run's config as the stage sees it, from the run's and the section's name (None:
     the run's own); `guidance` is "method" for the method's guidance (ProlificDreamer's VSD) or "prior" for
     the run's prior alone (its SDS); `reads` names config sections that only this stage reads (a setting there
-is an error for a method without the stage)."""
+    is an error for a method without the stage)."""
 
     name: str
     scene: Any
@@ -118,8 +118,8 @@ is an error for a method without the stage)."""
 def mesh_stage_config(cfg: Config, section: str) -> Config:
     """The run's config as a mesh-shaped stage trains with it: its section (MeshConfig) becomes `mesh`, which
     the scene reads; its steps, cameras (distance, fovy, elevation, the view prompts' front and back cones),
-    render size, batch, shading, the prior's t range and classifier-free guidance come from there, and everything else (prompt, prior, background,
-    light, Adam's betas) from the run."""
+    render size, batch, shading, the prior's t range and classifier-free guidance come from there, and
+    everything else (prompt, prior, background, light, Adam's betas) from the run."""
     out = copy.deepcopy(cfg)
     m = copy.deepcopy(getattr(cfg, section))
     out.mesh = m
@@ -129,7 +129,8 @@ def mesh_stage_config(cfg: Config, section: str) -> Config:
     out.render.shading, out.render.albedo_only_steps = m.shading, m.albedo_only_steps
     out.render.textureless_prob = m.textureless_prob
     out.camera.distance, out.camera.fovy, out.camera.elevation = m.distance, m.fovy, m.elevation
-    out.camera.views, out.camera.distance_relative = 1, False  # single views at the section's distances (MVDream's NeRF groups them)
+    # single views at the section's distances (MVDream's NeRF stage groups them)
+    out.camera.views, out.camera.distance_relative = 1, False
     out.guidance.t_min, out.guidance.t_max = m.t_min, m.t_max
     if m.guidance_scale >= 0:
         out.guidance.sd.guidance_scale = m.guidance_scale
