@@ -1,6 +1,7 @@
 """End to end: dreamgaussian under the oracle prior recovers a sphere from tests/shapes.py, in the reference's
-frame, with the dreamgaussian-oracle preset's defaults (the texture stage shortened: its surface is fixed, so
-its steps do not move the mesh compared here).
+frame, with the dreamgaussian-oracle preset's defaults (the texture stage cut to its minimum: 2 steps, no fit
+of the texture to the Gaussians' colours, a 16-cell grid; the mesh compared here is the Gaussian stage's,
+written before the texture stage starts).
 
 The Gaussian stage's mesh (mesh-gaussians.obj: marching cubes of the Gaussians' summed opacity field at the
 level the silhouettes choose) is compared with the reference by Chamfer-L1 relative to its bounding-box
@@ -35,7 +36,8 @@ def test_dreamgaussian_oracle_recovers_a_sphere(tmp_path: Path) -> None:
     ref = shapes.sphere()
     reference = shapes.save(ref, tmp_path / "sphere.ply")
     cfg = build_config("dreamgaussian-oracle", [f"guidance.oracle.reference={reference}", "device=cpu",
-                                                "texture.steps=2", "export.video=false", "export.preview_views=0",
+                                                "texture.steps=2", "gaussians.texture_fit_steps=0",
+                                                "texture.resolution=16", "export.video=false", "export.preview_views=0",
                                                 "export.formats=[obj]", "checkpoint_every=0"])
     run = tmp_path / "run"
     pipeline.run(cfg, run, progress=False)
