@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -16,7 +17,10 @@ from threed.cameras import orbit_cameras  # noqa: E402
 from threed.clip_models import canonical_id, encode_images, encode_texts, load_clip, resolve_pretrained  # noqa: E402
 from threed.config import CameraConfig, ClipConfig, Config, GuidanceConfig  # noqa: E402
 from threed.errors import UserError  # noqa: E402
-from threed.guidance.clip import ClipGuidance, random_backgrounds, random_resized_crop  # noqa: E402
+from threed.config import build_config  # noqa: E402
+from threed.guidance.clip import (BLUR_KERNEL, ClipGuidance, blur, checkerboard, draw_backgrounds,  # noqa: E402
+                                  fourier_image, fourier_raw, fourier_spectrum_shape, random_backgrounds,
+                                  random_resized_crop)
 
 
 def write_tiny_clip(path: Path, embed_dim: int = 16, image_size: int = 32) -> str:
@@ -115,14 +119,105 @@ def test_background_swap_keeps_opaque_pixels_and_replaces_transparent_ones(tiny_
     assert (out[:, :, 16:] - old_bg[:, :, 16:]).abs().mean() > 0.05  # the black background is gone
 
 
-def test_random_backgrounds_cover_all_kinds_in_range():
+def test_background_kinds_and_blur_stds_are_dream_fields():
+    """Dream Fields draws noise, checkerboard or Fourier backgrounds with probabilities 0.333/0.333/0.334 and a
+    blur std uniform in [0, 10] px (config_base.py). 3000 draws: each count within 5 binomial standard
+    deviations (25.8) of 1000, the stds' mean within 5 standard errors (0.053) of 5, a quarter below 2.5."""
+    kinds, stds = draw_backgrounds(3000, torch.Generator().manual_seed(0))
+    for kind, p in (("noise", 0.333), ("checkerboard", 0.333), ("fourier", 0.334)):
+        assert abs(kinds.count(kind) - 3000 * p) < 5 * (3000 * p * (1 - p)) ** 0.5
+    assert float(stds.min()) >= 0.0 and float(stds.max()) <= 10.0
+    assert abs(float(stds.mean()) - 5.0) < 5 * 10 / 12 ** 0.5 / 3000 ** 0.5
+    assert abs(float((stds < 2.5).float().mean()) - 0.25) < 5 * (0.25 * 0.75 / 3000) ** 0.5
+
+
+def test_checkerboard_has_8_squares_a_side_in_two_colours():
+    colours = torch.rand(2, 2, 3, generator=torch.Generator().manual_seed(1))
+    for size, side in ((224, 28), (32, 4)):  # CLIP's input, and the tests' tiny CLIP
+        board = checkerboard(size, colours)
+        assert board.shape == (2, size, size, 3)
+        for b in range(2):
+            assert torch.equal(board[b, 0, 0], colours[b, 0]) and torch.equal(board[b, 0, side], colours[b, 1])
+            assert torch.equal(board[b, side, 0], colours[b, 1]) and torch.equal(board[b, side, side], colours[b, 0])
+            assert len(torch.unique(board[b].reshape(-1, 3), dim=0)) == 2
+            # 8 runs along a row and down a column: 7 colour changes each
+            assert int((board[b, 0, 1:] != board[b, 0, :-1]).any(-1).sum()) == 7
+            assert int((board[b, 1:, 0] != board[b, :-1, 0]).any(-1).sum()) == 7
+            squares = board[b].reshape(8, side, 8, side, 3)
+            assert torch.equal(squares, squares[:, :1, :, :1].expand_as(squares))  # each square one colour
+
+
+def test_fourier_background_has_the_reference_spectrum():
+    """lucid's random image as Dream Fields uses it: amplitude ~ 1 / f^1.5, so the power falls as f^-3. The
+    slope of log power against log frequency, over 32 random 64 px images and the frequencies 2/64 to 16/64,
+    must be -3 (within 0.15); the images are in (0, 1) and smooth."""
     gen = torch.Generator().manual_seed(0)
-    bgs = random_backgrounds(24, 40, 48, gen)
-    assert bgs.shape == (24, 40, 48, 3)
-    assert bgs.min() >= 0.0 and bgs.max() <= 1.0
-    # a checkerboard has at most 2 distinct colours, noise has many: both kinds must show up
-    distinct = [len(torch.unique(b.reshape(-1, 3), dim=0)) for b in bgs]
-    assert min(distinct) <= 2 and max(distinct) > 100
+    size = 64
+    raw = fourier_raw(torch.randn(32, *fourier_spectrum_shape(size), generator=gen))  # (32, 64, 64, 3)
+    power = torch.fft.fft2(raw.permute(0, 3, 1, 2)).abs().pow(2).mean(dim=(0, 1))  # (64, 64)
+    f = torch.fft.fftfreq(size)
+    radius = (f[:, None] ** 2 + f[None, :] ** 2).sqrt()
+    rings = [k / size for k in range(2, 17)]
+    mean_power = torch.stack([power[(radius - r).abs() < 0.5 / size].mean() for r in rings])
+    x, y = torch.tensor(rings).log(), mean_power.log()
+    slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+    assert abs(slope + 3.0) < 0.15, slope
+    img = fourier_image(torch.randn(4, *fourier_spectrum_shape(224), generator=gen))
+    assert img.shape == (4, 224, 224, 3) and float(img.min()) > 0.0 and float(img.max()) < 1.0
+    noise = torch.rand(4, 224, 224, 3, generator=gen)
+    step = lambda x: float((x[:, 1:] - x[:, :-1]).abs().mean())  # noqa: E731
+    assert step(img) < 0.25 * step(noise)
+
+
+def test_blur_is_a_15_tap_gaussian_with_zeros_beyond_the_border():
+    """Dream Fields blurs with dm_pix.gaussian_blur(bg, std, kernel_size=15): taps at -7..7 px, weights
+    exp(-t^2 / (2 std^2)) normalised, zero padding. A point spreads into that kernel's outer product; a white
+    image keeps 1 inside and darkens at the corner to the square of the in-image taps' share."""
+    assert BLUR_KERNEL == 15
+    sigma = 3.0
+    taps = [math.exp(-t * t / (2 * sigma * sigma)) for t in range(-7, 8)]
+    k = torch.tensor(taps) / sum(taps)
+    point = torch.zeros(1, 1, 31, 31)
+    point[0, 0, 15, 15] = 1.0
+    out = blur(point, torch.tensor([sigma]))[0, 0]
+    expected = torch.zeros(31, 31)
+    expected[8:23, 8:23] = k[:, None] * k[None, :]
+    assert torch.allclose(out, expected, atol=1e-7)
+    white = blur(torch.ones(2, 3, 40, 40), torch.tensor([sigma, 0.0]))
+    assert torch.allclose(white[0, :, 20, 20], torch.ones(3), atol=1e-6)
+    assert torch.allclose(white[0, :, 0, 0], torch.full((3,), float(k[7:].sum()) ** 2), atol=1e-6)
+    assert torch.equal(white[1], torch.ones(3, 40, 40))  # std 0: unblurred
+    bgs = random_backgrounds(6, 32, torch.Generator().manual_seed(0))
+    assert bgs.shape == (6, 32, 32, 3) and float(bgs.min()) >= 0.0 and float(bgs.max()) <= 1.0
+
+
+def test_dream_fields_crop_is_a_fixed_fraction_at_a_random_position():
+    """crop_scale [80/88, 80/88] (Dream Fields' crop_width / render_width): on an 88 px render whose pixels hold
+    their own coordinates, every 80 px output pixel reads the render 1:1 at an offset of 0 to 8 px, and 200
+    crops use the whole range of offsets."""
+    side = 80 / 88
+    ys, xs = torch.meshgrid(torch.arange(88.0) + 0.5, torch.arange(88.0) + 0.5, indexing="ij")
+    img = torch.stack([xs, ys, torch.zeros_like(xs)], dim=-1)[None].expand(200, -1, -1, -1)
+    out = random_resized_crop(img, 80, (side, side), torch.Generator().manual_seed(0))
+    j = torch.arange(80.0) + 0.5
+    off_x = out[..., 0] - j[None, None, :]
+    off_y = out[..., 1] - j[None, :, None]
+    for off in (off_x, off_y):
+        per_crop = off.flatten(1)
+        assert torch.allclose(per_crop, per_crop[:, :1].expand_as(per_crop), atol=1e-3)  # a shift, no zoom
+        assert float(per_crop.min()) >= -1e-3 and float(per_crop.max()) <= 8 + 1e-3
+        assert float(per_crop[:, 0].min()) < 0.5 and float(per_crop[:, 0].max()) > 7.5
+    big = random_resized_crop(img[:1], 224, (side, side), torch.Generator().manual_seed(0))  # CLIP's size
+    assert torch.allclose(big[0, 0, 1:, 0] - big[0, 0, :-1, 0], torch.full((223,), 80 / 224), atol=1e-3)
+
+
+def test_the_clip_preset_takes_dream_fields_crop_and_a_bad_crop_is_refused():
+    cfg = build_config("clip")
+    assert cfg.guidance.clip.crop_scale == pytest.approx((80 / 88, 80 / 88))
+    assert cfg.loss.transmittance_target(250) == pytest.approx(1 - 1.2 * math.sqrt(0.5 * 0.1))
+    for bad in ("[0.9, 0.5]", "[0.0, 1.0]", "[0.5, 1.5]"):
+        with pytest.raises(UserError, match="guidance.clip.crop_scale"):
+            build_config("clip", [f"guidance.clip.crop_scale={bad}"])
 
 
 def test_random_resized_crop_is_identity_at_full_scale_and_zooms_otherwise():

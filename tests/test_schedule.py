@@ -59,3 +59,21 @@ def test_bad_schedules_are_user_errors(value, words):
         Schedule.parse(value, "k")
     for w in words:
         assert w in str(e.value)
+
+
+def test_exponential_complement_is_dream_fields_opacity_target():
+    """Dream Fields anneals its target opacity geometrically, 0.5 -> 0.1 over 500 steps (schedule.py,
+    anneal_exponentially), times 1.2 at its training cameras (lib.py, acct_scaling), and the loss clips the mean
+    transmittance at 1 - that: threed's transmittance target [0, 0.4, 0.88, 500, exponential_complement]. By hand:
+    step 250, 1 - 1.2 * sqrt(0.5 * 0.1) = 0.73167; step 100, 1 - 1.2 * 0.5^0.8 * 0.1^0.2 = 0.56513."""
+    s = Schedule.parse([0, 0.4, 0.88, 500, "exponential_complement"], "loss.transmittance_target")
+    assert s(0) == pytest.approx(0.4) and s(500) == pytest.approx(0.88) and s(10**6) == pytest.approx(0.88)
+    assert s(250) == pytest.approx(0.73167, abs=1e-5)
+    assert s(100) == pytest.approx(0.56513, abs=1e-5)
+    for step in (0, 37, 250, 499, 500):
+        dream_fields = 1 - 1.2 * math.exp(math.log(0.5) * (1 - step / 500) + math.log(0.1) * step / 500)
+        assert s(step) == pytest.approx(dream_fields, abs=1e-12)
+    assert s(250) > Schedule.parse([0, 0.4, 0.88, 500], "k")(250) + 0.09  # linear: 0.64
+    assert s.to_plain() == [0, 0.4, 0.88, 500, "exponential_complement"]
+    with pytest.raises(UserError, match="< 1"):
+        Schedule.parse([0, 0.4, 1.0, 500, "exponential_complement"], "k")

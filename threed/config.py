@@ -394,6 +394,8 @@ def validate(cfg: Config) -> None:
         (cfg.export.texture_max_faces >= 4, "export.texture_max_faces", "must be >= 4"),
         (len(g.clip.models) == len(g.clip.pretrained), "guidance.clip.pretrained",
          "needs one entry per guidance.clip.models entry"),
+        (0.0 < g.clip.crop_scale[0] <= g.clip.crop_scale[1] <= 1.0, "guidance.clip.crop_scale",
+         "must be [lo, hi] with 0 < lo <= hi <= 1 (fractions of the render's side)"),
         (g.vsd.lora_rank >= 1, "guidance.vsd.lora_rank", "must be >= 1"),
         (g.vsd.lora_samples >= 1, "guidance.vsd.lora_samples", "must be >= 1"),
         (g.vsd.lora_lr.bounds()[0] > 0, "guidance.vsd.lora_lr", "must be positive"),

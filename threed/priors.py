@@ -88,6 +88,9 @@ class ClipConfig:
     pretrained: tuple[str, ...] = ("openai",)  # tag | checkpoint path | none, one per model
     resolution: int = 224
     num_augs: int = 4
+    # Each augmentation's square crop, its side a fraction of the render's drawn uniformly in [lo, hi], at a
+    # random position, resampled to `resolution` (Dream Fields: a fixed crop_width / render_width, 80/88).
+    crop_scale: tuple[float, float] = (0.7, 1.0)
 
 
 @dataclass

@@ -5,10 +5,14 @@ In a preset a schedule is written as a plain number (constant) or as threestudio
     [start_step, start_value, end_value, end_step]              linear from start to end
     [start_step, start_value, end_value, end_step, cosine]      half-cosine ease from start to end
     [start_step, start_value, end_value, end_step, exponential] log-linear (3DGS's position learning rate)
+    [start_step, start_value, end_value, end_step, exponential_complement]
+                                                  1 - value log-linear (Dream Fields' opacity target, as a
+                                                  transmittance target: 1 - opacity)
 
 The value is `start_value` up to `start_step`, `end_value` from `end_step` on, and in between moves
-linearly (or along a half cosine). `end_step == start_step + 1` makes a step change, e.g. ProlificDreamer's
-t_max dropping from 0.98 to 0.5 at step 5000: [5000, 0.98, 0.5, 5001].
+linearly (or along a half cosine, or geometrically: the value itself, or its complement 1 - value).
+`end_step == start_step + 1` makes a step change, e.g. ProlificDreamer's t_max dropping from 0.98 to 0.5 at
+step 5000: [5000, 0.98, 0.5, 5001].
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from typing import Any, Literal
 
 from threed.errors import UserError
 
-Kind = Literal["linear", "cosine", "exponential"]
+Kind = Literal["linear", "cosine", "exponential", "exponential_complement"]
+KINDS = ("linear", "cosine", "exponential", "exponential_complement")
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,8 @@ class Schedule:
             frac = 0.5 - 0.5 * math.cos(math.pi * frac)
         if self.kind == "exponential":
             return math.exp(math.log(self.start) * (1 - frac) + math.log(self.end) * frac)
+        if self.kind == "exponential_complement":  # 1 - value geometric: Dream Fields' anneal_exponentially
+            return 1.0 - math.exp(math.log(1.0 - self.start) * (1 - frac) + math.log(1.0 - self.end) * frac)
         return self.start + frac * (self.end - self.start)
 
     def bounds(self) -> tuple[float, float]:
@@ -67,7 +74,7 @@ class Schedule:
         if isinstance(value, Schedule):
             return value
         hint = (f"bad value {value!r} for '{key}': expected a number or "
-                f"[start_step, start, end, end_step(, cosine or exponential)]")
+                f"[start_step, start, end, end_step(, cosine, exponential or exponential_complement)]")
         if isinstance(value, str):
             try:
                 value = float(value)
@@ -79,12 +86,14 @@ class Schedule:
             raise UserError(hint)
         kind = value[4] if len(value) == 5 else "linear"
         numbers = value[:4]
-        if kind not in ("linear", "cosine", "exponential") or any(isinstance(v, bool) or not isinstance(v, (int, float))
-                                                   for v in numbers):
+        if kind not in KINDS or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in numbers):
             raise UserError(hint)
         start_step, start, end, end_step = numbers
         if kind == "exponential" and min(start, end) <= 0:
             raise UserError(f"bad value {list(value)!r} for '{key}': an exponential schedule's values must be > 0")
+        if kind == "exponential_complement" and max(start, end) >= 1:
+            raise UserError(f"bad value {list(value)!r} for '{key}': an exponential_complement schedule's values "
+                            f"must be < 1")
         if int(start_step) != start_step or int(end_step) != end_step or start_step < 0:
             raise UserError(f"bad value {list(value)!r} for '{key}': the steps must be whole numbers >= 0")
         if end_step <= start_step and start != end:
