@@ -22,6 +22,9 @@ class FieldConfig:
     max_resolution: int = 2048
     hidden_dim: int = 64
     n_hidden_layers: int = 1
+    # shared: one MLP with four outputs (density, albedo); separate: threestudio's implicit-volume, a density MLP
+    # and an albedo MLP on the same features, each n_hidden_layers of hidden_dim, bias-free (threed/fields/nerf.py)
+    heads: Literal["shared", "separate"] = "shared"
     density_activation: Literal["trunc_exp", "softplus"] = "softplus"
     density_blob_scale: float = 10.0  # Magic3D blob: raw density += scale * (1 - |x| / std)
     density_blob_std: float = 0.5

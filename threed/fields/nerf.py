@@ -1,5 +1,12 @@
 """The optimised 3D field: density and albedo from a hash-grid encoding and a small MLP.
 
+field.heads chooses the MLP: shared, one MLP with four outputs (threed's first design), or separate,
+threestudio's implicit-volume (threestudio/models/geometry/implicit_volume.py): a density MLP with one output
+and an albedo ("feature") MLP with three on the same hash-grid features, their linear layers bias-free as its
+VanillaMLP's. With separate heads a density query (normals by finite differences, marching cubes, the
+occupancy grid) runs the density MLP only. The heads are PyTorch layers on every hash-grid backend, as
+threestudio's VanillaMLP is on its tiny-cuda-nn grid.
+
 Density gets a "blob" bias at the origin (Magic3D: scale * (1 - |x| / std), positive inside radius std and
 negative outside) so the first renders show an object-sized shape for the guidance to carve, instead of empty
 space with no gradient, while the space around it starts clear.
@@ -33,15 +40,29 @@ def trunc_exp(x: Tensor) -> Tensor:
     return _TruncExp.apply(x)
 
 
-def field_mlp(cfg: FieldConfig, in_dim: int, out_dim: int, device: torch.device | str | None) -> nn.Sequential:
+def field_mlp(cfg: FieldConfig, in_dim: int, out_dim: int, device: torch.device | str | None,
+              bias: bool = True) -> nn.Sequential:
     """The small MLP on a hash grid's features: cfg.n_hidden_layers ReLU layers of cfg.hidden_dim."""
     layers: list[nn.Module] = []
     width = in_dim
     for _ in range(cfg.n_hidden_layers):
-        layers += [nn.Linear(width, cfg.hidden_dim), nn.ReLU(inplace=True)]
+        layers += [nn.Linear(width, cfg.hidden_dim, bias=bias), nn.ReLU(inplace=True)]
         width = cfg.hidden_dim
-    layers.append(nn.Linear(width, out_dim))
+    layers.append(nn.Linear(width, out_dim, bias=bias))
     return nn.Sequential(*layers).to(device)
+
+
+class SeparateHeads(nn.Module):
+    """threestudio's two MLPs on one feature vector: `density` (1 output) and `feature` (3: albedo), each
+    field_mlp-shaped and bias-free. Called on features it returns the shared MLP's layout, (N, 4)."""
+
+    def __init__(self, cfg: FieldConfig, in_dim: int, device: torch.device | str | None):
+        super().__init__()
+        self.density = field_mlp(cfg, in_dim, 1, device, bias=False)
+        self.feature = field_mlp(cfg, in_dim, 3, device, bias=False)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return torch.cat([self.density(features), self.feature(features)], dim=-1)
 
 
 class NeRFField(nn.Module):
@@ -52,7 +73,10 @@ class NeRFField(nn.Module):
         self.cfg = cfg
         self.bound = bound
         self.encoding, self.backend = make_hashgrid(cfg, device)
-        self.mlp = field_mlp(cfg, self.encoding.output_dim, 4, device)
+        # `mlp` holds the heads either way, so optimiser groups (optim.lr_mlp) find them under one name
+        self.separate = cfg.heads == "separate"
+        self.mlp: nn.Module = (SeparateHeads(cfg, self.encoding.output_dim, device) if self.separate
+                               else field_mlp(cfg, self.encoding.output_dim, 4, device))
 
     def density_bias(self, x: Tensor) -> Tensor:
         r = x.norm(dim=-1)
@@ -64,9 +88,12 @@ class NeRFField(nn.Module):
             return nn.functional.softplus(raw)
         return trunc_exp(raw)
 
-    def _raw(self, x: Tensor) -> Tensor:
+    def _features(self, x: Tensor) -> Tensor:
         unit = ((x / self.bound) + 1.0) * 0.5
-        return self.mlp(self.encoding(unit.clamp(0.0, 1.0)))
+        return self.encoding(unit.clamp(0.0, 1.0))
+
+    def _raw(self, x: Tensor) -> Tensor:
+        return self.mlp(self._features(x))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (N, 3) -> density (N,), albedo (N, 3). N may be 0 (a chunk of rays that met no occupied space)."""
@@ -74,9 +101,13 @@ class NeRFField(nn.Module):
         return self._activate(raw[:, 0], x), torch.sigmoid(raw[:, 1:])
 
     def density(self, x: Tensor) -> Tensor:
+        if self.separate:
+            return self._activate(self.mlp.density(self._features(x))[:, 0], x)
         return self._activate(self._raw(x)[:, 0], x)
 
     def albedo(self, x: Tensor) -> Tensor:
+        if self.separate:
+            return torch.sigmoid(self.mlp.feature(self._features(x)))
         return torch.sigmoid(self._raw(x)[:, 1:])
 
     def normal(self, x: Tensor) -> Tensor:
