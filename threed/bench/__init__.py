@@ -53,10 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     inputs.add_argument("--images", metavar="DIR",
                         help="image-to-3D: a folder of input images, each scored by its reference view's PSNR, SSIM "
                              "and mask IoU")
-    image_methods = ",".join(m.name for m in registry.METHODS.values() if m.image)
     p.add_argument("--methods",
                    help=f"comma-separated: {', '.join(registry.names())} [{DEFAULT_METHODS}; with --images "
-                        f"{image_methods}]")
+                        f"{registry.for_image().name}]")
     p.add_argument("--steps", type=int, required=True,
                    help="steps of every run's first stage, as for `threed run` (a method's later stages train "
                         "their own: magic3d's mesh stage mesh.steps)")

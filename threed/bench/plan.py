@@ -15,7 +15,7 @@ from threed import spec
 from threed.config import PRIOR_SECTIONS, Config, load_yaml, parse_override, preset_path
 from threed.errors import UserError
 
-DEFAULT_METHODS = "dreamfusion,clip"  # with --prompts; with --images: every image-to-3D method (zero123)
+DEFAULT_METHODS = "dreamfusion,clip"  # with --prompts; with --images: the image-to-3D method (zero123)
 
 
 def method_label(method: str, prior: str) -> str:
@@ -116,7 +116,7 @@ def default_methods(args: argparse.Namespace) -> str:
     if args.methods:
         return args.methods
     if getattr(args, "images", None):
-        return ",".join(m.name for m in registry.METHODS.values() if m.image)
+        return registry.for_image().name
     return DEFAULT_METHODS
 
 
