@@ -407,7 +407,8 @@ def validate(cfg: Config) -> None:
          "must be one or more multiples of 8"),
     ]
     checks += gaussian_checks(cfg.gaussians)
-    for name in ("guidance", "opacity", "sparsity", "transmittance", "orient", "entropy"):
+    for name in ("guidance", "opacity", "sparsity", "transmittance", "orient", "entropy", "normal_smooth",
+                 "normal_smooth_3d"):
         checks.append((getattr(cfg.loss, name).bounds()[0] >= 0, f"loss.{name}", "must be >= 0"))
     # the oracle renders its reference with render.ambient: a random split would not match it
     checks.append((not (cfg.render.soft_shading and g.type == "oracle"

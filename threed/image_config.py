@@ -27,6 +27,10 @@ class ImageConfig:
     # the mask (alpha > 0.5), the field rendered from the reference camera in albedo each step.
     loss_rgb: Schedule = field(default_factory=lambda: Schedule.constant(0.0))
     loss_mask: Schedule = field(default_factory=lambda: Schedule.constant(0.0))
+    # The run's orientation, opacity-entropy and normal-smoothness losses (loss.orient, entropy, normal_smooth,
+    # normal_smooth_3d, with their weights) on the reference view's render too, as threestudio's zero123 system
+    # computes them in its reference substep as well (sparsity only on the random views).
+    regularise: bool = True
     # The reference render's size: (from step, square size) (threestudio's single-image data: height/width
     # with resolution_milestones); empty: the training renders' size.
     sizes: tuple[tuple[int, int], ...] = ()

@@ -344,7 +344,9 @@ def run_report_current(run_dir: Path) -> bool:
 
 # key, header, kind (num | int | rank | bool | text | status); a column shows when some row has its key.
 RUN_COLUMNS = [
-    ("method", "method", "text"), ("prompt", "prompt", "text"), ("seed", "seed", "int"), ("status", "status", "status"),
+    ("method", "method", "text"), ("prompt", "prompt", "text"), ("image", "image", "text"), ("seed", "seed", "int"),
+    ("status", "status", "status"), ("reference_psnr", "reference PSNR (dB)", "num"),
+    ("reference_ssim", "reference SSIM", "num"), ("reference_mask_iou", "reference mask IoU", "num"),
     ("rank_color", "rank colour", "rank"), ("rank_textureless", "rank textureless", "rank"),
     ("clip_sim_color", "CLIP sim colour", "num"), ("clip_sim_textureless", "CLIP sim textureless", "num"),
     ("wall_time_s", "time (s)", "num"), ("it_per_s", "it/s", "num"), ("peak_memory_mb", "peak mem (MB)", "num"),
@@ -357,6 +359,8 @@ RUN_HIDDEN = {"run_dir", "thumbnail", "error"}
 SUMMARY_COLUMNS = [
     ("method", "method", "text"), ("finished", "runs done", "done"), ("r_at_1_color", "R@1 colour", "num"),
     ("r_at_1_textureless", "R@1 textureless", "num"), ("mean_clip_sim_color", "CLIP sim", "num"),
+    ("mean_reference_psnr", "reference PSNR (dB)", "num"), ("mean_reference_ssim", "reference SSIM", "num"),
+    ("mean_reference_mask_iou", "reference mask IoU", "num"),
     ("mean_wall_time_s", "time (s)", "num"), ("mean_it_per_s", "it/s", "num"),
     ("max_peak_memory_mb", "peak mem (MB)", "num"), ("mean_faces", "faces", "num"),
     ("watertight_fraction", "watertight", "num"), ("mean_chamfer_l1", "Chamfer-L1", "num"),
@@ -419,7 +423,7 @@ def _rel(target: Path, start: Path) -> str:
 def _entry(bench_dir: Path, row: dict, anchor: str) -> str:
     run_dir = bench_dir / str(row.get("run_dir", ""))
     rel = _rel(run_dir, bench_dir)
-    title = f"{row.get('method', '?')} · {row.get('prompt', '')} · seed {row.get('seed', '?')}"
+    title = f"{row.get('method', '?')} · {row.get('prompt') or row.get('image', '')} · seed {row.get('seed', '?')}"
     status = str(row.get("status", ""))
     has_run = bool(row.get("run_dir")) and run_dir.is_dir()
     video = f"{rel}/turntable.mp4" if has_run and _exists(run_dir, "turntable.mp4") else None
@@ -455,7 +459,9 @@ def write_bench_report(bench_dir: Path | str, rows: list[dict], summary: list[di
     body = ["<h1>threed benchmark</h1>"]
     if meta.get("command"):
         body.append(f'<p class="meta">Command: <code>{_esc(meta["command"])}</code></p>')
-    facts = [f"{len(prompts)} prompts × {len(methods)} methods × {len(seeds)} seeds"]
+    images = meta.get("images") or []
+    facts = [f"{len(images)} images" if images else f"{len(prompts)} prompts"]
+    facts[0] += f" × {len(methods)} methods × {len(seeds)} seeds"
     budget = meta.get("budget")  # {method: {stage: steps, ..., "total": steps}}; older benches only had "steps"
     if isinstance(budget, dict) and budget:
         facts.append("budget per run (all stages): "
@@ -479,7 +485,9 @@ def write_bench_report(bench_dir: Path | str, rows: list[dict], summary: list[di
         if any(s.get("inflated") for s in summary):
             body.append('<p class="note"><em>Inflated</em>: the evaluator CLIP is also that method\'s guidance CLIP, '
                         "which was optimised to please it; pick another --eval-clip-model for a fair score.</p>")
-        body.append('<p class="note">R@1: fraction of a method\'s results whose own prompt has the highest '
+        body.append('<p class="note">Reference PSNR, SSIM, mask IoU: the render from each result\'s reference camera '
+                    "against its input image. Click a header to sort.</p>" if images else
+                    '<p class="note">R@1: fraction of a method\'s results whose own prompt has the highest '
                     "evaluator-CLIP similarity among all prompts. Click a header to sort.</p>")
     else:
         body.append(_placeholder("No summary yet."))
@@ -494,7 +502,8 @@ def write_bench_report(bench_dir: Path | str, rows: list[dict], summary: list[di
     body.append("<h2>Runs</h2>")
     body.append(results_table(rows, _columns(RUN_COLUMNS, RUN_HIDDEN, rows), "runs", anchors) if rows
                 else _placeholder("No runs."))
-    body.append('<p class="note">Rank: position of the run\'s own prompt among all prompts (1 = retrieved).</p>')
+    if not images:
+        body.append('<p class="note">Rank: position of the run\'s own prompt among all prompts (1 = retrieved).</p>')
     body.append("<h2>Gallery</h2>")
     body.extend(_entry(bench_dir, r, a) for r, a in zip(rows, anchors))
 

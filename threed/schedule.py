@@ -8,9 +8,13 @@ In a preset a schedule is written as a plain number (constant) or as threestudio
     [start_step, start_value, end_value, end_step, exponential_complement]
                                                   1 - value log-linear (Dream Fields' opacity target, as a
                                                   transmittance target: 1 - opacity)
+    [s0, v0, v1, s1, v2, s2, ...]                                piecewise linear through (s0, v0), (s1, v1), ...
 
 The value is `start_value` up to `start_step`, `end_value` from `end_step` on, and in between moves
-linearly (or along a half cosine, or geometrically: the value itself, or its complement 1 - value).
+linearly (or along a half cosine, or geometrically: the value itself, or its complement 1 - value). The
+longer form is threestudio's too (its `C()` reads six or more numbers so; Stable Zero123's normal-smoothness
+weights [100, 7.0, 5.0, 150, 10.0, 200]: 7 until step 100, down to 5 at 150, up to 10 at 200): the first
+segment is the 4-number form, each further (value, step) pair goes on from the previous end.
 `end_step == start_step + 1` makes a step change, e.g. ProlificDreamer's t_max dropping from 0.98 to 0.5 at
 step 5000: [5000, 0.98, 0.5, 5001].
 """
@@ -34,6 +38,7 @@ class Schedule:
     end: float
     end_step: int
     kind: Kind = "linear"
+    more: tuple[tuple[float, int], ...] = ()  # (value, step) points after (end, end_step), linear between
 
     @classmethod
     def constant(cls, value: float) -> Schedule:
@@ -41,11 +46,18 @@ class Schedule:
 
     @property
     def is_constant(self) -> bool:
-        return self.start == self.end
+        return self.start == self.end and all(v == self.start for v, _ in self.more)
 
     def __call__(self, step: int) -> float:
         if step <= self.start_step or self.is_constant:
             return self.start
+        if step >= self.end_step and self.more:
+            value, at = self.end, self.end_step
+            for end, end_step in self.more:
+                if step < end_step:
+                    return value + (step - at) / (end_step - at) * (end - value)
+                value, at = end, end_step
+            return value
         if step >= self.end_step:
             return self.end
         frac = (step - self.start_step) / (self.end_step - self.start_step)
@@ -59,13 +71,15 @@ class Schedule:
 
     def bounds(self) -> tuple[float, float]:
         """(smallest, largest) value the schedule takes."""
-        return min(self.start, self.end), max(self.start, self.end)
+        values = [self.start, self.end, *(v for v, _ in self.more)]
+        return min(values), max(values)
 
     def to_plain(self) -> float | list:
         """The preset form: a number when constant, else the list."""
         if self.is_constant:
             return self.start
         out: list = [self.start_step, self.start, self.end, self.end_step]
+        out += [x for value, step in self.more for x in (value, step)]
         return out + [self.kind] if self.kind != "linear" else out
 
     @classmethod
@@ -82,6 +96,8 @@ class Schedule:
                 raise UserError(hint) from None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return cls.constant(float(value))
+        if isinstance(value, (list, tuple)) and len(value) >= 6 and len(value) % 2 == 0:
+            return cls._parse_piecewise(list(value), key)
         if not isinstance(value, (list, tuple)) or len(value) not in (4, 5):
             raise UserError(hint)
         kind = value[4] if len(value) == 5 else "linear"
@@ -99,6 +115,20 @@ class Schedule:
         if end_step <= start_step and start != end:
             raise UserError(f"bad value {list(value)!r} for '{key}': end_step must be after start_step")
         return cls(int(start_step), float(start), float(end), int(end_step), kind)
+
+    @classmethod
+    def _parse_piecewise(cls, value: list, key: str) -> Schedule:
+        """[s0, v0, v1, s1, v2, s2, ...]: linear through (s0, v0), (s1, v1), (s2, v2), ... (threestudio's C())."""
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
+            raise UserError(f"bad value {value!r} for '{key}': expected numbers [s0, v0, v1, s1, v2, s2, ...]")
+        first = cls.parse(value[:4], key)
+        pairs = [(float(value[i]), value[i + 1]) for i in range(4, len(value), 2)]
+        steps = [first.end_step] + [s for _, s in pairs]
+        if any(int(s) != s for s in steps) or any(b <= a for a, b in zip(steps, steps[1:])):
+            raise UserError(f"bad value {value!r} for '{key}': the steps s1, s2, ... must be whole numbers, each after "
+                            f"the one before")
+        return cls(first.start_step, first.start, first.end, first.end_step, "linear",
+                   tuple((v, int(s)) for v, s in pairs))
 
 
 def _progressive(render: Any, step: int) -> tuple[int, int, int] | None:

@@ -153,6 +153,11 @@ class LossConfig:
     # DreamFusion's normal orientation penalty: per ray with opacity > 0, weights detached (threed/render/volume.py)
     orient: Schedule = Schedule.constant(0.0)
     entropy: Schedule = Schedule.constant(0.0)  # binary entropy of opacity: pushes it to 0 or 1
+    # threestudio's zero123 normal smoothness (threed/scenes/nerf.py): squared differences of neighbouring pixels
+    # of the rendered normal map (lambda_normal_smooth), and |n(x) - n(x + 0.01 eps)| at the samples
+    # (lambda_3d_normal_smooth)
+    normal_smooth: Schedule = Schedule.constant(0.0)
+    normal_smooth_3d: Schedule = Schedule.constant(0.0)
 
 
 @dataclass

@@ -9,7 +9,7 @@ loop. A stage's name is the one word for it everywhere: its checkpoint folder (R
   image-to-3D's (IMAGE_NERF, threed/scenes/reference.py) adds the input image's reference-view losses.
 - `mesh`: Magic3D's mesh stage (threed/scenes/mesh.py), trained for `mesh.steps`, started from the NeRF
   stage's field at the level of its kept mesh (mesh-nerf.*): surface and texture together, under the method's
-  guidance.
+  guidance; image-to-3D's (IMAGE_MESH) keeps the reference view's RGB and mask losses.
 - `geometry`: ProlificDreamer's stage 2: the same start, the surface shaped from normal maps (`geometry.shading:
   normal`) under the prior's SDS alone (not the method's VSD), `geometry.steps`.
 - `gaussians`: DreamGaussian's 3D Gaussians (threed/scenes/gaussians.py), trained for `steps` from a ball,
@@ -50,7 +50,7 @@ from threed.scenes import Scene
 from threed.scenes.gaussians import GaussianScene, texture_scene
 from threed.scenes.mesh import MeshScene
 from threed.scenes.nerf import NeRFScene
-from threed.scenes.reference import ReferenceViewNeRFScene
+from threed.scenes.reference import ReferenceViewMeshScene, ReferenceViewNeRFScene
 from threed.trainer import Guidance, Trainer
 
 # (the stage's config, the previous stage's trainer, mesh.json's entry of its kept mesh, device, progress)
@@ -151,6 +151,13 @@ def mesh_from_nerf(cfg: Config, previous: Trainer, kept: dict, device: str, prog
     return renew_appearance(scene)
 
 
+def image_mesh_from_nerf(cfg: Config, previous: Trainer, kept: dict, device: str, progress: bool) -> MeshScene:
+    """Image-to-3D's mesh stage's start: as `mesh_from_nerf`, in the scene that keeps the reference view's losses."""
+    scene = ReferenceViewMeshScene.from_coarse(cfg, previous.scene.field, previous.scene.background,
+                                               float(kept["threshold"]), device, progress=progress)
+    return renew_appearance(scene)
+
+
 def mesh_from_mesh(cfg: Config, previous: Trainer, kept: dict, device: str, progress: bool) -> MeshScene:
     """A mesh stage's start from the mesh stage before it: its surface, texture field and background as they
     ended (a copy: the earlier stage's checkpoints keep theirs; or new: mesh.fresh_texture, fresh_background)."""
@@ -200,6 +207,9 @@ IMAGE_NERF = Stage("nerf", ReferenceViewNeRFScene, diverged_hint="lower optim.lr
                                                                   "and resume")
 MESH = Stage("mesh", MeshScene, section="mesh", start=mesh_from_nerf, configure=mesh_stage_config,
              diverged_hint="lower mesh.lr_sdf or mesh.lr_texture and resume")
+# image-to-3D's mesh stage (zero123-mesh, zero123-refine): Magic3D's, the reference view's losses kept
+IMAGE_MESH = Stage("mesh", ReferenceViewMeshScene, section="mesh", start=image_mesh_from_nerf,
+                   configure=mesh_stage_config, diverged_hint="lower mesh.lr_sdf or mesh.lr_texture and resume")
 GEOMETRY = Stage("geometry", MeshScene, section="geometry", start=mesh_from_nerf, configure=mesh_stage_config,
                  guidance="prior", diverged_hint="lower geometry.lr_sdf or geometry.guidance_scale and resume")
 TEXTURE = Stage("texture", MeshScene, section="texture", start=mesh_from_mesh, configure=mesh_stage_config,

@@ -16,6 +16,11 @@ training time, it/s, peak memory, mesh faces and watertightness, and with --refe
 for methods whose prior sees the reference (oracle). threed/bench/writers.py writes the tables, plots and
 reports.
 
+`threed bench --images DIR` is the image-to-3D bench: every (image of DIR, image method, seed), zero123 by
+default, with the same budget; no evaluator CLIP, as there are no prompts: each result is scored by its
+reference view against its input image (PSNR, SSIM and mask IoU, from the run's closing record:
+threed/scenes/reference.py), beside the same time, memory and mesh columns.
+
 Everything is resumable: a run whose metrics.jsonl holds its "done" record is not retrained, an evaluation
 is cached in DIR/evals/ keyed by the run's final record and the evaluator, and every file is written
 atomically, so a crash or Ctrl-C loses at most the entries in progress (they keep their checkpoints).
@@ -30,7 +35,8 @@ from pathlib import Path
 from threed import methods as registry
 from threed import spec
 from threed.bench.evaluate import Evaluator, evaluate_all
-from threed.bench.plan import check_weights, cuda_wanted, make_plan, parse_methods, parse_seeds, read_prompts
+from threed.bench.plan import (DEFAULT_METHODS, bench_inputs, check_weights, cuda_wanted, default_methods, make_plan,
+                               parse_methods, parse_seeds)
 from threed.bench.progress import Progress, say
 from threed.bench.results import collect, method_budgets
 from threed.bench.train import entry_task, pending, status_line, train_serial
@@ -38,14 +44,18 @@ from threed.bench.writers import write_outputs
 from threed.errors import UserError
 
 DEFAULT_EVAL_CLIP = ("ViT-B-16", "openai")  # differs from the default guidance CLIP (ViT-B-32)
-DEFAULT_METHODS = "dreamfusion,clip"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The bench's own options; `threed run`'s model options are added by cli.py (shared definitions)."""
-    p.add_argument("--prompts", required=True, metavar="FILE", help="one prompt per line (# starts a comment)")
-    p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help=f"comma-separated: {', '.join(registry.names())} [{DEFAULT_METHODS}]")
+    inputs = p.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--prompts", metavar="FILE", help="one prompt per line (# starts a comment)")
+    inputs.add_argument("--images", metavar="DIR",
+                        help="image-to-3D: a folder of input images, each scored by its reference view's PSNR, SSIM "
+                             "and mask IoU")
+    p.add_argument("--methods",
+                   help=f"comma-separated: {', '.join(registry.names())} [{DEFAULT_METHODS}; with --images "
+                        f"{registry.for_image().name}]")
     p.add_argument("--steps", type=int, required=True,
                    help="steps of every run's first stage, as for `threed run` (a method's later stages train "
                         "their own: magic3d's mesh stage mesh.steps)")
@@ -72,7 +82,8 @@ def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces (and resumes) this benchmark."""
     import shlex
 
-    parts = ["threed", "bench", "--prompts", args.prompts, "--methods", args.methods, "--steps", str(args.steps),
+    source = ["--images", args.images] if getattr(args, "images", None) else ["--prompts", args.prompts]
+    parts = ["threed", "bench", *source, "--methods", default_methods(args), "--steps", str(args.steps),
              "--out", str(args.out), "--seeds", args.seeds]
     for item in args.preset:
         parts += ["--preset", item]
@@ -81,8 +92,9 @@ def command_line(args: argparse.Namespace) -> str:
             parts += [spec.flag(name), str(getattr(args, name))]
     if getattr(args, "guidance", None):
         parts += ["--guidance", args.guidance]
-    parts += ["--eval-clip-model", args.eval_clip_model, "--eval-clip-pretrained", args.eval_clip_pretrained,
-              "--eval-views", str(args.eval_views), "--eval-size", str(args.eval_size)]
+    if not getattr(args, "images", None):
+        parts += ["--eval-clip-model", args.eval_clip_model, "--eval-clip-pretrained", args.eval_clip_pretrained]
+    parts += ["--eval-views", str(args.eval_views), "--eval-size", str(args.eval_size)]
     if getattr(args, "ray", None):
         parts += [f"--ray={args.ray}", "--ray-cpus", f"{args.ray_cpus:g}"]
     parts += list(getattr(args, "overrides", None) or [])
@@ -97,8 +109,8 @@ def main(args: argparse.Namespace) -> None:
                             f"address) before key=value overrides")
         from threed.bench import ray as bench_ray  # imports Ray: only when asked for
 
-        read_prompts(args.prompts)  # bad input fails before a cluster starts
-        parse_methods(args.methods)
+        bench_inputs(args)  # bad input fails before a cluster starts
+        parse_methods(default_methods(args))
         cluster = bench_ray.connect(args.ray)
     try:
         run(args, cluster)
@@ -116,19 +128,21 @@ def run(args: argparse.Namespace, cluster=None) -> None:
     plan, notes = make_plan(args, cuda=cuda_wanted(args.device, cluster.gpus if cluster else None))
     if cluster is not None:
         cluster.check(plan, args.device, args.ray_cpus)
-    prompts = read_prompts(args.prompts)
+    prompts, images = bench_inputs(args)
     out = Path(args.out)
-    check_weights(plan, args.eval_clip_model, args.eval_clip_pretrained)
+    # an image bench is scored by each result's reference view against its input image: no evaluator CLIP
+    clip = None if images else (args.eval_clip_model, args.eval_clip_pretrained)
+    check_weights(plan, *(clip or (None, None)))
     check_writable(out)
     device = resolve_device(args.device or "auto")
-    evaluator = Evaluator(args.eval_clip_model, args.eval_clip_pretrained, device)
+    evaluator = Evaluator(*clip, device) if clip else None
     meta = {
         "command": command_line(args),
-        "prompts": prompts, "methods": list(dict.fromkeys(e.method for e in plan)),
+        "prompts": prompts, "images": [str(p) for p in images], "methods": list(dict.fromkeys(e.method for e in plan)),
         "priors": {e.method: e.prior for e in plan},
         "seeds": parse_seeds(args.seeds), "steps": args.steps, "budget": method_budgets(plan),
-        "evaluator": [args.eval_clip_model, args.eval_clip_pretrained], "views": args.eval_views,
-        "size": args.eval_size, "chance": 1.0 / len(prompts),
+        "evaluator": list(clip) if clip else None, "views": args.eval_views,
+        "size": args.eval_size, "chance": 1.0 / len(prompts) if prompts else None,
         "reference": spec.absolute(args.reference) if args.reference else None,
         "ray": cluster.describe() if cluster else None,
     }
@@ -155,7 +169,8 @@ def run(args: argparse.Namespace, cluster=None) -> None:
             cluster.close()  # evaluation needs no cluster
 
     evals = evaluate_all(plan, evaluator, args.eval_views, args.eval_size, device, args.quiet)
-    text_emb = evaluator.texts(prompts) if any(v is not None for v in evals.values()) else None
+    text_emb = (evaluator.texts(prompts) if evaluator is not None and any(v is not None for v in evals.values())
+                else None)
     rows, summary = collect(plan, statuses, evals, text_emb, evaluator, out)
     written = write_outputs(out, meta, rows, summary)
     print(f"bench: {len(plan)} runs in {time.perf_counter() - start:.0f} s; wrote "

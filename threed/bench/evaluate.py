@@ -1,5 +1,6 @@
 """Scoring one finished run the same way for every method: K views rendered in colour and textureless,
-embedded by the evaluator CLIP, and the mesh's faces, watertightness and (with a reference) distance to it.
+embedded by the evaluator CLIP (not in an image bench, whose results are scored by their reference view: the
+run's closing record), and the mesh's faces, watertightness and (with a reference) distance to it.
 An evaluation is cached in DIR/evals/, keyed by the run's closing record and the evaluator, so a re-run
 evaluates only what changed."""
 
@@ -80,9 +81,9 @@ def mesh_stats(run_dir: Path, reference: str | None) -> dict:
     return stats
 
 
-def eval_key(entry: Entry, evaluator: Evaluator, views: int, size: int, done: dict) -> dict:
+def eval_key(entry: Entry, evaluator: Evaluator | None, views: int, size: int, done: dict) -> dict:
     """What an evaluation depends on: a change in any of these re-evaluates the run."""
-    return {"evaluator": [evaluator.name, evaluator.pretrained], "views": views, "size": size,
+    return {"evaluator": [evaluator.name, evaluator.pretrained] if evaluator else None, "views": views, "size": size,
             "run": {k: done.get(k) for k in ("step", "wall_time_s")},
             # an evaluation cached before a distance was added is redone, so every row has every column
             **({"distances": list(DISTANCE_KEYS)} if entry.prior == "oracle" else {})}
@@ -99,7 +100,7 @@ def cached_evaluation(entry: Entry, key: dict) -> dict | None:
     return None
 
 
-def evaluate(entry: Entry, evaluator: Evaluator, views: int, size: int, device: str,
+def evaluate(entry: Entry, evaluator: Evaluator | None, views: int, size: int, device: str,
              step: Callable[[str, int], None] | None = None) -> dict:
     """Render, embed and measure one finished run, and write its thumbnail and cached evaluation.
     `step(what, views_done)` reports progress."""
@@ -115,9 +116,10 @@ def evaluate(entry: Entry, evaluator: Evaluator, views: int, size: int, device: 
         renders[s] = pipeline.render_views(entry.run_dir, views, s, size, device, trainer=trainer)
         step(f"rendered {s}", views)
     result: dict[str, Any] = {"key": eval_key(entry, evaluator, views, size, done), "done": done}
-    step("embedding", 0)
-    for s in SHADINGS:
-        result[f"emb_{s}"] = evaluator.images(renders[s]).round(6).tolist()
+    if evaluator is not None:
+        step("embedding", 0)
+        for s in SHADINGS:
+            result[f"emb_{s}"] = evaluator.images(renders[s]).round(6).tolist()
     step("mesh statistics", 0)
     reference = entry.cfg.guidance.oracle.reference if entry.prior == "oracle" else None
     result.update(mesh_stats(entry.run_dir, reference))
@@ -126,7 +128,7 @@ def evaluate(entry: Entry, evaluator: Evaluator, views: int, size: int, device: 
     return result
 
 
-def evaluate_all(plan: list[Entry], evaluator: Evaluator, views: int, size: int, device: str,
+def evaluate_all(plan: list[Entry], evaluator: Evaluator | None, views: int, size: int, device: str,
                  quiet: bool) -> dict[str, dict | None]:
     """Every finished entry's evaluation: cached ones as they are, the others computed with a progress bar
     counted in rendered views."""
@@ -142,8 +144,10 @@ def evaluate_all(plan: list[Entry], evaluator: Evaluator, views: int, size: int,
             todo.append(entry)
     if not todo:
         return evals
-    say(f"bench: evaluating {len(todo)} runs ({views} views x {len(SHADINGS)} shadings of {size} px each) with "
-        f"the evaluator CLIP {evaluator.name} ({evaluator.pretrained}) on {device}", quiet)
+    scorer = (f"with the evaluator CLIP {evaluator.name} ({evaluator.pretrained})" if evaluator is not None
+              else "for thumbnails and mesh statistics")
+    say(f"bench: evaluating {len(todo)} runs ({views} views x {len(SHADINGS)} shadings of {size} px each) {scorer} "
+        f"on {device}", quiet)
     with tqdm(total=len(todo) * views * len(SHADINGS), unit="view", desc="evaluating", disable=quiet,
               dynamic_ncols=True) as bar:
         for entry in todo:

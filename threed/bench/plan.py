@@ -15,6 +15,8 @@ from threed import spec
 from threed.config import PRIOR_SECTIONS, Config, load_yaml, parse_override, preset_path
 from threed.errors import UserError
 
+DEFAULT_METHODS = "dreamfusion,clip"  # with --prompts; with --images: the image-to-3D method (zero123)
+
 
 def method_label(method: str, prior: str) -> str:
     """A method's name in folders and tables: the method, and its prior when not the method's default."""
@@ -27,14 +29,20 @@ class Entry:
 
     method: str  # the registry's name
     prior: str  # guidance.type
-    prompt: str
-    prompt_index: int
+    prompt: str  # "" for an image of `threed bench --images`
+    prompt_index: int  # the prompt's (or the image's) place in the bench's inputs
     seed: int
     cfg: Config
     run_dir: Path
     eval_path: Path
     thumb_path: Path
     log_path: Path
+    image: str = ""  # image-to-3D: the input image's absolute path
+
+    @property
+    def subject(self) -> str:
+        """What the entry makes 3-D: its prompt, or its input image's file name."""
+        return Path(self.image).name if self.image else self.prompt
 
     @property
     def label(self) -> str:
@@ -78,6 +86,50 @@ def read_prompts(path: str | Path) -> list[str]:
     if not prompts:
         raise UserError(f"prompts file {path} has no prompts: write one prompt per line (# starts a comment)")
     return prompts
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def read_images(folder: str | Path) -> list[Path]:
+    """The images of `folder` (not its subfolders), by name: the inputs of `threed bench --images`."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "not found"
+        raise UserError(f"images folder {folder} {what}: pass --images with a folder of PNG, JPEG or WebP images")
+    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise UserError(f"images folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}): put the input "
+                        f"images (RGBA PNG, or any image with pip install 'threed[image]') in it")
+    return [p.resolve() for p in images]
+
+
+def bench_inputs(args: argparse.Namespace) -> tuple[list[str], list[Path]]:
+    """(prompts, images): what the bench's entries start from, one of them empty."""
+    if getattr(args, "images", None):
+        return [], read_images(args.images)
+    return read_prompts(args.prompts), []
+
+
+def default_methods(args: argparse.Namespace) -> str:
+    """--methods, else the text methods' default, or the image methods for --images."""
+    if args.methods:
+        return args.methods
+    if getattr(args, "images", None):
+        return registry.for_image().name
+    return DEFAULT_METHODS
+
+
+def check_inputs(methods: list[registry.Method], images: bool) -> None:
+    """An image bench takes only image-to-3D methods, a prompt bench only text methods."""
+    wrong = [m.name for m in methods if m.image != images]
+    if not wrong:
+        return
+    if images:
+        raise UserError(f"method {wrong[0]} works from text, not from --images: drop it from --methods or pass "
+                        f"--prompts FILE in a bench of its own")
+    raise UserError(f"method {wrong[0]} reconstructs an object from an image: pass --images DIR (a folder of "
+                    f"input images) instead of --prompts")
 
 
 def get_method(name: str, where: str) -> registry.Method:
@@ -219,8 +271,9 @@ def make_plan(args: argparse.Namespace, cuda: bool | None = None) -> tuple[list[
     Model options (--model, --clip-model, --reference, ...) and plain overrides of a prior's section
     (guidance.sd.*, ...) go to the methods whose prior they concern; one that concerns no method of the
     bench is an error. `cuda`: whether the runs will see a CUDA GPU (None: this machine's)."""
-    prompts = read_prompts(args.prompts)
-    methods = parse_methods(args.methods)
+    prompts, images = bench_inputs(args)
+    methods = parse_methods(default_methods(args))
+    check_inputs(methods, bool(images))
     seeds = parse_seeds(args.seeds)
     if args.steps is None or args.steps < 1:
         raise UserError("--steps must be at least 1")
@@ -248,7 +301,8 @@ def make_plan(args: argparse.Namespace, cuda: bool | None = None) -> tuple[list[
 
     for name in spec.given(opts):
         concerns = spec.OPTIONS[name][1]
-        if concerns is not None and concerns not in priors.values():
+        takers = set(spec.SHARED_KEYS.get(name, {})) or {concerns}  # --model: Stable Diffusion's and Zero123's
+        if concerns is not None and not takers & set(priors.values()):
             raise unused(spec.flag(name), concerns)
     for item in plain:
         prior = _prior_of_key(_override_key(item))
@@ -271,21 +325,23 @@ def make_plan(args: argparse.Namespace, cuda: bool | None = None) -> tuple[list[
 
     out = Path(args.out)
     plan = []
+    inputs: list[tuple[str, str]] = [(p, "") for p in prompts] + [("", str(p)) for p in images]
     for m in methods:
         prior = priors[m.name]
         label = method_label(m.name, prior)
         overrides = [o for o in plain if _prior_of_key(_override_key(o)) in (None, prior)] + own[m.name]
-        for i, prompt in enumerate(prompts):
+        for i, (prompt, image) in enumerate(inputs):
             for seed in seeds:
                 run_opts = dataclasses.replace(opts, method=m.name, preset=presets[m.name], guidance=prior,
-                                               prompt=prompt, seed=seed, overrides=overrides)
+                                               prompt=prompt or None, image=image or None, seed=seed,
+                                               overrides=overrides)
                 cfg, _ = spec.resolve(run_opts, cuda=cuda, only_concerning=True)
                 if cfg.guidance.type == "oracle" and not cfg.guidance.oracle.reference:
                     raise UserError(f"{label} uses the oracle prior, which needs a reference mesh: pass --reference MESH")
-                stem = f"{slugify(prompt)}-s{seed}"
+                stem = f"{slugify(Path(image).name if image else prompt)}-s{seed}"
                 plan.append(Entry(m.name, prior, prompt, i, seed, cfg, out / "runs" / label / stem,
                                   out / "evals" / label / f"{stem}.json", out / "thumbs" / label / f"{stem}.png",
-                                  out / "logs" / label / f"{stem}.log"))
+                                  out / "logs" / label / f"{stem}.log", image=image))
     return plan, notes
 
 
@@ -295,27 +351,49 @@ def as_evaluator_error(e: UserError) -> UserError:
     return UserError(f"evaluator CLIP: {text}")
 
 
-def check_weights(plan: list[Entry], eval_model: str, eval_pretrained: str) -> None:
-    """Every model the benchmark will need is on disk (or downloadable) before hours of training start."""
+def check_zero123(model: str, image_encoder: str) -> None:
+    """The Zero123 model is a checkpoint file that exists, or a folder or hub id whose parts are on disk (or
+    downloadable): the files threed/guidance/zero123_model.py will ask for."""
+    from threed.guidance.hub import resolve_pretrained
+    from threed.guidance.zero123_model import DIFFUSERS_PARTS, LOCAL_HINT, PROJECTION_FOLDERS, is_checkpoint_file
+
+    path = Path(model).expanduser()
+    if is_checkpoint_file(model) or path.is_file():
+        if not path.is_file():
+            raise UserError(f"Zero123 checkpoint {model} not found: pass {LOCAL_HINT}, or a hub id")
+        return
+    resolve_pretrained(model, "Zero123", required=DIFFUSERS_PARTS if not image_encoder else ("unet", "vae"),
+                       extra_patterns=tuple(f"{p}/*" for p in PROJECTION_FOLDERS) + ("scheduler/*",),
+                       local_hint=LOCAL_HINT)
+
+
+def check_weights(plan: list[Entry], eval_model: str | None, eval_pretrained: str | None) -> None:
+    """Every model the benchmark will need is on disk (or downloadable) before hours of training start
+    (`eval_model` None: the bench has no evaluator CLIP, as with --images)."""
     from threed.clip_models import resolve_pretrained as resolve_clip
     from threed.guidance.hub import SD_SUBFOLDERS, pinned_revision
     from threed.guidance.hub import resolve_pretrained as resolve_sd
 
-    try:
-        resolve_clip(eval_model, eval_pretrained)
-    except UserError as e:
-        raise as_evaluator_error(e) from None
+    if eval_model is not None:
+        try:
+            resolve_clip(eval_model, eval_pretrained)
+        except UserError as e:
+            raise as_evaluator_error(e) from None
     checked: set[tuple[str, ...]] = set()
     for e in plan:
         g = e.cfg.guidance
         needs: list[tuple[str, ...]] = list(zip(g.clip.models, g.clip.pretrained)) if g.type == "clip" else []
         if g.type == "stable_diffusion":
             needs.append(("sd", g.sd.model, g.sd.revision, g.sd.vae))
+        if g.type == "zero123":
+            needs.append(("zero123", g.zero123.model, g.zero123.image_encoder))
         for need in needs:
             if need in checked:
                 continue
             checked.add(need)
-            if need[0] == "sd":  # the files the run itself will ask for, at the same revision
+            if need[0] == "zero123":
+                check_zero123(need[1], need[2])
+            elif need[0] == "sd":  # the files the run itself will ask for, at the same revision
                 _, model, revision, vae = need
                 required = tuple(p for p in SD_SUBFOLDERS if not (vae == "tiny" and p == "vae"))
                 resolve_sd(model, "Stable Diffusion", required=required, revision=pinned_revision(model, revision))

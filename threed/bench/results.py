@@ -1,6 +1,8 @@
 """The bench's results: one row per run (its status, budget, closing record and scores) and one summary row
 per method (CLIP R-precision over its finished runs, means), as the writers (threed/bench/writers.py) and
-report.html (threed/report.py) show them."""
+report.html (threed/report.py) show them. An image bench (--images) has no R-precision: each result is scored
+by its reference view against its input image (REFERENCE_KEYS, which the run's closing record holds:
+threed/scenes/reference.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ from threed.bench.plan import Entry
 from threed.config import Config
 from threed.metrics import REPORTED
 from threed.rundir import RunDir
+
+# The reference view against the input image (image-to-3D): PSNR (dB), SSIM, and the IoU of opacity and alpha.
+REFERENCE_KEYS = ("reference_psnr", "reference_ssim", "reference_mask_iou")
 
 
 def bench_stages(plan: list[Entry]) -> list[str]:
@@ -47,14 +52,16 @@ def guidance_clips(cfg: Config) -> set[tuple[str, str]]:
 
 
 def collect(plan: list[Entry], statuses: dict[str, dict], evals: dict[str, dict | None],
-            text_emb: np.ndarray | None, evaluator: Evaluator, out: Path) -> tuple[list[dict], list[dict]]:
-    """Per-run rows and per-method summary rows (R-precision over each method's finished runs)."""
+            text_emb: np.ndarray | None, evaluator: Evaluator | None, out: Path) -> tuple[list[dict], list[dict]]:
+    """Per-run rows and per-method summary rows (R-precision over each method's finished runs; for an image
+    bench, `evaluator` None, the reference view's scores instead)."""
     import torch
 
     from threed.clip_models import canonical_id
     from threed.r_precision import prompt_ranks, prompt_similarity, r_precision
 
-    eval_id = canonical_id(evaluator.name, evaluator.pretrained)
+    eval_id = canonical_id(evaluator.name, evaluator.pretrained) if evaluator is not None else None
+    images = any(e.image for e in plan)
     stages = bench_stages(plan)
     rows = []
     for e in plan:
@@ -62,7 +69,8 @@ def collect(plan: list[Entry], statuses: dict[str, dict], evals: dict[str, dict 
         # the run's latest record (a cached evaluation may hold an older one)
         done = RunDir(e.run_dir).closing_record() or {}
         row: dict[str, Any] = {
-            "method": e.method, "prior": e.prior, "prompt": e.prompt, "seed": e.seed,
+            "method": e.method, "prior": e.prior, **({"image": e.subject} if e.image else {"prompt": e.prompt}),
+            "seed": e.seed,
             "status": statuses.get(e.name, {}).get("status", "missing"),
             "steps": done.get("step", ""), **budget_columns(e, stages), "wall_time_s": done.get("wall_time_s", ""),
             "segment_wall_time_s": done.get("segment_wall_time_s", ""),
@@ -76,6 +84,9 @@ def collect(plan: list[Entry], statuses: dict[str, dict], evals: dict[str, dict 
                 sim = prompt_similarity(emb, torch.from_numpy(text_emb))[0]
                 row[f"clip_sim_{short}"] = round(float(sim[e.prompt_index]), 4)
                 row[f"rank_{short}"] = int(prompt_ranks(emb, torch.from_numpy(text_emb), truth)[0])
+        if images:
+            row.update({k: done[k] for k in REFERENCE_KEYS if k in done})
+        if ev is not None:
             row["faces"], row["watertight"] = ev["faces"], ev["watertight"]
             for k in DISTANCE_KEYS:
                 if k in ev:
@@ -90,18 +101,24 @@ def collect(plan: list[Entry], statuses: dict[str, dict], evals: dict[str, dict 
     for method in dict.fromkeys(e.method for e in plan):  # one prior per method in a bench
         entries = [e for e in plan if e.method == method]
         scored = [e for e in entries if evals.get(e.name) is not None]
-        inflated = any(eval_id in guidance_clips(e.cfg) for e in entries)
+        inflated = eval_id is not None and any(eval_id in guidance_clips(e.cfg) for e in entries)
         mrows = [r for r in rows if r["method"] == method and r["status"] == "done"]
         s: dict[str, Any] = {"method": method, "prior": entries[0].prior, "runs": len(entries),
                              "finished": len(scored), "inflated": inflated}
         for shading, short in zip(SHADINGS, ("color", "textureless")):
+            if images:
+                continue
             if scored and text_emb is not None:
                 emb = torch.tensor([evals[e.name][f"emb_{shading}"] for e in scored], dtype=torch.float32)
                 truth = torch.tensor([e.prompt_index for e in scored])
                 s[f"r_at_1_{short}"] = round(r_precision(emb, torch.from_numpy(text_emb), truth, k=1), 4)
             else:
                 s[f"r_at_1_{short}"] = float("nan")
-        s["mean_clip_sim_color"] = _mean([r.get("clip_sim_color") for r in mrows])
+        if images:
+            for k in REFERENCE_KEYS:
+                s[f"mean_{k}"] = _mean([r.get(k) for r in mrows])
+        else:
+            s["mean_clip_sim_color"] = _mean([r.get("clip_sim_color") for r in mrows])
         s["mean_wall_time_s"] = _mean([r["wall_time_s"] for r in mrows])
         s["mean_it_per_s"] = _mean([r["it_per_s"] for r in mrows])
         s["max_peak_memory_mb"] = max([r["peak_memory_mb"] for r in mrows if r["peak_memory_mb"] != ""], default=float("nan"))

@@ -29,7 +29,7 @@ def check_same_run(entry: Entry) -> None:
 
 
 def tag(entry: Entry, plan: list[Entry]) -> str:
-    return f"bench: [{plan.index(entry) + 1}/{len(plan)}] {entry.label} '{entry.prompt}' seed {entry.seed}"
+    return f"bench: [{plan.index(entry) + 1}/{len(plan)}] {entry.label} '{entry.subject}' seed {entry.seed}"
 
 
 def status_line(entry: Entry, plan: list[Entry], status: dict) -> str:

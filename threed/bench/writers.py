@@ -66,8 +66,9 @@ def budget_text(budget: dict[str, int]) -> str:
     return f"{budget['total']} steps" + (f" ({' + '.join(stages)})" if len(stages) > 1 else "")
 
 
-def write_plots(out: Path, rows: list[dict], summary: list[dict], chance: float) -> list[str]:
-    """r_precision.png, time.png, quality_vs_time.png (matplotlib, headless)."""
+def write_plots(out: Path, rows: list[dict], summary: list[dict], chance: float | None) -> list[str]:
+    """r_precision.png (reference_view.png for an image bench, `chance` None), time.png, quality_vs_time.png
+    (matplotlib, headless)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,18 +85,31 @@ def write_plots(out: Path, rows: list[dict], summary: list[dict], chance: float)
         plt.close(fig)
         written.append(name)
 
-    fig, ax = plt.subplots(figsize=(max(4, 1.4 * len(methods) + 2), 3.2))
-    for j, (short, label) in enumerate((("color", "colour"), ("textureless", "textureless"))):
-        vals = [np.nan_to_num(s[f"r_at_1_{short}"], nan=0.0) for s in summary]
-        ax.bar(x + (j - 0.5) * 0.38, vals, width=0.38, label=label)
-    ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
     labels = [method_label(s["method"], s["prior"]) for s in summary]
-    ax.set_xticks(x, [m + (" *" if s["inflated"] else "") for m, s in zip(labels, summary)])
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("CLIP R@1")
-    ax.set_title("CLIP R-precision per method" + (" (* inflated)" if any(s["inflated"] for s in summary) else ""))
-    ax.legend(fontsize=8)
-    save(fig, "r_precision.png")
+    images = chance is None
+    if images:  # the reference view against the input image, one point per run
+        fig, axes = plt.subplots(1, 3, figsize=(max(7, 1.5 * len(methods) + 5), 3.2))
+        for ax, (key, name) in zip(axes, (("reference_psnr", "PSNR (dB)"), ("reference_ssim", "SSIM"),
+                                          ("reference_mask_iou", "mask IoU"))):
+            for i, m in enumerate(methods):
+                vals = [float(r[key]) for r in rows if r["method"] == m and r.get(key) not in (None, "")]
+                ax.scatter([i] * len(vals), vals, s=25)
+            ax.set_xticks(x, labels)
+            ax.set_xlim(-0.6, len(methods) - 0.4)
+            ax.set_title(f"reference view: {name}", fontsize=9)
+        save(fig, "reference_view.png")
+    else:
+        fig, ax = plt.subplots(figsize=(max(4, 1.4 * len(methods) + 2), 3.2))
+        for j, (short, label) in enumerate((("color", "colour"), ("textureless", "textureless"))):
+            vals = [np.nan_to_num(s[f"r_at_1_{short}"], nan=0.0) for s in summary]
+            ax.bar(x + (j - 0.5) * 0.38, vals, width=0.38, label=label)
+        ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
+        ax.set_xticks(x, [m + (" *" if s["inflated"] else "") for m, s in zip(labels, summary)])
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("CLIP R@1")
+        ax.set_title("CLIP R-precision per method" + (" (* inflated)" if any(s["inflated"] for s in summary) else ""))
+        ax.legend(fontsize=8)
+        save(fig, "r_precision.png")
 
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(methods) + 2), 3.2))
     times = [[float(r["wall_time_s"]) for r in rows if r["method"] == m and r["wall_time_s"] != ""] for m in methods]
@@ -109,21 +123,65 @@ def write_plots(out: Path, rows: list[dict], summary: list[dict], chance: float)
     save(fig, "time.png")
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
+    quality = "reference_psnr" if images else "clip_sim_color"
     for m, label in zip(methods, labels):
-        pts = [(float(r["wall_time_s"]), float(r["clip_sim_color"])) for r in rows
-               if r["method"] == m and r["wall_time_s"] != "" and r.get("clip_sim_color") is not None]
+        pts = [(float(r["wall_time_s"]), float(r[quality])) for r in rows
+               if r["method"] == m and r["wall_time_s"] != "" and r.get(quality) not in (None, "")]
         if pts:
             ax.scatter(*zip(*pts), label=label, s=30)
     ax.set_xlabel("training time (s)")
-    ax.set_ylabel("evaluator CLIP similarity to own prompt")
+    ax.set_ylabel("reference view PSNR (dB)" if images else "evaluator CLIP similarity to own prompt")
     ax.set_title("Quality against time (one point per run)")
-    if any(r.get("clip_sim_color") is not None for r in rows):
+    if any(r.get(quality) not in (None, "") for r in rows):
         ax.legend(fontsize=8)
     save(fig, "quality_vs_time.png")
     return written
 
 
+def write_image_report(out: Path, meta: dict, rows: list[dict], summary: list[dict], plots: list[str]) -> None:
+    """report.md of an image bench (--images): each result's reference view against its input image."""
+    budgets = "; ".join(f"{label} {budget_text(b)}" for label, b in meta["budget"].items())
+    distances = any("mean_chamfer_l1" in s for s in summary)
+    lines = [
+        "# threed benchmark (image-to-3D)", "",
+        f"Command: `{meta['command']}`", "",
+        f"{len(meta['images'])} images × {len(meta['methods'])} methods × {len(meta['seeds'])} seeds. Budget per run "
+        f"(`--steps` is each method's first stage): {budgets}. Each result is scored by the render from its "
+        f"reference camera against its input image (PSNR, SSIM of the colour over the render's background; IoU "
+        f"of opacity and alpha, each > 0.5), as the run measured it at its end.", "",
+        "## Summary", "",
+        "| method | runs done | PSNR (dB) | SSIM | mask IoU | time (s) | it/s | peak mem (MB) | faces | watertight |"
+        + (" Chamfer-L1 | F-score@1% | normal consistency |" if distances else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if distances else ""),
+    ]
+    for s in summary:
+        line = (f"| {method_label(s['method'], s['prior'])} | {s['finished']}/{s['runs']} | "
+                f"{_fmt(s.get('mean_reference_psnr'), 2)} | {_fmt(s.get('mean_reference_ssim'))} | "
+                f"{_fmt(s.get('mean_reference_mask_iou'))} | {_fmt(s['mean_wall_time_s'])} | {_fmt(s['mean_it_per_s'])} | "
+                f"{_fmt(s['max_peak_memory_mb'])} | {_fmt(s['mean_faces'], 0)} | {_fmt(s['watertight_fraction'], 2)} |")
+        if distances:
+            line += (f" {_fmt(s.get('mean_chamfer_l1'), 4)} | {_fmt(s.get('mean_fscore_1pct'))} | "
+                     f"{_fmt(s.get('mean_normal_consistency'), 4)} |")
+        lines.append(line)
+    lines += ["", "PSNR, SSIM, mask IoU: means over a method's finished runs. Time: training steps only, per run, "
+              "summed over resumed segments. Peak memory: of the run's own process.", ""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    lines += ["## Runs", "", "| method | image | seed | status | budget | PSNR (dB) | SSIM | mask IoU | time (s) | it/s "
+              "| faces | watertight | preview |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        thumb = f"![]({r['thumbnail']})" if r["thumbnail"] else ""
+        status = r["status"] + (f": {r['error']}" if r["error"] else "")
+        lines.append(f"| {method_label(r['method'], r['prior'])} | {r['image'].replace('|', '/')} | {r['seed']} | "
+                     f"{status.replace('|', '/')} | {budget_text(row_budget(r))} | {_fmt(r.get('reference_psnr'), 2)} | "
+                     f"{_fmt(r.get('reference_ssim'))} | {_fmt(r.get('reference_mask_iou'))} | {_fmt(r['wall_time_s'])} | "
+                     f"{_fmt(r['it_per_s'])} | {_fmt(r.get('faces'))} | {_fmt(r.get('watertight'))} | {thumb} |")
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
 def write_report(out: Path, meta: dict, rows: list[dict], summary: list[dict], plots: list[str]) -> None:
+    if meta.get("images"):
+        return write_image_report(out, meta, rows, summary, plots)
     ev = meta["evaluator"]
     budgets = "; ".join(f"{label} {budget_text(b)}" for label, b in meta["budget"].items())
     lines = [

@@ -22,3 +22,14 @@ def uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: t
         return torch.rand(shape, device=device)
     seed = int(torch.randint(0, 2**62, (), generator=generator))
     return torch.rand(shape, generator=torch.Generator(device=device).manual_seed(seed), device=device)
+
+
+def gaussian(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str) -> Tensor:
+    """N(0, 1) draws of `shape` on `device`, from the same stream as `uniform`."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.randn(shape, generator=generator)
+    if generator is None:
+        return torch.randn(shape, device=device)
+    seed = int(torch.randint(0, 2**62, (), generator=generator))
+    return torch.randn(shape, generator=torch.Generator(device=device).manual_seed(seed), device=device)

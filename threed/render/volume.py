@@ -12,6 +12,11 @@ says space is empty. The nerfacc path (CUDA only) marches with step diagonal / n
 space with nerfacc's occupancy grid. A chunk of rays may see no occupied space at all: both paths then
 evaluate the field on zero points and composite the background alone.
 
+With `normal_terms` (a run whose losses smooth normals, threestudio's zero123 system) a render also returns
+the normal map threestudio composites, (normalize(sum_i w_i n_i) + 1) / 2 * opacity per pixel, and the mean
+|n(x) - n(x + 0.01 eps)| (eps ~ N(0, I)) over the samples that get normals: the 2-D and 3-D normal-smoothness
+terms' inputs (threed/scenes/nerf.py).
+
 Host syncs are kept to what compaction needs: one per chunk for the occupied samples (PyTorch path), one
 for the samples that get normals, none for random numbers (drawn on the device, threed/render/rng.py).
 """
@@ -32,7 +37,7 @@ from threed.fields.nerf import NeRFField
 from threed.render.background import Background
 from threed.render.occupancy import OccupancyGrid
 from threed.render.quadrature import accumulate_along_rays, weights_from_densities
-from threed.render.rng import uniform
+from threed.render.rng import gaussian, uniform
 from threed.render.shading import shade, soft_ambient
 
 
@@ -45,6 +50,13 @@ class RenderOutput:
     # scalar: DreamFusion's penalty on normals facing away from the camera, the sum over samples of
     # stopgrad(w_i) * max(0, n_i . d)^2 divided by the number of rays with opacity > 0 (threestudio's)
     orient: Tensor
+    # with normal_terms: the composited normal map in [0, 1], (normalize(sum w n) + 1) / 2 * opacity, (B, H, W, 3)
+    normal: Tensor | None = None
+    # with normal_terms: mean over samples with normals and over xyz of |n(x) - n(x + PERTURB * eps)| (scalar)
+    normal_perturb: Tensor | None = None
+
+
+PERTURB = 0.01  # threestudio's jitter of the sample positions for the 3-D normal smoothness (scene units)
 
 
 def ray_aabb(rays_o: Tensor, rays_d: Tensor, bound: float) -> tuple[Tensor, Tensor]:
@@ -140,41 +152,53 @@ class VolumeRenderer(nn.Module):
     # -- per-sample work shared by both paths -------------------------------------------------
     def _shade_samples(self, field: NeRFField, pts: Tensor, dirs: Tensor, light: Tensor, albedo: Tensor,
                        weights: Tensor, shading: str, need_normals: bool, ambient: float
-                       ) -> tuple[Tensor, Tensor | None]:
-        """Colour (N, 3) and orientation penalty (N,) (or None) of samples with compositing `weights` (N,).
+                       ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """Colour (N, 3), orientation penalty (N,), normals (N, 3) and the indices of the samples that got
+        normals (the last three None without normals) of samples with compositing `weights` (N,).
 
         Normals cost six density evaluations each (finite differences), so they are computed only where a
         sample's weight is above 1e-4; elsewhere the sample is shaded with ambient light alone (n = 0) and
         contributes nothing visible. Finding those samples is this function's one host sync.
         """
         if shading == "albedo" and not need_normals:
-            return albedo, None
+            return albedo, None, None, None
         visible = (weights.detach() > 1e-4).nonzero().squeeze(1)
         normal = torch.zeros_like(pts).index_put((visible,), field.normal(pts[visible]))
         color = shade(albedo, normal, pts, light, shading, ambient)
         orient = (normal * dirs).sum(-1).clamp_min(0.0) ** 2  # normals pointing away from the camera
-        return color, orient
+        return color, orient, normal, visible
 
     def _composite(self, field: NeRFField, pts: Tensor, dirs: Tensor, light: Tensor, albedo: Tensor,
                    weights: Tensor, t: Tensor, ray_indices: Tensor | None, n_rays: int, shading: str,
-                   need_normals: bool, ambient: float) -> tuple[Tensor, ...]:
-        """Shade the samples and accumulate colour, opacity, depth and the orientation penalty per ray.
+                   need_normals: bool, ambient: float, normal_terms: bool = False,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, ...]:
+        """Shade the samples and accumulate colour, opacity, depth and the orientation penalty per ray; with
+        `normal_terms` also the normals (n_rays, 3) and the perturbed normals' sum of |differences| and count.
 
         `weights` and `t` are batched (n_rays, S) when `ray_indices` is None, else packed (N,); the
         per-sample tensors `pts`, `dirs`, `light`, `albedo` are flat (N, 3) in the same order.
         """
-        color, orient = self._shade_samples(field, pts, dirs, light, albedo, weights.reshape(-1), shading,
-                                            need_normals, ambient)
+        color, orient, normal, visible = self._shade_samples(field, pts, dirs, light, albedo, weights.reshape(-1),
+                                                             shading, need_normals or normal_terms, ambient)
+        terms: tuple[Tensor, ...] = ()
+        if normal_terms:
+            assert normal is not None and visible is not None
+            normals = accumulate_along_rays(weights, normal.view(*weights.shape, 3), ray_indices, n_rays)
+            jitter = gaussian((len(visible), 3), generator, pts.device) * PERTURB
+            moved = field.normal(pts[visible] + jitter) if len(visible) else pts.new_zeros(0, 3)
+            diff_sum = (normal[visible] - moved).abs().sum()
+            terms = (normals, diff_sum, pts.new_tensor(3.0 * len(visible)))
         rgb = accumulate_along_rays(weights, color.view(*weights.shape, 3), ray_indices, n_rays)
         opacity = accumulate_along_rays(weights, None, ray_indices, n_rays)
         depth = accumulate_along_rays(weights, t.view(*weights.shape, 1), ray_indices, n_rays)
         # The weights are detached (DreamFusion, stable-dreamfusion, threestudio): the penalty turns normals away
         # from the camera, instead of being paid by removing the density where normals face away.
         orient_sum = (weights.detach().reshape(-1) * orient).sum() if orient is not None else rgb.new_zeros(())
-        return rgb, opacity, depth, orient_sum
+        return rgb, opacity, depth, orient_sum, *terms
 
     def _render_torch(self, field: NeRFField, rays_o: Tensor, rays_d: Tensor, light: Tensor, shading: str,
-                      need_normals: bool, generator: torch.Generator | None, ambient: float) -> tuple[Tensor, ...]:
+                      need_normals: bool, generator: torch.Generator | None, ambient: float,
+                      normal_terms: bool = False) -> tuple[Tensor, ...]:
         n, s = rays_o.shape[0], self.cfg.num_samples
         near, far = ray_aabb(rays_o, rays_d, self.cfg.bound)
         if field.training:
@@ -194,10 +218,12 @@ class VolumeRenderer(nn.Module):
         weights, _, _ = weights_from_densities(sigma.view(n, s), delta)
         dirs = rays_d[:, None].expand(n, s, 3).reshape(-1, 3)
         lights = light[:, None].expand(n, s, 3).reshape(-1, 3)
-        return self._composite(field, pts, dirs, lights, albedo, weights, t, None, n, shading, need_normals, ambient)
+        return self._composite(field, pts, dirs, lights, albedo, weights, t, None, n, shading, need_normals, ambient,
+                               normal_terms, generator)
 
     def _render_nerfacc(self, field: NeRFField, rays_o: Tensor, rays_d: Tensor, light: Tensor, shading: str,
-                        need_normals: bool, generator: torch.Generator | None, ambient: float) -> tuple[Tensor, ...]:
+                        need_normals: bool, generator: torch.Generator | None, ambient: float,
+                        normal_terms: bool = False) -> tuple[Tensor, ...]:
         assert self.estimator is not None
         n = rays_o.shape[0]
         near, far = ray_aabb(rays_o, rays_d, self.cfg.bound)
@@ -216,12 +242,14 @@ class VolumeRenderer(nn.Module):
         sigma, albedo = field(pts)
         weights, _, _ = weights_from_densities(sigma, t_ends - t_starts, ray_indices, n)
         return self._composite(field, pts, rays_d[ray_indices], light[ray_indices], albedo, weights, mid,
-                               ray_indices, n, shading, need_normals, ambient)
+                               ray_indices, n, shading, need_normals, ambient, normal_terms, generator)
 
     def forward(self, field: NeRFField, background: Background, cameras: Cameras, shading: str,
-                need_normals: bool = False, generator: torch.Generator | None = None) -> RenderOutput:
+                need_normals: bool = False, generator: torch.Generator | None = None,
+                normal_terms: bool = False) -> RenderOutput:
         """Render every pixel of every camera. Rays are processed in chunks of `render.chunk_rays`; above
-        `render.checkpoint_rays` rays (with autograd on) each chunk is gradient-checkpointed."""
+        `render.checkpoint_rays` rays (with autograd on) each chunk is gradient-checkpointed. `normal_terms`:
+        also the normal map and the perturbed-normal difference (RenderOutput.normal, normal_perturb)."""
         rays_o, rays_d = cameras.rays()
         b, h, w = rays_o.shape[:3]
         light = cameras.light_position[:, None, None, :].expand(b, h, w, 3).reshape(-1, 3)
@@ -238,7 +266,7 @@ class VolumeRenderer(nn.Module):
             ambient = soft_ambient(generator)
         for i in range(0, max(flat_o.shape[0], 1), chunk):  # zero rays: one empty chunk
             sl = slice(i, i + chunk)
-            args = (field, flat_o[sl], flat_d[sl], light[sl], shading, need_normals, generator, ambient)
+            args = (field, flat_o[sl], flat_d[sl], light[sl], shading, need_normals, generator, ambient, normal_terms)
             parts.append(checkpointed(render, args, generator) if recompute else render(*args))
         rgb = torch.cat([p[0] for p in parts]).view(b, h, w, 3)
         opacity = torch.cat([p[1] for p in parts]).view(b, h, w, 1)
@@ -247,4 +275,11 @@ class VolumeRenderer(nn.Module):
         orient = torch.stack([p[3] for p in parts]).sum() / (opacity > 0).sum().clamp_min(1)
         # normal maps (the image a geometry stage's prior scores) lie over black, as the mesh scene's do
         bg = torch.zeros_like(rays_d) if shading == "normal" else background(rays_d, generator)
-        return RenderOutput(rgb + (1.0 - opacity) * bg, opacity, depth, bg, orient)
+        out = RenderOutput(rgb + (1.0 - opacity) * bg, opacity, depth, bg, orient)
+        if normal_terms:  # threestudio's comp_normal: the unit composite normal in [0, 1], faded by opacity
+            normals = torch.cat([p[4] for p in parts]).view(b, h, w, 3)
+            unit = normals / normals.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            out.normal = (unit + 1.0) * 0.5 * opacity
+            out.normal_perturb = (torch.stack([p[5] for p in parts]).sum()
+                                  / torch.stack([p[6] for p in parts]).sum().clamp_min(1.0))
+        return out

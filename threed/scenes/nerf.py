@@ -29,6 +29,13 @@ def silhouette_cameras(cfg: Config, size: int) -> Cameras:
                         size, size)
 
 
+def normal_map_smoothness(normal: Tensor) -> Tensor:
+    """threestudio's 2-D normal smoothness of normal maps (B, H, W, 3): the mean squared difference of vertical
+    neighbours plus that of horizontal neighbours."""
+    return ((normal[:, 1:] - normal[:, :-1]).square().mean()
+            + (normal[:, :, 1:] - normal[:, :, :-1]).square().mean())
+
+
 class NeRFScene:
     """Field (density + albedo), background and volume renderer; the regularisers act on rendered opacity
     and the orientation penalty (cfg.loss)."""
@@ -87,8 +94,14 @@ class NeRFScene:
 
     def render(self, cameras: Cameras, shading: str, need_normals: bool = False,
                generator: torch.Generator | None = None) -> RenderOutput:
+        """A render of `cameras`; a training render (field in training mode, autograd on) also gives the normal
+        map and the perturbed-normal difference where the normal-smoothness losses have weight."""
         return self.renderer(self.field, self.background, cameras, shading, need_normals=need_normals,
-                             generator=generator)
+                             generator=generator, normal_terms=self.wants_normal_terms())
+
+    def wants_normal_terms(self) -> bool:
+        return (self.field.training and torch.is_grad_enabled()
+                and (weight_used(self.losses, "normal_smooth") or weight_used(self.losses, "normal_smooth_3d")))
 
     def regularisers(self, out: RenderOutput, step: int) -> dict[str, Tensor]:
         lc = self.losses
@@ -105,6 +118,10 @@ class NeRFScene:
         if weight_used(lc, "entropy"):
             a = opacity.clamp(1e-5, 1 - 1e-5)
             result["entropy"] = -(a * torch.log(a) + (1 - a) * torch.log(1 - a)).mean()
+        if weight_used(lc, "normal_smooth") and out.normal is not None:
+            result["normal_smooth"] = normal_map_smoothness(out.normal)
+        if weight_used(lc, "normal_smooth_3d") and out.normal_perturb is not None:
+            result["normal_smooth_3d"] = out.normal_perturb
         return result
 
     def state_dict(self) -> dict:

@@ -7,6 +7,10 @@ reference camera (image.elevation, azimuth, distance, fovy) in albedo over the b
     rgb  = mean |render - (image * mask + background * (1 - mask))|^2     (image.loss_rgb)
     mask = mean |opacity - mask|^2,  mask = alpha > 0.5                    (image.loss_mask)
 
+and, with image.regularise, the run's orientation, opacity-entropy and normal-smoothness terms of that render
+(ref_orient, ref_entropy, ref_normal_smooth, ref_normal_smooth_3d), weighted as the random views' (loss.*):
+threestudio's reference substep computes them too, all but sparsity.
+
 The input image was framed for that camera (threed/image.py: centred, its longer side 0.8 of the frame), so
 the object it shows is reconstructed around the origin at the size the camera's field of view gives it.
 """
@@ -23,19 +27,29 @@ from threed.cameras import Cameras, make_cameras
 from threed.config import Config
 from threed.image import ReferenceImage, reference_image
 from threed.render.volume import RenderOutput
+from threed.schedule import Schedule
 from threed.scenes import weight_used
+from threed.scenes.mesh import MeshScene
 from threed.scenes.nerf import NeRFScene
+
+
+# The random views' regularisers that the reference view's render gets too (threestudio's reference substep)
+REFERENCE_REGULARISERS = ("orient", "entropy", "normal_smooth", "normal_smooth_3d")
 
 
 class ReferenceLosses:
     """The run's loss weights (cfg.loss) and the reference view's (image.loss_rgb as `rgb`, image.loss_mask as
-    `mask`), as one set of schedules for the trainer."""
+    `mask`, and ref_<name> the weight of loss.<name> for each of REFERENCE_REGULARISERS, zero without
+    image.regularise), as one set of schedules for the trainer."""
 
     def __init__(self, loss: Any, image: Any) -> None:
         self._loss = loss
         self.rgb, self.mask = image.loss_rgb, image.loss_mask
+        self._regularise = image.regularise
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("ref_") and name[4:] in REFERENCE_REGULARISERS:
+            return getattr(self._loss, name[4:]) if self._regularise else Schedule.constant(0.0)
         return getattr(self._loss, name)
 
 
@@ -55,12 +69,12 @@ def reference_losses(out: RenderOutput, reference: ReferenceImage) -> dict[str, 
     return {"rgb": (out.rgb[0] - target).square().mean(), "mask": (out.opacity[0] - mask).square().mean()}
 
 
-class ReferenceViewNeRFScene(NeRFScene):
-    """NeRFScene with the input image's reference-view losses (see the module docstring)."""
+class ReferenceView:
+    """The reference camera's view of a scene (a NeRF, or Magic3D's mesh stage after it): the input image, the
+    render from the reference camera, the preview's first row and the closing record's scores."""
 
-    def __init__(self, cfg: Config, device: torch.device | str):
-        super().__init__(cfg, device)
-        self.losses = ReferenceLosses(cfg.loss, cfg.image)
+    cfg: Config
+    device: torch.device
 
     @property
     def reference(self) -> ReferenceImage:
@@ -71,8 +85,9 @@ class ReferenceViewNeRFScene(NeRFScene):
     def reference_size(self, step: int) -> int:
         return self.cfg.image.size_at(step) or self.cfg.render.size(step)[1]
 
-    def render_reference(self, size: int) -> RenderOutput:
-        return self.render(reference_camera(self.cfg.image, size).to(self.device), "albedo")
+    def render_reference(self, size: int, need_normals: bool = False) -> RenderOutput:
+        return self.render(reference_camera(self.cfg.image, size).to(self.device), "albedo",  # type: ignore[attr-defined]
+                           need_normals)
 
     @torch.no_grad()
     def reference_pair(self, size: int) -> list[np.ndarray]:
@@ -97,8 +112,42 @@ class ReferenceViewNeRFScene(NeRFScene):
         return {"reference_psnr": round(psnr(render, target), 3), "reference_ssim": round(ssim(render, target), 4),
                 "reference_mask_iou": round(mask_iou(out.opacity[0, ..., 0].cpu(), self.reference.alpha), 4)}
 
+
+class ReferenceViewNeRFScene(ReferenceView, NeRFScene):
+    """NeRFScene with the input image's reference-view losses (see the module docstring)."""
+
+    def __init__(self, cfg: Config, device: torch.device | str):
+        super().__init__(cfg, device)
+        self.losses = ReferenceLosses(cfg.loss, cfg.image)
+
+    def wants_normal_terms(self) -> bool:
+        return super().wants_normal_terms() or any(
+            weight_used(self.losses, f"ref_{name}") for name in ("normal_smooth", "normal_smooth_3d"))
+
     def regularisers(self, out: RenderOutput, step: int) -> dict[str, Tensor]:
         result = super().regularisers(out, step)
+        own = [name for name in REFERENCE_REGULARISERS if weight_used(self.losses, f"ref_{name}")]
+        if weight_used(self.losses, "rgb") or weight_used(self.losses, "mask") or own:
+            ref = self.render_reference(self.reference_size(step), need_normals=weight_used(self.losses, "ref_orient"))
+            result.update(reference_losses(ref, self.reference))
+            terms = NeRFScene.regularisers(self, ref, step)  # the random views' terms, of the reference render
+            result.update({f"ref_{name}": terms[name] for name in own if name in terms})
+        return result
+
+
+class ReferenceViewMeshScene(ReferenceView, MeshScene):
+    """Magic3D's mesh stage after image-to-3D's NeRF: the mesh scene with the reference view's RGB and mask
+    losses kept (image.loss_rgb, image.loss_mask), its surface rasterized from the reference camera in albedo each
+    step. The NeRF's orientation, opacity and normal-smoothness terms do not apply to a mesh (threestudio's zero123
+    system in refinement keeps the reference substep's RGB and mask losses and adds the mesh's own smoothness,
+    systems/zero123.py:182-193): the mesh stage's own regularisers (mesh.loss) act instead."""
+
+    def __init__(self, cfg: Config, geometry: Any, texture: Any, background: Any, device: torch.device | str):
+        super().__init__(cfg, geometry, texture, background, device)
+        self.losses = ReferenceLosses(cfg.mesh.loss, cfg.image)
+
+    def regularisers(self, out: RenderOutput, step: int) -> dict[str, Tensor]:
+        result = super().regularisers(out, step)  # the surface of the random views' render
         if weight_used(self.losses, "rgb") or weight_used(self.losses, "mask"):
             result.update(reference_losses(self.render_reference(self.reference_size(step)), self.reference))
         return result
