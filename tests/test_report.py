@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import trimesh
 import yaml
 from PIL import Image
@@ -606,4 +607,50 @@ def test_an_empty_mesh_says_so(browser, tmp_path):
     page.wait_for_selector(".viewer[data-state=error]", timeout=15000)
     assert page.locator(".viewer .missing").text_content().startswith("The mesh is empty")
     page.close()
+    assert errors == []
+
+
+def test_a_pbr_run_is_lit_by_its_environment_map(browser, tmp_path):
+    """A PBR run's viewer (Fantasia3D's appearance stage: appearance.shading pbr) is lit by the run's own
+    environment map, not the viewer's lights. The map is red toward +x, blue toward -x and green straight up,
+    black elsewhere; a white rough sphere seen from the front (+z, a little above) must then be redder on its
+    right than on its left, bluer on its left than on its right, and greener on top than at its sides: a
+    quarter turn between threed's lat-long layout and three.js's would put red and blue in front and behind
+    (the sides alike), a flip green at the bottom, and the viewer's own white lights would light every side
+    alike. Measured (Chromium, SwiftShader, 320 px viewer, 2026-12-07): right (R, G, B) = (214, 157, 27), left
+    (27, 157, 214), top (121, 239, 122): red and blue differ by 187 between the sides, green by 82 between the
+    top and the sides (both sides see some of the green sky). Asked: 100, 100 and 40, about half."""
+    from threed.render.hdr import write_hdr
+    from threed.render.ibl import latlong_directions
+
+    run = make_run(tmp_path / "run", "a white ball", video=False, preview=False, glb=False)
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=0.6)
+    v, f = np.asarray(sphere.vertices, np.float32), np.asarray(sphere.faces, np.int64)
+    write_glb(run / "mesh.glb", v, f, np.ones_like(v), vertex_normals(v, f))
+    dirs, _ = latlong_directions(64, 128, dtype=torch.float64)
+    lobe = lambda axis: (dirs @ torch.tensor(axis, dtype=torch.float64)).clamp(min=0.0) ** 4  # noqa: E731
+    image = torch.stack([lobe([1.0, 0, 0]), lobe([0, 1.0, 0]), lobe([-1.0, 0, 0])], dim=-1) * 3.0
+    write_hdr(tmp_path / "env.hdr", image.float().numpy())
+    with open(run / "config.yaml", "a") as config:
+        config.write(f"appearance:\n  shading: pbr\n  env_map: {tmp_path / 'env.hdr'}\n  env_scale: 1.0\n")
+    report.write_run_report(run)
+    assert 'data-env="env-data"' in (run / "report.html").read_text()
+    page = browser.new_page(viewport={"width": 1100, "height": 900})
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto((run / "report.html").as_uri())
+    page.wait_for_selector(".viewer[data-state=ready] canvas", timeout=15000)
+    px = canvas_pixels(page.locator(".viewer canvas"))
+    page.close()
+    covered = np.abs(px - np.array(BACKGROUND)).max(axis=-1) > 30
+    rows, cols = np.nonzero(covered)
+    top, bottom, left, right = rows.min(), rows.max(), cols.min(), cols.max()
+    cy, cx = (top + bottom) // 2, (left + right) // 2
+    near = lambda y, x: px[y - 2:y + 3, x - 2:x + 3].reshape(-1, 3).mean(axis=0)  # noqa: E731
+    inset = (right - left) // 8
+    seen = {"right": near(cy, right - inset), "left": near(cy, left + inset), "top": near(top + inset, cx)}
+    print({k: tuple(int(c) for c in value) for k, value in seen.items()})
+    right, left, top = seen["right"], seen["left"], seen["top"]
+    assert right[0] - left[0] > 100 and left[2] - right[2] > 100, seen
+    assert top[1] - (right[1] + left[1]) / 2 > 40, seen
     assert errors == []

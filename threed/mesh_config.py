@@ -108,6 +108,13 @@ class GeometryConfig(MeshConfig):
 
     latent_steps: int = 0
     init: SDFInitConfig = _field(default_factory=SDFInitConfig)
+    # Fantasia3D's (threestudio's implicit-sdf): the SDF and offsets are a hash grid's and two MLPs' outputs (the
+    # `field:` section's size) at the grid vertices, the start a fixed term (threed/fields/neural_sdf.py);
+    # false: one free value per vertex, as a geometry stage refining a NeRF keeps them
+    sdf_network: bool = False
+    # with sdf_network, training steps between two evaluations at every grid vertex; the steps between
+    # re-evaluate the band around the surface only (threed/fields/neural_sdf.py; 1: exact, every step)
+    sdf_network_refresh: int = 1
 
 
 @dataclass

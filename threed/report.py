@@ -35,11 +35,12 @@ WEB = Path(__file__).resolve().parent / "web"
 # threed/web/<source> -> report_files/<name>
 ASSET_FILES = {"gallery.js": "gallery.js", "gallery.css": "gallery.css", "vendor/three.min.js": "three.min.js",
                "vendor/LICENSE-three.txt": "LICENSE-three.txt"}
-GENERATOR = "threed report 1"  # bumped when pages change, so a bench rewrites its runs' older pages
+GENERATOR = "threed report 2"  # bumped when pages change, so a bench rewrites its runs' older pages
 EMBED_LIMIT = 16 * 2**20  # bytes of mesh.glb embedded in a run page (base64 makes it 4/3 larger)
 RUN_INPUTS = ("config.yaml", "metrics.jsonl", "mesh.glb", "mesh.json", "turntable.mp4", "preview.png")
 BENCH_PLOTS = ("r_precision.png", "time.png", "quality_vs_time.png")  # threed.bench.writers.write_plots
 VIEWER_BACKGROUND = "#e9ecef"
+ENV_SIZE = (128, 64)  # texels (width, height) of the environment a PBR run's viewer is lit by
 
 
 # -- small HTML helpers -----------------------------------------------------------------------------
@@ -239,6 +240,32 @@ def _planned_steps(cfg: dict) -> Any:
         return cfg.get("steps", "?")
 
 
+def environment_texture(cfg: dict, size: tuple[int, int] = ENV_SIZE) -> bytes | None:
+    """The environment a run's PBR material was made under (appearance.env_map times env_scale, as the
+    appearance stage loads it, threed/render/ibl.py), for the viewer's image-based light: an equirectangular
+    (width x height) RGBA image of little-endian half floats in three.js's layout (rows from the bottom,
+    longitude from +x toward +z, where threed's maps start at -z). None when the run has no PBR stage or its
+    environment file cannot be read now (the viewer then uses its own lights)."""
+    appearance = cfg.get("appearance")
+    if not isinstance(appearance, dict) or appearance.get("shading") != "pbr":
+        return None
+    import numpy as np
+
+    from threed.render.ibl import load_environment, resize_latlong
+
+    try:
+        image = load_environment(str(appearance.get("env_map") or "") or None, float(appearance.get("env_scale", 2.0)))
+    except (UserError, OSError, ValueError):
+        return None
+    width, height = size
+    rgb = resize_latlong(image.float(), height, width).numpy()
+    # threed: u = atan2(x, -z) / 2pi + 1/2, row 0 up; three.js: u = atan2(z, x) / 2pi + 1/2, row 0 down.
+    # The same direction sits a quarter turn further along threed's longitude.
+    rgb = np.roll(rgb[::-1], -width // 4, axis=1)
+    rgba = np.concatenate([rgb, np.ones_like(rgb[..., :1])], axis=-1)
+    return np.ascontiguousarray(rgba.astype("<f2")).tobytes()
+
+
 def write_run_report(run_dir: Path | str) -> Path:
     """Write RUN_DIR/report.html (and report_files/) from what the run folder holds; returns its path."""
     run_dir = Path(run_dir)
@@ -266,18 +293,28 @@ def write_run_report(run_dir: Path | str) -> Path:
 
     glb = run_dir / "mesh.glb"
     embedded = ""
+    caption = "mesh.glb: drag to orbit, scroll to zoom, right-drag to pan"
     if glb.is_file():
         embed = glb.stat().st_size <= EMBED_LIMIT
+        environment = environment_texture(cfg)
+        lit = ""
+        if environment is not None:
+            lit = f' data-env="env-data" data-env-size="{ENV_SIZE[0]} {ENV_SIZE[1]}"'
+            caption += "; lit by the run's environment map"
         viewer = (f'<div class="viewer" data-glb="mesh.glb" data-background="{VIEWER_BACKGROUND}"'
-                  + (' data-glb-inline="glb-data"' if embed else "") + '><div class="loading">Loading the 3D view…'
+                  + (' data-glb-inline="glb-data"' if embed else "") + lit
+                  + '><div class="loading">Loading the 3D view…'
                   "</div><noscript>" + _placeholder("The 3D view needs JavaScript.") + "</noscript></div>")
         if embed:  # base64 holds no "<", so it cannot end the script element early
             embedded = ('<script type="application/octet-stream" id="glb-data">'
                         + base64.b64encode(glb.read_bytes()).decode("ascii") + "</script>")
+        if environment is not None:
+            embedded += ('<script type="application/octet-stream" id="env-data">'
+                         + base64.b64encode(environment).decode("ascii") + "</script>")
     else:
         viewer = _placeholder("No 3D mesh (mesh.glb): export one with `threed export DIR --format glb`.")
     body.append('<div class="media">'
-                + _figure(viewer, "mesh.glb: drag to orbit, scroll to zoom, right-drag to pan", "viewer-figure")
+                + _figure(viewer, caption, "viewer-figure")
                 + _figure(_video("turntable.mp4" if _exists(run_dir, "turntable.mp4") else None, "metadata"),
                           "turntable.mp4")
                 + "</div>")

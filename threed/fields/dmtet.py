@@ -308,6 +308,13 @@ class DMTetGeometry(nn.Module):
             raise ValueError(f"expected {tuple(self.sdf.shape)} SDF values, got {tuple(sdf.shape)}")
         self.sdf.copy_(sdf)
 
+    def optim_groups(self) -> dict[str, list[Tensor]]:
+        """The trained tensors by learning rate: "sdf" (mesh.lr_sdf) and "deformation" (mesh.lr_deformation)."""
+        groups = {"sdf": [self.sdf]}
+        if self.deformation is not None:
+            groups["deformation"] = [self.deformation]
+        return groups
+
     def closed_sdf(self) -> Tensor:
         """The SDF with the box's faces held outside (at least one cell)."""
         return torch.where(self.boundary, self.sdf.clamp(min=self.grid.cell_size), self.sdf)

@@ -8,7 +8,8 @@ bound (threestudio: 0.9 of its radius 1). Its inside is found by voxelising the 
 size and filling the enclosed voxels (trimesh), then turned into distances on the grid the way a NeRF's
 density is (threed/fields/dmtet.py, `sdf_from_values`), so an SDF learning rate means the same distance per
 step from either start. threestudio instead fits an implicit SDF network to the mesh's signed distance
-(pysdf) by 1000 Adam steps; threed's DMTet holds the SDF per grid vertex and needs no fitting.
+(pysdf) by 1000 Adam steps; threed needs no fitting: a per-vertex DMTet takes these values as they are, and
+Fantasia3D's network SDF keeps them as its fixed start term (threed/fields/neural_sdf.py).
 """
 
 from __future__ import annotations

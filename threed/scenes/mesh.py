@@ -19,7 +19,8 @@ included, at 0.01, its ProlificDreamer texture stage the background at 0.001; so
 mesh stage and prolificdreamer's texture stage.
 
 Fantasia3D's stages use the same scene: its geometry stage starts from a sphere or a guide mesh (`from_shape`,
-threed/fields/sdf_init.py) and scores normal maps (`shading: normal`), for its first `latent_steps` steps as
+threed/fields/sdf_init.py), its SDF a hash-grid network's (`geometry.sdf_network`, threed/fields/neural_sdf.py),
+and scores normal maps (`shading: normal`), for its first `latent_steps` steps as
 the 64² normal-and-mask image standing in for the latent (`normal_latent`); its appearance stage keeps that
 surface (`from_geometry`) and trains a material field (threed/fields/material.py) shaded by split-sum
 image-based lighting (`shading: pbr`, threed/render/ibl.py), exported as a PBR material.
@@ -42,6 +43,7 @@ from threed.config import Config
 from threed.errors import Diverged, UserError, first_line
 from threed.fields.dmtet import DMTetGeometry
 from threed.fields.material import MaterialField
+from threed.fields.neural_sdf import NeuralDMTetGeometry, geometry_from_state
 from threed.fields.nerf import NeRFField
 from threed.mesh import Mesh, clean_mesh, keep_large_components, vertex_normals as np_vertex_normals
 from threed.mesh_losses import laplacian_smoothing, normal_consistency
@@ -125,7 +127,11 @@ class MeshScene:
 
         m = cfg.mesh
         grid = TetGrid.cube(m.resolution, cfg.render.bound)
-        geometry = DMTetGeometry(grid, deform=m.deform_scale > 0, deform_scale=m.deform_scale, device=device)
+        if getattr(m, "sdf_network", False):
+            geometry = NeuralDMTetGeometry(grid, cfg.field, cfg.render.bound, deform=m.deform_scale > 0,
+                                           deform_scale=m.deform_scale, refresh=m.sdf_network_refresh, device=device)
+        else:
+            geometry = DMTetGeometry(grid, deform=m.deform_scale > 0, deform_scale=m.deform_scale, device=device)
         geometry.set_sdf(initial_sdf(m.init, grid, cfg.render.bound, device))
         return cls(cfg, geometry, texture_field(cfg, device), Background(cfg.render), device)
 
@@ -133,7 +139,7 @@ class MeshScene:
     def from_geometry(cls, cfg: Config, state: dict, device: torch.device | str) -> "MeshScene":
         """A stage that keeps an earlier stage's surface (its checkpoint `state`'s geometry, copied) with a
         fresh texture field and background of its own (Fantasia3D's appearance stage)."""
-        geometry = DMTetGeometry.from_state_dict(state["geometry"], device, deform_scale=cfg.mesh.deform_scale)
+        geometry = geometry_from_state(state["geometry"], device, cfg.field, cfg.render.bound, cfg.mesh.deform_scale)
         return cls(cfg, geometry, texture_field(cfg, device), Background(cfg.render), device)
 
     @classmethod
@@ -141,7 +147,8 @@ class MeshScene:
         """The scene a mesh-stage checkpoint holds (its tetrahedral grid included)."""
         if "geometry" not in state:
             raise UserError("the checkpoint holds no mesh-stage geometry: pass a checkpoints/mesh/step-*.pt file")
-        geometry = DMTetGeometry.from_state_dict(state["geometry"], device, deform_scale=cfg.mesh.deform_scale)
+        geometry = geometry_from_state(state["geometry"], device, cfg.field, cfg.render.bound, cfg.mesh.deform_scale,
+                                       getattr(cfg.mesh, "sdf_network_refresh", 1))
         scene = cls(cfg, geometry, texture_field(cfg, device), Background(cfg.render), device)
         scene.load_state_dict(state)
         return scene
@@ -151,9 +158,10 @@ class MeshScene:
         """SDF, deformation, texture (one group, or its grid and MLP: mesh.lr_texture_mlp) and background, each
         with its schedule; a part whose learning rate is zero throughout is frozen (no group, no gradient)."""
         m = self.cfg.mesh
-        parts: list[tuple[list[Tensor], Schedule]] = [([self.geometry.sdf], m.lr_sdf)]
-        if self.geometry.deformation is not None:
-            parts.append(([self.geometry.deformation], m.lr_deformation))
+        groups_of = self.geometry.optim_groups()
+        parts: list[tuple[list[Tensor], Schedule]] = [(groups_of["sdf"], m.lr_sdf)]
+        if "deformation" in groups_of:
+            parts.append((groups_of["deformation"], m.lr_deformation))
         parts += field_groups(self.texture, m.lr_texture, m.lr_texture_mlp)
         bg_params = list(self.background.parameters())
         if bg_params:

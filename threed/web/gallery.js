@@ -84,12 +84,7 @@
     var inline = el.getAttribute("data-glb-inline");
     var node = inline && document.getElementById(inline);
     if (node) {
-      return new Promise(function (resolve) {
-        var text = atob(node.textContent.trim());
-        var bytes = new Uint8Array(text.length);
-        for (var i = 0; i < text.length; i++) bytes[i] = text.charCodeAt(i);
-        resolve(bytes.buffer);
-      });
+      return new Promise(function (resolve) { resolve(base64Bytes(node.textContent).buffer); });
     }
     var url = el.getAttribute("data-glb");
     if (!/^https?:$/.test(location.protocol)) {
@@ -100,6 +95,34 @@
       if (!r.ok) throw new Error("Cannot load " + url + " (HTTP " + r.status + ").");
       return r.arrayBuffer();
     });
+  }
+
+  function base64Bytes(text) {
+    var raw = atob(text.trim());
+    var bytes = new Uint8Array(raw.length);
+    for (var i = 0; i < raw.length; i++) bytes[i] = raw.charCodeAt(i);
+    return bytes;
+  }
+
+  // The run's environment map (report.py's environment_texture: half-float RGBA, equirectangular), prefiltered
+  // by three.js into the scene's image-based light; null when the page holds none.
+  function environmentLight(el, renderer) {
+    var T = window.THREE;
+    var node = document.getElementById(el.getAttribute("data-env") || "");
+    var size = (el.getAttribute("data-env-size") || "").split(" ").map(Number);
+    if (!node || size.length !== 2) return null;
+    var texels = new Uint16Array(base64Bytes(node.textContent).buffer);
+    if (texels.length !== size[0] * size[1] * 4) return null;
+    var texture = new T.DataTexture(texels, size[0], size[1], T.RGBAFormat, T.HalfFloatType);
+    texture.mapping = T.EquirectangularReflectionMapping;
+    texture.colorSpace = T.LinearSRGBColorSpace;
+    texture.magFilter = texture.minFilter = T.LinearFilter;
+    texture.needsUpdate = true;
+    var pmrem = new T.PMREMGenerator(renderer);
+    var light = pmrem.fromEquirectangular(texture).texture;
+    pmrem.dispose();
+    texture.dispose();
+    return light;
   }
 
   function showError(el, message) {
@@ -118,11 +141,16 @@
     this.renderer.setPixelRatio(Math.min(window.devicePixelRatio || 1, 2));
     this.scene = new T.Scene();
     this.scene.background = new T.Color(el.getAttribute("data-background") || "#e9ecef");
-    this.scene.add(new T.HemisphereLight(0xffffff, 0x8d8d8d, 2.0));
     this.camera = new T.PerspectiveCamera(35, 1, 0.01, 100);
-    var headlight = new T.DirectionalLight(0xffffff, 1.2);  // lights the side the viewer looks at
-    headlight.position.set(0.5, 1, 1);
-    this.camera.add(headlight);
+    this.environment = environmentLight(el, this.renderer);
+    if (this.environment) {  // a PBR material, under the light it was made for
+      this.scene.environment = this.environment;
+    } else {
+      this.scene.add(new T.HemisphereLight(0xffffff, 0x8d8d8d, 2.0));
+      var headlight = new T.DirectionalLight(0xffffff, 1.2);  // lights the side the viewer looks at
+      headlight.position.set(0.5, 1, 1);
+      this.camera.add(headlight);
+    }
     this.scene.add(this.camera);
     this.model = scene;
     this.scene.add(scene);
@@ -170,6 +198,7 @@
     if (this.resizer) this.resizer.disconnect();
     this.controls.dispose();
     this.scene.remove(this.model);
+    if (this.environment) this.environment.dispose();
     this.renderer.dispose();
     this.renderer.forceContextLoss();
     this.renderer.domElement.remove();
