@@ -26,12 +26,12 @@ pytestmark = pytest.mark.slow
 
 def test_dreamgaussian_oracle_recovers_a_sphere(tmp_path: Path) -> None:
     """The preset's 300 Gaussian steps and 20 texture steps (seed 0). Measured on the shared 2-core CPU under
-    load average ~10, one thread, with video and preview: 104 s of CPU time in all (user + sys; 11.6 min of
-    wall time at that load) of which the Gaussian stage 53 s, its mesh export 18 s, the texture stage's start
-    (tetrahedral grid and texture fit) 20 s, the texture stage 3 s, its export 4 s. 14996 Gaussians at the
-    end. This test (no video, preview or GLB): 94 s of CPU with pytest's start, 220 s of wall time at load
-    average 4-9 (before the rasterizer and the opacity field were made sparse, 121 s of wall time on 2
-    threads with the texture stage cut to 2 steps and no texture fit).
+    load average ~10, one thread, with video and preview: 108 s of CPU time in all (user + sys; 9.6 min of
+    wall time at that load) of which the Gaussian stage 60 s, its mesh export 16 s, the texture stage's start
+    (tetrahedral grid and texture fit) 17 s, the texture stage 3.5 s, its export 4.7 s (docs/PERFORMANCE.md).
+    14996 Gaussians at the end. This test (no video, preview or GLB): 95 s of CPU with pytest's start, 132 s
+    of wall time at load average 4-6 (before the rasterizer and the opacity field were made sparse, 121 s of
+    wall time on 2 threads with the texture stage cut to 2 steps and no texture fit).
 
     Chamfer-L1: mesh-gaussians.obj 0.634% of the diagonal (F@1% 0.973), mesh.obj 0.639% (F@1% 0.967).
 

@@ -131,7 +131,7 @@ class Gaussians(nn.Module):
 
     # -- the summed opacity field (mesh extraction) -----------------------------------------------------
     @torch.no_grad()
-    def field(self, points: Tensor, min_opacity: float = 0.005, chunk: int = 512) -> tuple[Tensor, Tensor]:
+    def field(self, points: Tensor, min_opacity: float = 0.005, chunk: int = 128) -> tuple[Tensor, Tensor]:
         """At (M, 3) points: the summed opacity field Σ o_i exp(-½ dᵀ Σ_i⁻¹ d) (DreamGaussian's
         `extract_fields`, Gaussians above `min_opacity` only) and the colour it weights, Σ w_i c_i / Σ w_i
         (grey where the field is empty). Each Gaussian counts within 3 of its largest standard deviations
