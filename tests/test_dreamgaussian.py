@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 
@@ -49,8 +50,13 @@ def dg_run(tiny_sd_dir, tmp_path_factory):
 def test_dreamgaussian_writes_both_stages_and_the_gaussians(dg_run):
     out = dg_run
     for name in ["config.yaml", "mesh.obj", "mesh.png", "mesh.glb", "mesh-gaussians.obj", "gaussians.ply",
-                 "turntable.mp4", "preview.png", "report.html"]:
+                 "gaussians.png", "turntable.mp4", "preview.png", "report.html"]:
         assert (out / name).is_file(), name
+    # the report shows the Gaussians, splatted from export.preview_views views: a ball over the background
+    assert 'src="gaussians.png"' in (out / "report.html").read_text()
+    picture = np.asarray(Image.open(out / "gaussians.png").convert("RGB")).astype(np.float64)
+    side = picture.shape[0]
+    assert picture.shape[1] == side * 2 and picture.reshape(side, 2, side, 3).std(axis=(0, 2)).min() > 5
     assert [p.name for p in sorted((out / "checkpoints" / "gaussians").glob("*.pt"))] == ["step-000002.pt",
                                                                                           "step-000004.pt"]
     recs = records(out)

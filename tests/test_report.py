@@ -268,6 +268,24 @@ def test_run_page_content(tmp_path):
     assert (run / report.ASSETS / "three.min.js").read_bytes() == (report.WEB / "vendor/three.min.js").read_bytes()
 
 
+def test_a_gaussian_run_page_shows_the_gaussians(tmp_path):
+    """A Gaussian-splatting run (gaussians.png and gaussians.ply beside the mesh) gets a Gaussians section
+    with the picture and both files linked; other runs get none."""
+    run = make_run(tmp_path / "run", "a red ball", steps=3)
+    assert "<h2>Gaussians</h2>" not in report.write_run_report(run).read_text()
+    write_png(run / "gaussians.png", (200, 30, 30))
+    (run / "gaussians.ply").write_bytes(b"ply\n")
+    earlier = (run / "gaussians.png").stat().st_mtime - 10
+    os.utime(run / "report.html", (earlier, earlier))
+    assert not report.run_report_current(run)  # a new picture of the Gaussians: the page is stale
+    page = Tree(report.write_run_report(run).read_text())
+    (img,) = page.find("img", src="gaussians.png")
+    assert img["data-what"] == "the Gaussians"
+    text = (run / "report.html").read_text()
+    assert "<h2>Gaussians</h2>" in text and text.index("<h2>Gaussians</h2>") < text.index("<h2>Final metrics</h2>")
+    assert page.find("a", href="gaussians.ply") and page.find("a", href="gaussians.png")
+
+
 @pytest.fixture(scope="module")
 def oracle_run(tmp_path_factory) -> Path:
     """A two-step `threed.pipeline.run` under the oracle prior at a few seconds' size: its config.yaml is

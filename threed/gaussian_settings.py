@@ -45,7 +45,7 @@ class GaussianConfig:
     grow_sizes: tuple[int, ...] = ()
     # Adam steps fitting the texture stage's field to the Gaussians' colours on their surface (its start)
     texture_fit_steps: int = 200
-    block: int = 16  # the PyTorch rasterizer's block of pixels (memory: block² x the Gaussians over it)
+    block: int = 16  # the PyTorch rasterizer: a pixel considers the Gaussians whose 3σ boxes touch its block (a tile)
 
 
 def gaussian_checks(g: GaussianConfig) -> list[tuple[bool, str, str]]:

@@ -37,7 +37,8 @@ ASSET_FILES = {"gallery.js": "gallery.js", "gallery.css": "gallery.css", "vendor
                "vendor/LICENSE-three.txt": "LICENSE-three.txt"}
 GENERATOR = "threed report 2"  # bumped when pages change, so a bench rewrites its runs' older pages
 EMBED_LIMIT = 16 * 2**20  # bytes of mesh.glb embedded in a run page (base64 makes it 4/3 larger)
-RUN_INPUTS = ("config.yaml", "metrics.jsonl", "mesh.glb", "mesh.json", "turntable.mp4", "preview.png")
+RUN_INPUTS = ("config.yaml", "metrics.jsonl", "mesh.glb", "mesh.json", "turntable.mp4", "preview.png",
+              "gaussians.png")
 BENCH_PLOTS = ("r_precision.png", "time.png", "quality_vs_time.png")  # threed.bench.writers.write_plots
 VIEWER_BACKGROUND = "#e9ecef"
 ENV_SIZE = (128, 64)  # texels (width, height) of the environment a PBR run's viewer is lit by
@@ -326,6 +327,13 @@ def write_run_report(run_dir: Path | str) -> Path:
                                               "Colour (top) and textureless (bottom) renders from evenly spaced "
                                               "views.</p>"))
 
+    if _exists(run_dir, "gaussians.png"):  # a Gaussian-splatting run: the Gaussians the mesh was made from
+        body.append('<h2>Gaussians</h2><div class="preview">'
+                    + f'<img src="gaussians.png" alt="{_esc(f"the 3D Gaussians of {title}")}" '
+                      'data-what="the Gaussians" loading="lazy">'
+                    + '</div><p class="note">The 3D Gaussians the mesh was made from (gaussians.ply, which 3DGS '
+                      "splat viewers open), rendered by threed's splat rasterizer from evenly spaced views.</p>")
+
     body.append("<h2>Final metrics</h2>")
     metrics: dict[str, Any] = {}
     if done:
@@ -353,8 +361,9 @@ def write_run_report(run_dir: Path | str) -> Path:
     body.append("<h2>Config</h2>")
     body.append(f"<pre>{_esc(config_text)}</pre>" if config_text else _placeholder("No config.yaml in this folder."))
     kept = sorted(p.name for p in run_dir.glob("mesh-*.*") if p.suffix in (".glb", ".obj", ".mtl", ".png", ".ply"))
-    files = [n for n in ("mesh.glb", "mesh.obj", "mesh.mtl", "mesh.png", "mesh.ply", *kept, "turntable.mp4",
-                         "preview.png", "config.yaml", "metrics.jsonl", "mesh.json") if _exists(run_dir, n)]
+    files = [n for n in ("mesh.glb", "mesh.obj", "mesh.mtl", "mesh.png", "mesh.ply", *kept, "gaussians.ply",
+                         "gaussians.png", "turntable.mp4", "preview.png", "config.yaml", "metrics.jsonl", "mesh.json")
+             if _exists(run_dir, n)]
     if files:
         body.append("<h2>Files</h2><p>" + " · ".join(f'<a href="{_href(n)}">{_esc(n)}</a>' for n in files) + "</p>")
     body.append(embedded)

@@ -51,6 +51,19 @@ def nearest_neighbour_scale(points: Tensor, k: int = 3, chunk: int = 2048) -> Te
     return torch.cat(out).clamp_min(1e-7).sqrt()
 
 
+def morton_order(points: Tensor, bits: int = 10) -> Tensor:
+    """The permutation that sorts (M, 3) points along a Z-order curve over their bounding box (2^bits cells a
+    side): consecutive points in it are near each other in space."""
+    lo = points.min(dim=0).values
+    span = (points.max(dim=0).values - lo).clamp_min(1e-12)
+    cells = ((points - lo) / span * (2 ** bits - 1)).round().long()
+    code = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
+    for bit in range(bits):
+        for axis in range(3):
+            code |= ((cells[:, axis] >> bit) & 1) << (3 * bit + axis)
+    return torch.argsort(code)
+
+
 class Gaussians(nn.Module):
     """N Gaussians (see the module docstring); the densification statistics are buffers, so a checkpoint
     resumes them exactly."""
@@ -118,12 +131,13 @@ class Gaussians(nn.Module):
 
     # -- the summed opacity field (mesh extraction) -----------------------------------------------------
     @torch.no_grad()
-    def field(self, points: Tensor, min_opacity: float = 0.005, chunk: int = 512) -> tuple[Tensor, Tensor]:
+    def field(self, points: Tensor, min_opacity: float = 0.005, chunk: int = 128) -> tuple[Tensor, Tensor]:
         """At (M, 3) points: the summed opacity field Σ o_i exp(-½ dᵀ Σ_i⁻¹ d) (DreamGaussian's
         `extract_fields`, Gaussians above `min_opacity` only) and the colour it weights, Σ w_i c_i / Σ w_i
         (grey where the field is empty). Each Gaussian counts within 3 of its largest standard deviations
-        (beyond, its weight is below 1.2% of its opacity); points go `chunk` at a time against the Gaussians
-        near them."""
+        along each axis (beyond, its weight is below 1.2% of its opacity). The points go `chunk` at a time in
+        Morton order, so that each chunk is a small cluster of space that few Gaussians reach: only those are
+        evaluated there (the result does not depend on the order or the chunk)."""
         keep = self.opacities > min_opacity
         means, opac, colors = self.means[keep], self.opacities[keep], self.colors[keep]
         rot = quaternion_to_rotation(self.quaternions[keep])
@@ -131,20 +145,25 @@ class Gaussians(nn.Module):
         reach = 3.0 * self.scales[keep].max(dim=1).values
         density = points.new_zeros(points.shape[0])
         color = points.new_full((points.shape[0], 3), 0.5)
+        if points.shape[0] == 0 or means.shape[0] == 0:
+            return density, color
+        order = morton_order(points)
         for start in range(0, points.shape[0], chunk):
-            p = points[start:start + chunk]
+            rows = order[start:start + chunk]
+            p = points[rows]
             lo, hi = p.min(dim=0).values, p.max(dim=0).values
             near = ((means + reach[:, None] > lo) & (means - reach[:, None] < hi)).all(dim=1)
             if not bool(near.any()):
                 continue
             idx = near.nonzero().squeeze(1)
             d = p[:, None, :] - means[idx][None]  # (P, G, 3)
+            inside = (d.abs() < reach[idx][None, :, None]).all(dim=-1)  # the point within the Gaussian's box
             local = torch.einsum("pgi,gij->pgj", d, rot[idx]) * inv_scales[idx]  # Rᵀ d / s per axis
-            w = opac[idx] * torch.exp(-0.5 * local.square().sum(-1))
+            w = torch.where(inside, opac[idx] * torch.exp(-0.5 * local.square().sum(-1)), torch.zeros(()))
             total = w.sum(dim=1)
-            density[start:start + chunk] = total
+            density[rows] = total
             filled = total > 1e-8
-            color[start:start + chunk][filled] = (w @ colors[idx])[filled] / total[filled, None]
+            color[rows[filled]] = (w[filled] @ colors[idx]) / total[filled, None]
         return density, color
 
     # -- adaptive density control ---------------------------------------------------------------------

@@ -12,8 +12,10 @@ A pixel p composites the Gaussians covering it front to back, sorted by camera d
     C = Σ_i c_i α_i T_i + T_final · background,   T_i = Π_{j<i} (1 - α_j),
 stopping before the Gaussian that would take T below 1e-4. Which Gaussians a pixel considers is decided per
 block of pixels from the 3σ boxes, as the CUDA kernels decide it per 16x16 tile (the default block is that
-tile): the image is computed one block at a time with only the Gaussians whose boxes touch it, which bounds
-memory by the block's pixels times the Gaussians there, not by the image's pixels times all Gaussians. No tile lists, no custom kernels: autograd
+tile). Of those pairs only the ones that contribute are evaluated with gradients (`rasterize`): a pixel
+near enough for α ≥ 1/255 and not yet stopped; the others add nothing to the sum above, so the image and its
+gradients are those of the dense evaluation (tests/test_splat.py checks it), at a cost that grows with the
+pairs that matter rather than with pixels x Gaussians. No tile lists, no custom kernels: autograd
 differentiates everything, in any dtype (the tests check the gradients in float64).
 
 Image conventions are `threed.cameras.Cameras.rays()`'s: OpenGL camera (looking along -z, y up), square
@@ -112,59 +114,103 @@ def project(means: Tensor, covariances: Tensor, w2c: Tensor, focal: float, width
     return Projected(means2d, conics, depth, radii)
 
 
-def _composite_block(pixels: Tensor, means2d: Tensor, conics: Tensor, opacities: Tensor, features: Tensor
-                     ) -> tuple[Tensor, Tensor]:
-    """(P, 2) pixel centres against (M, ...) Gaussians sorted front to back -> ((P, C) Σ w_i f_i, (P,) Σ w_i)."""
-    d = pixels[:, None, :] - means2d[None, :, :]  # (P, M, 2)
-    power = -0.5 * (conics[:, 0] * d[..., 0] ** 2 + conics[:, 2] * d[..., 1] ** 2) - conics[:, 1] * d[..., 0] * d[..., 1]
-    alpha = (opacities * torch.exp(power)).clamp(max=ALPHA_MAX)
-    alpha = torch.where(alpha >= ALPHA_MIN, alpha, torch.zeros_like(alpha))
-    keep = torch.cumprod(1.0 - alpha, dim=1)  # transmittance after each Gaussian
-    alpha = torch.where(keep.detach() >= T_MIN, alpha, torch.zeros_like(alpha))  # stop before T < 1e-4
-    trans = torch.cumprod(1.0 - alpha, dim=1)
-    before = torch.cat([torch.ones_like(trans[:, :1]), trans[:, :-1]], dim=1)
-    weights = alpha * before
-    return weights @ features, weights.sum(dim=1)
+def _candidate_pairs(means2d: Tensor, radii: Tensor, half_x: Tensor, half_y: Tensor, width: int, height: int,
+                     block: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(column, row, Gaussian index) of every pair where Gaussian n's α may reach 1/255: the pixels whose
+    centres lie within (half_x[n], half_y[n]) of its mean, in the blocks its 3σ box touches (a pixel considers
+    the Gaussians whose boxes touch its block). Ordered by Gaussian, then row, then column."""
+    device = means2d.device
+    u, v = means2d[:, 0], means2d[:, 1]
+
+    def span(centre: Tensor, half: Tensor, size: int) -> tuple[Tensor, Tensor]:
+        blocks = -(-size // block)
+        first = torch.floor((centre - radii) / block).clamp(0, blocks - 1).long() * block  # blocks touched
+        last = ((torch.ceil((centre + radii) / block).long() - 1).clamp(0, blocks - 1) + 1) * block - 1
+        lo = torch.maximum(torch.ceil(centre - half - 0.5).long(), first).clamp_min(0)  # pixel centres within
+        hi = torch.minimum(torch.floor(centre + half - 0.5).long(), last).clamp_max(size - 1)
+        return lo, (hi - lo + 1).clamp_min(0)
+
+    x0, nx = span(u, half_x, width)
+    y0, ny = span(v, half_y, height)
+    counts = nx * ny
+    gauss = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
+    k = torch.arange(len(gauss), device=device) - (torch.cumsum(counts, 0) - counts)[gauss]
+    nxg = nx[gauss]
+    row = torch.div(k, nxg, rounding_mode="floor")
+    return x0[gauss] + (k - row * nxg), y0[gauss] + row, gauss
+
+
+def _alphas(col: Tensor, row: Tensor, gauss: Tensor, means2d: Tensor, conics: Tensor, opacities: Tensor) -> Tensor:
+    """α of each (pixel, Gaussian) pair, clamped at 0.99 and 0 below 1/255."""
+    # index_select, not [gauss]: its backward sums the repeated rows in a fixed order (deterministic)
+    m, con = means2d.index_select(0, gauss), conics.index_select(0, gauss)
+    dx, dy = col.to(m.dtype) + 0.5 - m[:, 0], row.to(m.dtype) + 0.5 - m[:, 1]
+    power = -0.5 * (con[:, 0] * dx * dx + con[:, 2] * dy * dy) - con[:, 1] * dx * dy
+    alpha = (opacities.index_select(0, gauss) * torch.exp(power)).clamp(max=ALPHA_MAX)
+    return torch.where(alpha >= ALPHA_MIN, alpha, torch.zeros_like(alpha))
+
+
+def _segment_exclusive_log_transmittance(alpha: Tensor, first: Tensor) -> Tensor:
+    """Σ_{j<i} log(1 - α_j) over the earlier pairs of the same pixel (pairs grouped by pixel, `first[i]` the
+    index of its pixel's first pair), summed in float64 so that the running total over all pixels cancels
+    exactly enough."""
+    logs = torch.log1p(-alpha).double()
+    inclusive = torch.cumsum(logs, 0)
+    exclusive = inclusive - logs
+    return exclusive - exclusive.index_select(0, first)
 
 
 def rasterize(projected: Projected, opacities: Tensor, features: Tensor, width: int, height: int,
               block: int = 16) -> tuple[Tensor, Tensor]:
     """Front-to-back alpha compositing of one view's projected Gaussians: (N,) opacities and (N, C)
     features (colours, depth, ...) -> ((H, W, C) Σ w_i f_i, (H, W) accumulated opacity 1 - T_final). The
-    background is the caller's: C + (1 - opacity) · background."""
+    background is the caller's: C + (1 - opacity) · background.
+
+    Only the (pixel, Gaussian) pairs that contribute are evaluated with gradients: pixels inside the bounding
+    box of the Gaussian's α = 1/255 ellipse in blocks its 3σ box touches, with α ≥ 1/255, before their
+    pixel's transmittance falls below 1e-4. Every other pair adds α = 0 and no gradient in the dense formula,
+    so leaving it out changes nothing."""
     visible = projected.radii > 0
     order = torch.argsort(projected.depths.detach().masked_fill(~visible, float("inf")))
     order = order[: int(visible.sum())]
     means2d, conics = projected.means2d[order], projected.conics[order]
-    radii = projected.radii[order].to(means2d.dtype)
     opac, feats = opacities[order], features[order]
-    dtype, device = means2d.dtype, means2d.device
-    lo, hi = means2d.detach() - radii[:, None], means2d.detach() + radii[:, None]
-    out = features.new_zeros(height, width, features.shape[-1])
-    acc = features.new_zeros(height, width)
-    rows_out, acc_rows = [], []
-    for y0 in range(0, height, block):
-        y1 = min(y0 + block, height)
-        row_cols, row_acc = [], []
-        band = (hi[:, 1] > y0) & (lo[:, 1] < y1)
-        for x0 in range(0, width, block):
-            x1 = min(x0 + block, width)
-            sel = band & (hi[:, 0] > x0) & (lo[:, 0] < x1)
-            if not bool(sel.any()):
-                row_cols.append(out[y0:y1, x0:x1])
-                row_acc.append(acc[y0:y1, x0:x1])
-                continue
-            ys = torch.arange(y0, y1, device=device, dtype=dtype) + 0.5
-            xs = torch.arange(x0, x1, device=device, dtype=dtype) + 0.5
-            gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-            pixels = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=-1)
-            idx = sel.nonzero().squeeze(1)
-            color, alpha = _composite_block(pixels, means2d[idx], conics[idx], opac[idx], feats[idx])
-            row_cols.append(color.reshape(y1 - y0, x1 - x0, -1))
-            row_acc.append(alpha.reshape(y1 - y0, x1 - x0))
-        rows_out.append(torch.cat(row_cols, dim=1))
-        acc_rows.append(torch.cat(row_acc, dim=1))
-    return torch.cat(rows_out, dim=0), torch.cat(acc_rows, dim=0)
+    with torch.no_grad():
+        m2, con, op = means2d.detach(), conics.detach(), opac.detach()
+        # α ≥ 1/255 needs dᵀ Σ'⁻¹ d ≤ k² = 2 ln(255 o): inside that ellipse's bounding box, whose half-widths
+        # are k √Σ'_xx and k √Σ'_yy (Σ' from its inverse, the conic), widened by a hundredth of a pixel
+        k = torch.sqrt(2.0 * torch.log((op * 255.0).clamp_min(1.0)))
+        det = (con[:, 0] * con[:, 2] - con[:, 1] ** 2).clamp_min(1e-30)
+        half_x = k * torch.sqrt(con[:, 2] / det) + 0.01
+        half_y = k * torch.sqrt(con[:, 0] / det) + 0.01
+        col, row, gauss = _candidate_pairs(m2, projected.radii[order].to(m2.dtype), half_x, half_y, width, height,
+                                           block)
+        alpha = _alphas(col, row, gauss, m2, con, op)
+        hit = alpha > 0
+        pixel, gauss, alpha = (row * width + col)[hit], gauss[hit], alpha[hit]
+        by_pixel = torch.argsort(pixel, stable=True)  # per pixel, front to back (the Gaussians are in depth order)
+        pixel, gauss, alpha = pixel[by_pixel], gauss[by_pixel], alpha[by_pixel]
+        first = _first_of_segment(pixel)
+        # the transmittance after each pair; a pixel stops before the pair that takes it below 1e-4
+        after = torch.exp(_segment_exclusive_log_transmittance(alpha, first) + torch.log1p(-alpha).double())
+        live = after >= T_MIN
+        pixel, gauss = pixel[live], gauss[live]
+        first = _first_of_segment(pixel)
+    alpha = _alphas(pixel % width, torch.div(pixel, width, rounding_mode="floor"), gauss, means2d, conics, opac)
+    trans = torch.exp(_segment_exclusive_log_transmittance(alpha, first)).to(alpha.dtype)
+    weights = alpha * trans
+    out = features.new_zeros(height * width, features.shape[-1]).index_add(
+        0, pixel, weights[:, None] * feats.index_select(0, gauss))
+    acc = features.new_zeros(height * width).index_add(0, pixel, weights)
+    return out.reshape(height, width, -1), acc.reshape(height, width)
+
+
+def _first_of_segment(keys: Tensor) -> Tensor:
+    """For sorted `keys`, the index of the first element equal to each."""
+    index = torch.arange(len(keys), device=keys.device)
+    starts = torch.ones_like(keys, dtype=torch.bool)
+    starts[1:] = keys[1:] != keys[:-1]
+    return torch.cummax(torch.where(starts, index, torch.zeros_like(index)), 0).values
 
 
 @dataclass

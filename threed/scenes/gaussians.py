@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from threed.cameras import Cameras
+from threed.cameras import Cameras, orbit_cameras
 from threed.config import Config
 from threed.errors import UserError, first_line
 from threed.fields.dmtet import DMTetGeometry
@@ -36,8 +36,9 @@ from threed.scenes import ExportedMesh, render_each, weight_used
 from threed.scenes.mesh import MeshScene
 from threed.scenes.nerf import silhouette_cameras
 
-PREVIEW_GREY = 0.7
-GAUSSIANS_PLY = "gaussians.ply"  # the colour of every Gaussian in a "textureless" render
+PREVIEW_GREY = 0.7  # the colour of every Gaussian in a "textureless" render
+GAUSSIANS_PLY = "gaussians.ply"
+GAUSSIANS_PNG = "gaussians.png"  # the Gaussians themselves, splatted from evenly spaced views (the report's)
 
 
 class GaussianScene:
@@ -166,14 +167,27 @@ class GaussianScene:
         """The opacity-weighted colour of the Gaussians at (M, 3) points."""
         return self.gaussians.field(points)[1]
 
+    @torch.no_grad()
     def export_files(self, run_dir: Path) -> list[Path]:
-        """The Gaussians as a standard 3DGS .ply (RUN/gaussians.ply) that splat viewers open."""
+        """The Gaussians as a standard 3DGS .ply (RUN/gaussians.ply) that splat viewers open, and a row of
+        export.preview_views renders of them by the splat rasterizer (RUN/gaussians.png; none when 0), the
+        report's picture of the Gaussians beside the mesh they became."""
         from exporters.splat_ply import write_splat_ply
 
         gs = self.gaussians
         arrays = {name: p.detach().float().cpu().numpy() for name, p in gs.named_groups()}
-        return [write_splat_ply(Path(run_dir) / GAUSSIANS_PLY, arrays["means"], arrays["log_scales"],
-                                arrays["quaternions"], arrays["logit_opacities"], arrays["f_dc"])]
+        written = [write_splat_ply(Path(run_dir) / GAUSSIANS_PLY, arrays["means"], arrays["log_scales"],
+                                   arrays["quaternions"], arrays["logit_opacities"], arrays["f_dc"])]
+        n = self.cfg.export.preview_views
+        if n > 0:
+            from exporters.video import write_image_grid
+
+            side = max(16, min(256, self.cfg.export.video_resolution))
+            self.eval()
+            frames, _ = render_each(self, orbit_cameras(self.cfg.camera, n, side, side), "albedo", self.device,
+                                    False, "Gaussians")
+            written.append(write_image_grid(list(frames), Path(run_dir) / GAUSSIANS_PNG, cols=n))
+        return written
 
     @torch.no_grad()
     def export_mesh(self, resolution: int | None = None, threshold: float | None = None,
@@ -205,7 +219,8 @@ def texture_scene(cfg: Config, scene: GaussianScene, level: float, device: torch
     """DreamGaussian's second stage starts here: the surface of the Gaussians' opacity field at `level` (the
     kept mesh's) on a tetrahedral grid whose learning rates the texture section keeps at 0, and a texture field
     fitted (`fit_steps` Adam steps on `fit_batch` points near the surface, mean squared error) to the
-    Gaussians' colours there, as DreamGaussian bakes their renders into its UV texture before refining it."""
+    Gaussians' colours there, as DreamGaussian bakes their renders into its UV texture before refining it. The
+    colours are evaluated once, at 8 batches' worth of points, which the steps draw their batches from."""
     m = cfg.mesh
     scene.eval()
     geometry = DMTetGeometry.from_density(scene.density, level, bound=cfg.render.bound, resolution=m.resolution,
@@ -218,13 +233,17 @@ def texture_scene(cfg: Config, scene: GaussianScene, level: float, device: torch
         cell = 2 * cfg.render.bound / m.resolution
         generator = torch.Generator().manual_seed(cfg.seed)
         points = vertices.detach().float()
+        # the Gaussians' colours once, at a pool of points jittered within a cell of the surface (8 batches):
+        # each step then draws its batch from the pool instead of evaluating the Gaussians again
+        size = min(fit_steps, 8) * fit_batch
+        pick = torch.randint(0, len(points), (size,), generator=generator).to(points.device)
+        jitter = (torch.rand(size, 3, generator=generator).to(points.device) - 0.5) * cell
+        pool = (points[pick] + jitter).clamp(-cfg.render.bound, cfg.render.bound)
+        targets = scene.albedo(pool) if size else pool
     optimizer = torch.optim.Adam(texture.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-15)
     for _ in range(fit_steps):
-        pick = torch.randint(0, len(points), (min(fit_batch, len(points)),), generator=generator).to(points.device)
-        jitter = (torch.rand(len(pick), 3, generator=generator).to(points.device) - 0.5) * cell
-        x = (points[pick] + jitter).clamp(-cfg.render.bound, cfg.render.bound)
-        target = scene.albedo(x)
-        loss = (texture.albedo(x) - target).square().mean()
+        batch = torch.randint(0, size, (min(fit_batch, size),), generator=generator).to(points.device)
+        loss = (texture.albedo(pool[batch]) - targets[batch]).square().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
