@@ -66,7 +66,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="optimise a 3D asset from a text prompt (or a reference mesh)", epilog=EPILOG)
     p.add_argument("--prompt", help="text prompt, e.g. \"a yellow rubber duck\"")
     p.add_argument("--image", help="image-to-3D: the input image (RGBA PNG, or any image with pip install "
-                                   "'threed[image]') [method zero123]")
+                                   "'threed[image]') [method zero123; --method dreamgaussian: dreamgaussian-image]")
     p.add_argument("--method", help=f"{', '.join(methods.names())} [from the preset or the prior; dreamfusion]")
     p.add_argument("--preset", help="a preset in configs/ or a .yaml file [the method's; its CPU preset "
                                     "where no CUDA GPU is visible]")

@@ -13,7 +13,8 @@ loop. A stage's name is the one word for it everywhere: its checkpoint folder (R
 - `geometry`: ProlificDreamer's stage 2: the same start, the surface shaped from normal maps (`geometry.shading:
   normal`) under the prior's SDS alone (not the method's VSD), `geometry.steps`.
 - `gaussians`: DreamGaussian's 3D Gaussians (threed/scenes/gaussians.py), trained for `steps` from a ball,
-  densified and pruned as they train (settings: `gaussians:`).
+  densified and pruned as they train (settings: `gaussians:`); image-to-3D's (IMAGE_GAUSSIANS,
+  threed/scenes/reference.py) adds the input image's reference-view losses.
 - `texture` after `gaussians`: DreamGaussian's texture refinement, `texture.steps`: the surface of the
   Gaussians' opacity field at the level of their kept mesh (mesh-gaussians.*), kept (the texture section's
   geometry learning rates are 0), a texture field fitted to the Gaussians' colours, then trained under the
@@ -50,7 +51,7 @@ from threed.scenes import Scene
 from threed.scenes.gaussians import GaussianScene, texture_scene
 from threed.scenes.mesh import MeshScene
 from threed.scenes.nerf import NeRFScene
-from threed.scenes.reference import ReferenceViewNeRFScene
+from threed.scenes.reference import ReferenceViewGaussianScene, ReferenceViewNeRFScene
 from threed.trainer import Guidance, Trainer
 
 # (the stage's config, the previous stage's trainer, mesh.json's entry of its kept mesh, device, progress)
@@ -211,6 +212,9 @@ APPEARANCE = Stage("appearance", MeshScene, section="appearance", start=material
 
 GAUSSIANS = Stage("gaussians", GaussianScene, reads=("gaussians",),
                   diverged_hint="lower gaussians.lr_position or guidance.sd.guidance_scale and resume")
+# DreamGaussian's image run: the same Gaussians, also held to the input image from the reference camera
+IMAGE_GAUSSIANS = Stage("gaussians", ReferenceViewGaussianScene, reads=("gaussians",),
+                        diverged_hint="lower gaussians.lr_position or guidance.zero123.guidance_scale and resume")
 GAUSSIAN_TEXTURE = Stage("texture", MeshScene, section="texture", start=mesh_from_gaussians,
                          configure=mesh_stage_config, diverged_hint="lower texture.lr_texture and resume")
 

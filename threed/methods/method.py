@@ -28,6 +28,7 @@ class Method:
     refines: bool = False
     sections: tuple[str, ...] = ()  # its own guidance.<section> settings (priors.METHOD_SECTIONS), e.g. vsd
     image: bool = False  # image-to-3D: it reconstructs the object of an input image (image.path, --image)
+    image_variant: str = ""  # the method `--method <name> --image X` runs (DreamGaussian's image recipe)
 
     def build_guidance(self, cfg: Config, device: str, stage: Stage | None = None) -> Any:
         """The guidance callable for cfg (models are loaded here): the builder of the method's own section

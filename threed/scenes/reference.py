@@ -1,4 +1,5 @@
-"""Image-to-3D's scene: DreamFusion's NeRF, also seen from the reference camera and held to the input image.
+"""Image-to-3D's scenes: DreamFusion's NeRF (zero123) or DreamGaussian's Gaussians, also seen from the reference
+camera and held to the input image.
 
 Each training step the prior scores random views (the trainer's loop, unchanged); the scene's regularisers add
 what threestudio's zero123 system computes in its reference-view substep: the field rendered from the
@@ -6,6 +7,9 @@ reference camera (image.elevation, azimuth, distance, fovy) in albedo over the b
 
     rgb  = mean |render - (image * mask + background * (1 - mask))|^2     (image.loss_rgb)
     mask = mean |opacity - mask|^2,  mask = alpha > 0.5                    (image.loss_mask)
+
+DreamGaussian's image run (dreamgaussian-image) adds the same two losses to its Gaussian stage, the reference view
+rendered over the white background (its fixed camera's) while the random views take random backgrounds.
 
 The input image was framed for that camera (threed/image.py: centred, its longer side 0.8 of the frame), so
 the object it shows is reconstructed around the origin at the size the camera's field of view gives it.
@@ -24,6 +28,7 @@ from threed.config import Config
 from threed.image import ReferenceImage, reference_image
 from threed.render.volume import RenderOutput
 from threed.scenes import weight_used
+from threed.scenes.gaussians import GaussianScene
 from threed.scenes.nerf import NeRFScene
 
 
@@ -55,11 +60,15 @@ def reference_losses(out: RenderOutput, reference: ReferenceImage) -> dict[str, 
     return {"rgb": (out.rgb[0] - target).square().mean(), "mask": (out.opacity[0] - mask).square().mean()}
 
 
-class ReferenceViewNeRFScene(NeRFScene):
-    """NeRFScene with the input image's reference-view losses (see the module docstring)."""
+class ReferenceView:
+    """The input image's reference view and its losses, added to a scene class (see the module docstring):
+    `class S(ReferenceView, SomeScene)`, SomeScene taking (cfg, device, ...)."""
 
-    def __init__(self, cfg: Config, device: torch.device | str):
-        super().__init__(cfg, device)
+    cfg: Config
+    device: torch.device
+
+    def __init__(self, cfg: Config, device: torch.device | str, *args: Any, **kwargs: Any):
+        super().__init__(cfg, device, *args, **kwargs)  # type: ignore[call-arg]
         self.losses = ReferenceLosses(cfg.loss, cfg.image)
 
     @property
@@ -98,7 +107,26 @@ class ReferenceViewNeRFScene(NeRFScene):
                 "reference_mask_iou": round(mask_iou(out.opacity[0, ..., 0].cpu(), self.reference.alpha), 4)}
 
     def regularisers(self, out: RenderOutput, step: int) -> dict[str, Tensor]:
-        result = super().regularisers(out, step)
+        result = super().regularisers(out, step)  # type: ignore[misc]
         if weight_used(self.losses, "rgb") or weight_used(self.losses, "mask"):
             result.update(reference_losses(self.render_reference(self.reference_size(step)), self.reference))
         return result
+
+
+class ReferenceViewNeRFScene(ReferenceView, NeRFScene):
+    """NeRFScene with the input image's reference-view losses (zero123)."""
+
+
+class ReferenceViewGaussianScene(ReferenceView, GaussianScene):
+    """GaussianScene with the input image's reference-view losses (dreamgaussian-image). The reference view is
+    rendered over the background's fixed colour (white, as DreamGaussian's fixed camera), and the densification
+    statistics stay those of the random view, as DreamGaussian's are (it renders the reference view first)."""
+
+    def render_reference(self, size: int) -> RenderOutput:
+        views, was_training = self._views, self.background.training
+        self.background.eval()
+        try:
+            return self.render(reference_camera(self.cfg.image, size).to(self.device), "albedo")
+        finally:
+            self.background.train(was_training)
+            self._views = views
