@@ -20,6 +20,12 @@ class GaussianConfig:
     num_points: int = 5000  # started uniform in a ball
     init_radius: float = 0.5
     init_opacity: float = 0.1
+    # Start from a user's mesh (num_points on its surface) or .ply point cloud (its points) instead of the ball:
+    # centred, its up and front axes turned to +y and +z, its largest |coordinate| init_radius
+    # (threed/fields/gaussian_init.py; threed run --init-mesh, --init-mesh-up, --init-mesh-front).
+    init_mesh: str = ""
+    init_mesh_up: Literal["+x", "+y", "+z", "-x", "-y", "-z"] = "+y"
+    init_mesh_front: Literal["+x", "+y", "+z", "-x", "-y", "-z"] = "+z"
     # learning rates of the parameter groups; the position's is 3DGS's exponential decay, DreamGaussian's
     # position_lr_init/final x its spatial_lr_scale 10 over position_lr_max_steps
     lr_position: Schedule = Schedule(0, 0.01, 0.0002, 300, "exponential")
@@ -53,6 +59,8 @@ def gaussian_checks(g: GaussianConfig) -> list[tuple[bool, str, str]]:
     checks = [
         (g.num_points >= 1, "gaussians.num_points", "must be >= 1"),
         (g.init_radius > 0, "gaussians.init_radius", "must be positive"),
+        (g.init_mesh_up[1] != g.init_mesh_front[1], "gaussians.init_mesh_front",
+         "must be another axis than gaussians.init_mesh_up"),
         (0.0 < g.init_opacity < 1.0, "gaussians.init_opacity", "must be in (0, 1)"),
         (g.densify_every >= 1, "gaussians.densify_every", "must be >= 1"),
         (g.extent > 0, "gaussians.extent", "must be positive"),
