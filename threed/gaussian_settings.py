@@ -51,6 +51,12 @@ class GaussianConfig:
     grow_sizes: tuple[int, ...] = ()
     # Adam steps fitting the texture stage's field to the Gaussians' colours on their surface (its start)
     texture_fit_steps: int = 200
+    # The texture stage's objective: DreamGaussian's SDEdit refinement (sdedit: each render edited by the prior
+    # through refine_steps DDIM steps from the timestep of refine_strength, an MSE toward the edit;
+    # threed/guidance/sdedit.py), or the prior's SDS (sds). refine_strength runs over the texture stage's steps.
+    texture_objective: Literal["sdedit", "sds"] = "sdedit"
+    refine_steps: int = 50
+    refine_strength: Schedule = Schedule(0, 0.803, 0.95, 49)
     block: int = 16  # the PyTorch rasterizer's block of pixels (memory: block² x the Gaussians over it)
 
 
@@ -68,6 +74,9 @@ def gaussian_checks(g: GaussianConfig) -> list[tuple[bool, str, str]]:
         (g.opacity_reset_every >= 0, "gaussians.opacity_reset_every", "must be >= 0 (0: never)"),
         (g.block >= 1, "gaussians.block", "must be >= 1"),
         (g.texture_fit_steps >= 0, "gaussians.texture_fit_steps", "must be >= 0"),
+        (g.refine_steps >= 1, "gaussians.refine_steps", "must be >= 1"),
+        (0.0 <= g.refine_strength.bounds()[0] and g.refine_strength.bounds()[1] <= 1.0, "gaussians.refine_strength",
+         "must be in [0, 1]"),
         (len(g.grow_steps) == len(g.grow_sizes) and min(g.grow_sizes, default=1) > 0
          and list(g.grow_steps) == sorted(g.grow_steps), "gaussians.grow_steps/grow_sizes",
          "must be as many ascending steps as positive sizes"),

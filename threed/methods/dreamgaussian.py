@@ -4,8 +4,8 @@ converge in hundreds of steps rather than a NeRF's thousands, then a mesh with i
 1. `gaussians`: 5000 Gaussians started in a ball (threed/scenes/gaussians.py), splatted at 128² growing to 512²,
    under the prior's SDS with t annealed from 0.98 to 0.02; cloned, split and pruned every 50 steps.
 2. `texture`: the surface of their summed opacity field (marching cubes at 1, as DreamGaussian extracts it),
-   kept fixed, its texture started from the Gaussians' colours and refined under the prior
-   (threed/stages.py's GAUSSIAN_TEXTURE).
+   kept fixed, its texture started from the Gaussians' colours and refined toward the prior's SDEdit edits of
+   its renders (threed/guidance/sdedit.py; threed/stages.py's GAUSSIAN_TEXTURE).
 
 From an image (`--method dreamgaussian --image photo.png`, which runs `dreamgaussian-image`, DreamGaussian's
 configs/image.yaml): the prior is Zero-1-to-3 given the image, and the Gaussian stage also holds the reference
