@@ -1,6 +1,6 @@
 """`threed run --method dreamgaussian --image photo.png`: DreamGaussian's image recipe (dreamgaussian-image) end to
-end on a tiny random Zero123, both stages, the reference-view losses on the Gaussians, resume; and how a user
-reaches it."""
+end on a tiny random Zero123, both stages, the reference-view losses on the Gaussians (resume is the text
+recipe's, tests/test_dreamgaussian.py); and how a user reaches it."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def tiny_zero123(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_zero123(tmp_path_factory.mktemp("tiny") / "zero123", seed=0)
 
 
-def test_dreamgaussian_image_end_to_end_and_resume(tmp_path: Path, tiny_zero123: Path,
+def test_dreamgaussian_image_end_to_end(tmp_path: Path, tiny_zero123: Path,
                                                    capsys: pytest.CaptureFixture) -> None:
     image = _disc(tmp_path / "mug.png")
     out = tmp_path / "run"
@@ -82,26 +82,25 @@ def test_dreamgaussian_image_end_to_end_and_resume(tmp_path: Path, tiny_zero123:
     # the reference view's losses weigh in from the first step (10000 and 1000 x step / steps, reduced here)
     assert all(r["loss_rgb"] > 0 and r["loss_mask"] > 0 and np.isfinite(r["loss"]) for r in gaussian_steps)
     assert recs[-1]["done"] and recs[-1]["step"] == 6
-    code = main(["run", "--resume", str(out), "texture.steps=3", "--quiet"])
-    assert code == 0, capsys.readouterr().err
-    assert records(out)[-1]["step"] == 7
+    # the texture stage refines by Zero123's SDEdit edits (DreamGaussian's main2.py)
+    assert all("strength" in r for r in recs if r.get("stage") == "texture" and "loss" in r)
 
 
 def test_reference_view_pulls_the_gaussians_to_the_image(tmp_path: Path) -> None:
-    """The reference-view losses alone (no prior) fit the Gaussians to the input image: 200 Gaussians from the
-    ball, 30 Adam steps at 24² (metrics at the image's 64²). Measured (seed 0): mask IoU 0.485 -> 0.963, colour
-    PSNR 10.58 -> 14.23 dB, 12-17 s of CPU on the loaded 2-core machine. Thresholds: IoU 0.9 and a PSNR gain
-    of 2.5 dB (the untrained ball fails both)."""
+    """The reference-view losses alone (no prior) fit the Gaussians to the input image: 100 Gaussians from the
+    ball, 20 Adam steps at 24² (metrics at the image's 64²). Measured (seed 0): mask IoU 0.427 -> 0.955, colour
+    PSNR 10.44 -> 13.12 dB, 3-6 s of CPU on the loaded 2-core machine. Thresholds: IoU 0.9 and a PSNR gain of
+    2 dB (the untrained ball fails both)."""
     image = _disc(tmp_path / "disc.png")
     cfg = build_config("dreamgaussian-image", [f"image.path={image}", "image.size=64", "image.sizes=[[0, 24]]",
-                                               "gaussians.num_points=200", "device=cpu", "image.loss_rgb=1.0",
+                                               "gaussians.num_points=100", "device=cpu", "image.loss_rgb=1.0",
                                                "image.loss_mask=1.0"])
     torch.manual_seed(0)
     scene = ReferenceViewGaussianScene(cfg, "cpu")
     before = scene.reference_metrics()
     optimizer = torch.optim.Adam([{"params": p, "lr": s(100)} for p, s in scene.param_groups()], eps=1e-15)
     scene.train()
-    for step in range(30):
+    for step in range(20):
         losses = scene.regularisers(None, step)
         optimizer.zero_grad()
         (losses["rgb"] + losses["mask"]).backward()
@@ -109,4 +108,4 @@ def test_reference_view_pulls_the_gaussians_to_the_image(tmp_path: Path) -> None
     scene.eval()
     after = scene.reference_metrics()
     assert after["reference_mask_iou"] >= 0.9 > before["reference_mask_iou"], (before, after)
-    assert after["reference_psnr"] >= before["reference_psnr"] + 2.5, (before, after)
+    assert after["reference_psnr"] >= before["reference_psnr"] + 2.0, (before, after)
