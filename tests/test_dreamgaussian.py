@@ -25,7 +25,7 @@ TINY = ["render.width=16", "render.height=16", "gaussians.num_points=400", "gaus
         "field.n_levels=4", "field.max_resolution=64", "field.log2_hashmap_size=12", "export.resolution=32",
         "export.threshold=0.2", "export.video_frames=4", "export.video_resolution=32", "export.preview_views=2",
         "export.texture_size=64", "texture.steps=2", "texture.resolution=16", "texture.width=32",
-        "texture.height=32", "gaussians.texture_fit_steps=5", "log_every=1", "checkpoint_every=2"]
+        "texture.height=32", "gaussians.texture_fit_steps=5", "gaussians.refine_steps=10", "log_every=1", "checkpoint_every=2"]
 
 
 def run_cli(args, capsys):

@@ -63,13 +63,17 @@ def entry_id(entry: dict) -> str:
 
 
 def resolve(name: str, raw: dict[str, dict]) -> dict:
-    """A record with the entries of the record it `inherits` from, its own replacing those with the same id."""
+    """A record with the entries of the record it `inherits` from, its own replacing those with the same id and
+    those it `omits` (ids of settings it does not have, e.g. another prior's) dropped."""
     record = dict(raw[name])
     parent = record.get("inherits")
     if parent:
         base = resolve(parent, raw)
         own = {entry_id(e): e for e in record.get("settings", [])}
-        merged = [own.pop(entry_id(e), e) for e in base["settings"]]
+        omitted = set(record.get("omits", []))
+        unknown = omitted - {entry_id(e) for e in base["settings"]}
+        assert not unknown, f"{name}: omits {sorted(unknown)}, which {parent}'s record does not have"
+        merged = [own.pop(entry_id(e), e) for e in base["settings"] if entry_id(e) not in omitted]
         record["settings"] = merged + list(own.values())
         record.setdefault("reference", base.get("reference"))
     return record
@@ -404,7 +408,10 @@ def render_doc() -> str:
         if record.get("inherits"):
             own = load(f"{preset}.yaml")["settings"]
             lines[-1] += (f" Every setting not listed here is `{record['inherits']}`'s, with its row in that table "
-                          f"(the test checks each against this preset's value).")
+                          f"(the test checks each against this preset's value)")
+            omits = load(f"{preset}.yaml").get("omits")
+            lines[-1] += (f", except {', '.join(f'`{k}`' for k in omits)}, which this preset does not have." if omits
+                          else ".")
         lines[-1] += " " + summary(own)
         lines += ["", "| setting | threed | reference | source | note |", "| --- | --- | --- | --- | --- |"]
         lines += [entry_row(e) for e in own]

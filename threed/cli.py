@@ -66,7 +66,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="optimise a 3D asset from a text prompt (or a reference mesh)", epilog=EPILOG)
     p.add_argument("--prompt", help="text prompt, e.g. \"a yellow rubber duck\"")
     p.add_argument("--image", help="image-to-3D: the input image (RGBA PNG, or any image with pip install "
-                                   "'threed[image]') [method zero123]")
+                                   "'threed[image]') [method zero123; --method dreamgaussian: dreamgaussian-image]")
     p.add_argument("--method", help=f"{', '.join(methods.names())} [from the preset or the prior; dreamfusion]")
     p.add_argument("--preset", help="a preset in configs/ or a .yaml file [the method's; its CPU preset "
                                     "where no CUDA GPU is visible]")
@@ -80,7 +80,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="magic3d-refine: refine the NeRF of the run in DIR, in a new run [--out: DIR-refine]")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--init-mesh", dest="init_mesh", metavar="PATH",
-                   help="fantasia3d: start the surface from this guide mesh instead of a sphere (geometry.init.mesh)")
+                   help="fantasia3d: start the surface from this guide mesh instead of a sphere (geometry.init.mesh); "
+                        "dreamgaussian: start the Gaussians on this mesh's surface or .ply point cloud instead of a "
+                        "ball (gaussians.init_mesh)")
     p.add_argument("--init-mesh-up", dest="init_mesh_up", choices=("+x", "+y", "+z", "-x", "-y", "-z"),
                    help="the guide mesh's up axis [+y]")
     p.add_argument("--init-mesh-front", dest="init_mesh_front", choices=("+x", "+y", "+z", "-x", "-y", "-z"),
@@ -135,12 +137,33 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _starts_from_gaussians(args: argparse.Namespace) -> bool:
+    """Whether the run's method (--method, else the preset's `method:`) starts from Gaussians (dreamgaussian)."""
+    from threed import methods
+
+    name = args.method
+    if not name and args.preset:
+        from threed.config import load_yaml, preset_path
+
+        name = (load_yaml(preset_path(args.preset)) or {}).get("method")
+    return bool(name) and any("gaussians" in stage.reads for stage in methods.get(str(name)).stages)
+
+
 def _fantasia3d_options(args: argparse.Namespace) -> None:
-    """--init-mesh, its axes and --env-map as overrides of the geometry and appearance sections, the files
-    checked now (a missing, empty or unreadable one is one line) and kept as absolute paths for --resume."""
+    """--init-mesh, its axes and --env-map as overrides of the geometry and appearance sections (for a method
+    that starts from Gaussians, --init-mesh and its axes as gaussians.init_mesh*), the files checked now (a
+    missing, empty or unreadable one is one line) and kept as absolute paths for --resume."""
     given = {"geometry.init.mesh": args.init_mesh, "geometry.init.mesh_up": args.init_mesh_up,
              "geometry.init.mesh_front": args.init_mesh_front, "appearance.env_map": args.env_map}
-    if args.init_mesh:
+    if (args.init_mesh or args.init_mesh_up or args.init_mesh_front) and _starts_from_gaussians(args):
+        given = {"gaussians.init_mesh": args.init_mesh, "gaussians.init_mesh_up": args.init_mesh_up,
+                 "gaussians.init_mesh_front": args.init_mesh_front, "appearance.env_map": args.env_map}
+        if args.init_mesh:
+            from threed.fields.gaussian_init import check_init_points
+
+            check_init_points(args.init_mesh)
+            given["gaussians.init_mesh"] = str(Path(args.init_mesh).resolve())
+    elif args.init_mesh:
         from threed.fields.sdf_init import load_guide_mesh
 
         load_guide_mesh(args.init_mesh)

@@ -20,6 +20,12 @@ class GaussianConfig:
     num_points: int = 5000  # started uniform in a ball
     init_radius: float = 0.5
     init_opacity: float = 0.1
+    # Start from a user's mesh (num_points on its surface) or .ply point cloud (its points) instead of the ball:
+    # centred, its up and front axes turned to +y and +z, its largest |coordinate| init_radius
+    # (threed/fields/gaussian_init.py; threed run --init-mesh, --init-mesh-up, --init-mesh-front).
+    init_mesh: str = ""
+    init_mesh_up: Literal["+x", "+y", "+z", "-x", "-y", "-z"] = "+y"
+    init_mesh_front: Literal["+x", "+y", "+z", "-x", "-y", "-z"] = "+z"
     # learning rates of the parameter groups; the position's is 3DGS's exponential decay, DreamGaussian's
     # position_lr_init/final x its spatial_lr_scale 10 over position_lr_max_steps
     lr_position: Schedule = Schedule(0, 0.01, 0.0002, 300, "exponential")
@@ -45,6 +51,12 @@ class GaussianConfig:
     grow_sizes: tuple[int, ...] = ()
     # Adam steps fitting the texture stage's field to the Gaussians' colours on their surface (its start)
     texture_fit_steps: int = 200
+    # The texture stage's objective: DreamGaussian's SDEdit refinement (sdedit: each render edited by the prior
+    # through refine_steps DDIM steps from the timestep of refine_strength, an MSE toward the edit;
+    # threed/guidance/sdedit.py), or the prior's SDS (sds). refine_strength runs over the texture stage's steps.
+    texture_objective: Literal["sdedit", "sds"] = "sdedit"
+    refine_steps: int = 50
+    refine_strength: Schedule = Schedule(0, 0.803, 0.95, 49)
     block: int = 16  # the PyTorch rasterizer: a pixel considers the Gaussians whose 3σ boxes touch its block (a tile)
 
 
@@ -53,6 +65,8 @@ def gaussian_checks(g: GaussianConfig) -> list[tuple[bool, str, str]]:
     checks = [
         (g.num_points >= 1, "gaussians.num_points", "must be >= 1"),
         (g.init_radius > 0, "gaussians.init_radius", "must be positive"),
+        (g.init_mesh_up[1] != g.init_mesh_front[1], "gaussians.init_mesh_front",
+         "must be another axis than gaussians.init_mesh_up"),
         (0.0 < g.init_opacity < 1.0, "gaussians.init_opacity", "must be in (0, 1)"),
         (g.densify_every >= 1, "gaussians.densify_every", "must be >= 1"),
         (g.extent > 0, "gaussians.extent", "must be positive"),
@@ -60,6 +74,9 @@ def gaussian_checks(g: GaussianConfig) -> list[tuple[bool, str, str]]:
         (g.opacity_reset_every >= 0, "gaussians.opacity_reset_every", "must be >= 0 (0: never)"),
         (g.block >= 1, "gaussians.block", "must be >= 1"),
         (g.texture_fit_steps >= 0, "gaussians.texture_fit_steps", "must be >= 0"),
+        (g.refine_steps >= 1, "gaussians.refine_steps", "must be >= 1"),
+        (0.0 <= g.refine_strength.bounds()[0] and g.refine_strength.bounds()[1] <= 1.0, "gaussians.refine_strength",
+         "must be in [0, 1]"),
         (len(g.grow_steps) == len(g.grow_sizes) and min(g.grow_sizes, default=1) > 0
          and list(g.grow_steps) == sorted(g.grow_steps), "gaussians.grow_steps/grow_sizes",
          "must be as many ascending steps as positive sizes"),

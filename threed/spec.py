@@ -158,11 +158,14 @@ def _inferred_prior(opts: RunOptions) -> str | None:
 
 
 def choose_method(opts: RunOptions, preset_data: dict | None, prior: str | None) -> methods.Method:
-    """--method, else the preset's `method:`, else the method whose default prior is `prior`; an error only
-    when the method named and the preset's truly differ."""
+    """--method (with --image, the method's image variant where it has one), else the preset's `method:`, else
+    the method whose default prior is `prior`; an error only when the method named and the preset's truly
+    differ."""
     from_preset = preset_data.get("method") if preset_data else None
     if opts.method:
         method = methods.get(opts.method)
+        if getattr(opts, "image", None) and method.image_variant:
+            method = methods.get(method.image_variant)  # `--method dreamgaussian --image X`: its image recipe
         if from_preset and methods.get(str(from_preset)).name != method.name:
             raise UserError(f"preset {opts.preset} is for method {from_preset}, not {method.name}: "
                             f"drop --method or pass a preset of {method.name} ({method.preset})")

@@ -13,11 +13,12 @@ loop. A stage's name is the one word for it everywhere: its checkpoint folder (R
 - `geometry`: ProlificDreamer's stage 2: the same start, the surface shaped from normal maps (`geometry.shading:
   normal`) under the prior's SDS alone (not the method's VSD), `geometry.steps`.
 - `gaussians`: DreamGaussian's 3D Gaussians (threed/scenes/gaussians.py), trained for `steps` from a ball,
-  densified and pruned as they train (settings: `gaussians:`).
+  densified and pruned as they train (settings: `gaussians:`); image-to-3D's (IMAGE_GAUSSIANS,
+  threed/scenes/reference.py) adds the input image's reference-view losses.
 - `texture` after `gaussians`: DreamGaussian's texture refinement, `texture.steps`: the surface of the
   Gaussians' opacity field at the level of their kept mesh (mesh-gaussians.*), kept (the texture section's
-  geometry learning rates are 0), a texture field fitted to the Gaussians' colours, then trained under the
-  prior.
+  geometry learning rates are 0), a texture field fitted to the Gaussians' colours, then trained toward the
+  prior's SDEdit edits of its renders (gaussians.texture_objective, threed/guidance/sdedit.py) or its SDS.
 - `texture`: ProlificDreamer's stage 3: the geometry stage's surface, kept (its geometry learning rates are 0),
   its texture trained under the method's guidance (VSD, with a particle score of its own), `texture.steps`.
 
@@ -43,6 +44,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from threed.config import Config
+from threed.errors import UserError
 from threed.fields.nerf import NeRFField
 from threed.render.background import Background
 from threed.rundir import RunDir, load_checkpoint
@@ -50,7 +52,7 @@ from threed.scenes import Scene
 from threed.scenes.gaussians import GaussianScene, texture_scene
 from threed.scenes.mesh import MeshScene
 from threed.scenes.nerf import NeRFScene
-from threed.scenes.reference import ReferenceViewMeshScene, ReferenceViewNeRFScene
+from threed.scenes.reference import ReferenceViewGaussianScene, ReferenceViewMeshScene, ReferenceViewNeRFScene
 from threed.trainer import Guidance, Trainer
 
 # (the stage's config, the previous stage's trainer, mesh.json's entry of its kept mesh, device, progress)
@@ -74,6 +76,9 @@ class Stage:
     configure: Callable[[Config, str], Config] | None = None
     guidance: Literal["method", "prior"] = "method"
     reads: tuple[str, ...] = ()  # config sections only this stage reads, besides `section` (gaussians)
+    # the stage's objective around the guidance built for it (None: the guidance's own; DreamGaussian's texture
+    # stage: its SDEdit refinement, `texture_objective`)
+    objective: Callable[[Any, Config], Any] | None = None
     diverged_hint: str = "lower optim.lr or guidance.sd.guidance_scale and resume"
 
     @property
@@ -221,8 +226,26 @@ APPEARANCE = Stage("appearance", MeshScene, section="appearance", start=material
 
 GAUSSIANS = Stage("gaussians", GaussianScene, reads=("gaussians",),
                   diverged_hint="lower gaussians.lr_position or guidance.sd.guidance_scale and resume")
+# DreamGaussian's image run: the same Gaussians, also held to the input image from the reference camera
+IMAGE_GAUSSIANS = Stage("gaussians", ReferenceViewGaussianScene, reads=("gaussians",),
+                        diverged_hint="lower gaussians.lr_position or guidance.zero123.guidance_scale and resume")
+def texture_objective(guidance: Any, cfg: Config) -> Any:
+    """DreamGaussian's texture stage's objective (gaussians.texture_objective): the prior's SDEdit refinement
+    (threed/guidance/sdedit.py), or its SDS as the guidance gives it."""
+    g = cfg.gaussians
+    if g.texture_objective == "sds":
+        return guidance
+    if not hasattr(guidance, "sdedit_space"):
+        raise UserError(f"gaussians.texture_objective=sdedit needs a prior that can edit an image (stable_diffusion, "
+                        f"zero123, oracle), not {cfg.guidance.type}: pass gaussians.texture_objective=sds")
+    from threed.guidance.sdedit import SDEditGuidance
+
+    return SDEditGuidance(guidance, g.refine_strength, g.refine_steps)
+
+
 GAUSSIAN_TEXTURE = Stage("texture", MeshScene, section="texture", start=mesh_from_gaussians,
-                         configure=mesh_stage_config, diverged_hint="lower texture.lr_texture and resume")
+                         configure=mesh_stage_config, objective=texture_objective,
+                         diverged_hint="lower texture.lr_texture and resume")
 
 
 def offsets(stages: tuple[Stage, ...], cfg: Config) -> list[int]:

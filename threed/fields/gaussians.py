@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from threed.render.splat import quaternion_to_rotation, sh0_to_rgb
+from threed.render.splat import quaternion_to_rotation, rgb_to_sh0, sh0_to_rgb
 
 NAMES = ("means", "log_scales", "quaternions", "logit_opacities", "f_dc")
 
@@ -93,6 +93,17 @@ class Gaussians(nn.Module):
         means = torch.stack([r * sin_theta * torch.cos(phi), r * sin_theta * torch.sin(phi), r * cos_theta], dim=-1)
         f_dc = torch.rand(n, 3, generator=generator) / 255.0
         log_scales = torch.log(nearest_neighbour_scale(means))[:, None].repeat(1, 3)
+        quats = torch.zeros(n, 4)
+        quats[:, 0] = 1.0
+        return cls(means, log_scales, quats, logit(opacity).expand(n).clone(), f_dc)
+
+    @classmethod
+    def from_points(cls, means: Tensor, colors: Tensor | None, opacity: float) -> "Gaussians":
+        """Gaussians at given points (a user's mesh or point cloud, threed/fields/gaussian_init.py), started as
+        the ball's are; `colors` (N, 3) in [0, 1], or None for the ball's grey."""
+        n = means.shape[0]
+        f_dc = rgb_to_sh0(colors.float()) if colors is not None else torch.zeros(n, 3)
+        log_scales = torch.log(nearest_neighbour_scale(means.float()))[:, None].repeat(1, 3)
         quats = torch.zeros(n, 4)
         quats[:, 0] = 1.0
         return cls(means, log_scales, quats, logit(opacity).expand(n).clone(), f_dc)

@@ -7,6 +7,7 @@ built through the prior registry (threed/priors.py), never imported by the confi
 
 - stable_diffusion.py, oracle.py, clip.py: the priors; sds.py: the score-distillation update they share.
 - vsd.py: ProlificDreamer's variational score distillation over either diffusion prior.
+- sdedit.py: DreamGaussian's texture refinement, an MSE toward a diffusion prior's SDEdit edit of each render.
 - hub.py: finding pretrained weights (a local folder or a Hugging Face hub id); compile.py: torch.compile.
 """
 

@@ -229,6 +229,22 @@ class OracleGuidance(RandomStream):
         return torch.nn.functional.interpolate(images.permute(0, 3, 1, 2), size, mode="bilinear",
                                                align_corners=False).permute(0, 2, 3, 1)
 
+    def sdedit_space(self, rgb: Tensor, cameras: Cameras, shading: str, background: Tensor):
+        """For DreamGaussian's texture refinement (threed/guidance/sdedit.py): the renders in [-1, 1], the
+        optimal denoiser's eps of the reference views of the cameras (rendered once, for every DDIM step), the
+        map back to [0, 1] and the schedule's alphas_cumprod. `oracle_eps` of a zero image with noise
+        x_t / sqrt(1 - abar) is the denoiser's eps at x_t: (x_t - sqrt(abar) x0_hat) / sqrt(1 - abar)."""
+        background = background.detach().to(self.device)
+        refs = torch.stack([self.render_reference(c, shading, background) for c in self.reference_cameras(cameras)],
+                           dim=1).to(rgb.device, rgb.dtype) * 2.0 - 1.0
+
+        def eps_fn(x_t: Tensor, t: Tensor) -> Tensor:
+            abar = self.alphas[t.to(self.device)].to(x_t.device)
+            noise = x_t / (1.0 - abar).sqrt().view(-1, *([1] * (x_t.dim() - 1)))
+            return oracle_eps(torch.zeros_like(x_t), refs, abar, noise)[0]
+
+        return 2.0 * rgb - 1.0, eps_fn, lambda x: ((x + 1.0) / 2.0).clamp(0.0, 1.0), self.alphas
+
     def __call__(self, rgb: Tensor, cameras: Cameras, step: int, shading: str, background: Tensor, **_: object) -> dict:
         b = rgb.shape[0]
         if rgb.shape[1:3] != (cameras.height, cameras.width):

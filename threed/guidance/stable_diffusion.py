@@ -210,6 +210,18 @@ class StableDiffusionGuidance(RandomStream):
         return perp_neg.combine(eps_uncond, eps_pos, torch.stack([eps_neg0, eps_neg1], dim=1), weights,
                                 self.sd.guidance_scale)
 
+    def sdedit_space(self, rgb: Tensor, cameras: Cameras, shading: str = "albedo", background: Tensor | None = None):
+        """For DreamGaussian's texture refinement (threed/guidance/sdedit.py): the renders' latents, the guided
+        eps of the cameras' prompts (classifier-free guidance at guidance.sd.guidance_scale), the VAE decoder
+        back to (B, H, W, 3) colour in [0, 1], and the schedule's alphas_cumprod."""
+        latents = self.encode_images(rgb).float()
+
+        def to_rgb(z: Tensor) -> Tensor:
+            image = self.vae.decode((z / self.latent_scale).to(self.dtype), return_dict=False)[0].float()
+            return ((image + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1)
+
+        return latents, lambda x, t: self.guided_eps(x, t, cameras).float(), to_rgb, self.alphas_cumprod
+
     def __call__(self, rgb: Tensor, cameras: Cameras, step: int, shading: str = "albedo",
                  background: Tensor | None = None, **_: object) -> dict[str, Tensor]:
         """The SDS loss of a batch of renders, and its timestep and gradient norm as device tensors (reading

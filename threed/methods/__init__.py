@@ -16,7 +16,7 @@ __all__ = ["ALIASES", "METHODS", "Method", "for_image", "for_prior", "get", "nam
 
 METHODS: dict[str, Method] = {m.name: m for m in (dreamfusion.METHOD, clip.METHOD, *magic3d.METHODS,
                                                    prolificdreamer.METHOD, mvdream.METHOD, fantasia3d.METHOD,
-                                                   *zero123.METHODS, dreamgaussian.METHOD)}
+                                                   *zero123.METHODS, *dreamgaussian.METHODS)}
 ALIASES: dict[str, str] = {alias: m.name for m in METHODS.values() for alias in m.aliases}
 
 

@@ -28,13 +28,16 @@ class Method:
     refines: bool = False
     sections: tuple[str, ...] = ()  # its own guidance.<section> settings (priors.METHOD_SECTIONS), e.g. vsd
     image: bool = False  # image-to-3D: it reconstructs the object of an input image (image.path, --image)
+    image_variant: str = ""  # the method `--method <name> --image X` runs (DreamGaussian's image recipe)
 
     def build_guidance(self, cfg: Config, device: str, stage: Stage | None = None) -> Any:
         """The guidance callable for cfg (models are loaded here): the builder of the method's own section
         where it has one (vsd: ProlificDreamer's VSD), else the run's prior's (threed/priors.py); a stage
-        that asks for the prior alone (ProlificDreamer's geometry stage: SDS) gets the prior's."""
+        that asks for the prior alone (ProlificDreamer's geometry stage: SDS) gets the prior's; a stage with an
+        objective of its own (DreamGaussian's texture refinement) wraps it."""
         own = self.sections if stage is None or stage.guidance == "method" else ()
-        return priors.builder(cfg.guidance.type, own)(cfg, device)
+        guidance = priors.builder(cfg.guidance.type, own)(cfg, device)
+        return stage.objective(guidance, cfg) if stage is not None and stage.objective is not None else guidance
 
     def stage(self, name: str) -> Stage:
         """The stage called `name`."""

@@ -51,6 +51,12 @@ class GaussianScene:
         if g.backend == "gsplat":
             raise UserError("gaussians.backend=gsplat is not available yet: pass gaussians.backend=auto (threed's "
                             "PyTorch rasterizer, the same conventions)")
+        if gaussians is None and g.init_mesh:  # a user's mesh or point cloud (threed/fields/gaussian_init.py)
+            from threed.fields.gaussian_init import load_init_points
+
+            points, colors = load_init_points(g.init_mesh, g.num_points, g.init_radius, g.init_mesh_up,
+                                              g.init_mesh_front, cfg.seed)
+            gaussians = Gaussians.from_points(points, colors, g.init_opacity)
         if gaussians is None:
             gaussians = Gaussians.ball(g.num_points, g.init_radius, g.init_opacity,
                                        torch.Generator().manual_seed(cfg.seed))

@@ -1,4 +1,5 @@
-"""Image-to-3D's scene: DreamFusion's NeRF, also seen from the reference camera and held to the input image.
+"""Image-to-3D's scenes: DreamFusion's NeRF (zero123), Magic3D's mesh after it (zero123-mesh) or DreamGaussian's
+Gaussians (dreamgaussian-image), also seen from the reference camera and held to the input image.
 
 Each training step the prior scores random views (the trainer's loop, unchanged); the scene's regularisers add
 what threestudio's zero123 system computes in its reference-view substep: the field rendered from the
@@ -9,7 +10,9 @@ reference camera (image.elevation, azimuth, distance, fovy) in albedo over the b
 
 and, with image.regularise, the run's orientation, opacity-entropy and normal-smoothness terms of that render
 (ref_orient, ref_entropy, ref_normal_smooth, ref_normal_smooth_3d), weighted as the random views' (loss.*):
-threestudio's reference substep computes them too, all but sparsity.
+threestudio's reference substep computes them too, all but sparsity. DreamGaussian's image run adds the two
+losses to its Gaussian stage, the reference view rendered over the white background (its fixed camera's) while the
+random views take random backgrounds.
 
 The input image was framed for that camera (threed/image.py: centred, its longer side 0.8 of the frame), so
 the object it shows is reconstructed around the origin at the size the camera's field of view gives it.
@@ -29,6 +32,7 @@ from threed.image import ReferenceImage, reference_image
 from threed.render.volume import RenderOutput
 from threed.schedule import Schedule
 from threed.scenes import weight_used
+from threed.scenes.gaussians import GaussianScene
 from threed.scenes.mesh import MeshScene
 from threed.scenes.nerf import NeRFScene
 
@@ -89,6 +93,12 @@ class ReferenceView:
         return self.render(reference_camera(self.cfg.image, size).to(self.device), "albedo",  # type: ignore[attr-defined]
                            need_normals)
 
+    def reference_terms(self, step: int) -> dict[str, Tensor]:
+        """The rgb and mask losses of this step's reference render (none when both weights are zero)."""
+        if not (weight_used(self.losses, "rgb") or weight_used(self.losses, "mask")):  # type: ignore[attr-defined]
+            return {}
+        return reference_losses(self.render_reference(self.reference_size(step)), self.reference)
+
     @torch.no_grad()
     def reference_pair(self, size: int) -> list[np.ndarray]:
         """[the input image over the background, the render from the reference camera] (uint8 (size, size, 3)):
@@ -148,6 +158,29 @@ class ReferenceViewMeshScene(ReferenceView, MeshScene):
 
     def regularisers(self, out: RenderOutput, step: int) -> dict[str, Tensor]:
         result = super().regularisers(out, step)  # the surface of the random views' render
-        if weight_used(self.losses, "rgb") or weight_used(self.losses, "mask"):
-            result.update(reference_losses(self.render_reference(self.reference_size(step)), self.reference))
+        result.update(self.reference_terms(step))
+        return result
+
+
+class ReferenceViewGaussianScene(ReferenceView, GaussianScene):
+    """GaussianScene with the input image's RGB and mask losses (dreamgaussian-image). The reference view is
+    rendered over the background's fixed colour (white, as DreamGaussian's fixed camera), and the densification
+    statistics stay those of the random view, as DreamGaussian's are (it renders the reference view first)."""
+
+    def __init__(self, cfg: Config, device: torch.device | str, *args: Any, **kwargs: Any):
+        super().__init__(cfg, device, *args, **kwargs)
+        self.losses = ReferenceLosses(cfg.loss, cfg.image)
+
+    def render_reference(self, size: int, need_normals: bool = False) -> RenderOutput:
+        views, was_training = self._views, self.background.training
+        self.background.eval()
+        try:
+            return self.render(reference_camera(self.cfg.image, size).to(self.device), "albedo")
+        finally:
+            self.background.train(was_training)
+            self._views = views
+
+    def regularisers(self, out: RenderOutput, step: int) -> dict[str, Tensor]:
+        result = super().regularisers(out, step)
+        result.update(self.reference_terms(step))
         return result
