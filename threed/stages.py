@@ -229,6 +229,8 @@ GAUSSIANS = Stage("gaussians", GaussianScene, reads=("gaussians",),
 # DreamGaussian's image run: the same Gaussians, also held to the input image from the reference camera
 IMAGE_GAUSSIANS = Stage("gaussians", ReferenceViewGaussianScene, reads=("gaussians",),
                         diverged_hint="lower gaussians.lr_position or guidance.zero123.guidance_scale and resume")
+
+
 def texture_objective(guidance: Any, cfg: Config) -> Any:
     """DreamGaussian's texture stage's objective (gaussians.texture_objective): the prior's SDEdit refinement
     (threed/guidance/sdedit.py), or its SDS as the guidance gives it."""
