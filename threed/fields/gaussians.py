@@ -179,15 +179,20 @@ class Gaussians(nn.Module):
 
     # -- adaptive density control ---------------------------------------------------------------------
     @torch.no_grad()
-    def add_stats(self, means2d: list[Tensor], radii: Tensor, width: int, height: int) -> None:
+    def add_stats(self, means2d: list[Tensor] | Tensor, radii: Tensor, width: int, height: int) -> None:
         """Accumulate, per view, the NDC-space gradient norm of each visible Gaussian's projected mean, and
-        its largest radius seen (pixels)."""
+        its largest radius seen (pixels). `means2d`: per view an (N, 2) tensor of pixel means (threed's
+        rasterizer) or one (B, N, 2) tensor (gsplat's), their gradients kept by backward."""
         scale = torch.tensor([0.5 * width, 0.5 * height], device=self.means.device)
-        for view, r in zip(means2d, radii):
-            if view.grad is None:
+        if isinstance(means2d, Tensor):
+            grads = list(means2d.grad) if means2d.grad is not None else [None] * len(radii)
+        else:
+            grads = [view.grad for view in means2d]
+        for grad, r in zip(grads, radii):
+            if grad is None:
                 continue
             seen = r > 0
-            self.grad_accum[seen] += (view.grad[seen] * scale).norm(dim=-1)
+            self.grad_accum[seen] += (grad[seen] * scale).norm(dim=-1)
             self.grad_count[seen] += 1
             self.max_radii[seen] = torch.maximum(self.max_radii[seen], r[seen].to(self.max_radii.dtype))
 

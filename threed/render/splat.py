@@ -217,12 +217,13 @@ def _first_of_segment(keys: Tensor) -> Tensor:
 class SplatOutput:
     """A batch of views: (B, H, W, 3) colour composited over the background, (B, H, W, 1) opacity, (B, H, W, 1)
     expected depth (camera distance along -z, 0 where empty), and per view the pixel means ((N, 2) each, their
-    gradients kept after backward: densification reads them) and radii ((B, N))."""
+    gradients kept after backward: densification reads them; gsplat's backend gives one (B, N, 2) tensor) and
+    radii ((B, N))."""
 
     rgb: Tensor
     opacity: Tensor
     depth: Tensor
-    means2d: list[Tensor]
+    means2d: list[Tensor] | Tensor
     radii: Tensor
 
 

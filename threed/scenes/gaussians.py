@@ -1,5 +1,6 @@
 """DreamGaussian's first stage: 3D Gaussians (threed/fields/gaussians.py) splatted (threed/render/splat.py)
-over the background, densified and pruned as they train.
+over the background (or by gsplat's CUDA kernels, threed/render/splat_gsplat.py, with the same conventions:
+gaussians.backend), densified and pruned as they train.
 
 The Gaussians carry colour only (degree-0 spherical harmonics), so every render is an albedo render, as
 DreamGaussian's are; the previews' "textureless" view paints them all one grey. After each optimiser step
@@ -28,7 +29,8 @@ from threed.fields.dmtet import DMTetGeometry
 from threed.fields.gaussians import Gaussians
 from threed.fields.nerf import NeRFField
 from threed.mesh import auto_threshold, density_grid, extract_mesh
-from threed.render import splat
+from threed.render import splat, splat_gsplat
+from threed.render.splat_gsplat import choose_backend
 from threed.render.background import Background
 from threed.render.volume import RenderOutput
 from threed.schedule import Schedule
@@ -48,9 +50,7 @@ class GaussianScene:
         self.cfg = cfg
         self.device = torch.device(device)
         g = cfg.gaussians
-        if g.backend == "gsplat":
-            raise UserError("gaussians.backend=gsplat is not available yet: pass gaussians.backend=auto (threed's "
-                            "PyTorch rasterizer, the same conventions)")
+        self.backend = choose_backend(g.backend, self.device)  # gsplat on CUDA when importable, else torch
         if gaussians is None and g.init_mesh:  # a user's mesh or point cloud (threed/fields/gaussian_init.py)
             from threed.fields.gaussian_init import load_init_points
 
@@ -63,7 +63,6 @@ class GaussianScene:
         self.gaussians = gaussians.to(self.device)
         self.background = Background(cfg.render).to(self.device)
         self.losses = cfg.loss
-        self.backend = "torch"
         self.last_densify: dict[str, int] = {}
         self._views: tuple[list[Tensor], Tensor, int, int] | None = None  # the last training render's
 
@@ -120,8 +119,12 @@ class GaussianScene:
         colors = gs.colors
         if shading != "albedo":
             colors = torch.full_like(colors, PREVIEW_GREY)
-        out = splat.render(gs.means, gs.scales, gs.quaternions, gs.opacities, colors, cameras.c2w, cameras.fovy,
-                           cameras.width, cameras.height, bg, block=self.cfg.gaussians.block)
+        args = (gs.means, gs.scales, gs.quaternions, gs.opacities, colors, cameras.c2w, cameras.fovy, cameras.width,
+                cameras.height, bg)
+        if self.backend == "gsplat":
+            out = splat_gsplat.render(*args)
+        else:
+            out = splat.render(*args, block=self.cfg.gaussians.block)
         if self.gaussians.training and torch.is_grad_enabled():
             self._views = (out.means2d, out.radii.detach(), cameras.width, cameras.height)
         return RenderOutput(out.rgb, out.opacity, out.depth, bg, out.rgb.new_zeros(()))

@@ -1,0 +1,209 @@
+"""The gsplat backend of the Gaussian rasterizer (threed/render/splat_gsplat.py): its OpenCV cameras put every
+point where threed's own projection does, the backend is chosen as documented and an impossible choice is one
+line naming the fix, the first-use kernel build is announced once, and (on a CUDA machine with gsplat) its
+images, opacities, depths and pixel-mean gradients agree with threed's PyTorch rasterizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+
+import pytest
+import torch
+
+from threed.cameras import make_cameras
+from threed.config import build_config
+from threed.errors import UserError
+from threed.fields.gaussians import Gaussians
+from threed.render import splat, splat_gsplat
+from threed.scenes.gaussians import GaussianScene
+
+
+def _cameras(width: int, height: int):
+    return make_cameras(torch.tensor([15.0, -30.0, 60.0]), torch.tensor([0.0, 100.0, -150.0]),
+                        torch.tensor([2.0, 2.5, 3.0]), torch.tensor([40.0, 50.0, 60.0]), width, height)
+
+
+def _gaussians(n: int, seed: int = 0, dtype: torch.dtype = torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    means = (torch.rand(n, 3, generator=g, dtype=dtype) - 0.5) * 0.8
+    scales = 0.02 + 0.08 * torch.rand(n, 3, generator=g, dtype=dtype)
+    quats = torch.randn(n, 4, generator=g, dtype=dtype)
+    opacities = 0.2 + 0.75 * torch.rand(n, generator=g, dtype=dtype)
+    colors = torch.rand(n, 3, generator=g, dtype=dtype)
+    return means, scales, quats, opacities, colors
+
+
+def test_opencv_cameras_project_points_where_threeds_projection_does() -> None:
+    width, height = 96, 64
+    cams = _cameras(width, height)
+    c2w, fovy = cams.c2w.double(), cams.fovy.double()
+    means, scales, quats, _, _ = _gaussians(50)
+    cov = splat.covariance_3d(scales, quats)
+    viewmats, ks = splat_gsplat.opencv_cameras(c2w, fovy, width, height)
+    assert ks[:, 0, 2].tolist() == [48.0] * 3 and ks[:, 1, 2].tolist() == [32.0] * 3
+    for i in range(3):
+        ours = splat.project(means, cov, torch.linalg.inv(c2w[i]), splat.focal_length(float(fovy[i]), height),
+                             width, height)
+        cam = means @ viewmats[i, :3, :3].T + viewmats[i, :3, 3]  # OpenCV: x right, y down, z forward
+        assert bool((cam[:, 2] > 0).all())  # in front of the camera: +z
+        pix = cam @ ks[i].T
+        pix = pix[:, :2] / pix[:, 2:]
+        assert torch.allclose(pix, ours.means2d, atol=1e-9)
+        assert torch.allclose(cam[:, 2], ours.depths, atol=1e-12)
+    # a point on the optical axis lands on the image's centre, one above it on a smaller row (row 0 on top)
+    c2w0 = c2w[0]
+    ahead = c2w0[:3, 3] - c2w0[:3, 2]  # one unit along the OpenGL camera's -z
+    above = ahead + 0.1 * c2w0[:3, 1]  # and a bit along its +y (up)
+    cam = torch.stack([ahead, above]) @ viewmats[0, :3, :3].T + viewmats[0, :3, 3]
+    pix = cam @ ks[0].T
+    pix = pix[:, :2] / pix[:, 2:]
+    assert torch.allclose(pix[0], torch.tensor([48.0, 32.0], dtype=torch.float64), atol=1e-9)
+    assert float(pix[1, 1]) < 32.0 and abs(float(pix[1, 0]) - 48.0) < 1e-9
+
+
+def test_backend_choice_and_one_line_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert splat_gsplat.choose_backend("torch", "cuda") == "torch"
+    assert splat_gsplat.choose_backend("auto", "cpu") == "torch"  # never gsplat on a CPU
+    with pytest.raises(UserError, match="needs a CUDA device.*gaussians.backend=torch") as e:
+        splat_gsplat.choose_backend("gsplat", "cpu")
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="unknown gaussians.backend"):
+        splat_gsplat.choose_backend("tiles", "cpu")
+    # CUDA without gsplat: the fix is named
+    monkeypatch.setattr(splat_gsplat, "gsplat_available", lambda device: False)
+    assert splat_gsplat.choose_backend("auto", "cuda") == "torch"
+    with pytest.raises(UserError, match=r"pip install 'threed\[gsplat\]'.*gaussians.backend=torch") as e:
+        splat_gsplat.choose_backend("gsplat", "cuda")
+    assert "\n" not in str(e.value)
+    # CUDA with gsplat: auto and gsplat load its kernels; auto falls back to torch when they cannot load
+    loads = []
+    monkeypatch.setattr(splat_gsplat, "gsplat_available", lambda device: True)
+    monkeypatch.setattr(splat_gsplat, "ensure_kernels", lambda: loads.append(1))
+    assert splat_gsplat.choose_backend("auto", "cuda") == "gsplat"
+    assert splat_gsplat.choose_backend("gsplat", "cuda:0") == "gsplat"
+    assert len(loads) == 2
+
+    def fail() -> None:
+        raise UserError("gsplat found no CUDA toolkit to build its kernels")
+
+    monkeypatch.setattr(splat_gsplat, "ensure_kernels", fail)
+    assert splat_gsplat.choose_backend("auto", "cuda") == "torch"
+    with pytest.raises(UserError, match="no CUDA toolkit"):
+        splat_gsplat.choose_backend("gsplat", "cuda")
+
+
+def test_the_gaussian_scene_refuses_gsplat_on_a_cpu_in_one_line() -> None:
+    cfg = build_config("dreamgaussian", ["gaussians.backend=gsplat", "gaussians.num_points=10", "device=cpu"])
+    with pytest.raises(UserError, match="gaussians.backend=torch"):
+        GaussianScene(cfg, "cpu")
+    cfg = build_config("dreamgaussian", ["gaussians.num_points=10", "device=cpu"])
+    assert GaussianScene(cfg, "cpu").backend == "torch"  # auto
+
+
+def test_gsplat_never_sees_cpu_tensors() -> None:
+    means, scales, quats, opacities, colors = _gaussians(3, dtype=torch.float32)
+    cams = _cameras(8, 8)
+    with pytest.raises(UserError, match="CUDA only"):
+        splat_gsplat.render(means, scales, quats, opacities, colors, cams.c2w, cams.fovy, 8, 8,
+                            torch.zeros(3, 8, 8, 3))
+
+
+def test_the_kernel_build_is_announced_once_with_its_time(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    fake = types.ModuleType("gsplat")
+    fake_cuda = types.ModuleType("gsplat.cuda")
+    backend = types.ModuleType("gsplat.cuda._backend")
+    backend._C = None  # what gsplat leaves when it finds no CUDA toolkit
+    fake.cuda, fake_cuda._backend = fake_cuda, backend
+    monkeypatch.setitem(sys.modules, "gsplat", fake)
+    monkeypatch.setitem(sys.modules, "gsplat.cuda", fake_cuda)
+    monkeypatch.setitem(sys.modules, "gsplat.cuda._backend", backend)
+    monkeypatch.setattr(splat_gsplat, "_kernels_ready", False)
+    with pytest.raises(UserError, match="no CUDA toolkit.*gaussians.backend=torch"):
+        splat_gsplat.ensure_kernels()
+    backend._C = object()
+    splat_gsplat.ensure_kernels()
+    splat_gsplat.ensure_kernels()
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("gsplat: CUDA kernels ready in ") and " s " in out[0]
+
+
+def test_densification_statistics_are_the_same_from_either_layout() -> None:
+    """gsplat's (B, N, 2) pixel means feed the same NDC gradient statistics as threed's per-view list."""
+    grads = torch.randn(2, 5, 2, generator=torch.Generator().manual_seed(0))
+    radii = torch.tensor([[3, 0, 2, 1, 0], [0, 4, 2, 0, 0]])
+    stacked = torch.zeros(2, 5, 2, requires_grad=True)
+    stacked.grad = grads.clone()
+    views = []
+    for i in range(2):
+        v = torch.zeros(5, 2, requires_grad=True)
+        v.grad = grads[i].clone()
+        views.append(v)
+    a, b = (Gaussians.ball(5, 0.5, 0.1, torch.Generator().manual_seed(0)) for _ in range(2))
+    a.add_stats(views, radii, 64, 32)
+    b.add_stats(stacked, radii, 64, 32)
+    assert torch.equal(a.grad_accum, b.grad_accum) and torch.equal(a.grad_count, b.grad_count)
+    assert torch.equal(a.max_radii, b.max_radii)
+    assert float(a.grad_count.sum()) == 5.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("gsplat") is None,
+                    reason="needs CUDA and gsplat (pip install 'threed[gsplat]')")
+def test_gsplat_agrees_with_threeds_rasterizer_on_cuda() -> None:
+    """Same Gaussians, same cameras, same per-pixel background through both backends: colours, opacity and
+    depth agree per pixel, and the pixel means' gradients of the same loss (the densification statistic) agree
+    for every Gaussian both see. gsplat computes in float32 with fast exponentials, and a pixel may differ in
+    whether a Gaussian just at α = 1/255 or T = 1e-4 counts, hence the tolerances."""
+    device = torch.device("cuda")
+    width, height = 96, 64
+    cams = _cameras(width, height)
+    means, scales, quats, opacities, colors = (t.float().to(device) for t in _gaussians(300, seed=1))
+    c2w, fovy = cams.c2w.to(device), cams.fovy.to(device)
+    background = torch.rand(3, height, width, 3, generator=torch.Generator().manual_seed(2)).to(device)
+    weights = torch.rand(3, height, width, 3, generator=torch.Generator().manual_seed(3)).to(device)
+    assert splat_gsplat.choose_backend("gsplat", device) == "gsplat"
+    outs, grads = [], []
+    for backend in ("torch", "gsplat"):
+        means_ = means.clone().requires_grad_(True)
+        args = (means_, scales, quats, opacities, colors, c2w, fovy, width, height, background)
+        out = splat.render(*args) if backend == "torch" else splat_gsplat.render(*args)
+        ((out.rgb * weights).sum() + out.opacity.sum()).backward()
+        g = torch.stack([v.grad for v in out.means2d]) if isinstance(out.means2d, list) else out.means2d.grad
+        outs.append(out)
+        grads.append((g, means_.grad))
+    ours, theirs = outs
+    assert ours.rgb.shape == theirs.rgb.shape and ours.opacity.shape == theirs.opacity.shape
+    assert float((ours.opacity > 0.05).float().mean()) > 0.1  # the views see the Gaussians
+    assert (ours.rgb - theirs.rgb).abs().max() < 5e-3
+    assert (ours.opacity - theirs.opacity).abs().max() < 5e-3
+    assert (ours.depth - theirs.depth).abs().max() < 2e-2
+    both = (ours.radii > 0) & (theirs.radii > 0)
+    assert float(both.sum()) >= 0.5 * float((ours.radii > 0).sum())
+    g_ours, g_theirs = grads[0][0][both], grads[1][0][both]
+    scale = g_ours.norm(dim=-1).max()
+    assert (g_ours - g_theirs).norm(dim=-1).max() < 1e-2 * scale
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-2 * float(grads[0][1].abs().max()))
+
+
+def test_gsplat_reference_projection_matches_threeds() -> None:
+    """Where gsplat is importable (even without CUDA), its own PyTorch reference of the EWA projection, fed the
+    converted cameras, gives threed's pixel means, conics (dilation and Jacobian clamp included) and depths."""
+    torch_impl = pytest.importorskip("gsplat.cuda._torch_impl")
+    width, height = 96, 64
+    cams = _cameras(width, height)
+    c2w, fovy = cams.c2w.double(), cams.fovy.double()
+    means, scales, quats, _, _ = _gaussians(200, seed=4)
+    means = means * 4.0  # some far off the image: the Jacobian's 1.3x frustum clamp matters
+    cov = splat.covariance_3d(scales, quats)
+    viewmats, ks = splat_gsplat.opencv_cameras(c2w, fovy, width, height)
+    radii, means2d, depths, conics, _ = torch_impl._fully_fused_projection(
+        means, cov, viewmats, ks, width, height, eps2d=splat.DILATION, near_plane=0.01)
+    for i in range(3):
+        ours = splat.project(means, cov, torch.linalg.inv(c2w[i]), splat.focal_length(float(fovy[i]), height),
+                             width, height)
+        ok = (radii[i] > 0).all(-1) & (ours.radii > 0)
+        assert int(ok.sum()) > 20
+        assert torch.allclose(means2d[i][ok], ours.means2d[ok], atol=1e-9)
+        assert torch.allclose(depths[i][ok], ours.depths[ok], atol=1e-12)
+        assert torch.allclose(conics[i][ok], ours.conics[ok], rtol=1e-9, atol=1e-12)
