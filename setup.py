@@ -40,6 +40,8 @@ setup(
     extras_require={
         # nerfacc JIT-builds its CUDA kernels on first use on a GPU; tinycudann must be built from source.
         "cuda": ["nerfacc>=0.5.3"],
+        # DreamGaussian's splatting on CUDA (gaussians.backend=auto|gsplat); JIT-builds its kernels on first use
+        "gsplat": ["gsplat>=1.5,<2"],
         # image-to-3D from a photo without transparency: rembg cuts the object out (its model downloads on first use)
         "image": ["rembg[cpu]>=2.0.50"],
         # threed bench --ray: entries as Ray tasks across GPUs and nodes (imported only when asked for).
