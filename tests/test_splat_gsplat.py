@@ -152,13 +152,17 @@ def test_densification_statistics_are_the_same_from_either_layout() -> None:
                     reason="needs CUDA and gsplat (pip install 'threed[gsplat]')")
 def test_gsplat_agrees_with_threeds_rasterizer_on_cuda() -> None:
     """Same Gaussians, same cameras, same per-pixel background through both backends: colours, opacity and
-    depth agree per pixel, and the pixel means' gradients of the same loss (the densification statistic) agree
-    for every Gaussian both see. gsplat computes in float32 with fast exponentials, and a pixel may differ in
-    whether a Gaussian just at α = 1/255 or T = 1e-4 counts, hence the tolerances."""
+    depth agree per pixel, and the gradients of the same loss with respect to the pixel means (the
+    densification statistic) and the 3D means agree. The opacities stay below 0.35, where both backends
+    consider exactly the pixels with α ≥ 1/255 and no α reaches either clamp (0.99 here, 0.999 in gsplat up to
+    1.5.3; see threed/render/splat_gsplat.py); 600 of them overlap enough to composite many layers. gsplat
+    computes in float32 with fast exponentials, and a pixel may differ in whether a Gaussian just at
+    α = 1/255 counts (at most 1/255 there), hence the tolerances."""
     device = torch.device("cuda")
     width, height = 96, 64
     cams = _cameras(width, height)
-    means, scales, quats, opacities, colors = (t.float().to(device) for t in _gaussians(300, seed=1))
+    means, scales, quats, opacities, colors = (t.float().to(device) for t in _gaussians(600, seed=1))
+    opacities = 0.05 + 0.3 * (opacities - 0.2) / 0.75  # in [0.05, 0.35]
     c2w, fovy = cams.c2w.to(device), cams.fovy.to(device)
     background = torch.rand(3, height, width, 3, generator=torch.Generator().manual_seed(2)).to(device)
     weights = torch.rand(3, height, width, 3, generator=torch.Generator().manual_seed(3)).to(device)
@@ -175,15 +179,14 @@ def test_gsplat_agrees_with_threeds_rasterizer_on_cuda() -> None:
     ours, theirs = outs
     assert ours.rgb.shape == theirs.rgb.shape and ours.opacity.shape == theirs.opacity.shape
     assert float((ours.opacity > 0.05).float().mean()) > 0.1  # the views see the Gaussians
-    assert (ours.rgb - theirs.rgb).abs().max() < 5e-3
-    assert (ours.opacity - theirs.opacity).abs().max() < 5e-3
-    assert (ours.depth - theirs.depth).abs().max() < 2e-2
+    for a, b in ((ours.rgb, theirs.rgb), (ours.opacity, theirs.opacity)):
+        assert float((a - b).abs().max()) < 1e-2 and float((a - b).abs().mean()) < 1e-4
+    assert float((ours.depth - theirs.depth).abs().mean()) < 1e-3
     both = (ours.radii > 0) & (theirs.radii > 0)
-    assert float(both.sum()) >= 0.5 * float((ours.radii > 0).sum())
+    assert float(both.sum()) >= 0.9 * float((ours.radii > 0).sum())
     g_ours, g_theirs = grads[0][0][both], grads[1][0][both]
-    scale = g_ours.norm(dim=-1).max()
-    assert (g_ours - g_theirs).norm(dim=-1).max() < 1e-2 * scale
-    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-2 * float(grads[0][1].abs().max()))
+    assert float((g_ours - g_theirs).norm() / g_ours.norm()) < 1e-2
+    assert float((grads[0][1] - grads[1][1]).norm() / grads[0][1].norm()) < 1e-2
 
 
 def test_gsplat_reference_projection_matches_threeds() -> None:

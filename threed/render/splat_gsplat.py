@@ -5,10 +5,15 @@ gsplat's cameras are OpenCV's (x right, y down, looking along +z), threed's Open
 the world-to-camera matrix is threed's with its y and z rows negated, and the intrinsics put the square-pixel
 focal 0.5 H / tan(fovy / 2) on both axes and the principal point at (W / 2, H / 2). gsplat evaluates pixel
 (i, j) at (i + 0.5, j + 0.5), as threed does, so the same point lands on the same pixel. The compositing
-constants (α ≤ 0.99, skipped below 1/255, stop before T < 1e-4, 0.3 px² dilation, 1.3x frustum clamp of the
-Jacobian) are gsplat's "classic" mode's and threed's alike. gsplat's background is one colour per view, so the
-per-pixel background is composited here, C + (1 - α) · background, as threed's path does; depth is gsplat's
-accumulated z ("RGB+D"), threed's Σ w_i depth_i.
+rules (skipped below α = 1/255, stop before T < 1e-4, 0.3 px² dilation, 1.3x frustum clamp of the Jacobian)
+are gsplat's "classic" mode's and threed's alike, with one difference in gsplat's releases up to 1.5.3: their
+kernels clamp α at 0.999 where 3DGS and threed clamp at 0.99 (gsplat's development sources have 0.99 since),
+so a nearly opaque splat's centre lets 0.1% through instead of 1%. Which Gaussians a pixel considers also
+differs slightly: gsplat's box reaches min(3.33 σ, the α = 1/255 level) per axis, threed's the α = 1/255
+level inside the blocks its 3σ box touches, so a Gaussian of opacity above exp(4.5)/255 ≈ 0.35 may reach a
+few pixels with α ≤ 0.011 under gsplat that it does not under threed. gsplat's background is one colour per
+view, so the per-pixel background is composited here, C + (1 - α) · background, as threed's path does; depth
+is gsplat's accumulated z ("RGB+D"), threed's Σ w_i depth_i.
 
 gsplat is imported only when a run on CUDA chooses it: its first use may compile its CUDA kernels (minutes,
 cached afterwards), which is announced once with the time it took; CPU tensors never reach it.
