@@ -120,9 +120,13 @@ def test_the_kernel_build_is_announced_once_with_its_time(monkeypatch: pytest.Mo
     monkeypatch.setitem(sys.modules, "gsplat.cuda", fake_cuda)
     monkeypatch.setitem(sys.modules, "gsplat.cuda._backend", backend)
     monkeypatch.setattr(splat_gsplat, "_kernels_ready", False)
+    monkeypatch.setattr(splat_gsplat, "_kernels_error", "")
     with pytest.raises(UserError, match="no CUDA toolkit.*gaussians.backend=torch"):
         splat_gsplat.ensure_kernels()
     backend._C = object()
+    with pytest.raises(UserError, match="no CUDA toolkit"):  # a failed load is not tried again
+        splat_gsplat.ensure_kernels()
+    monkeypatch.setattr(splat_gsplat, "_kernels_error", "")
     splat_gsplat.ensure_kernels()
     splat_gsplat.ensure_kernels()
     out = capsys.readouterr().out.strip().splitlines()

@@ -32,6 +32,7 @@ from threed.render.splat import DILATION, SplatOutput, focal_length
 
 INSTALL_HINT = "pip install 'threed[gsplat]'"
 _kernels_ready = False
+_kernels_error = ""  # why the kernels could not load, once that is known
 
 
 def gsplat_available(device: torch.device | str) -> bool:
@@ -68,19 +69,23 @@ def choose_backend(want: str, device: torch.device | str) -> str:
 
 def ensure_kernels() -> None:
     """Load gsplat's CUDA extension once per process (compiling it on the very first use), saying how long it
-    took; a build that fails is one line."""
-    global _kernels_ready
+    took; a build that fails is one line, and is not tried again in the same process."""
+    global _kernels_ready, _kernels_error
     if _kernels_ready:
         return
+    if _kernels_error:
+        raise UserError(_kernels_error)
     start = time.perf_counter()
     try:
         from gsplat.cuda import _backend  # accelerator: builds or loads the extension when first imported
-    except (ImportError, OSError, RuntimeError) as e:
-        raise UserError(f"gsplat's CUDA kernels could not be built or loaded ({first_line(e)}): check the CUDA "
-                        f"toolkit, or pass gaussians.backend=torch") from None
-    if getattr(_backend, "_C", None) is None:
-        raise UserError("gsplat found no CUDA toolkit to build its kernels: install one (nvcc), or pass "
-                        "gaussians.backend=torch")
+        built = getattr(_backend, "_C", None) is not None
+        _kernels_error = "" if built else ("gsplat found no CUDA toolkit to build its kernels: install one (nvcc), "
+                                           "or pass gaussians.backend=torch")
+    except Exception as e:  # a failed extension build raises whatever its compiler step raised
+        _kernels_error = (f"gsplat's CUDA kernels could not be built or loaded ({first_line(e)}): check the CUDA "
+                          f"toolkit, or pass gaussians.backend=torch")
+    if _kernels_error:
+        raise UserError(_kernels_error)
     print(f"gsplat: CUDA kernels ready in {time.perf_counter() - start:.1f} s (built on first use, cached "
           f"afterwards)", flush=True)
     _kernels_ready = True
