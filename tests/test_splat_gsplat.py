@@ -8,11 +8,14 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 
+import shapes
 from threed.cameras import make_cameras
+from threed.cli import main
 from threed.config import build_config
 from threed.errors import UserError
 from threed.fields.gaussians import Gaussians
@@ -94,12 +97,16 @@ def test_backend_choice_and_one_line_errors(monkeypatch: pytest.MonkeyPatch) -> 
         splat_gsplat.choose_backend("gsplat", "cuda")
 
 
-def test_the_gaussian_scene_refuses_gsplat_on_a_cpu_in_one_line() -> None:
-    cfg = build_config("dreamgaussian", ["gaussians.backend=gsplat", "gaussians.num_points=10", "device=cpu"])
-    with pytest.raises(UserError, match="gaussians.backend=torch"):
-        GaussianScene(cfg, "cpu")
+def test_a_run_asking_for_gsplat_on_a_cpu_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    shapes.sphere().export(tmp_path / "sphere.obj")
+    code = main(["run", "--method", "dreamgaussian", "--guidance", "oracle", "--reference",
+                 str(tmp_path / "sphere.obj"), "--device", "cpu", "--out", str(tmp_path / "run"),
+                 "gaussians.backend=gsplat"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "needs a CUDA device" in err and "gaussians.backend=torch" in err
     cfg = build_config("dreamgaussian", ["gaussians.num_points=10", "device=cpu"])
-    assert GaussianScene(cfg, "cpu").backend == "torch"  # auto
+    assert GaussianScene(cfg, "cpu").backend == "torch"  # auto on a CPU
 
 
 def test_gsplat_never_sees_cpu_tensors() -> None:
