@@ -47,7 +47,7 @@ setup(
         # threed bench --ray: entries as Ray tasks across GPUs and nodes (imported only when asked for).
         "ray": ["ray>=2.9"],
         # playwright drives the system Chromium (apt-get install chromium) for the report pages' browser tests
-        "test": ["pytest>=7", "pygltflib>=1.16", "playwright>=1.40", "ray>=2.9"],
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "pygltflib>=1.16", "playwright>=1.40", "ray>=2.9"],
     },
     entry_points={"console_scripts": ["threed=threed.cli:main"]},
 )

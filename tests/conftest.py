@@ -17,6 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # when a kernel -- triton's own library included -- is decorated, so it is set before anything imports triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Under pytest-xdist (the README's test command runs two workers on a 2-core machine) each worker and the
+# processes it starts compute on one thread: two workers with two threads each would contend for the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 # The Ctrl-C tests need SIGINT delivered as in a terminal. A shell without job control starts background
 # commands with SIGINT ignored, which every child inherits (and Python then installs no KeyboardInterrupt
 # handler): restore the usual disposition here, for this process and the processes it starts.
