@@ -35,8 +35,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `cuda` skip where no CUDA device is visible (all of CI); `pytest -m cuda` on a GPU
-    machine runs them."""
+    """Tests marked `slow` run first (the order is otherwise kept), so that pytest-xdist's two workers start on
+    the long optimisation runs and the short tests fill in around them, instead of the last long file keeping
+    one worker busy alone at the end. Tests marked `cuda` skip where no CUDA device is visible (all of CI);
+    `pytest -m cuda` on a GPU machine runs them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: slow files first
     if not any(item.get_closest_marker("cuda") for item in items):
         return
     if torch.cuda.is_available():

@@ -7,6 +7,7 @@ Torch is pinned to one thread (the suite's CPU time, not its wall time, is what 
 
 from __future__ import annotations
 
+import pytest
 import torch
 import trimesh
 
@@ -74,6 +75,7 @@ def _run(tmp_path, reference, overrides):
     return cfg, run
 
 
+@pytest.mark.slow
 def test_appearance_recovers_a_known_material_and_keeps_the_surface(tmp_path):
     """The reference is the geometry stage's own start (a sphere of radius 0.5, so the surface is already
     right) with albedo (0.7, 0.45, 0.25), roughness 0.5, metallic 0, lit by the stage's environment; the
@@ -116,6 +118,7 @@ def test_appearance_recovers_a_known_material_and_keeps_the_surface(tmp_path):
     assert abs(float(roughness.median()) - 0.5) <= 0.08
 
 
+@pytest.mark.slow
 def test_geometry_from_a_sphere_reaches_a_concave_shape(tmp_path):
     """The geometry stage alone (no NeRF before it) from the preset's sphere of radius 0.5 (Chamfer-L1 9.8% of
     the diagonal) to tests/shapes.py's peanut, whose waist is a saddle-shaped concave region, scored from its
