@@ -30,7 +30,8 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: takes more than ~20 s on a CPU (deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "slow(minutes=0): takes more than ~20 s on a CPU (deselect with -m 'not slow'); "
+                            "minutes, where given, its measured time on one thread, which orders the slow tests")
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU, skipped without one (run: pytest -m cuda tests/test_cuda.py)")
 
 
@@ -39,7 +40,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     the long optimisation runs and the short tests fill in around them, instead of the last long file keeping
     one worker busy alone at the end. Tests marked `cuda` skip where no CUDA device is visible (all of CI);
     `pytest -m cuda` on a GPU machine runs them."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: slow files first
+    def order(item: pytest.Item) -> tuple[bool, float]:
+        slow = item.get_closest_marker("slow")
+        return slow is None, -float(slow.kwargs.get("minutes", 0)) if slow else 0.0
+
+    items.sort(key=order)  # stable: slow tests first, the longest (slow(minutes=...)) before the others
     if not any(item.get_closest_marker("cuda") for item in items):
         return
     if torch.cuda.is_available():

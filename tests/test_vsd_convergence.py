@@ -23,7 +23,7 @@ from threed import pipeline
 from threed.config import build_config
 from threed.metrics import color_error, mesh_distance
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(minutes=15)  # more than 15 minutes on one thread (a two-worker run); started first
 
 
 def _measure(path: Path, ref: trimesh.Trimesh) -> dict:
