@@ -13,23 +13,23 @@ import torch
 from torch import Tensor
 
 
-def uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str) -> Tensor:
-    """U[0, 1) draws of `shape` on `device`."""
+def _draw(sample, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str) -> Tensor:
+    """sample(shape, generator=..., device=...) on `device`: a CPU generator drives the draws on the CPU and seeds a
+    generator on the device elsewhere (the one stream either way)."""
     device = torch.device(device)
     if device.type == "cpu":
-        return torch.rand(shape, generator=generator)
+        return sample(shape, generator=generator)
     if generator is None:
-        return torch.rand(shape, device=device)
+        return sample(shape, device=device)
     seed = int(torch.randint(0, 2**62, (), generator=generator))
-    return torch.rand(shape, generator=torch.Generator(device=device).manual_seed(seed), device=device)
+    return sample(shape, generator=torch.Generator(device=device).manual_seed(seed), device=device)
+
+
+def uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str) -> Tensor:
+    """U[0, 1) draws of `shape` on `device`."""
+    return _draw(torch.rand, shape, generator, device)
 
 
 def gaussian(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str) -> Tensor:
     """N(0, 1) draws of `shape` on `device`, from the same stream as `uniform`."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        return torch.randn(shape, generator=generator)
-    if generator is None:
-        return torch.randn(shape, device=device)
-    seed = int(torch.randint(0, 2**62, (), generator=generator))
-    return torch.randn(shape, generator=torch.Generator(device=device).manual_seed(seed), device=device)
+    return _draw(torch.randn, shape, generator, device)
