@@ -52,6 +52,47 @@ def test_points_lie_on_the_fitted_surface_with_the_mesh_colours(tmp_path: Path) 
     assert top_bottom == pytest.approx(16 / 28, abs=0.04)
 
 
+def _textured_square(path: Path, factor: tuple[float, float, float, float] | None = None) -> Path:
+    """A square [-1, 1]^2 in z = 0, UVs along x and y, its texture red on the left half and blue on the right
+    (a PBR material with `factor` as its base colour factor where given)."""
+    from PIL import Image
+    from trimesh.visual.material import PBRMaterial, SimpleMaterial
+
+    vertices = np.array([[-1.0, -1.0, 0.0], [1.0, -1.0, 0.0], [1.0, 1.0, 0.0], [-1.0, 1.0, 0.0]])
+    texels = np.zeros((64, 64, 3), np.uint8)
+    texels[:, :32, 0] = 255
+    texels[:, 32:, 2] = 255
+    image = Image.fromarray(texels)
+    material = (SimpleMaterial(image=image) if factor is None
+                else PBRMaterial(baseColorTexture=image, baseColorFactor=factor))
+    visual = trimesh.visual.TextureVisuals(uv=(vertices[:, :2] + 1) / 2, material=material)
+    trimesh.Trimesh(vertices, [[0, 1, 2], [0, 2, 3]], visual=visual, process=False).export(path)
+    return path
+
+
+@pytest.mark.parametrize("name, factor, red", [("square.obj", None, 1.0), ("square.glb", (0.5, 1.0, 1.0, 1.0), 0.5)])
+def test_a_textured_mesh_gives_each_point_its_texel(tmp_path: Path, name: str, factor, red: float) -> None:
+    """The texture read at each point's UV (times the glTF base colour factor), not one colour per vertex (the
+    square's four corners sit on the texture's edges, so per-vertex sampling would give no half its colour)."""
+    points, colours = load_init_points(_textured_square(tmp_path / name, factor), 1000, radius=0.5, seed=0)
+    assert colours is not None
+    x, c = points.numpy()[:, 0], colours.numpy()
+    left, right = x < -0.02, x > 0.02  # a texel (1/64 of the square) away from the seam
+    assert left.sum() > 400 and right.sum() > 400
+    assert np.allclose(c[left], [red, 0.0, 0.0], atol=1 / 255)
+    assert np.allclose(c[right], [0.0, 0.0, 1.0], atol=1 / 255)
+
+
+def test_face_colours_are_carried(tmp_path: Path) -> None:
+    box = trimesh.creation.box(extents=(2.0, 2.0, 2.0))
+    box.visual.face_colors = np.where(box.triangles_center[:, :1] > 0.99, [0, 255, 0, 255], [255, 255, 255, 255])
+    box.export(tmp_path / "box.ply")
+    points, colours = load_init_points(tmp_path / "box.ply", 600, radius=0.5, seed=0)
+    green = np.isclose(points.numpy()[:, 0], 0.5, atol=1e-5)
+    assert green.any() and (~green).any()
+    assert np.allclose(colours.numpy()[green], [0, 1, 0]) and np.allclose(colours.numpy()[~green], 1.0)
+
+
 def test_axes_are_turned_and_a_point_cloud_keeps_its_points_and_colours(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     xyz = rng.uniform(-1, 1, size=(300, 3)) * (0.5, 0.5, 3.0)  # tall along z

@@ -2,9 +2,10 @@
 instead of DreamGaussian's ball.
 
 A mesh (OBJ/PLY/GLB/STL with triangles) gives `n` points drawn uniformly on its surface (area-weighted), each
-coloured by the mesh's vertex colours interpolated there where it has them; a point cloud (a PLY of vertices
+coloured as the file colours that spot: its texture read at the interpolated UV (times a glTF material's base
+colour factor), its vertex colours interpolated, or its face's colour. A point cloud (a PLY of vertices
 without faces) gives its points (a random `n` of them where it has more) with their colours where it has
-them. Elsewhere the colour is DreamGaussian's start, a grey of 0.5. The points are fitted to the scene as
+them. A file without colours starts at DreamGaussian's grey of 0.5. The points are fitted to the scene as
 Fantasia3D's guide mesh is (threed/fields/sdf_init.py, `fit_guide_mesh`): centred on the file's bounding box,
 its up and front axes turned to +y and +z, and scaled so its largest |coordinate| is the ball's radius
 (gaussians.init_radius), where DreamGaussian's ball would have been. The Gaussians themselves start as the
@@ -50,6 +51,31 @@ def _load(path: str | Path):
     return loaded
 
 
+def _surface_colors(mesh, faces: np.ndarray, bary: np.ndarray) -> np.ndarray | None:
+    """(n, 3) colours in [0, 1] at the points `bary` (n, 3) of `faces` (n,): the texture at the interpolated
+    UV, the interpolated vertex colours or the face colours, whichever the mesh has; None without colours."""
+    visual = getattr(mesh, "visual", None)
+    kind = getattr(visual, "kind", None)
+    if kind == "texture":
+        uv = getattr(visual, "uv", None)
+        material = getattr(visual, "material", None)
+        if uv is None or material is None:
+            return None
+        uv = np.einsum("nk,nkd->nd", bary, np.asarray(uv, dtype=np.float64)[mesh.faces[faces]])
+        rgba = material.to_color(uv)
+        if rgba is None:
+            return None
+        rgba = np.broadcast_to(np.asarray(rgba, dtype=np.float64), (len(faces), 4)) / 255.0
+        factor = getattr(material, "baseColorFactor", None)
+        if factor is not None and getattr(material, "baseColorTexture", None) is not None:
+            rgba = rgba * np.asarray(factor, dtype=np.float64) / 255.0  # glTF: texture times factor
+        return rgba[:, :3]
+    if kind == "face":
+        return np.asarray(visual.face_colors, dtype=np.float64)[faces, :3] / 255.0
+    vc = _vertex_colors(mesh)
+    return np.einsum("nk,nkd->nd", bary, vc[mesh.faces[faces]]) if vc is not None else None
+
+
 def _vertex_colors(mesh) -> np.ndarray | None:
     """(V, 3) vertex colours in [0, 1] of a mesh that has them (not a texture's), else None."""
     visual = getattr(mesh, "visual", None)
@@ -81,10 +107,8 @@ def load_init_points(path: str | Path, n: int, radius: float, up: str = "+y", fr
         flip = u + v > 1
         u[flip], v[flip] = 1 - u[flip], 1 - v[flip]
         bary = np.stack([1 - u - v, u, v], axis=1)  # uniform in each triangle
-        corners = loaded.faces[faces]
-        points = np.einsum("nk,nkd->nd", bary, vertices[corners])
-        vc = _vertex_colors(loaded)
-        colors = np.einsum("nk,nkd->nd", bary, vc[corners]) if vc is not None else None
+        points = np.einsum("nk,nkd->nd", bary, vertices[loaded.faces[faces]])
+        colors = _surface_colors(loaded, faces, bary)
     else:
         keep = rng.choice(len(vertices), size=n, replace=False) if len(vertices) > n else np.arange(len(vertices))
         points = vertices[keep]
