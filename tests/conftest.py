@@ -33,6 +33,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow(minutes=0): takes more than ~20 s on a CPU (deselect with -m 'not slow'); "
                             "minutes, where given, its measured time on one thread, which orders the slow tests")
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU, skipped without one (run: pytest -m cuda tests/test_cuda.py)")
+    # pytest-xdist's --dist loadfile hands out files largest-first by their number of tests unless told not to;
+    # the order that matters here is pytest_collection_modifyitems' (the longest runs first).
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -75,7 +75,7 @@ def _run(tmp_path, reference, overrides):
     return cfg, run
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=1.9)  # on one thread beside a second worker
 def test_appearance_recovers_a_known_material_and_keeps_the_surface(tmp_path):
     """The reference is the geometry stage's own start (a sphere of radius 0.5, so the surface is already
     right) with albedo (0.7, 0.45, 0.25), roughness 0.5, metallic 0, lit by the stage's environment; the
