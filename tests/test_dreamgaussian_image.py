@@ -16,7 +16,9 @@ from threed import spec
 from threed.cli import main
 from threed.config import build_config
 from threed.random_models import build_zero123
-from threed.scenes.reference import ReferenceViewGaussianScene
+from threed.render.volume import RenderOutput
+from threed.scenes.reference import (ReferenceViewGaussianScene, ReferenceViewTextureScene, reference_camera,
+                                     texture_reference_loss)
 
 TINY = ["render.width=16", "render.height=16", "gaussians.num_points=100", "gaussians.grow_steps=[2]",
         "gaussians.grow_sizes=[24]", "gaussians.densify_from=0", "gaussians.densify_every=2",
@@ -82,8 +84,9 @@ def test_dreamgaussian_image_end_to_end(tmp_path: Path, tiny_zero123: Path,
     # the reference view's losses weigh in from the first step (10000 and 1000 x step / steps, reduced here)
     assert all(r["loss_rgb"] > 0 and r["loss_mask"] > 0 and np.isfinite(r["loss"]) for r in gaussian_steps)
     assert recs[-1]["done"] and recs[-1]["step"] == 6
-    # the texture stage refines by Zero123's SDEdit edits (DreamGaussian's main2.py)
-    assert all("strength" in r for r in recs if r.get("stage") == "texture" and "loss" in r)
+    # the texture stage refines by Zero123's SDEdit edits and pulls toward the image (DreamGaussian's main2.py)
+    texture_steps = [r for r in recs if r.get("stage") == "texture" and "loss" in r]
+    assert texture_steps and all("strength" in r and r["loss_reference"] > 0 for r in texture_steps)
 
 
 def test_reference_view_pulls_the_gaussians_to_the_image(tmp_path: Path) -> None:
@@ -109,3 +112,75 @@ def test_reference_view_pulls_the_gaussians_to_the_image(tmp_path: Path) -> None
     after = scene.reference_metrics()
     assert after["reference_mask_iou"] >= 0.9 > before["reference_mask_iou"], (before, after)
     assert after["reference_psnr"] >= before["reference_psnr"] + 2.0, (before, after)
+
+
+def test_texture_reference_loss_counts_the_pixels_facing_the_camera(tmp_path: Path) -> None:
+    """DreamGaussian's known-view term: the squared error to the image over white, only where a face is hit with a
+    view cosine above 0.5, averaged over every pixel and channel."""
+    cfg = build_config("dreamgaussian-image", [f"image.path={_disc(tmp_path / 'disc.png')}"])
+    from threed.image import reference_image
+
+    reference = reference_image(cfg.image)
+    cameras = reference_camera(cfg.image, 4)
+    axis = cameras.c2w[0, :3, 2]  # the camera's backward axis: a normal along it faces the camera
+    side = torch.linalg.cross(axis, torch.tensor([0.0, 1.0, 0.0]))
+    side = side / side.norm()
+    normal = axis.expand(4, 4, 3).clone()
+    normal[0, 1] = 0.34 * axis + (1 - 0.34**2) ** 0.5 * side  # cosine 0.34: turned away, not counted
+    normal[0, 2] = 0.6 * axis + 0.8 * side  # cosine 0.6: counted
+    seen = torch.ones(4, 4, 1)
+    seen[3, 3] = 0.0  # no face hit there
+    normal_map = (normal + 1) / 2 * seen
+    rgb = torch.rand(1, 4, 4, 3, generator=torch.Generator().manual_seed(0))
+    out = RenderOutput(rgb, torch.ones(1, 4, 4, 1), torch.zeros(1, 4, 4, 1), torch.ones(1, 4, 4, 3), torch.zeros(()),
+                       normal=normal_map[None])
+    target = reference.over((1.0, 1.0, 1.0), 4)
+    valid = seen[..., 0].clone()
+    valid[0, 1] = 0.0
+    expected = ((rgb[0] - target).square() * valid[..., None]).sum() / (4 * 4 * 3)
+    assert float(texture_reference_loss(out, cameras, reference)) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_reference_view_pulls_the_texture_to_the_image(tmp_path: Path) -> None:
+    """The texture stage's reference term alone (no prior) paints a fixed sphere (radius 0.5, a 32-cell grid, an
+    untrained texture field, a small hash grid) with the input image's colour where it faces the reference camera: 30 Adam steps at
+    the texture section's rate, the reference view at 64². Mean |colour - the disc's orange| over those pixels,
+    measured (seed 0, one thread): 0.257 before, 0.044 after (0.17x). Asserted: within 0.1 and under a third of
+    the start."""
+    from threed.fields.dmtet import DMTetGeometry
+    from threed.fields.sdf_init import initial_sdf
+    from threed.fields.tetgrid import TetGrid
+    from threed.mesh_config import SDFInitConfig
+    from threed.render.background import Background
+    from threed.scenes.mesh import texture_field
+    from threed.stages import mesh_stage_config
+
+    cfg = build_config("dreamgaussian-image", [f"image.path={_disc(tmp_path / 'disc.png')}", "image.size=64",
+                                               "device=cpu", "field.n_levels=4", "field.max_resolution=64",
+                                               "field.log2_hashmap_size=12"])
+    stage_cfg = mesh_stage_config(cfg, "texture")
+    grid = TetGrid.cube(32, 1.0)
+    geometry = DMTetGeometry(grid, deform=False, device="cpu")
+    geometry.set_sdf(initial_sdf(SDFInitConfig(radius=0.5), grid, 1.0, "cpu"))
+    torch.manual_seed(0)
+    scene = ReferenceViewTextureScene(stage_cfg, geometry, texture_field(stage_cfg, "cpu"),
+                                      Background(stage_cfg.render), "cpu")
+    orange = torch.tensor([230, 140, 30]) / 255.0
+    cameras = reference_camera(cfg.image, 64)
+
+    def colour_error() -> float:
+        with torch.no_grad():
+            out = scene.render(cameras, "albedo", need_normals=True)
+            facing = ((out.normal[0] * 2 - 1) * cameras.c2w[0, :3, 2]).sum(-1) > 0.5
+            return float((out.rgb[0] - orange).abs().mean(-1)[facing & (out.normal[0].sum(-1) > 0)].mean())
+
+    before = colour_error()
+    optimizer = torch.optim.Adam(scene.texture.parameters(), lr=stage_cfg.mesh.lr_texture(0), eps=1e-15)
+    for step in range(30):
+        scene.render(cameras, "albedo")  # the random view's render, which the regularisers follow
+        loss = scene.regularisers(None, step)["reference"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = colour_error()
+    assert after <= 0.1 and after <= before / 3, (before, after)

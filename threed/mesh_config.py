@@ -24,6 +24,10 @@ class MeshLossConfig:
     normal_consistency: Schedule = Schedule.constant(0.0)
     laplacian: Schedule = Schedule.constant(0.0)  # mean |mean(neighbours) - vertex|, scene units
     sign_flip: Schedule = Schedule.constant(0.0)  # DMTet's SDF regulariser on crossing edges (fields/dmtet.py)
+    # Image-to-3D's texture stage (dreamgaussian-image, DreamGaussian's main2.py): the mean squared error between
+    # the surface rendered from the reference camera and the input image over white, counted where the surface
+    # is seen facing the camera (view cosine > 0.5); threed/scenes/reference.py, ReferenceViewTextureScene.
+    reference: Schedule = Schedule.constant(0.0)
 
 
 @dataclass

@@ -18,7 +18,8 @@ loop. A stage's name is the one word for it everywhere: its checkpoint folder (R
 - `texture` after `gaussians`: DreamGaussian's texture refinement, `texture.steps`: the surface of the
   Gaussians' opacity field at the level of their kept mesh (mesh-gaussians.*), kept (the texture section's
   geometry learning rates are 0), a texture field fitted to the Gaussians' colours, then trained toward the
-  prior's SDEdit edits of its renders (gaussians.texture_objective, threed/guidance/sdedit.py) or its SDS.
+  prior's SDEdit edits of its renders (gaussians.texture_objective, threed/guidance/sdedit.py) or its SDS;
+  image-to-3D's (IMAGE_GAUSSIAN_TEXTURE) also pulls it toward the input image (texture.loss.reference).
 - `texture`: ProlificDreamer's stage 3: the geometry stage's surface, kept (its geometry learning rates are 0),
   its texture trained under the method's guidance (VSD, with a particle score of its own), `texture.steps`.
 
@@ -52,7 +53,8 @@ from threed.scenes import Scene
 from threed.scenes.gaussians import GaussianScene, texture_scene
 from threed.scenes.mesh import MeshScene
 from threed.scenes.nerf import NeRFScene
-from threed.scenes.reference import ReferenceViewGaussianScene, ReferenceViewMeshScene, ReferenceViewNeRFScene
+from threed.scenes.reference import (ReferenceViewGaussianScene, ReferenceViewMeshScene, ReferenceViewNeRFScene,
+                                     ReferenceViewTextureScene)
 from threed.trainer import Guidance, Trainer
 
 # (the stage's config, the previous stage's trainer, mesh.json's entry of its kept mesh, device, progress)
@@ -199,11 +201,17 @@ class ShapeStart:
         return MeshScene.from_state(cfg, state, device)
 
 
-def mesh_from_gaussians(cfg: Config, previous: Trainer, kept: dict, device: str, progress: bool) -> MeshScene:
+def mesh_from_gaussians(cfg: Config, previous: Trainer, kept: dict, device: str, progress: bool,
+                        scene_class: type[MeshScene] = MeshScene) -> MeshScene:
     """DreamGaussian's texture stage's start: the Gaussians' surface at the level their kept mesh was extracted
     at, with a texture field fitted to their colours."""
     return texture_scene(cfg, previous.scene, float(kept["threshold"]), device, progress=progress,
-                         fit_steps=cfg.gaussians.texture_fit_steps)
+                         fit_steps=cfg.gaussians.texture_fit_steps, scene_class=scene_class)
+
+
+def image_mesh_from_gaussians(cfg: Config, previous: Trainer, kept: dict, device: str, progress: bool) -> MeshScene:
+    """The image run's texture stage's start: as `mesh_from_gaussians`, in the scene that sees the reference view."""
+    return mesh_from_gaussians(cfg, previous, kept, device, progress, scene_class=ReferenceViewTextureScene)
 
 
 NERF = Stage("nerf", NeRFScene)
@@ -248,6 +256,10 @@ def texture_objective(guidance: Any, cfg: Config) -> Any:
 GAUSSIAN_TEXTURE = Stage("texture", MeshScene, section="texture", start=mesh_from_gaussians,
                          configure=mesh_stage_config, objective=texture_objective,
                          diverged_hint="lower texture.lr_texture and resume")
+# the image run's: the texture also held to the input image where the fixed surface faces the reference camera
+IMAGE_GAUSSIAN_TEXTURE = Stage("texture", ReferenceViewTextureScene, section="texture", start=image_mesh_from_gaussians,
+                               configure=mesh_stage_config, objective=texture_objective,
+                               diverged_hint="lower texture.lr_texture and resume")
 
 
 def offsets(stages: tuple[Stage, ...], cfg: Config) -> list[int]:

@@ -9,7 +9,8 @@ converge in hundreds of steps rather than a NeRF's thousands, then a mesh with i
 
 From an image (`--method dreamgaussian --image photo.png`, which runs `dreamgaussian-image`, DreamGaussian's
 configs/image.yaml): the prior is Zero-1-to-3 given the image, and the Gaussian stage also holds the reference
-view to the image (RGB and mask losses, threed/scenes/reference.py), their weights growing with the step.
+view to the image (RGB and mask losses, threed/scenes/reference.py), their weights growing with the step; the
+texture stage pulls the texture toward the image where the surface faces the reference camera.
 
 The Gaussians are also written as a standard 3DGS .ply (gaussians.ply) that splat viewers open.
 """
@@ -17,7 +18,7 @@ The Gaussians are also written as a standard 3DGS .ply (gaussians.ply) that spla
 from __future__ import annotations
 
 from threed.methods.method import Method
-from threed.stages import GAUSSIAN_TEXTURE, GAUSSIANS, IMAGE_GAUSSIANS
+from threed.stages import GAUSSIAN_TEXTURE, GAUSSIANS, IMAGE_GAUSSIAN_TEXTURE, IMAGE_GAUSSIANS
 
 METHOD = Method(
     name="dreamgaussian", summary="SDS on densifying 3D Gaussians, then a mesh whose texture is refined",
@@ -28,7 +29,7 @@ METHOD = Method(
 IMAGE_METHOD = Method(
     name="dreamgaussian-image", summary="image-to-3D on densifying 3D Gaussians: Zero-1-to-3's SDS and the input "
     "image's reference view, then a mesh whose texture is refined", preset="dreamgaussian-image",
-    cpu_preset="dreamgaussian-image", priors=("zero123", "oracle"), stages=(IMAGE_GAUSSIANS, GAUSSIAN_TEXTURE),
+    cpu_preset="dreamgaussian-image", priors=("zero123", "oracle"), stages=(IMAGE_GAUSSIANS, IMAGE_GAUSSIAN_TEXTURE),
     prior_presets={"oracle": "dreamgaussian-image-oracle"}, image=True)
 
 METHODS = (METHOD, IMAGE_METHOD)

@@ -224,12 +224,14 @@ class GaussianScene:
 
 
 def texture_scene(cfg: Config, scene: GaussianScene, level: float, device: torch.device | str,
-                  progress: bool = True, fit_steps: int = 200, fit_batch: int = 8192) -> MeshScene:
+                  progress: bool = True, fit_steps: int = 200, fit_batch: int = 8192,
+                  scene_class: type[MeshScene] = MeshScene) -> MeshScene:
     """DreamGaussian's second stage starts here: the surface of the Gaussians' opacity field at `level` (the
     kept mesh's) on a tetrahedral grid whose learning rates the texture section keeps at 0, and a texture field
     fitted (`fit_steps` Adam steps on `fit_batch` points near the surface, mean squared error) to the
     Gaussians' colours there, as DreamGaussian bakes their renders into its UV texture before refining it. The
-    colours are evaluated once, at 8 batches' worth of points, which the steps draw their batches from."""
+    colours are evaluated once, at 8 batches' worth of points, which the steps draw their batches from.
+    `scene_class`: the mesh scene to build (the image run's keeps its reference view)."""
     m = cfg.mesh
     scene.eval()
     geometry = DMTetGeometry.from_density(scene.density, level, bound=cfg.render.bound, resolution=m.resolution,
@@ -258,4 +260,4 @@ def texture_scene(cfg: Config, scene: GaussianScene, level: float, device: torch
         optimizer.step()
     bg = Background(cfg.render).to(device)
     bg.load_state_dict(scene.background.state_dict())
-    return MeshScene(cfg, geometry, texture, bg, device)
+    return scene_class(cfg, geometry, texture, bg, device)

@@ -224,7 +224,8 @@ class MeshScene:
 
     def render(self, cameras: Cameras, shading: str, need_normals: bool = False,
                generator: torch.Generator | None = None) -> RenderOutput:
-        """Render every camera: (B, H, W, *) images like the volume renderer's, rows top first."""
+        """Render every camera: (B, H, W, *) images like the volume renderer's, rows top first; with
+        `need_normals`, the normal map too (RenderOutput.normal)."""
         self.timings = {}
         t = time.perf_counter()
         vertices, faces = self.geometry.extract()
@@ -286,7 +287,10 @@ class MeshScene:
         rgb, opacity = image[..., :3].flip(1), image[..., 3:].flip(1)
         if latent:  # four channels, as threestudio's Fantasia3D feeds them to the prior (its rgb_as_latents)
             rgb = torch.cat([rgb, opacity], dim=-1)
-        return RenderOutput(rgb, opacity, depth.flip(1), bg, rgb.new_zeros(()))
+        normal_map = None
+        if need_normals:  # as the volume renderer's: the unit normal mapped to [0, 1] where seen, zero elsewhere
+            normal_map = ((F.normalize(surface[..., 3:], dim=-1, eps=1e-20) + 1.0) / 2.0 * hit[..., None]).flip(1)
+        return RenderOutput(rgb, opacity, depth.flip(1), bg, rgb.new_zeros(()), normal=normal_map)
 
     def regularisers(self, out: RenderOutput, step: int) -> dict[str, Tensor]:
         """Smoothness of the surface last rendered, and DMTet's sign-flip term (see threed/mesh_losses.py)."""

@@ -12,7 +12,8 @@ and, with image.regularise, the run's orientation, opacity-entropy and normal-sm
 (ref_orient, ref_entropy, ref_normal_smooth, ref_normal_smooth_3d), weighted as the random views' (loss.*):
 threestudio's reference substep computes them too, all but sparsity. DreamGaussian's image run adds the two
 losses to its Gaussian stage, the reference view rendered over the white background (its fixed camera's) while the
-random views take random backgrounds.
+random views take random backgrounds; its texture stage (ReferenceViewTextureScene) pulls the texture toward the
+image where the fixed surface faces the reference camera.
 
 The input image was framed for that camera (threed/image.py: centred, its longer side 0.8 of the frame), so
 the object it shows is reconstructed around the origin at the size the camera's field of view gives it.
@@ -159,6 +160,33 @@ class ReferenceViewMeshScene(ReferenceView, MeshScene):
     def regularisers(self, out: RenderOutput, step: int) -> dict[str, Tensor]:
         result = super().regularisers(out, step)  # the surface of the random views' render
         result.update(self.reference_terms(step))
+        return result
+
+
+def texture_reference_loss(out: RenderOutput, cameras: Cameras, reference: ReferenceImage) -> Tensor:
+    """DreamGaussian's texture-stage term (main2.py, "known view"): mean |render - image over white|^2 over the
+    reference render `out` (batch of 1, with its normal map), counting only pixels where the surface is seen
+    with a view cosine above 0.5 (zero elsewhere, averaged over all pixels as its mse_loss of masked images).
+    The cosine is DreamGaussian's: the normal's component along the camera's backward axis (camera-space z)."""
+    size = out.rgb.shape[1]
+    target = reference.over((1.0, 1.0, 1.0), size).to(out.rgb.device)
+    seen = out.normal[0].sum(-1, keepdim=True) > 0  # the normal map is zero exactly where no face is hit
+    facing = ((out.normal[0] * 2.0 - 1.0) * cameras.c2w[0, :3, 2].to(out.normal)).sum(-1, keepdim=True)
+    valid = (seen & (facing > 0.5)).to(out.rgb.dtype).detach()
+    return ((out.rgb[0] - target) * valid).square().mean()
+
+
+class ReferenceViewTextureScene(ReferenceView, MeshScene):
+    """The texture stage of DreamGaussian's image run (dreamgaussian-image): the surface fixed, the random views
+    under the prior's edits, and the texture also pulled toward the input image from the reference camera where
+    the surface faces it (mesh.loss.reference, `texture_reference_loss`). No mask loss: the surface is fixed."""
+
+    def regularisers(self, out: RenderOutput, step: int) -> dict[str, Tensor]:
+        result = super().regularisers(out, step)
+        if weight_used(self.losses, "reference"):
+            cameras = reference_camera(self.cfg.image, self.reference_size(step)).to(self.device)
+            ref = self.render(cameras, "albedo", need_normals=True)
+            result["reference"] = texture_reference_loss(ref, cameras, self.reference)
         return result
 
 
