@@ -383,6 +383,11 @@ def validate(cfg: Config) -> None:
         (not (g.sd.perp_neg and not g.view_dependent_prompting), "guidance.sd.perp_neg",
          "mixes the view prompts: it needs guidance.view_dependent_prompting=true"),
         (cfg.field.n_levels >= 1, "field.n_levels", "must be >= 1"),
+        (not cfg.field.progressive_levels or (len(cfg.field.progressive_levels) == 3
+                                              and 1 <= cfg.field.progressive_levels[0] <= cfg.field.n_levels
+                                              and cfg.field.progressive_levels[1] >= 0
+                                              and cfg.field.progressive_levels[2] >= 1),
+         "field.progressive_levels", "needs [start_level (1..field.n_levels), start_step >= 0, update_steps >= 1] or []"),
         (cfg.field.max_resolution >= cfg.field.base_resolution, "field.max_resolution", "must be >= field.base_resolution"),
         (cfg.optim.lr.bounds()[0] > 0, "optim.lr", "must be positive"),
         (same_as_lr(cfg.optim.lr_mlp) or cfg.optim.lr_mlp.bounds()[0] > 0, "optim.lr_mlp",

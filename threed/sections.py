@@ -30,6 +30,10 @@ class FieldConfig:
     density_blob_std: float = 0.5
     normals: Literal["finite_difference", "analytic"] = "finite_difference"
     finite_difference_eps: float = 0.01
+    # Coarse-to-fine levels (threestudio's ProgressiveBandHashGrid): (start_level, start_step, update_steps), only
+    # the first start_level levels' features reach the MLP, one more from start_step on every update_steps steps;
+    # the others are zero. Empty: every level from step 0.
+    progressive_levels: tuple[int, ...] = ()
 
 
 @dataclass

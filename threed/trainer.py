@@ -188,6 +188,9 @@ class Trainer:
     def load_state_dict(self, state: dict, weights_only: bool = False) -> None:
         self.scene.load_state_dict(state)
         self.step = int(state["step"])
+        set_step = getattr(self.scene, "set_step", None)
+        if set_step is not None:  # the scene as its last trained step left it (an export reads it so)
+            set_step(max(self.step - 1, 0))
         if weights_only:
             return
         self.optimizer.load_state_dict(state["optimizer"])

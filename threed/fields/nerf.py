@@ -7,6 +7,9 @@ VanillaMLP's. With separate heads a density query (normals by finite differences
 occupancy grid) runs the density MLP only. The heads are PyTorch layers on every hash-grid backend, as
 threestudio's VanillaMLP is on its tiny-cuda-nn grid.
 
+With field.progressive_levels the finer levels' features are masked to zero until their step (threestudio's
+ProgressiveBandHashGrid, for smooth normals early on): `set_step` sets the mask from the training step.
+
 Density gets a "blob" bias at the origin (Magic3D: scale * (1 - |x| / std), positive inside radius std and
 negative outside) so the first renders show an object-sized shape for the guidance to carve, instead of empty
 space with no gradient, while the space around it starts clear.
@@ -77,6 +80,20 @@ class NeRFField(nn.Module):
         self.separate = cfg.heads == "separate"
         self.mlp: nn.Module = (SeparateHeads(cfg, self.encoding.output_dim, device) if self.separate
                                else field_mlp(cfg, self.encoding.output_dim, 4, device))
+        # 1 for the levels in use, 0 for the rest (progressive_levels); not saved: `set_step` derives it
+        self.register_buffer("level_mask", torch.ones(self.encoding.output_dim, device=device), persistent=False)
+
+    def active_levels(self, step: int) -> int:
+        """How many levels reach the MLP at `step` (all without field.progressive_levels)."""
+        if not self.cfg.progressive_levels:
+            return self.cfg.n_levels
+        start_level, start_step, update_steps = self.cfg.progressive_levels
+        return min(start_level + max(step - start_step, 0) // update_steps, self.cfg.n_levels)
+
+    def set_step(self, step: int) -> None:
+        """The level mask for training step `step`."""
+        if self.cfg.progressive_levels:
+            self.level_mask.zero_()[: self.active_levels(step) * self.cfg.n_features_per_level] = 1.0
 
     def density_bias(self, x: Tensor) -> Tensor:
         r = x.norm(dim=-1)
@@ -90,7 +107,8 @@ class NeRFField(nn.Module):
 
     def _features(self, x: Tensor) -> Tensor:
         unit = ((x / self.bound) + 1.0) * 0.5
-        return self.encoding(unit.clamp(0.0, 1.0))
+        features = self.encoding(unit.clamp(0.0, 1.0))
+        return features * self.level_mask if self.cfg.progressive_levels else features
 
     def _raw(self, x: Tensor) -> Tensor:
         return self.mlp(self._features(x))

@@ -86,7 +86,12 @@ class NeRFScene:
         self.background.eval()
 
     def prepare(self, step: int, generator: torch.Generator | None = None) -> None:
+        self.set_step(step)
         self.renderer.update_occupancy(self.field, step, generator)
+
+    def set_step(self, step: int) -> None:
+        """The field as it is at training step `step` (its progressive levels); also on resume, for export."""
+        self.field.set_step(step)
 
     def pick_shading(self, step: int, generator: torch.Generator) -> str:
         r = self.cfg.render
