@@ -120,3 +120,43 @@ def test_bench_takes_dreamgaussian(tmp_path):
     entries = {e.method: e for e in bench_plan.make_plan(args, cuda=False)[0]}
     assert entries["dreamgaussian"].budget == [("gaussians", 3), ("texture", 50)]
     assert entries["dreamgaussian"].cfg.gaussians.num_points == 5000
+
+
+def test_gaussian_stage_background_is_white_or_black_and_the_texture_stage_white():
+    """DreamGaussian's invert_bg_prob 0.5: each training render is all white or all black (one draw for the
+    render), 400 renders: black is Binomial(400, 0.5), mean 200, sd 10, and a correct rate leaves [160, 240]
+    with probability below 1e-4; at evaluation white (render.background_color). Its texture stage renders over
+    white throughout (texture.background solid, main2.py's bg_color=1)."""
+    from threed.render.background import Background
+    from threed.stages import mesh_stage_config
+
+    cfg = build_config("dreamgaussian")
+    background = Background(cfg.render).train()
+    dirs = torch.nn.functional.normalize(torch.randn(2, 4, 5, 3), dim=-1)
+    generator = torch.Generator().manual_seed(0)
+    black = 0
+    for _ in range(400):
+        out = background(dirs, generator)
+        assert torch.equal(out, torch.zeros_like(out)) or torch.equal(out, torch.ones_like(out))
+        black += int(not out.any())
+    assert 160 <= black <= 240
+    assert torch.equal(background.eval()(dirs), torch.ones_like(dirs))
+    texture = mesh_stage_config(cfg, "texture")
+    assert texture.render.background == "solid"
+    stage_background = Background(texture.render).train()
+    stage_background.take_from(background.state_dict())
+    assert torch.equal(stage_background(dirs, generator), torch.ones_like(dirs))
+
+
+def test_a_stage_background_of_another_kind_starts_fresh():
+    """A stage whose background kind differs from the stage before's (mesh.background) keeps its own: the
+    learned background's weights are not forced into a solid one."""
+    from threed.render.background import Background
+
+    learned = Background(build_config("cpu-tiny").render)
+    solid = Background(build_config("cpu-tiny", ["render.background=solid"]).render)
+    solid.take_from(learned.state_dict())  # no error: different kinds
+    assert solid.mlp is None and torch.equal(solid.color, torch.ones(3))
+    other = Background(build_config("cpu-tiny").render)
+    other.take_from(learned.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), learned.state_dict().values()))

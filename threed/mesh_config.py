@@ -39,7 +39,7 @@ class MeshConfig:
     geometry stage starts like `mesh` and shapes the surface from normal maps (`shading: normal`, SDS), the
     texture stage keeps that surface (its geometry learning rates 0) and trains the texture under VSD.
     Only methods with the stage read its section. Schedules here count the stage's own steps (from 0).
-    Settings it does not name (ambient light, light distance, background kind, eval cameras, the optimiser:
+    Settings it does not name (ambient light, light distance, eval cameras, the optimiser:
     optim.optimizer, betas, eps, weight_decay) are the run's."""
 
     steps: int = 5000
@@ -85,6 +85,9 @@ class MeshConfig:
     # stage, 0.001 in ProlificDreamer's texture stage)
     lr_background: Schedule = Schedule.constant(0.0)
     random_aug: float = 0.0  # render.random_aug in this stage (threestudio's ProlificDreamer texture stage: off)
+    # this stage's background kind (render.background's choices); empty: the run's (DreamGaussian's texture
+    # stage renders over white, its Gaussian stage over white or black)
+    background: Literal["", "mlp", "solid", "random", "white_or_black"] = ""
     # Render the surface without its connected parts under this fraction of the largest part's faces (0: all
     # of it; threestudio's isosurface_remove_outliers, which ProlificDreamer's texture stage turns on at 0.01).
     keep_components: float = 0.0

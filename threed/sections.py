@@ -71,7 +71,10 @@ class RenderConfig:
     light_sample: Literal["dreamfusion", "magic3d"] = "dreamfusion"
     light_jitter: float = 0.5
     light_jitter_absolute: bool = False
-    background: Literal["mlp", "solid", "random"] = "mlp"
+    # mlp: learned per view direction; solid: background_color; random: one random colour per training image;
+    # white_or_black: white or black with equal chance, one draw per training render (DreamGaussian's
+    # invert_bg_prob 0.5). Outside training every kind but mlp shows background_color.
+    background: Literal["mlp", "solid", "random", "white_or_black"] = "mlp"
     background_color: tuple[float, float, float] = (1.0, 1.0, 1.0)
     # Probability that a training render's background is replaced by one random colour per image (threestudio's
     # random_aug, which ProlificDreamer turns on): the object cannot lean on one learned background. Never at

@@ -125,8 +125,8 @@ class Stage:
 def mesh_stage_config(cfg: Config, section: str) -> Config:
     """The run's config as a mesh-shaped stage trains with it: its section (MeshConfig) becomes `mesh`, which
     the scene reads; its steps, cameras (distance, fovy, elevation, the view prompts' front and back cones),
-    render size, batch, shading, the prior's t range and classifier-free guidance come from there, and
-    everything else (prompt, prior, background, light, Adam's betas) from the run."""
+    render size, batch, shading, the prior's t range, classifier-free guidance and a background kind of its own
+    come from there, and everything else (prompt, prior, background, light, Adam's betas) from the run."""
     out = copy.deepcopy(cfg)
     m = copy.deepcopy(getattr(cfg, section))
     out.mesh = m
@@ -135,6 +135,8 @@ def mesh_stage_config(cfg: Config, section: str) -> Config:
     out.render.hires_step, out.render.progressive = -1, ()  # a mesh stage renders at its own size throughout
     out.render.shading, out.render.albedo_only_steps = m.shading, m.albedo_only_steps
     out.render.textureless_prob = m.textureless_prob
+    if m.background:  # a background kind of the stage's own
+        out.render.background = m.background
     out.camera.distance, out.camera.fovy, out.camera.elevation = m.distance, m.fovy, m.elevation
     # single views at the section's distances (MVDream's NeRF stage groups them)
     out.camera.views, out.camera.distance_relative = 1, False

@@ -1,4 +1,5 @@
-"""Backgrounds behind the object: a learned colour per view direction, a fixed colour, or a random one.
+"""Backgrounds behind the object: a learned colour per view direction, a fixed colour, a random one, or white or
+black at random (DreamGaussian's).
 
 A learned background lets the prior explain "sky" without growing geometry for it; a fixed colour is what
 the oracle prior and mesh-quality tests need (the reference is rendered over the same colour). With
@@ -29,6 +30,12 @@ class Background(nn.Module):
             in_dim = 3 + 6 * n_frequencies
             self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 3))
 
+    def take_from(self, state: dict) -> None:
+        """Load another background's state where it is of this kind (a stage's copy of the stage before's);
+        a stage with a background kind of its own (mesh.background) keeps its fresh one."""
+        if set(state) == set(self.state_dict()):
+            self.load_state_dict(state)
+
     def _encode(self, dirs: Tensor) -> Tensor:
         freqs = 2.0 ** torch.arange(self.n_frequencies, device=dirs.device, dtype=dirs.dtype)
         angles = dirs[..., None] * freqs  # (..., 3, F)
@@ -49,4 +56,7 @@ class Background(nn.Module):
             return torch.sigmoid(self.mlp(self._encode(dirs)))
         if self.kind == "random" and self.training:
             return self._random_colours(dirs, generator)
+        if self.kind == "white_or_black" and self.training:  # one coin per render, as DreamGaussian's bg_color
+            black = torch.rand((), generator=generator).item() < 0.5
+            return torch.full_like(dirs, 0.0 if black else 1.0)
         return self.color.to(dirs.device).expand_as(dirs)

@@ -259,5 +259,5 @@ def texture_scene(cfg: Config, scene: GaussianScene, level: float, device: torch
         loss.backward()
         optimizer.step()
     bg = Background(cfg.render).to(device)
-    bg.load_state_dict(scene.background.state_dict())
+    bg.take_from(scene.background.state_dict())
     return scene_class(cfg, geometry, texture, bg, device)

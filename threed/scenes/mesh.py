@@ -115,7 +115,7 @@ class MeshScene:
         texture = NeRFField(cfg.field, cfg.render.bound, device)
         texture.load_state_dict(field.state_dict())
         bg = Background(cfg.render).to(device)
-        bg.load_state_dict(background.state_dict())
+        bg.take_from(background.state_dict())
         return cls(cfg, geometry, texture, bg, device)
 
     @classmethod
@@ -318,7 +318,7 @@ class MeshScene:
             self.texture.load_state_dict(state["texture"])
         except RuntimeError as e:
             raise UserError(f"the checkpoint does not match this mesh-stage configuration ({first_line(e)})") from None
-        self.background.load_state_dict(state["background"])
+        self.background.take_from(state["background"])
 
     # -- export -----------------------------------------------------------------------------------------
     @torch.no_grad()
