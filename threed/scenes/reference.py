@@ -12,7 +12,7 @@ and, with image.regularise, the run's orientation, opacity-entropy and normal-sm
 (ref_orient, ref_entropy, ref_normal_smooth, ref_normal_smooth_3d), weighted as the random views' (loss.*):
 threestudio's reference substep computes them too, all but sparsity. DreamGaussian's image run adds the two
 losses to its Gaussian stage, the reference view rendered over the white background (its fixed camera's) while the
-random views take random backgrounds; its texture stage (ReferenceViewTextureScene) pulls the texture toward the
+random views take white or black at random; its texture stage (ReferenceViewTextureScene) pulls the texture toward the
 image where the fixed surface faces the reference camera.
 
 The input image was framed for that camera (threed/image.py: centred, its longer side 0.8 of the frame), so
