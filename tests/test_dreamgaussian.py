@@ -17,6 +17,7 @@ from helpers_gltf import validate_gltf
 from threed import methods
 from threed.cli import main
 from threed.config import build_config
+from threed.errors import UserError
 from threed.rundir import RunDir, load_checkpoint
 from threed.stages import GAUSSIANS
 
@@ -160,3 +161,41 @@ def test_a_stage_background_of_another_kind_starts_fresh():
     other = Background(build_config("cpu-tiny").render)
     other.take_from(learned.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), learned.state_dict().values()))
+
+
+def test_dreamgaussian_with_mvdream_scores_and_edits_four_view_objects(tmp_path, capsys):
+    """`--guidance mvdream` takes dreamgaussian-mvdream (DreamGaussian's text_mv.yaml): a tiny random MVDream
+    scores each step's object of 4 views (the Gaussian stage) and edits them (the texture stage's SDEdit), and
+    a batch that is not whole objects is one line naming the fix."""
+    from tiny_models import build_tiny_mvdream
+
+    from threed.guidance.mvdream import MVDreamGuidance
+    from threed.guidance.sdedit import SDEditGuidance
+    from threed.stages import GAUSSIAN_TEXTURE, mesh_stage_config
+
+    ckpt = build_tiny_mvdream(tmp_path / "model")
+    tiny = [a for a in TINY if not a.startswith("guidance.sd.")] + ["guidance.mvdream.resolution=16"]
+    out = tmp_path / "duck"
+    code, _, err = run_cli(["run", "--method", "dreamgaussian", "--guidance", "mvdream", "--prompt", "a duck",
+                            "--model", ckpt, "--steps", "2", "--device", "cpu", "--out", out, "--quiet", *tiny],
+                           capsys)
+    assert code == 0, err
+    cfg = build_config(base=__import__("yaml").safe_load((out / "config.yaml").read_text()))
+    assert (cfg.guidance.type, cfg.camera.views, cfg.render.batch_size, cfg.texture.views) == ("mvdream", 4, 4, 4)
+    recs = records(out)
+    assert [(r["stage"], r["step"]) for r in recs if "loss" in r] == [("gaussians", 1), ("gaussians", 2),
+                                                                      ("texture", 3), ("texture", 4)]
+    assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in recs if "loss" in r)
+    assert (out / "mesh.glb").is_file() and (out / "gaussians.ply").is_file()
+    # the texture stage's guidance: SDEdit over MVDream, whole objects only
+    stage_cfg = mesh_stage_config(cfg, "texture")
+    guidance = methods.get("dreamgaussian").build_guidance(stage_cfg, "cpu", GAUSSIAN_TEXTURE)
+    assert isinstance(guidance, SDEditGuidance) and isinstance(guidance.prior, MVDreamGuidance)
+    from threed.cameras import orbit_cameras
+
+    cams = orbit_cameras(stage_cfg.camera, 4, 16, 16)
+    rgb = torch.rand(4, 16, 16, 3, generator=torch.Generator().manual_seed(0))
+    edit = guidance.refine(rgb, cams, 0)
+    assert edit.shape == rgb.shape and 0 <= float(edit.min()) and float(edit.max()) <= 1
+    with pytest.raises(UserError, match="camera.views=4"):
+        guidance.refine(rgb[:3], orbit_cameras(stage_cfg.camera, 3, 16, 16), 0)

@@ -32,8 +32,8 @@ import pytest
 import torch
 import yaml
 
-from threed import methods
-from threed.config import (CONFIG_DIR, PRIOR_SECTIONS, STAGE_SECTIONS, Config, _GuidanceSettings, all_keys,
+from threed import methods, priors
+from threed.config import (CONFIG_DIR, STAGE_SECTIONS, Config, _GuidanceSettings, all_keys,
                            build_config, flatten, to_dict)
 from threed.schedule import Schedule
 
@@ -126,7 +126,7 @@ def active_keys(cfg: Config) -> list[str]:
     section (mesh, geometry, texture, and those a stage `reads`: gaussians) only for methods with that stage, the
     input image's (image) only for image-to-3D methods."""
     method = methods.get(cfg.method)
-    active_sections = {PRIOR_SECTIONS[cfg.guidance.type], *method.sections}
+    active_sections = priors.active_sections(cfg.guidance.type, method.sections)
     own_stages = {stage.section for stage in method.stages if stage.section}
     own_stages |= {section for stage in method.stages for section in stage.reads}
     stage_sections = {*STAGE_SECTIONS, *(s for m in methods.METHODS.values() for st in m.stages for s in st.reads)}

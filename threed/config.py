@@ -500,6 +500,7 @@ def _mesh_checks(m: MeshConfig, prefix: str) -> list[tuple[bool, str, str]]:
         (m.start_smoothing >= 0, f"{prefix}.start_smoothing", "must be >= 0 (cells; 0: off)"),
         (m.width > 0 and m.height > 0, f"{prefix}.width/height", "must be positive"),
         (m.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1"),
+        (m.views >= 1 and m.batch_size % m.views == 0, f"{prefix}.views", f"must be >= 1 and divide {prefix}.batch_size"),
         (0.0 <= m.textureless_prob <= 1.0, f"{prefix}.textureless_prob", "must be in [0, 1]"),
         (0.0 <= m.random_aug <= 1.0, f"{prefix}.random_aug", "must be a probability in [0, 1]"),
         (0.0 <= m.albedo_prob <= 1.0, f"{prefix}.albedo_prob", "must be in [0, 1]"),

@@ -53,6 +53,9 @@ class MeshConfig:
     width: int = 512
     height: int = 512
     batch_size: int = 1
+    # views per object in this stage's batch (camera.views): 1, or 4 where a multi-view prior scores them together
+    # (dreamgaussian-mvdream's texture stage); batch_size a multiple of it
+    views: int = 1
     rasterizer: Literal["auto", "torch", "nvdiffrast"] = "auto"
     # normal: normal maps over black (a geometry stage); pbr: split-sum image-based lighting of a physically
     # based material (Fantasia3D's appearance stage, `appearance:`)

@@ -139,7 +139,8 @@ class MVDreamConfig:
 
 @dataclass
 class MultiViewConfig:
-    """The mvdream method's loss, for either prior (threed/guidance/mvdream.py): MVDream's x0 reconstruction."""
+    """MVDream's loss (threed/guidance/mvdream.py): the mvdream method's, for either prior, and the MVDream prior's
+    under any method (dreamgaussian-mvdream: SDS). MVDream's x0 reconstruction, or SDS."""
 
     recon_loss: bool = True  # the x0-reconstruction loss (false: SDS with guidance.weighting)
     recon_std_rescale: float = 0.5  # mix of the CFG reconstruction rescaled to the unguided one's std
@@ -173,6 +174,8 @@ class Prior:
     build: Builder
     aliases: tuple[str, ...] = ()
     options: tuple[Option, ...] = ()
+    # method sections its guidance reads whichever method runs it (MVDream's loss: guidance.multiview)
+    reads: tuple[str, ...] = ()
 
     def key(self, option: Option) -> str:
         """The full config key `option` sets, e.g. guidance.sd.model."""
@@ -245,7 +248,8 @@ PRIORS: dict[str, Prior] = {p.name: p for p in (
         Option("clip_model", "models", "open_clip architecture(s), comma-separated", is_list=True),
         Option("clip_pretrained", "pretrained", "tag | checkpoint path | none, comma-separated", is_list=True))),
     Prior("mvdream", "mvdream", MVDreamConfig, _build_mvdream, options=(
-        Option("model", "model", "MVDream: hub id, sd-v2.1-base-4view.pt file, or a folder holding it"),)),
+        Option("model", "model", "MVDream: hub id, sd-v2.1-base-4view.pt file, or a folder holding it"),),
+          reads=("multiview",)),
     Prior("zero123", "zero123", Zero123Config, _build_zero123, options=(
         Option("model", "model", "Zero123: hub id, diffusers folder or .ckpt file"),)),
 )}
@@ -280,6 +284,12 @@ def sections() -> dict[str, type]:
 def options() -> list[tuple[Prior, Option]]:
     """Every prior's options, in the table's order, with the prior each concerns."""
     return [(p, o) for p in PRIORS.values() for o in p.options]
+
+
+def active_sections(prior: str, method_sections: tuple[str, ...] = ()) -> set[str]:
+    """The `guidance.` sections a run reads: its prior's, those the prior reads, and its method's."""
+    p = PRIORS[prior]
+    return {p.section, *p.reads, *method_sections}
 
 
 def builder(prior: str, method_sections: tuple[str, ...] = ()) -> Builder:

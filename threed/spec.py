@@ -207,7 +207,7 @@ def resolve(opts: RunOptions, cuda: bool | None = None, only_concerning: bool = 
     if cfg.guidance.type not in method.priors:
         raise UserError(f"method {method.name} takes the {' or '.join(method.priors)} prior, not "
                         f"{cfg.guidance.type}: pass --guidance {method.priors[0]}")
-    check_prior_sections(cfg, {PRIOR_SECTIONS[cfg.guidance.type], *method.sections})
+    check_prior_sections(cfg, priors.active_sections(cfg.guidance.type, method.sections))
     check_mesh_section(cfg, method)
     check_image(cfg, method)
     cfg.guidance.oracle.reference = absolute(cfg.guidance.oracle.reference)
@@ -323,7 +323,7 @@ def resolve_refine(opts: RunOptions, cuda: bool | None = None) -> tuple[Config, 
     if cfg.method != method.name or cfg.steps != step:
         raise UserError(f"method and steps of a refinement come from --method and --from: drop the "
                         f"method= and steps= overrides")
-    check_prior_sections(cfg, {PRIOR_SECTIONS[cfg.guidance.type], *method.sections})
+    check_prior_sections(cfg, priors.active_sections(cfg.guidance.type, method.sections))
     cfg.guidance.oracle.reference = absolute(cfg.guidance.oracle.reference)
     return cfg, notes, checkpoint
 

@@ -138,8 +138,9 @@ def mesh_stage_config(cfg: Config, section: str) -> Config:
     if m.background:  # a background kind of the stage's own
         out.render.background = m.background
     out.camera.distance, out.camera.fovy, out.camera.elevation = m.distance, m.fovy, m.elevation
-    # single views at the section's distances (MVDream's NeRF stage groups them)
-    out.camera.views, out.camera.distance_relative = 1, False
+    # the section's views per object (1; MVDream's groups of 4 for DreamGaussian's MVDream texture stage) at
+    # the section's distances (MVDream's NeRF stage scales its distances by the field of view)
+    out.camera.views, out.camera.distance_relative = m.views, False
     out.guidance.t_min, out.guidance.t_max = m.t_min, m.t_max
     if m.guidance_scale >= 0:
         out.guidance.sd.guidance_scale = m.guidance_scale

@@ -111,6 +111,22 @@ class MVDreamGuidance(RandomStream):
         x = (x * 2.0 - 1.0).to(self.dtype)
         return self.vae.encode(x).latent_dist.mean.float() * self.latent_scale
 
+    def sdedit_space(self, rgb: Tensor, cameras: Cameras, shading: str = "albedo", background: Tensor | None = None):
+        """For DreamGaussian's texture refinement (threed/guidance/sdedit.py; its mvdream_utils.py `refine`): the
+        renders' latents (256² resize), the guided eps of whole objects (one timestep for the batch, CFG at
+        guidance.mvdream.guidance_scale, the cameras' conditioning), the VAE decoder back to (B, 256, 256, 3)
+        colour in [0, 1], and the schedule's alphas_cumprod."""
+        if rgb.shape[0] % self.views:
+            raise UserError(f"MVDream edits whole objects of camera.views={self.views}: a batch of "
+                            f"{rgb.shape[0]} is not (set the stage's views and batch_size)")
+        latents = self.encode_images(rgb).float()
+
+        def to_rgb(z: Tensor) -> Tensor:
+            image = self.vae.decode((z / self.latent_scale).to(self.dtype), return_dict=False)[0].float()
+            return ((image + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1)
+
+        return latents, lambda x, t: self.eps(x, t[:1], cameras)[0], to_rgb, self.alphas_cumprod
+
     @torch.no_grad()
     def eps(self, x_t: Tensor, t: Tensor, cameras: Cameras) -> tuple[Tensor, Tensor]:
         """(guided, prompt-only) noise predictions for a batch of whole objects."""

@@ -12,6 +12,10 @@ configs/image.yaml): the prior is Zero-1-to-3 given the image, and the Gaussian 
 view to the image (RGB and mask losses, threed/scenes/reference.py), their weights growing with the step; the
 texture stage pulls the texture toward the image where the surface faces the reference camera.
 
+With MVDream (`--guidance mvdream`, dreamgaussian-mvdream, DreamGaussian's configs/text_mv.yaml) each step renders
+one object as 4 views 90 degrees apart, which the multi-view model scores together; its texture stage edits
+such groups too.
+
 The Gaussians are also written as a standard 3DGS .ply (gaussians.ply) that splat viewers open.
 """
 
@@ -22,8 +26,9 @@ from threed.stages import GAUSSIAN_TEXTURE, GAUSSIANS, IMAGE_GAUSSIAN_TEXTURE, I
 
 METHOD = Method(
     name="dreamgaussian", summary="SDS on densifying 3D Gaussians, then a mesh whose texture is refined",
-    preset="dreamgaussian", cpu_preset="dreamgaussian", priors=("stable_diffusion", "oracle"),
-    aliases=("gaussians",), stages=(GAUSSIANS, GAUSSIAN_TEXTURE), prior_presets={"oracle": "dreamgaussian-oracle"},
+    preset="dreamgaussian", cpu_preset="dreamgaussian", priors=("stable_diffusion", "mvdream", "oracle"),
+    aliases=("gaussians",), stages=(GAUSSIANS, GAUSSIAN_TEXTURE),
+    prior_presets={"mvdream": "dreamgaussian-mvdream", "oracle": "dreamgaussian-oracle"},
     image_variant="dreamgaussian-image")
 
 IMAGE_METHOD = Method(
