@@ -184,3 +184,12 @@ def test_init_mesh_belongs_to_a_geometry_stage_that_follows_no_nerf(tmp_path, ca
                  "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert code != 0 and "--method fantasia3d" in err and len(err.splitlines()) == 1
+
+
+def test_an_sdf_network_belongs_to_a_geometry_stage_that_follows_no_nerf(tmp_path, capsys):
+    """ProlificDreamer's geometry stage takes the NeRF's surface as values on its grid: geometry.sdf_network
+    would be ignored there, so it is an error naming the method that reads it."""
+    code = main(["run", "--method", "prolificdreamer", "--prompt", "a vase", "geometry.sdf_network=true",
+                 "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "geometry.sdf_network" in err and "--method fantasia3d" in err and len(err.splitlines()) == 1

@@ -248,6 +248,10 @@ def check_mesh_section(cfg: Config, method: methods.Method) -> None:
     if cfg.geometry.init != type(cfg.geometry.init)() and starts and starts[0].start is not None:
         raise UserError(f"geometry.init (--init-mesh) set, but method {method.name}'s geometry stage starts from its "
                         "NeRF: drop it or pass --method fantasia3d")
+    # so does an SDF network: a stage started from a NeRF takes the NeRF's surface as values on the grid
+    if cfg.geometry.sdf_network and starts and starts[0].start is not None:
+        raise UserError(f"geometry.sdf_network set, but method {method.name}'s geometry stage starts from its NeRF's "
+                        "surface on the grid: drop it or pass --method fantasia3d")
     read = {section for stage in method.stages for section in stage.reads}
     for section in {section for m in methods.METHODS.values() for stage in m.stages for section in stage.reads}:
         current = flatten(to_dict(getattr(cfg, section)))
