@@ -325,8 +325,8 @@ def resolve_refine(opts: RunOptions, cuda: bool | None = None) -> tuple[Config, 
     overrides = option_overrides(opts, prior) + list(opts.overrides)
     cfg = build_config(base=base, overrides=overrides)
     if cfg.method != method.name or cfg.steps != step:
-        raise UserError(f"method and steps of a refinement come from --method and --from: drop the "
-                        f"method= and steps= overrides")
+        raise UserError("method and steps of a refinement come from --method and --from: drop the "
+                        "method= and steps= overrides")
     check_prior_sections(cfg, priors.active_sections(cfg.guidance.type, method.sections))
     cfg.guidance.oracle.reference = absolute(cfg.guidance.oracle.reference)
     return cfg, notes, checkpoint

@@ -21,34 +21,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from threed.errors import UserError, first_line
+from threed.errors import UserError
 from threed.fields.sdf_init import fit_guide_mesh
+from threed.io import load_mesh_file
 
 HINT = "pass --init-mesh PATH to a mesh (OBJ/PLY/GLB/STL) or a .ply point cloud, or drop it to start from a ball"
 
 
 def _load(path: str | Path):
     """The file as a trimesh.Trimesh or trimesh.PointCloud (a scene's meshes joined); one-line errors."""
-    import trimesh
-
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"init mesh '{path}' not found: {HINT}")
-    if p.stat().st_size == 0:
-        raise UserError(f"init mesh '{path}' is empty (0 bytes): {HINT}")
-    try:
-        loaded = trimesh.load(str(p))
-        if isinstance(loaded, trimesh.Scene):
-            parts = [g for g in loaded.dump() if isinstance(g, (trimesh.Trimesh, trimesh.PointCloud))]
-            meshes = [g for g in parts if isinstance(g, trimesh.Trimesh) and len(g.faces)]
-            loaded = trimesh.util.concatenate(meshes) if meshes else (parts[0] if parts else None)
-    except Exception as e:  # trimesh raises many types for unreadable files
-        raise UserError(f"cannot load init mesh '{path}' ({first_line(e)}): {HINT}") from None
-    if isinstance(loaded, trimesh.Trimesh) and len(loaded.faces) == 0 and len(loaded.vertices):
-        loaded = trimesh.PointCloud(loaded.vertices, colors=_vertex_colors(loaded))
-    if loaded is None or len(getattr(loaded, "vertices", ())) == 0:
-        raise UserError(f"init mesh '{path}' holds no points: {HINT}")
-    return loaded
+    return load_mesh_file(path, "init mesh", HINT, points=True)
 
 
 def _surface_colors(mesh, faces: np.ndarray, bary: np.ndarray) -> np.ndarray | None:

@@ -23,7 +23,7 @@ the mesh depends on, so the gradients are the same as a full evaluation's at a f
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from threed.config import FieldConfig
 from threed.fields.dmtet import DMTetGeometry, marching_tetrahedra

@@ -21,9 +21,10 @@ import torch
 from torch import Tensor
 
 from threed.mesh_config import SDFInitConfig
-from threed.errors import UserError, first_line
+from threed.errors import UserError
 from threed.fields.dmtet import sdf_from_values
 from threed.fields.tetgrid import TetGrid
+from threed.io import load_mesh_file
 
 AXES = {"+x": (1.0, 0.0, 0.0), "+y": (0.0, 1.0, 0.0), "+z": (0.0, 0.0, 1.0),
         "-x": (-1.0, 0.0, 0.0), "-y": (0.0, -1.0, 0.0), "-z": (0.0, 0.0, -1.0)}
@@ -33,20 +34,7 @@ _HINT = "pass --init-mesh PATH to a mesh file (OBJ/PLY/GLB/STL), or drop it to s
 def load_guide_mesh(path: str | Path):
     """The guide mesh at `path` as one trimesh.Trimesh (a scene's parts joined); a missing, empty or
     unreadable file is one UserError line."""
-    import trimesh
-
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"guide mesh '{path}' not found: {_HINT}")
-    if p.stat().st_size == 0:
-        raise UserError(f"guide mesh '{path}' is empty (0 bytes): {_HINT}")
-    try:
-        loaded = trimesh.load(str(p), force="mesh")
-    except Exception as e:  # trimesh raises many types for unreadable files
-        raise UserError(f"cannot load guide mesh '{path}' ({first_line(e)}): {_HINT}") from None
-    if not isinstance(loaded, trimesh.Trimesh) or len(loaded.faces) == 0:
-        raise UserError(f"guide mesh '{path}' has no triangles: {_HINT}")
-    return loaded
+    return load_mesh_file(path, "guide mesh", _HINT)
 
 
 def fit_guide_mesh(vertices: np.ndarray, up: str, front: str, scale: float, bound: float) -> np.ndarray:

@@ -34,7 +34,6 @@ where the ray caster's reference renders dominated a mesh stage's step.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -44,8 +43,9 @@ from torch import Tensor
 
 from threed import raycast
 from threed.cameras import Cameras, make_cameras
-from threed.errors import UserError, first_line
+from threed.errors import UserError
 from threed.guidance import RandomStream, sds
+from threed.io import load_mesh_file
 from threed.render.rasterize import MeshRasterizer
 from threed.render.shading import shade
 
@@ -60,15 +60,7 @@ def load_reference(path: str, bound: float) -> trimesh.Trimesh:
     """Load the reference mesh as-is (never re-centred or re-scaled); UserError if unusable."""
     if not path:
         raise UserError(f"the oracle prior needs a reference mesh: {_HINT}")
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"reference mesh '{path}' not found: {_HINT}")
-    try:
-        mesh = trimesh.load(str(p), force="mesh")
-    except Exception as e:  # trimesh raises many types for unreadable files
-        raise UserError(f"cannot load reference mesh '{path}' ({first_line(e)}): {_HINT}") from None
-    if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
-        raise UserError(f"reference mesh '{path}' has no triangles: {_HINT}")
+    mesh = load_mesh_file(path, "reference mesh", _HINT)
     extent = float(np.abs(mesh.vertices).max())
     if extent > bound * (1 + 1e-6):
         suggested = math.ceil(extent * 100) / 100
