@@ -8,7 +8,7 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -138,10 +138,49 @@ def write_plots(out: Path, rows: list[dict], summary: list[dict], chance: float 
     return written
 
 
+Column = tuple[str, Callable[[dict], str]]  # a report table's header and how a row's cell reads
+
+
+def _table(columns: list[Column], items: list[dict]) -> list[str]:
+    """A markdown table of `items`, one row each."""
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(cell(item) for _, cell in columns) + " |" for item in items]
+
+
+def _summary_columns(own: list[Column], summary: list[dict]) -> list[Column]:
+    """The summary table's columns: the method and its finished runs, the bench's own scores, then time,
+    speed, memory and the mesh, and the distances to a reference where the runs have one."""
+    columns: list[Column] = [("method", lambda s: method_label(s["method"], s["prior"])),
+                             ("runs done", lambda s: f"{s['finished']}/{s['runs']}"), *own,
+                             ("time (s)", lambda s: _fmt(s["mean_wall_time_s"])),
+                             ("it/s", lambda s: _fmt(s["mean_it_per_s"])),
+                             ("peak mem (MB)", lambda s: _fmt(s["max_peak_memory_mb"])),
+                             ("faces", lambda s: _fmt(s["mean_faces"], 0)),
+                             ("watertight", lambda s: _fmt(s["watertight_fraction"], 2))]
+    if any("mean_chamfer_l1" in s for s in summary):
+        columns += [("Chamfer-L1", lambda s: _fmt(s.get("mean_chamfer_l1"), 4)),
+                    ("F-score@1%", lambda s: _fmt(s.get("mean_fscore_1pct"))),
+                    ("normal consistency", lambda s: _fmt(s.get("mean_normal_consistency"), 4))]
+    return columns
+
+
+def _run_columns(subject: str, own: list[Column]) -> list[Column]:
+    """The runs table's columns: the method, the run's `subject` (prompt or image), seed, status and budget,
+    the bench's own scores, then time, speed, the mesh and the preview."""
+    def status(r: dict) -> str:
+        return (r["status"] + (f": {r['error']}" if r["error"] else "")).replace("|", "/")
+
+    return [("method", lambda r: method_label(r["method"], r["prior"])),
+            (subject, lambda r: r[subject].replace("|", "/")), ("seed", lambda r: str(r["seed"])),
+            ("status", status), ("budget", lambda r: budget_text(row_budget(r))), *own,
+            ("time (s)", lambda r: _fmt(r["wall_time_s"])), ("it/s", lambda r: _fmt(r["it_per_s"])),
+            ("faces", lambda r: _fmt(r.get("faces"))), ("watertight", lambda r: _fmt(r.get("watertight"))),
+            ("preview", lambda r: f"![]({r['thumbnail']})" if r["thumbnail"] else "")]
+
+
 def write_image_report(out: Path, meta: dict, rows: list[dict], summary: list[dict], plots: list[str]) -> None:
     """report.md of an image bench (--images): each result's reference view against its input image."""
     budgets = "; ".join(f"{label} {budget_text(b)}" for label, b in meta["budget"].items())
-    distances = any("mean_chamfer_l1" in s for s in summary)
     lines = [
         "# threed benchmark (image-to-3D)", "",
         f"Command: `{meta['command']}`", "",
@@ -150,32 +189,18 @@ def write_image_report(out: Path, meta: dict, rows: list[dict], summary: list[di
         f"reference camera against its input image (PSNR, SSIM of the colour over the render's background; IoU "
         f"of opacity and alpha, each > 0.5), as the run measured it at its end.", "",
         "## Summary", "",
-        "| method | runs done | PSNR (dB) | SSIM | mask IoU | time (s) | it/s | peak mem (MB) | faces | watertight |"
-        + (" Chamfer-L1 | F-score@1% | normal consistency |" if distances else ""),
-        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if distances else ""),
     ]
-    for s in summary:
-        line = (f"| {method_label(s['method'], s['prior'])} | {s['finished']}/{s['runs']} | "
-                f"{_fmt(s.get('mean_reference_psnr'), 2)} | {_fmt(s.get('mean_reference_ssim'))} | "
-                f"{_fmt(s.get('mean_reference_mask_iou'))} | {_fmt(s['mean_wall_time_s'])} | {_fmt(s['mean_it_per_s'])} | "
-                f"{_fmt(s['max_peak_memory_mb'])} | {_fmt(s['mean_faces'], 0)} | {_fmt(s['watertight_fraction'], 2)} |")
-        if distances:
-            line += (f" {_fmt(s.get('mean_chamfer_l1'), 4)} | {_fmt(s.get('mean_fscore_1pct'))} | "
-                     f"{_fmt(s.get('mean_normal_consistency'), 4)} |")
-        lines.append(line)
+    lines += _table(_summary_columns([("PSNR (dB)", lambda s: _fmt(s.get("mean_reference_psnr"), 2)),
+                                      ("SSIM", lambda s: _fmt(s.get("mean_reference_ssim"))),
+                                      ("mask IoU", lambda s: _fmt(s.get("mean_reference_mask_iou")))], summary), summary)
     lines += ["", "PSNR, SSIM, mask IoU: means over a method's finished runs. Time: training steps only, per run, "
               "summed over resumed segments. Peak memory: of the run's own process.", ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
-    lines += ["## Runs", "", "| method | image | seed | status | budget | PSNR (dB) | SSIM | mask IoU | time (s) | it/s "
-              "| faces | watertight | preview |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        thumb = f"![]({r['thumbnail']})" if r["thumbnail"] else ""
-        status = r["status"] + (f": {r['error']}" if r["error"] else "")
-        lines.append(f"| {method_label(r['method'], r['prior'])} | {r['image'].replace('|', '/')} | {r['seed']} | "
-                     f"{status.replace('|', '/')} | {budget_text(row_budget(r))} | {_fmt(r.get('reference_psnr'), 2)} | "
-                     f"{_fmt(r.get('reference_ssim'))} | {_fmt(r.get('reference_mask_iou'))} | {_fmt(r['wall_time_s'])} | "
-                     f"{_fmt(r['it_per_s'])} | {_fmt(r.get('faces'))} | {_fmt(r.get('watertight'))} | {thumb} |")
+    lines += ["## Runs", ""]
+    lines += _table(_run_columns("image", [("PSNR (dB)", lambda r: _fmt(r.get("reference_psnr"), 2)),
+                                           ("SSIM", lambda r: _fmt(r.get("reference_ssim"))),
+                                           ("mask IoU", lambda r: _fmt(r.get("reference_mask_iou")))]), rows)
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
@@ -192,20 +217,11 @@ def write_report(out: Path, meta: dict, rows: list[dict], summary: list[dict], p
         f"{meta['views']} views of {meta['size']} px per result, colour (albedo) and textureless. R@1 chance level: "
         f"{meta['chance']:.3f}.", "",
         "## Summary", "",
-        "| method | runs done | R@1 colour | R@1 textureless | CLIP sim | time (s) | it/s | peak mem (MB) | faces | watertight |"
-        + (" Chamfer-L1 | F-score@1% | normal consistency |" if any("mean_chamfer_l1" in s for s in summary) else ""),
-        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if any("mean_chamfer_l1" in s for s in summary) else ""),
     ]
-    for s in summary:
-        mark = " (inflated)" if s["inflated"] else ""
-        line = (f"| {method_label(s['method'], s['prior'])} | {s['finished']}/{s['runs']} | {_fmt(s['r_at_1_color'])}{mark} | "
-                f"{_fmt(s['r_at_1_textureless'])}{mark} | {_fmt(s['mean_clip_sim_color'])} | "
-                f"{_fmt(s['mean_wall_time_s'])} | {_fmt(s['mean_it_per_s'])} | {_fmt(s['max_peak_memory_mb'])} | "
-                f"{_fmt(s['mean_faces'], 0)} | {_fmt(s['watertight_fraction'], 2)} |")
-        if any("mean_chamfer_l1" in t for t in summary):
-            line += (f" {_fmt(s.get('mean_chamfer_l1'), 4)} | {_fmt(s.get('mean_fscore_1pct'))} | "
-                     f"{_fmt(s.get('mean_normal_consistency'), 4)} |")
-        lines.append(line)
+    mark = lambda s: " (inflated)" if s["inflated"] else ""  # noqa: E731
+    lines += _table(_summary_columns([("R@1 colour", lambda s: _fmt(s["r_at_1_color"]) + mark(s)),
+                                      ("R@1 textureless", lambda s: _fmt(s["r_at_1_textureless"]) + mark(s)),
+                                      ("CLIP sim", lambda s: _fmt(s["mean_clip_sim_color"]))], summary), summary)
     if any(s["inflated"] for s in summary):
         lines += ["", "*Inflated*: the evaluator CLIP is also the guidance CLIP of that method, which was optimised "
                   "to please it; pick another --eval-clip-model for a fair score."]
@@ -216,16 +232,10 @@ def write_report(out: Path, meta: dict, rows: list[dict], summary: list[dict], p
               "memory. Watertight: fraction of meshes that are closed manifolds.", ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
-    lines += ["## Runs", "", "| method | prompt | seed | status | budget | rank colour | rank textureless | CLIP sim "
-              "| time (s) | it/s | faces | watertight | preview |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        thumb = f"![]({r['thumbnail']})" if r["thumbnail"] else ""
-        status = r["status"] + (f": {r['error']}" if r["error"] else "")
-        lines.append(f"| {method_label(r['method'], r['prior'])} | {r['prompt'].replace('|', '/')} | {r['seed']} | {status.replace('|', '/')} | "
-                     f"{budget_text(row_budget(r))} | {_rank(r.get('rank_color'))} | "
-                     f"{_rank(r.get('rank_textureless'))} | "
-                     f"{_fmt(r.get('clip_sim_color'))} | {_fmt(r['wall_time_s'])} | {_fmt(r['it_per_s'])} | "
-                     f"{_fmt(r.get('faces'))} | {_fmt(r.get('watertight'))} | {thumb} |")
+    lines += ["## Runs", ""]
+    lines += _table(_run_columns("prompt", [("rank colour", lambda r: _rank(r.get("rank_color"))),
+                                            ("rank textureless", lambda r: _rank(r.get("rank_textureless"))),
+                                            ("CLIP sim", lambda r: _fmt(r.get("clip_sim_color")))]), rows)
     lines += ["", "Rank: position of the run's own prompt among all prompts (1 = retrieved)."]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
 
