@@ -110,6 +110,17 @@ def test_background_augmentation_is_the_mesh_stages_own():
 
 
 
+def test_a_fresh_texture_is_of_the_stage_s_kind():
+    """mesh.fresh_texture renews the texture as the stage shades: a material field where it is physically based
+    (pbr), a NeRF-shaped texture field otherwise."""
+    from threed.fields.material import MaterialField
+
+    small = ("field.n_levels=2", "field.log2_hashmap_size=10", "mesh.fresh_texture=true")
+    assert isinstance(stages.renew_appearance(sphere_scene(8, (*small, "mesh.shading=pbr"))).texture, MaterialField)
+    plain = stages.renew_appearance(sphere_scene(8, small)).texture
+    assert isinstance(plain, NeRFField) and not isinstance(plain, MaterialField)
+
+
 def test_texture_grid_and_mlp_can_take_their_own_rates():
     """mesh.lr_texture_mlp (ProlificDreamer's texture stage: grid 0.01, MLP 0.001) splits the texture group."""
     scene = sphere_scene(8, ("mesh.lr_texture_mlp=0.001",))

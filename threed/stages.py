@@ -46,12 +46,11 @@ import torch
 
 from threed.config import Config
 from threed.errors import UserError
-from threed.fields.nerf import NeRFField
 from threed.render.background import Background
 from threed.rundir import RunDir, load_checkpoint
 from threed.scenes import Scene
 from threed.scenes.gaussians import GaussianScene, texture_scene
-from threed.scenes.mesh import MeshScene
+from threed.scenes.mesh import MeshScene, texture_field
 from threed.scenes.nerf import NeRFScene
 from threed.scenes.reference import (ReferenceViewGaussianScene, ReferenceViewMeshScene, ReferenceViewNeRFScene,
                                      ReferenceViewTextureScene)
@@ -178,8 +177,8 @@ def renew_appearance(scene: MeshScene) -> MeshScene:
     """The texture field and background freshly initialised where the stage asks for it (its config's
     mesh.fresh_texture / fresh_background), the surface kept."""
     cfg = scene.cfg
-    if cfg.mesh.fresh_texture:
-        scene.texture = NeRFField(cfg.field, cfg.render.bound, scene.device)
+    if cfg.mesh.fresh_texture:  # of the stage's kind: a material where it shades physically based
+        scene.texture = texture_field(cfg, scene.device)
     if cfg.mesh.fresh_background:
         scene.background = Background(cfg.render).to(scene.device)
         scene.background.random_aug = cfg.mesh.random_aug
