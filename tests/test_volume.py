@@ -176,6 +176,41 @@ def test_occupancy_grid_skips_only_empty_space():
     assert torch.allclose(out.opacity, full.opacity, atol=1e-6)
 
 
+class TwoDensities(ConstantField):
+    """A faint ball (sigma 0.05: alpha about 0.001 per sample) around a dense core (sigma 20)."""
+
+    def density(self, x):
+        r = x.norm(dim=-1)
+        return torch.where(r < 0.25, 20.0, torch.where(r < 0.6, 0.05, 0.0))
+
+
+def test_alpha_threshold_drops_the_faint_samples_before_the_field_runs_with_gradients():
+    """render.alpha_threshold (threestudio's prune_alpha_threshold 0.01): in occupied cells, the samples whose
+    alpha is below 0.01 are not evaluated or composited; the dense core renders as before, the faint shell's
+    pixels lose the opacity only it held. The threshold is nerfacc's: the grid's mean value where that is lower."""
+    cam = front_camera(size=15)
+    renders = {}
+    for threshold in (0.0, 0.01):
+        cfg = RenderConfig(num_samples=64, background="solid", backend="torch", occupancy_resolution=16,
+                           occupancy_threshold=1e-4, alpha_threshold=threshold)
+        renderer = VolumeRenderer(cfg, "cpu")
+        field = TwoDensities(0.0).eval()
+        renderer.update_occupancy(field, 0)
+        seen = count_field_points(field)
+        renders[threshold] = (renderer(field, Background(cfg).eval(), cam, "albedo").opacity[0, ..., 0], sum(seen))
+        if threshold:  # a grid whose mean value is below the shell's alpha: that mean is the threshold
+            renderer.occupancy.occs.fill_(1e-5)
+            seen.clear()
+            renderer(field, Background(cfg).eval(), cam, "albedo")
+            assert sum(seen) > renders[threshold][1]
+    (full, n_full), (pruned, n_pruned) = renders[0.0], renders[0.01]
+    assert n_pruned < 0.5 * n_full  # the faint shell's samples are not evaluated with gradients
+    centre = full.shape[0] // 2
+    assert float(pruned[centre, centre]) == pytest.approx(float(full[centre, centre]), abs=0.03)  # the core
+    shell_only = (full > 0.01) & (full < 0.2)
+    assert shell_only.any() and float(pruned[shell_only].max()) == 0.0
+
+
 # -- empty space: chunks of rays that meet no occupied cell, or miss the scene ---------------------------
 def small_field():
     from threed.config import FieldConfig

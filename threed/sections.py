@@ -49,6 +49,10 @@ class RenderConfig:
     occupancy_resolution: int = 64
     occupancy_update_every: int = 16
     occupancy_threshold: float = 0.01
+    # Samples in occupied cells whose alpha (1 - exp(-density x step)) is below this (or below the occupancy
+    # grid's mean value, if smaller, as nerfacc takes it) are dropped before the field is evaluated with
+    # gradients (threestudio's prune_alpha_threshold: 0.01); 0 keeps every sample in an occupied cell.
+    alpha_threshold: float = 0.0
     # random: DreamFusion's choice per step; normal: the prior scores normal maps ((n + 1) / 2, world space)
     shading: Literal["random", "albedo", "lambertian", "textureless", "normal"] = "random"
     albedo_only_steps: int = 1000  # DreamFusion: albedo only while the coarse shape forms

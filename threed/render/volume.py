@@ -212,6 +212,8 @@ class VolumeRenderer(nn.Module):
             sigma, albedo = field(pts)
         else:  # evaluate the field only in occupied cells (possibly none): one host sync for the count
             occupied = self.occupancy.query(pts).nonzero().squeeze(1)
+            if self.cfg.alpha_threshold > 0:
+                occupied = self._visible(field, pts, occupied, delta.expand(n, s).reshape(-1))
             s_occ, a_occ = field(pts[occupied])
             sigma = pts.new_zeros(len(pts)).index_put((occupied,), s_occ)
             albedo = pts.new_zeros(len(pts), 3).index_put((occupied,), a_occ)
@@ -220,6 +222,15 @@ class VolumeRenderer(nn.Module):
         lights = light[:, None].expand(n, s, 3).reshape(-1, 3)
         return self._composite(field, pts, dirs, lights, albedo, weights, t, None, n, shading, need_normals, ambient,
                                normal_terms, generator)
+
+    @torch.no_grad()
+    def _visible(self, field: NeRFField, pts: Tensor, occupied: Tensor, delta: Tensor) -> Tensor:
+        """The indices among `occupied` whose alpha reaches render.alpha_threshold, or the occupancy grid's mean
+        value where that is smaller (nerfacc's alpha_thre): densities evaluated once without gradients."""
+        assert self.occupancy is not None
+        threshold = min(self.cfg.alpha_threshold, float(self.occupancy.occs.mean()))
+        alpha = 1.0 - torch.exp(-field.density(pts[occupied]) * delta[occupied])
+        return occupied[alpha >= threshold]
 
     def _render_nerfacc(self, field: NeRFField, rays_o: Tensor, rays_d: Tensor, light: Tensor, shading: str,
                         need_normals: bool, generator: torch.Generator | None, ambient: float,
@@ -235,7 +246,7 @@ class VolumeRenderer(nn.Module):
         # packed samples, grouped by ray in marching order; possibly none at all
         ray_indices, t_starts, t_ends = self.estimator.sampling(
             rays_o, rays_d, sigma_fn=sigma_fn, t_min=near, t_max=far, render_step_size=self.step_size,
-            stratified=field.training, early_stop_eps=1e-4, alpha_thre=0.0)
+            stratified=field.training, early_stop_eps=1e-4, alpha_thre=self.cfg.alpha_threshold)
         ray_indices = ray_indices.long()  # nerfacc may return int32
         mid = (t_starts + t_ends) * 0.5
         pts = rays_o[ray_indices] + mid[:, None] * rays_d[ray_indices]
