@@ -228,9 +228,9 @@ class VolumeRenderer(nn.Module):
         """The indices among `occupied` whose alpha reaches render.alpha_threshold, or the occupancy grid's mean
         value where that is smaller (nerfacc's alpha_thre): densities evaluated once without gradients."""
         assert self.occupancy is not None
-        threshold = min(self.cfg.alpha_threshold, float(self.occupancy.occs.mean()))
+        threshold = self.occupancy.occs.mean().clamp(max=self.cfg.alpha_threshold)  # on the device: no host sync
         alpha = 1.0 - torch.exp(-field.density(pts[occupied]) * delta[occupied])
-        return occupied[alpha >= threshold]
+        return occupied[alpha >= threshold]  # (the count: this path's second host sync)
 
     def _render_nerfacc(self, field: NeRFField, rays_o: Tensor, rays_d: Tensor, light: Tensor, shading: str,
                         need_normals: bool, generator: torch.Generator | None, ambient: float,
