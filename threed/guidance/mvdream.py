@@ -119,13 +119,11 @@ class MVDreamGuidance(RandomStream):
         if rgb.shape[0] % self.views:
             raise UserError(f"MVDream edits whole objects of camera.views={self.views}: a batch of "
                             f"{rgb.shape[0]} is not (set the stage's views and batch_size)")
+        from threed.guidance.sdedit import vae_to_rgb
+
         latents = self.encode_images(rgb).float()
-
-        def to_rgb(z: Tensor) -> Tensor:
-            image = self.vae.decode((z / self.latent_scale).to(self.dtype), return_dict=False)[0].float()
-            return ((image + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1)
-
-        return latents, lambda x, t: self.eps(x, t[:1], cameras)[0], to_rgb, self.alphas_cumprod
+        return (latents, lambda x, t: self.eps(x, t[:1], cameras)[0],
+                vae_to_rgb(self.vae, self.latent_scale, self.dtype), self.alphas_cumprod)
 
     @torch.no_grad()
     def eps(self, x_t: Tensor, t: Tensor, cameras: Cameras) -> tuple[Tensor, Tensor]:

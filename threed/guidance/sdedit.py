@@ -29,6 +29,16 @@ from threed.schedule import Schedule
 EpsFn = Callable[[Tensor, Tensor], Tensor]  # (x_t, t (B,)) -> guided eps
 
 
+def vae_to_rgb(vae: Any, latent_scale: float, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    """The map from a latent-diffusion prior's scaled latents back to (B, H, W, 3) colour in [0, 1] through its
+    VAE decoder (Stable Diffusion's, Zero123's and MVDream's alike), for their `sdedit_space`."""
+    def to_rgb(z: Tensor) -> Tensor:
+        image = vae.decode((z / latent_scale).to(dtype), return_dict=False)[0].float()
+        return ((image + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1)
+
+    return to_rgb
+
+
 def ddim_timesteps(steps: int, num_train_timesteps: int = 1000, offset: int = 1) -> list[int]:
     """The DDIM schedule of `steps` steps, noisiest first, as diffusers' DDIMScheduler.set_timesteps spaces them
     ("leading", steps_offset 1 as Stable Diffusion's scheduler config has it)."""

@@ -214,13 +214,11 @@ class StableDiffusionGuidance(RandomStream):
         """For DreamGaussian's texture refinement (threed/guidance/sdedit.py): the renders' latents, the guided
         eps of the cameras' prompts (classifier-free guidance at guidance.sd.guidance_scale), the VAE decoder
         back to (B, H, W, 3) colour in [0, 1], and the schedule's alphas_cumprod."""
+        from threed.guidance.sdedit import vae_to_rgb
+
         latents = self.encode_images(rgb).float()
-
-        def to_rgb(z: Tensor) -> Tensor:
-            image = self.vae.decode((z / self.latent_scale).to(self.dtype), return_dict=False)[0].float()
-            return ((image + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1)
-
-        return latents, lambda x, t: self.guided_eps(x, t, cameras).float(), to_rgb, self.alphas_cumprod
+        return (latents, lambda x, t: self.guided_eps(x, t, cameras).float(),
+                vae_to_rgb(self.vae, self.latent_scale, self.dtype), self.alphas_cumprod)
 
     def __call__(self, rgb: Tensor, cameras: Cameras, step: int, shading: str = "albedo",
                  background: Tensor | None = None, **_: object) -> dict[str, Tensor]:

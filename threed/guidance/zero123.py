@@ -139,13 +139,11 @@ class Zero123Guidance(RandomStream):
         """For DreamGaussian's texture refinement (threed/guidance/sdedit.py): the renders' latents, the guided
         eps for the cameras relative to the reference view, the VAE decoder back to (B, H, W, 3) colour in
         [0, 1], and the schedule's alphas_cumprod."""
+        from threed.guidance.sdedit import vae_to_rgb
+
         camera = self.camera_condition(cameras)
-
-        def to_rgb(z: Tensor) -> Tensor:
-            image = self.vae.decode((z / self.latent_scale).to(self.dtype), return_dict=False)[0].float()
-            return ((image + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1)
-
-        return self.encode_images(rgb), lambda x, t: self.guided_eps(x, t, camera), to_rgb, self.alphas_cumprod
+        return (self.encode_images(rgb), lambda x, t: self.guided_eps(x, t, camera),
+                vae_to_rgb(self.vae, self.latent_scale, self.dtype), self.alphas_cumprod)
 
     def __call__(self, rgb: Tensor, cameras: Cameras, step: int, **_: object) -> dict[str, Tensor]:
         """The SDS loss of a batch of renders seen from `cameras`, with its timestep and gradient norm."""
