@@ -91,18 +91,20 @@ class Gaussians(nn.Module):
         sin_theta = (1 - cos_theta ** 2).clamp_min(0).sqrt()
         r = radius * u[:, 2].pow(1.0 / 3.0)
         means = torch.stack([r * sin_theta * torch.cos(phi), r * sin_theta * torch.sin(phi), r * cos_theta], dim=-1)
-        f_dc = torch.rand(n, 3, generator=generator) / 255.0
-        log_scales = torch.log(nearest_neighbour_scale(means))[:, None].repeat(1, 3)
-        quats = torch.zeros(n, 4)
-        quats[:, 0] = 1.0
-        return cls(means, log_scales, quats, logit(opacity).expand(n).clone(), f_dc)
+        return cls._isotropic(means, torch.rand(n, 3, generator=generator) / 255.0, opacity)
 
     @classmethod
     def from_points(cls, means: Tensor, colors: Tensor | None, opacity: float) -> "Gaussians":
         """Gaussians at given points (a user's mesh or point cloud, threed/fields/gaussian_init.py), started as
         the ball's are; `colors` (N, 3) in [0, 1], or None for the ball's grey."""
+        f_dc = rgb_to_sh0(colors.float()) if colors is not None else torch.zeros(means.shape[0], 3)
+        return cls._isotropic(means, f_dc, opacity)
+
+    @classmethod
+    def _isotropic(cls, means: Tensor, f_dc: Tensor, opacity: float) -> "Gaussians":
+        """Gaussians at `means` with colour `f_dc`, isotropic at the nearest-neighbour scale, identity rotation and
+        `opacity`: how every start sets them."""
         n = means.shape[0]
-        f_dc = rgb_to_sh0(colors.float()) if colors is not None else torch.zeros(n, 3)
         log_scales = torch.log(nearest_neighbour_scale(means.float()))[:, None].repeat(1, 3)
         quats = torch.zeros(n, 4)
         quats[:, 0] = 1.0
