@@ -227,8 +227,9 @@ class SplatOutput:
     radii: Tensor
 
 
-def focal_length(fovy: float, height: int) -> float:
-    return 0.5 * height / math.tan(0.5 * fovy)
+def focal_length(fovy: float | Tensor, height: int) -> float | Tensor:
+    """The square pixels' focal length (pixels) of a vertical field of view `fovy` (radians; a tensor: per view)."""
+    return 0.5 * height / (torch.tan(0.5 * fovy) if isinstance(fovy, Tensor) else math.tan(0.5 * fovy))
 
 
 def render(means: Tensor, scales: Tensor, quaternions: Tensor, opacities: Tensor, colors: Tensor, c2w: Tensor,

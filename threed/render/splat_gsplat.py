@@ -98,9 +98,7 @@ def opencv_cameras(c2w: Tensor, fovy: Tensor, width: int, height: int) -> tuple[
     flip = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=c2w.dtype, device=c2w.device))
     viewmats = flip @ w2c
     ks = torch.zeros(c2w.shape[0], 3, 3, dtype=c2w.dtype, device=c2w.device)
-    for i in range(c2w.shape[0]):
-        f = focal_length(float(fovy[i]), height)
-        ks[i, 0, 0] = ks[i, 1, 1] = f
+    ks[:, 0, 0] = ks[:, 1, 1] = focal_length(fovy.to(c2w.device, c2w.dtype), height)
     ks[:, 0, 2], ks[:, 1, 2], ks[:, 2, 2] = 0.5 * width, 0.5 * height, 1.0
     return viewmats, ks
 
