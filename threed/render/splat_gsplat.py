@@ -22,6 +22,7 @@ cached afterwards), which is announced once with the time it took; CPU tensors n
 from __future__ import annotations
 
 import time
+import types
 
 import torch
 from torch import Tensor
@@ -91,6 +92,16 @@ def ensure_kernels() -> None:
     _kernels_ready = True
 
 
+def gsplat_module(device: torch.device) -> types.ModuleType:
+    """gsplat, for tensors on `device`: CUDA only (on CPU tensors its kernels would try to build), kernels loaded."""
+    if device.type != "cuda":
+        raise UserError("the gsplat rasterizer runs on CUDA only: pass gaussians.backend=torch")
+    ensure_kernels()
+    import gsplat  # accelerator: imported only when chosen
+
+    return gsplat
+
+
 def opencv_cameras(c2w: Tensor, fovy: Tensor, width: int, height: int) -> tuple[Tensor, Tensor]:
     """threed's (B, 4, 4) camera-to-world (OpenGL) and (B,) fovy -> gsplat's (B, 4, 4) world-to-camera
     `viewmats` (OpenCV) and (B, 3, 3) intrinsics `Ks`."""
@@ -108,11 +119,7 @@ def render(means: Tensor, scales: Tensor, quaternions: Tensor, opacities: Tensor
     """threed.render.splat.render's outputs from gsplat: (B, H, W, 3) colour over `background`, (B, H, W, 1)
     opacity and accumulated depth, the (B, N, 2) pixel means (their gradient kept after backward, for
     densification) and (B, N) radii (0: culled)."""
-    if means.device.type != "cuda":
-        raise UserError("the gsplat rasterizer runs on CUDA only: pass gaussians.backend=torch")
-    ensure_kernels()
-    import gsplat  # accelerator: imported only when chosen
-
+    gsplat = gsplat_module(means.device)
     viewmats, ks = opencv_cameras(c2w.to(means.device, torch.float32), fovy, width, height)
     image, alpha, meta = gsplat.rasterization(
         means.float(), quaternions.float(), scales.float(), opacities.float(), colors.float(), viewmats, ks,
