@@ -1,7 +1,7 @@
 """One GPU measurement session, in priority order, inside a fixed time budget: run it once on a bare CUDA
 machine and read the table it prints last.
 
-    bash examples/gpu_wheels.sh                    # here, with the package index: .whl/ (~13 MB)
+    bash examples/gpu_wheels.sh                    # here, with the package index: .whl/ (~19 MB)
     python3 examples/gpu_session.py --out "$OUT"   # there (installs .whl/ itself); --budget 460 s by default
     python3 examples/gpu_session.py --out /tmp/s --dry-run   # the same plan on a CPU with tiny models
 
@@ -26,7 +26,9 @@ Parts, each a subprocess with its own timeout, skipped when the budget cannot co
   z      examples/benchmark_zero123.py: the zero123 preset's 64², 128² and 256² stages (batches 12, 8, 4)
          with Zero123's real-size architecture, random weights: it/s and peak memory per stage
   s      threed run, dreamgaussian's two stages (Gaussians 128² to 512², 50 texture steps at 512²), textured
-         export: each stage's it/s and peak memory, the whole run's wall time
+         export: each stage's it/s and peak memory, the whole run's wall time; then the image recipe with
+         Zero123's real-size architecture (random weights). On gsplat's kernels, which build in the background
+         from the start, if they built (then their agreement test first), else on threed's rasterizer
   c      the fast preset (tiny autoencoder), compiled
   f      threed run, dreamfusion-sd, 1000 steps and mesh export (no video), timed
   d      guidance floors, eager and compiled (benchmark_guidance.py)
@@ -48,7 +50,19 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # threed itself, to read the runs' records (the parts get it through PYTHONPATH)
 LOG_TAIL_LINES = 400
+# a random Zero123 of the real architecture (or tiny) and an orange disc to lift, for part s's image run
+ZERO123_BUILD = ("import sys, numpy as np; from pathlib import Path; from PIL import Image\n"
+                 "from threed.random_models import build_zero123, tiny_zero123_ldm_config\n"
+                 "from threed.guidance.zero123_model import ZERO123_LDM_CONFIG\n"
+                 "full = sys.argv[4] == 'full'\n"
+                 "build_zero123(Path(sys.argv[1]), ZERO123_LDM_CONFIG if full else tiny_zero123_ldm_config(), "
+                 "device=sys.argv[3])\n"
+                 "yy, xx = np.mgrid[:256, :256]; image = np.zeros((256, 256, 4), np.uint8)\n"
+                 "image[(yy - 128) ** 2 + (xx - 128) ** 2 < 90 ** 2] = (230, 140, 30, 255)\n"
+                 "Image.fromarray(image, 'RGBA').save(sys.argv[2])\n")
+GSPLAT_AGREEMENT = "tests/test_splat_gsplat.py::test_gsplat_agrees_with_threeds_rasterizer_on_cuda"
 
 
 class Session:
@@ -86,27 +100,37 @@ class Session:
         """Run one part; its output goes to work/<name>.log and its tail to log.txt. Skipped when less than
         `need` seconds of the budget are left; cut at min(timeout, what is left)."""
         left = self.left()
-        record: dict = {"cmd": " ".join(cmd)}
         if left < need:
-            record.update(status="skipped", why=f"{left:.0f} s of the budget left, {need:.0f} s needed")
+            record = {"cmd": " ".join(cmd), "status": "skipped",
+                      "why": f"{left:.0f} s of the budget left, {need:.0f} s needed"}
             self.note(f"{name}: skipped ({record['why']})")
             self.results["parts"][name] = record
             return record
-        limit = max(1.0, min(timeout, left))
-        self.note(f"{name}: {record['cmd']}  (limit {limit:.0f} s)")
+        return self.finish(self.launch(name, cmd, f"limit {max(1.0, min(timeout, left)):.0f} s"), timeout)
+
+    def launch(self, name: str, cmd: list[str], why: str = "in the background") -> tuple:
+        """Start one part without waiting for it (finish() collects it)."""
+        self.note(f"{name}: {' '.join(cmd)}  ({why})")
         log_path = self.work / f"{name}.log"
-        start = time.monotonic()
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-            try:
-                rc = proc.wait(timeout=limit)
-                status = "ok" if rc == 0 else f"failed (exit {rc})"
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)  # the compile workers too
-                proc.wait()
-                rc, status = None, f"timed out after {limit:.0f} s"
-        record.update(status=status, rc=rc, seconds=round(time.monotonic() - start, 1), log=str(log_path))
+        log = open(log_path, "w")
+        proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        return name, cmd, proc, log, log_path, time.monotonic()
+
+    def finish(self, started: tuple, timeout: float) -> dict:
+        """Wait for a started part up to min(timeout, what is left of the budget), then record it."""
+        name, cmd, proc, log, log_path, start = started
+        limit = max(1.0, min(timeout, self.left()))
+        try:
+            rc = proc.wait(timeout=limit)
+            status = "ok" if rc == 0 else f"failed (exit {rc})"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the compile workers too
+            proc.wait()
+            rc, status = None, f"timed out after {time.monotonic() - start:.0f} s"
+        log.close()
+        record: dict = {"cmd": " ".join(cmd), "status": status, "rc": rc,
+                        "seconds": round(time.monotonic() - start, 1), "log": str(log_path)}
         lines = log_path.read_text(errors="replace").splitlines()
         shown = lines[-LOG_TAIL_LINES:]
         self.log.write(f"\n===== {name}: {status}, {record['seconds']} s, {len(lines)} lines"
@@ -145,7 +169,8 @@ def setup(s: Session) -> None:
              "        'cuda': torch.cuda.is_available(),\n"
              "        'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None,\n"
              "        'field_backends': list(typing.get_args(typing.get_type_hints(FieldConfig)['backend']))}\n"
-             "for m in ('triton', 'diffusers', 'transformers', 'accelerate', 'nerfacc', 'imageio_ffmpeg', 'open_clip'):\n"
+             "for m in ('triton', 'diffusers', 'transformers', 'accelerate', 'nerfacc', 'imageio_ffmpeg', 'open_clip', "
+             "'gsplat'):\n"
              "    try:\n"
              "        mod = __import__(m); info[m] = getattr(mod, '__version__', 'yes')\n"
              "    except Exception as e:\n"
@@ -173,6 +198,7 @@ def main() -> None:
     s = Session(args)
     dry = args.dry_run
     py = python()
+    from threed.rundir import RunDir  # from REPO (sys.path above): the runs' records
     dev = ["--device", "cpu"] if dry else ["--device", "cuda"]
     s.note(f"threed GPU session: budget {args.budget:.0f} s, out {s.out}, work {s.work}{' (dry run)' if dry else ''}")
 
@@ -182,14 +208,21 @@ def main() -> None:
     new_field = "triton" if "triton" in env.get("field_backends", []) and not dry else "torch"
     s.results["new_field_backend"] = new_field
 
+    # gsplat's CUDA kernels build (nvcc, minutes on a fresh machine) on the CPUs while the GPU parts run; part s
+    # waits for them, and its run and gsplat's agreement test use them
+    gsplat_build = None
+    if "s" not in skip and not dry and not str(env.get("gsplat", "missing")).startswith("missing"):
+        gsplat_build = s.launch("s-gsplat-build", [py, "-c", "from threed.render.splat_gsplat import ensure_kernels; "
+                                                            "ensure_kernels()"])
+
     build = [py, "examples/benchmark_step.py", "--build-models", str(s.models), *dev] + (["--tiny-sd"] if dry else [])
     s.run("build", build, timeout=150, need=30)
     sd, taesd = str(s.models / "sd"), str(s.models / "taesd")
 
     # (a) the CUDA tests (they skip on a CPU)
     if "a" not in skip:
-        s.run("a-cuda-tests", [py, "-m", "pytest", "-q", "-rs", "-m", "cuda", "tests/", "-p", "no:cacheprovider"],
-              timeout=200, need=60)
+        s.run("a-cuda-tests", [py, "-m", "pytest", "-q", "-rs", "-m", "cuda", "tests/", "-p", "no:cacheprovider",
+                               "--deselect", GSPLAT_AGREEMENT], timeout=200, need=60)  # gsplat's: in part s
         s.run("a-triton-grid-tests", [py, "-m", "pytest", "-q", "tests/test_hashgrid_triton.py", "-p",
                                       "no:cacheprovider"], timeout=60, need=20)
 
@@ -264,8 +297,6 @@ def main() -> None:
                                           "a pineapple", "--model", sd, "--out", str(run_dir), "--quiet", *dev, *sizes,
                                           "render.hires_step=0", "export.video=false", "export.preview_views=0",
                                           "checkpoint_every=0"], timeout=300, need=90)
-        from threed.rundir import RunDir
-
         _, done = RunDir(run_dir).metrics()
         if done:
             rec["result"] = done
@@ -289,8 +320,6 @@ def main() -> None:
                                 "--model", str(model), "--out", str(run_dir), "--quiet", *dev, *sizes, *phase,
                                 "export.video=false", "export.preview_views=0", "checkpoint_every=0"],
                          timeout=240, need=60)
-            from threed.rundir import RunDir
-
             _, done = RunDir(run_dir).metrics()
             if done:
                 part["result"] = done
@@ -307,27 +336,43 @@ def main() -> None:
                                       "export.video=false", "export.preview_views=0", "checkpoint_every=0"],
                     timeout=300, need=90)
     # (s) DreamGaussian's two stages as a run takes them: 500 steps of Gaussians (128² growing to 512²), the
-    # mesh, 50 texture steps at 512², textured export: each stage's it/s and peak memory, the run's wall time
+    # mesh, 50 texture steps at 512², textured export: each stage's it/s and peak memory, the run's wall time;
+    # on gsplat's kernels when they built (then first their agreement test), else on threed's rasterizer; then
+    # the image recipe (500 steps at 512²) with Zero123's real-size architecture, random weights
     if "s" not in skip:
-        run_dir = s.work / "s-dreamgaussian"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        sizes = (["--steps", "4", "render.width=16", "render.height=16", "gaussians.num_points=400",
-                  "gaussians.grow_steps=[2]", "gaussians.grow_sizes=[32]", "gaussians.densify_every=2",
-                  "guidance.sd.resolution=64", "export.resolution=32", "export.threshold=0.2", "texture.steps=2",
-                  "texture.resolution=16", "texture.width=32", "texture.height=32", "export.texture_size=64",
-                  "gaussians.texture_fit_steps=5"]
-                 if dry else [])
-        started = time.monotonic()
-        rec = s.run("s-dreamgaussian", [py, "-m", "threed.cli", "run", "--method", "dreamgaussian", "--prompt",
-                                        "a ripe strawberry", "--model", sd, "--out", str(run_dir), "--quiet", *dev,
-                                        *sizes, "export.video=false", "export.preview_views=0", "checkpoint_every=0"],
-                    timeout=420, need=120)
-        rec["end_to_end_s"] = round(time.monotonic() - started, 1)  # model load, both stages, export
-        from threed.rundir import RunDir
-
-        _, done = RunDir(run_dir).metrics()
-        if done:
-            rec["result"] = done
+        backend = "torch"
+        if gsplat_build is not None:
+            if s.finish(gsplat_build, timeout=max(1.0, s.left() - 150)).get("status") == "ok":
+                backend = "gsplat"
+                s.run("s-gsplat-agreement", [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                                             GSPLAT_AGREEMENT], timeout=90, need=30)
+        s.results["dreamgaussian_backend"] = backend
+        tiny = ["render.width=16", "render.height=16", "gaussians.num_points=400", "gaussians.grow_steps=[2]",
+                "gaussians.grow_sizes=[32]", "gaussians.densify_every=2", "export.resolution=32",
+                "export.threshold=0.2", "texture.steps=2", "texture.resolution=16", "texture.width=32",
+                "texture.height=32", "export.texture_size=64", "gaussians.texture_fit_steps=5"]
+        # options first, key=value overrides last
+        over = [f"gaussians.backend={backend}", "export.video=false", "export.preview_views=0", "checkpoint_every=0"]
+        runs = [("s-dreamgaussian", ["--prompt", "a ripe strawberry", "--model", sd],
+                 ["guidance.sd.resolution=64", *tiny] if dry else [])]
+        model, image = s.work / "zero123", s.work / "s-input.png"
+        build_z = s.run("s-zero123-build", [py, "-c", ZERO123_BUILD, str(model), str(image), "cpu" if dry else "cuda",
+                                            "tiny" if dry else "full"], timeout=150, need=200)
+        if build_z.get("status") == "ok":
+            runs.append(("s-dreamgaussian-image", ["--image", str(image), "--model", str(model)],
+                         ["guidance.zero123.resolution=32", "image.size=64", "image.sizes=[[0, 24]]", *tiny]
+                         if dry else []))
+        for name, opts, sizes in runs:
+            run_dir = s.work / name
+            shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not the resume of an earlier session's
+            started = time.monotonic()
+            rec = s.run(name, [py, "-m", "threed.cli", "run", "--method", "dreamgaussian", "--out", str(run_dir),
+                               "--quiet", *dev, *opts, *(["--steps", "4"] if dry else []), *sizes, *over],
+                        timeout=420, need=120)
+            rec["end_to_end_s"] = round(time.monotonic() - started, 1)  # model load, both stages, export
+            _, done = RunDir(run_dir).metrics()
+            if done:
+                rec["result"] = done
     # (z) image-to-3D: the zero123 preset's three resolution stages with Zero123's real-size architecture
     if "z" not in skip:
         out = s.work / "z-zero123.json"
@@ -355,8 +400,6 @@ def main() -> None:
         rec = s.run("f-end-to-end", [py, "-m", "threed.cli", "run", "--prompt", "a yellow rubber duck", "--model", sd,
                                      "--steps", steps, "--out", str(run_dir), "--quiet", *dev, *run_preset,
                                      "export.video=false", f"field.backend={new_field}"], timeout=200, need=60)
-        from threed.rundir import RunDir
-
         records, done = RunDir(run_dir).metrics()
         if records or done:
             rec["result"] = {"final": done, "last_logged": records[-1] if records else None,
@@ -472,15 +515,19 @@ def summary(s: Session) -> str:
         rows.append(f"{stage} | " + " | ".join(str((fa or {}).get(f"{stage}_{k}", "-")) for k in
                                               ("wall_time_s", "it_per_s", "peak_memory_mb", "init_time_s",
                                                "export_time_s")))
-    dg_part = parts.get("s-dreamgaussian") or {}
-    dg = dg_part.get("result")
+    build = parts.get("s-gsplat-build") or {}
     rows.append("")
-    rows.append(f"dreamgaussian (s), end to end {dg_part.get('end_to_end_s', '-')} s | train s | it/s | peak MB | "
-                "start s | export s")
-    for stage in ("gaussians", "texture"):
-        rows.append(f"{stage} | " + " | ".join(str((dg or {}).get(f"{stage}_{k}", "-")) for k in
-                                              ("wall_time_s", "it_per_s", "peak_memory_mb", "init_time_s",
-                                               "export_time_s")))
+    rows.append(f"dreamgaussian (s) on {s.results.get('dreamgaussian_backend', '-')}: gsplat's kernel build "
+                f"{build.get('status', 'not started')} {build.get('seconds', '-')} s, agreement test "
+                f"{(parts.get('s-gsplat-agreement') or {}).get('status', '-')}")
+    for name in ("s-dreamgaussian", "s-dreamgaussian-image"):
+        part = parts.get(name) or {}
+        rows.append(f"{name}, end to end {part.get('end_to_end_s', '-')} s | train s | it/s | peak MB | start s | "
+                    "export s")
+        for stage in ("gaussians", "texture"):
+            rows.append(f"{stage} | " + " | ".join(str((part.get("result") or {}).get(f"{stage}_{k}", "-")) for k in
+                                                  ("wall_time_s", "it_per_s", "peak_memory_mb", "init_time_s",
+                                                   "export_time_s")))
     measured = s.out / "cuda_tests.jsonl"
     if measured.exists():
         rows.append("")

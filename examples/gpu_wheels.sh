@@ -3,7 +3,8 @@
 # (torch, triton, transformers, huggingface_hub, numpy, scipy, pillow, imageio, pyyaml, tqdm installed)
 # lacks for examples/gpu_session.py: diffusers and its small needs, accelerate (loads weights without a
 # random initialisation first), the mesh exporters, open_clip (its CLIP vocabulary file; the bench's
-# evaluator) and pytest. Versions are the ones the test suite runs with. Not included: imageio-ffmpeg
+# evaluator), pytest and gsplat (DreamGaussian's splatting; its kernels build on the GPU machine, which has
+# nvcc and ninja) with its small needs. Versions are the ones the test suite runs with. Not included: imageio-ffmpeg
 # (~68 MB, the video encoder: the video test skips without it) and nerfacc (the session measures the
 # PyTorch renderer; nerfacc JIT-builds CUDA code).
 #
@@ -24,6 +25,7 @@ WHEELS=(
   open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
   trimesh==5.2.0 PyMCubes==0.1.6 fast_simplification==0.2.0
   pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 Pygments==2.21.0 packaging==26.4
+  gsplat==1.5.3 jaxtyping==0.3.11 wadler_lindig==0.1.8 rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2
 )
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${PLATFORMS[@]}" -d "$DIR" "${WHEELS[@]}"
