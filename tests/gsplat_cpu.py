@@ -1,5 +1,5 @@
-"""gsplat's `rasterization()` on a CPU, for tests: gsplat's own Python entry point runs as released, with the four
-CUDA primitives it calls replaced by PyTorch code.
+"""gsplat's `rasterization()` on a CPU, for tests: gsplat's own Python entry point runs as released, with the CUDA
+primitives it calls replaced by PyTorch code (any other one fails the test instead of building gsplat's kernels).
 
 - Projection: gsplat's PyTorch reference (`gsplat.cuda._torch_impl._fully_fused_projection`), with the radii its
   CUDA kernel (ProjectionEWA3DGSFused.cu) gives when it is passed the opacities: the extent min(3.33,
@@ -8,6 +8,7 @@ CUDA primitives it calls replaced by PyTorch code.
 - Tile intersection and offsets: the same pairs, ids and order as gsplat's PyTorch reference (`_isect_tiles`, a
   Python loop per Gaussian; this one is vectorised and checked equal to it in tests/test_splat_gsplat.py), and
   its `_isect_offset_encode`.
+- Spherical harmonics: gsplat's PyTorch reference (`_spherical_harmonics`).
 - Compositing: a transcription of the forward kernel (RasterizeToPixels3DGSFwd.cu), per 16-pixel tile over its
   depth-sorted list: α = min(0.999, o e^{-σ}), skipped when σ < 0 or α < 1/255, the pixel done before the
   Gaussian that would take T to 1e-4 or below; the backward pass is autograd's.
@@ -24,7 +25,8 @@ import torch
 from torch import Tensor
 
 gsplat = pytest.importorskip("gsplat")
-import gsplat.rendering  # noqa: E402  (after the skip: gsplat is an optional extra)
+import gsplat.cuda._wrapper  # noqa: E402  (after the skip: gsplat is an optional extra)
+import gsplat.rendering  # noqa: E402
 from gsplat.cuda import _torch_impl as reference  # noqa: E402
 
 ALPHA_THRESHOLD = 1.0 / 255.0  # gsplat's csrc/include/Common.h
@@ -138,11 +140,24 @@ def rasterize_to_pixels(means2d: Tensor, conics: Tensor, colors: Tensor, opaciti
     return out.reshape(image_dims + out.shape[1:]), alpha_out.reshape(image_dims + alpha_out.shape[1:])
 
 
+def spherical_harmonics(degrees_to_use: int, dirs: Tensor, coeffs: Tensor, masks: Tensor | None = None) -> Tensor:
+    colors = reference._spherical_harmonics(degrees_to_use, dirs, coeffs)
+    return colors if masks is None else colors * masks[..., None]  # the kernel leaves masked-out ones at 0
+
+
+def _no_cuda(name: str):
+    raise AssertionError(f"gsplat's CUDA primitive {name!r} was reached on a CPU: give it a stand-in here")
+
+
 def use_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """Run gsplat's `rasterization()` on CPU tensors for the rest of the test, and let threed's gsplat backend
-    (threed/render/splat_gsplat.py) reach it there."""
+    (threed/render/splat_gsplat.py) reach it there. Any other CUDA primitive gsplat calls fails the test at
+    once rather than trying to build gsplat's kernels."""
     from threed.render import splat_gsplat
 
-    for name in ("fully_fused_projection", "isect_tiles", "isect_offset_encode", "rasterize_to_pixels"):
+    for name in ("fully_fused_projection", "isect_tiles", "isect_offset_encode", "rasterize_to_pixels",
+                 "spherical_harmonics"):
         monkeypatch.setattr(gsplat.rendering, name, globals()[name])
+    monkeypatch.setattr(gsplat.cuda._wrapper, "_make_lazy_cuda_func", _no_cuda)
+    monkeypatch.setattr(gsplat.cuda._wrapper, "_make_lazy_cuda_obj", _no_cuda)
     monkeypatch.setattr(splat_gsplat, "gsplat_module", lambda device: gsplat)

@@ -90,11 +90,14 @@ def test_dreamgaussian_resumes(dg_run, capsys):
     assert records(out)[-1]["step"] == 7
 
 
-def test_gaussian_stage_resumes_exactly_across_densification(tiny_sd_dir, tmp_path):
+@pytest.mark.parametrize("sh_degree", [0, 2])
+def test_gaussian_stage_resumes_exactly_across_densification(tiny_sd_dir, tmp_path, sh_degree):
     """4 steps straight against 2, a checkpoint, and 2 more: the same Gaussians, although densification at
-    step 2 changed their number between the two segments."""
+    step 2 changed their number between the two segments; with view-dependent colour too (degree 2, its first
+    degree switched on at step 1 and its second at step 2: the resumed segment starts at degree 2)."""
     cfg = build_config("dreamgaussian", [f"guidance.sd.model={tiny_sd_dir}", "device=cpu", "prompt=a duck", *TINY,
-                                         "gaussians.grad_threshold=0.0", "checkpoint_every=0"])
+                                         "gaussians.grad_threshold=0.0", "checkpoint_every=0",
+                                         f"gaussians.sh_degree={sh_degree}", "gaussians.sh_degree_every=1"])
     method = methods.get("dreamgaussian")
     guidance = lambda: method.build_guidance(cfg, "cpu", GAUSSIANS)  # noqa: E731 (its random stream starts afresh)
     straight = GAUSSIANS.trainer(cfg, "cpu", guidance(), RunDir(tmp_path / "a"))
@@ -107,6 +110,9 @@ def test_gaussian_stage_resumes_exactly_across_densification(tiny_sd_dir, tmp_pa
     resumed.fit(4, progress=False)
     for name, p in straight.scene.gaussians.named_groups():
         assert torch.equal(p, getattr(resumed.scene.gaussians, name)), name
+    assert straight.scene.sh_active == sh_degree
+    if sh_degree:
+        assert float(straight.scene.gaussians.f_rest.detach().abs().sum()) > 0  # the higher degrees learnt
 
 
 def test_bench_takes_dreamgaussian(tmp_path):

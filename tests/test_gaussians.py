@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from threed.fields.gaussians import Gaussians, logit, nearest_neighbour_scale
+from threed.fields.gaussians import NAMES, Gaussians, logit, nearest_neighbour_scale
 
 EXTENT, PERCENT_DENSE = 4.0, 0.01  # DreamGaussian's: clone at most 0.04 wide, prune above 0.4
 
@@ -20,7 +20,8 @@ def _hand_built() -> Gaussians:
     opac = torch.tensor([0.5, 0.6, 0.005, 0.5, 0.5])
     quats = torch.tensor([[1.0, 0, 0, 0]]).repeat(5, 1)
     colours = torch.arange(15, dtype=torch.float32).reshape(5, 3)
-    g = Gaussians(means, torch.log(scales), quats, logit(opac), colours)
+    sh_rest = torch.arange(45, dtype=torch.float32).reshape(5, 3, 3) / 45  # degree 1
+    g = Gaussians(means, torch.log(scales), quats, logit(opac), colours, sh_rest)
     g.grad_accum[:] = torch.tensor([0.05, 0.03, 0.0, 0.0, 0.001])
     g.grad_count[:] = torch.tensor([2.0, 1.0, 0.0, 1.0, 1.0])
     return g
@@ -65,7 +66,7 @@ def test_stats_accumulate_ndc_gradient_norms_of_seen_gaussians() -> None:
 def test_clone_split_and_prune_counts_on_a_hand_built_set() -> None:
     g = _hand_built()
     a, b, e = (g.means.data[i].clone() for i in (0, 1, 4))
-    b_colour = g.f_dc.data[1].clone()
+    b_colour, rest = g.f_dc.data[1].clone(), g.f_rest.data.clone()
     counts = g.densify_and_prune(None, 0.01, EXTENT, PERCENT_DENSE, min_opacity=0.01, prune_world_size=0.1,
                                  prune_screen_size=0.0, generator=torch.Generator().manual_seed(0))
     assert counts == {"cloned": 1, "split": 1, "pruned": 2}
@@ -77,6 +78,7 @@ def test_clone_split_and_prune_counts_on_a_hand_built_set() -> None:
     assert torch.allclose(g.scales[3:], torch.full((2, 3), 0.1 / 1.6))
     assert float((children - b).norm(dim=-1).max()) < 5 * 0.1  # samples of B itself
     assert torch.equal(g.f_dc.data[3], b_colour) and torch.equal(g.f_dc.data[4], b_colour)
+    assert torch.equal(g.f_rest.data, rest[[0, 4, 0, 1, 1]])  # the view-dependent colour follows the rows
     assert torch.allclose(g.opacities[3:], torch.tensor([0.6, 0.6]))
     assert g.grad_accum.shape == (5,) and float(g.grad_accum.abs().sum()) == 0  # statistics start afresh
 
@@ -118,7 +120,7 @@ def test_adam_moments_follow_the_rows() -> None:
     assert all(opt.state[p]["exp_avg"].shape == p.shape for _, p in g.named_groups())
 
 
-NAMES_INDEX = {name: i for i, name in enumerate(("means", "log_scales", "quaternions", "logit_opacities", "f_dc"))}
+NAMES_INDEX = {name: i for i, name in enumerate(NAMES)}
 
 
 def test_opacity_reset_caps_at_0_01_and_zeroes_its_moments() -> None:
@@ -143,6 +145,12 @@ def test_state_round_trip_resizes_in_place() -> None:
     assert other.means is means and len(other) == len(g)
     for name, p in g.named_groups():
         assert torch.equal(getattr(other, name), p)
+    # a checkpoint from before the higher degrees (no f_rest): the set keeps its degree, zero coefficients
+    old = {k: v for k, v in g.state_dict().items() if k != "f_rest"}
+    again = Gaussians.empty(7, sh_degree=1)
+    again.load_state_dict(old)
+    assert again.f_rest.shape == (len(g), 3, 3) and float(again.f_rest.detach().abs().sum()) == 0
+    again.densify_and_prune(None, 0.0, EXTENT, PERCENT_DENSE, 0.0, 0.0, 0.0)  # the rows stay in step
 
 
 def test_opacity_field_is_the_dense_sum_within_each_box() -> None:

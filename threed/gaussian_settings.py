@@ -33,6 +33,12 @@ class GaussianConfig:
     lr_opacity: Schedule = Schedule.constant(0.05)  # of the logit
     lr_scale: Schedule = Schedule.constant(0.005)  # of the log-scales
     lr_rotation: Schedule = Schedule.constant(0.005)
+    # View-dependent colour: spherical harmonics up to sh_degree (0-3; DreamGaussian's configs use 0), the degree
+    # in use rising by one every sh_degree_every steps from 0 (3DGS's oneupSHdegree, every 1000 iterations),
+    # the higher degrees' coefficients learning at lr_sh_rest (3DGS: feature_lr / 20)
+    sh_degree: int = 0
+    sh_degree_every: int = 1000
+    lr_sh_rest: Schedule = Schedule.constant(0.0005)
     densify_from: int = 0  # density_start_iter
     densify_until: int = 3000  # density_end_iter
     densify_every: int = 50  # densification_interval
@@ -69,6 +75,8 @@ def gaussian_checks(g: GaussianConfig) -> list[tuple[bool, str, str]]:
          "must be another axis than gaussians.init_mesh_up"),
         (0.0 < g.init_opacity < 1.0, "gaussians.init_opacity", "must be in (0, 1)"),
         (g.densify_every >= 1, "gaussians.densify_every", "must be >= 1"),
+        (0 <= g.sh_degree <= 3, "gaussians.sh_degree", "must be 0, 1, 2 or 3"),
+        (g.sh_degree_every >= 1, "gaussians.sh_degree_every", "must be >= 1"),
         (g.extent > 0, "gaussians.extent", "must be positive"),
         (0.0 <= g.min_opacity < 1.0, "gaussians.min_opacity", "must be in [0, 1)"),
         (g.opacity_reset_every >= 0, "gaussians.opacity_reset_every", "must be >= 0 (0: never)"),
@@ -81,6 +89,6 @@ def gaussian_checks(g: GaussianConfig) -> list[tuple[bool, str, str]]:
          and list(g.grow_steps) == sorted(g.grow_steps), "gaussians.grow_steps/grow_sizes",
          "must be as many ascending steps as positive sizes"),
     ]
-    for name in ("lr_position", "lr_color", "lr_opacity", "lr_scale", "lr_rotation"):
+    for name in ("lr_position", "lr_color", "lr_opacity", "lr_scale", "lr_rotation", "lr_sh_rest"):
         checks.append((getattr(g, name).bounds()[0] >= 0, f"gaussians.{name}", "must be >= 0"))
     return checks

@@ -1,8 +1,10 @@
 """A set of 3D Gaussians as 3DGS and DreamGaussian train them: parameters, ball start, densification, pruning.
 
 Parameters (one row per Gaussian): position, log-scale (3 axes), rotation quaternion (w, x, y, z; normalised
-when used), logit opacity, and degree-0 spherical-harmonic colour (`f_dc`; colour = 0.5 + C0 f_dc). Each is
-one optimiser group with its own learning rate (threed/scenes/gaussians.py builds the groups).
+when used), logit opacity, degree-0 spherical-harmonic colour (`f_dc`; colour = 0.5 + C0 f_dc) and the higher
+degrees' coefficients (`f_rest`, (degree + 1)² - 1 rows per Gaussian, none at degree 0: view-dependent colour,
+threed/render/spherical_harmonics.py). Each is one optimiser group with its own learning rate
+(threed/scenes/gaussians.py builds the groups).
 
 Adaptive density control (Kerbl et al. 2023, section 5), on DreamGaussian's schedule:
 - after every training step, each Gaussian seen in a view adds the norm of the loss's gradient with respect
@@ -28,9 +30,10 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from threed.render.spherical_harmonics import coefficients, sh_to_rgb
 from threed.render.splat import quaternion_to_rotation, rgb_to_sh0, sh0_to_rgb
 
-NAMES = ("means", "log_scales", "quaternions", "logit_opacities", "f_dc")
+NAMES = ("means", "log_scales", "quaternions", "logit_opacities", "f_dc", "f_rest")
 
 
 def logit(p: float | Tensor) -> Tensor:
@@ -69,7 +72,7 @@ class Gaussians(nn.Module):
     resumes them exactly."""
 
     def __init__(self, means: Tensor, log_scales: Tensor, quaternions: Tensor, logit_opacities: Tensor,
-                 f_dc: Tensor):
+                 f_dc: Tensor, f_rest: Tensor | None = None):
         super().__init__()
         self.means = nn.Parameter(means.float())
         self.log_scales = nn.Parameter(log_scales.float())
@@ -77,43 +80,48 @@ class Gaussians(nn.Module):
         self.logit_opacities = nn.Parameter(logit_opacities.float())
         self.f_dc = nn.Parameter(f_dc.float())
         n = means.shape[0]
+        self.f_rest = nn.Parameter(torch.zeros(n, 0, 3) if f_rest is None else f_rest.float())
         self.register_buffer("grad_accum", torch.zeros(n))
         self.register_buffer("grad_count", torch.zeros(n))
         self.register_buffer("max_radii", torch.zeros(n))
 
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
-    def ball(cls, n: int, radius: float, opacity: float, generator: torch.Generator) -> "Gaussians":
+    def ball(cls, n: int, radius: float, opacity: float, generator: torch.Generator, sh_degree: int = 0
+             ) -> "Gaussians":
         """DreamGaussian's start: `n` points uniform in a ball of `radius`, isotropic with the nearest-
-        neighbour scale, identity rotation, `opacity`, colour a grey of 0.5 + C0 x U[0, 1/255)."""
+        neighbour scale, identity rotation, `opacity`, colour a grey of 0.5 + C0 x U[0, 1/255) (the higher
+        degrees' coefficients zero, as 3DGS starts them)."""
         u = torch.rand(n, 3, generator=generator)
         phi, cos_theta = 2 * math.pi * u[:, 0], 2 * u[:, 1] - 1
         sin_theta = (1 - cos_theta ** 2).clamp_min(0).sqrt()
         r = radius * u[:, 2].pow(1.0 / 3.0)
         means = torch.stack([r * sin_theta * torch.cos(phi), r * sin_theta * torch.sin(phi), r * cos_theta], dim=-1)
-        return cls._isotropic(means, torch.rand(n, 3, generator=generator) / 255.0, opacity)
+        return cls._isotropic(means, torch.rand(n, 3, generator=generator) / 255.0, opacity, sh_degree)
 
     @classmethod
-    def from_points(cls, means: Tensor, colors: Tensor | None, opacity: float) -> "Gaussians":
+    def from_points(cls, means: Tensor, colors: Tensor | None, opacity: float, sh_degree: int = 0) -> "Gaussians":
         """Gaussians at given points (a user's mesh or point cloud, threed/fields/gaussian_init.py), started as
         the ball's are; `colors` (N, 3) in [0, 1], or None for the ball's grey."""
         f_dc = rgb_to_sh0(colors.float()) if colors is not None else torch.zeros(means.shape[0], 3)
-        return cls._isotropic(means, f_dc, opacity)
+        return cls._isotropic(means, f_dc, opacity, sh_degree)
 
     @classmethod
-    def _isotropic(cls, means: Tensor, f_dc: Tensor, opacity: float) -> "Gaussians":
-        """Gaussians at `means` with colour `f_dc`, isotropic at the nearest-neighbour scale, identity rotation and
-        `opacity`: how every start sets them."""
+    def _isotropic(cls, means: Tensor, f_dc: Tensor, opacity: float, sh_degree: int) -> "Gaussians":
+        """Gaussians at `means` with colour `f_dc` (the higher degrees' zero), isotropic at the nearest-neighbour
+        scale, identity rotation and `opacity`: how every start sets them."""
         n = means.shape[0]
         log_scales = torch.log(nearest_neighbour_scale(means.float()))[:, None].repeat(1, 3)
         quats = torch.zeros(n, 4)
         quats[:, 0] = 1.0
-        return cls(means, log_scales, quats, logit(opacity).expand(n).clone(), f_dc)
+        return cls(means, log_scales, quats, logit(opacity).expand(n).clone(), f_dc,
+                   torch.zeros(n, coefficients(sh_degree), 3))
 
     @classmethod
-    def empty(cls, n: int = 0) -> "Gaussians":
+    def empty(cls, n: int = 0, sh_degree: int = 0) -> "Gaussians":
         """`n` rows of zeros, to be filled by `load_state_dict`."""
-        return cls(torch.zeros(n, 3), torch.zeros(n, 3), torch.zeros(n, 4), torch.zeros(n), torch.zeros(n, 3))
+        return cls(torch.zeros(n, 3), torch.zeros(n, 3), torch.zeros(n, 4), torch.zeros(n), torch.zeros(n, 3),
+                   torch.zeros(n, coefficients(sh_degree), 3))
 
     # -- values ---------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -132,14 +140,23 @@ class Gaussians(nn.Module):
 
     @property
     def colors(self) -> Tensor:
+        """(N, 3) the colours without view dependence (degree 0): the mesh's, the texture fit's."""
         return sh0_to_rgb(self.f_dc)
+
+    def colors_seen_from(self, centres: Tensor, degree: int) -> Tensor:
+        """(B, N, 3) each Gaussian's colour seen from each of (B, 3) camera centres, with the spherical
+        harmonics up to `degree` (at most the set's own)."""
+        return sh_to_rgb(self.f_dc, self.f_rest, self.means[None] - centres[:, None].to(self.means), degree)
 
     def load_state_dict(self, state: dict, strict: bool = True):  # type: ignore[override]
         """Rows resized to the checkpoint's count (parameters keep their identity: an optimiser built on them
-        stays valid)."""
+        stays valid). A checkpoint written before the higher spherical-harmonic degrees existed has no `f_rest`:
+        the set keeps its own degree, with zero coefficients."""
         for name, tensor in state.items():
             current = getattr(self, name)
             current.data = tensor.detach().to(current.device, current.dtype).clone()
+        if "f_rest" not in state:
+            self.f_rest.data = self.f_rest.data.new_zeros(len(self), *self.f_rest.shape[1:])
         return None
 
     # -- the summed opacity field (mesh extraction) -----------------------------------------------------
@@ -261,6 +278,7 @@ class Gaussians(nn.Module):
             "quaternions": parent["quaternions"].repeat(2, 1),
             "logit_opacities": parent["logit_opacities"].repeat(2),
             "f_dc": parent["f_dc"].repeat(2, 1),
+            "f_rest": parent["f_rest"].repeat(2, 1, 1),
         }
         n_before = len(self)
         new_rows = {k: torch.cat([cloned[k], children[k]]) for k in NAMES}

@@ -236,7 +236,7 @@ def render(means: Tensor, scales: Tensor, quaternions: Tensor, opacities: Tensor
            fovy: Tensor, width: int, height: int, background: Tensor, near: float = 0.01, block: int = 16
            ) -> SplatOutput:
     """Render (N, ...) Gaussians from each of B cameras (`c2w` (B, 4, 4), `fovy` (B,) radians) over
-    `background` (B, H, W, 3)."""
+    `background` (B, H, W, 3); `colors` (N, 3), or (B, N, 3) for colours that depend on the view."""
     cov = covariance_3d(scales, quaternions)
     rgbs, alphas, depths, means2d, radii = [], [], [], [], []
     for i in range(c2w.shape[0]):
@@ -244,7 +244,7 @@ def render(means: Tensor, scales: Tensor, quaternions: Tensor, opacities: Tensor
         proj = project(means, cov, w2c, focal_length(float(fovy[i]), height), width, height, near)
         if proj.means2d.requires_grad:
             proj.means2d.retain_grad()
-        feats = torch.cat([colors, proj.depths[:, None]], dim=-1)
+        feats = torch.cat([colors if colors.dim() == 2 else colors[i], proj.depths[:, None]], dim=-1)
         image, alpha = rasterize(proj, opacities, feats, width, height, block)
         rgbs.append(image[..., :3] + (1.0 - alpha[..., None]) * background[i])
         depths.append(image[..., 3:])

@@ -116,9 +116,9 @@ def opencv_cameras(c2w: Tensor, fovy: Tensor, width: int, height: int) -> tuple[
 
 def render(means: Tensor, scales: Tensor, quaternions: Tensor, opacities: Tensor, colors: Tensor, c2w: Tensor,
            fovy: Tensor, width: int, height: int, background: Tensor, near: float = 0.01) -> SplatOutput:
-    """threed.render.splat.render's outputs from gsplat: (B, H, W, 3) colour over `background`, (B, H, W, 1)
-    opacity and accumulated depth, the (B, N, 2) pixel means (their gradient kept after backward, for
-    densification) and (B, N) radii (0: culled)."""
+    """threed.render.splat.render's outputs from gsplat (`colors` (N, 3) or, per view, (B, N, 3): gsplat takes
+    both): (B, H, W, 3) colour over `background`, (B, H, W, 1) opacity and accumulated depth, the (B, N, 2)
+    pixel means (their gradient kept after backward, for densification) and (B, N) radii (0: culled)."""
     gsplat = gsplat_module(means.device)
     viewmats, ks = opencv_cameras(c2w.to(means.device, torch.float32), fovy, width, height)
     image, alpha, meta = gsplat.rasterization(

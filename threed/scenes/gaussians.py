@@ -2,11 +2,14 @@
 over the background (or by gsplat's CUDA kernels, threed/render/splat_gsplat.py, with the same conventions:
 gaussians.backend), densified and pruned as they train.
 
-The Gaussians carry colour only (degree-0 spherical harmonics), so every render is an albedo render, as
-DreamGaussian's are; the previews' "textureless" view paints them all one grey. After each optimiser step
-(`after_step`, called by the trainer) the gradients of the projected means feed the densification
-statistics, and on DreamGaussian's schedule the set is densified, pruned and its opacities reset, with the
-optimiser's moments kept in step with the rows.
+The Gaussians carry colour only, so every render is an albedo render, as DreamGaussian's are; the previews'
+"textureless" view paints them all one grey. The colour is degree-0 spherical harmonics, as in DreamGaussian's
+configs, or view-dependent up to `gaussians.sh_degree` (the degree in use rising every
+`gaussians.sh_degree_every` steps, as 3DGS raises it); the mesh and the texture stage take the degree-0 part.
+
+After each optimiser step (`after_step`, called by the trainer) the gradients of the projected means feed the
+densification statistics, and on DreamGaussian's schedule the set is densified, pruned and its opacities
+reset, with the optimiser's moments kept in step with the rows.
 
 The mesh (`export_mesh`) is DreamGaussian's: marching cubes of the summed opacity field Σ o_i G_i(x) at
 `export.threshold` (DreamGaussian's density_thresh, 1; < 0: the level whose silhouettes agree best with the
@@ -56,32 +59,35 @@ class GaussianScene:
 
             points, colors = load_init_points(g.init_mesh, g.num_points, g.init_radius, g.init_mesh_up,
                                               g.init_mesh_front, cfg.seed)
-            gaussians = Gaussians.from_points(points, colors, g.init_opacity)
+            gaussians = Gaussians.from_points(points, colors, g.init_opacity, g.sh_degree)
         if gaussians is None:
             gaussians = Gaussians.ball(g.num_points, g.init_radius, g.init_opacity,
-                                       torch.Generator().manual_seed(cfg.seed))
+                                       torch.Generator().manual_seed(cfg.seed), g.sh_degree)
         self.gaussians = gaussians.to(self.device)
         self.background = Background(cfg.render).to(self.device)
         self.losses = cfg.loss
         self.last_densify: dict[str, int] = {}
         self._views: tuple[list[Tensor], Tensor, int, int] | None = None  # the last training render's
+        self.sh_active = 0  # the spherical-harmonic degree in use (set_step)
 
     @classmethod
     def from_state(cls, cfg: Config, state: dict, device: torch.device | str) -> "GaussianScene":
         """The scene a gaussians-stage checkpoint holds (its number of Gaussians included)."""
         if "gaussians" not in state:
             raise UserError("the checkpoint holds no Gaussians: pass a checkpoints/gaussians/step-*.pt file")
-        scene = cls(cfg, device, Gaussians.empty(int(state["gaussians"]["means"].shape[0])))
+        scene = cls(cfg, device, Gaussians.empty(int(state["gaussians"]["means"].shape[0]), cfg.gaussians.sh_degree))
         scene.load_state_dict(state)
         return scene
 
     # -- the Scene interface (threed/scenes/__init__.py) ----------------------------------------------
     def param_groups(self) -> list[tuple[list[Tensor], Schedule]]:
-        """One group per parameter, at DreamGaussian's rates (gaussians.lr_*), then the background if it
-        learns (optim.lr_background)."""
+        """One group per parameter, at DreamGaussian's rates (gaussians.lr_*; the higher spherical-harmonic
+        degrees' only when there are any), then the background if it learns (optim.lr_background)."""
         g, gs = self.cfg.gaussians, self.gaussians
         groups = [([gs.means], g.lr_position), ([gs.f_dc], g.lr_color), ([gs.logit_opacities], g.lr_opacity),
                   ([gs.log_scales], g.lr_scale), ([gs.quaternions], g.lr_rotation)]
+        if g.sh_degree > 0:
+            groups.append(([gs.f_rest], g.lr_sh_rest))
         bg_params = list(self.background.parameters())
         if bg_params:
             groups.append((bg_params, self.cfg.optim.lr_background))
@@ -99,7 +105,12 @@ class GaussianScene:
         self.background.eval()
 
     def prepare(self, step: int, generator: torch.Generator | None = None) -> None:
-        pass
+        self.set_step(step)
+
+    def set_step(self, step: int) -> None:
+        """The spherical-harmonic degree in use at `step`: one more every gaussians.sh_degree_every steps."""
+        g = self.cfg.gaussians
+        self.sh_active = min(g.sh_degree, step // g.sh_degree_every)
 
     def pick_shading(self, step: int, generator: torch.Generator) -> str:
         return "albedo"
@@ -116,9 +127,12 @@ class GaussianScene:
         gs = self.gaussians
         _, dirs = cameras.rays()
         bg = self.background(dirs, generator)
-        colors = gs.colors
         if shading != "albedo":
-            colors = torch.full_like(colors, PREVIEW_GREY)
+            colors = torch.full_like(gs.f_dc, PREVIEW_GREY)
+        elif self.sh_active > 0:
+            colors = gs.colors_seen_from(cameras.c2w[:, :3, 3], self.sh_active)  # (B, N, 3)
+        else:
+            colors = gs.colors
         args = (gs.means, gs.scales, gs.quaternions, gs.opacities, colors, cameras.c2w, cameras.fovy, cameras.width,
                 cameras.height, bg)
         if self.backend == "gsplat":
@@ -186,7 +200,8 @@ class GaussianScene:
         gs = self.gaussians
         arrays = {name: p.detach().float().cpu().numpy() for name, p in gs.named_groups()}
         written = [write_splat_ply(Path(run_dir) / GAUSSIANS_PLY, arrays["means"], arrays["log_scales"],
-                                   arrays["quaternions"], arrays["logit_opacities"], arrays["f_dc"])]
+                                   arrays["quaternions"], arrays["logit_opacities"], arrays["f_dc"],
+                                   arrays["f_rest"])]
         n = self.cfg.export.preview_views
         if n > 0:
             from exporters.video import write_image_grid
