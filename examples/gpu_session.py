@@ -353,16 +353,8 @@ def main() -> None:
                 "texture.height=32", "export.texture_size=64", "gaussians.texture_fit_steps=5"]
         # options first, key=value overrides last
         over = [f"gaussians.backend={backend}", "export.video=false", "export.preview_views=0", "checkpoint_every=0"]
-        runs = [("s-dreamgaussian", ["--prompt", "a ripe strawberry", "--model", sd],
-                 ["guidance.sd.resolution=64", *tiny] if dry else [])]
-        model, image = s.work / "zero123", s.work / "s-input.png"
-        build_z = s.run("s-zero123-build", [py, "-c", ZERO123_BUILD, str(model), str(image), "cpu" if dry else "cuda",
-                                            "tiny" if dry else "full"], timeout=150, need=200)
-        if build_z.get("status") == "ok":
-            runs.append(("s-dreamgaussian-image", ["--image", str(image), "--model", str(model)],
-                         ["guidance.zero123.resolution=32", "image.size=64", "image.sizes=[[0, 24]]", *tiny]
-                         if dry else []))
-        for name, opts, sizes in runs:
+
+        def dreamgaussian(name: str, opts: list[str], sizes: list[str]) -> None:
             run_dir = s.work / name
             shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not the resume of an earlier session's
             started = time.monotonic()
@@ -373,6 +365,16 @@ def main() -> None:
             _, done = RunDir(run_dir).metrics()
             if done:
                 rec["result"] = done
+
+        dreamgaussian("s-dreamgaussian", ["--prompt", "a ripe strawberry", "--model", sd],
+                      ["guidance.sd.resolution=64", *tiny] if dry else [])
+        model, image = s.work / "zero123", s.work / "s-input.png"
+        build_z = s.run("s-zero123-build", [py, "-c", ZERO123_BUILD, str(model), str(image), "cpu" if dry else "cuda",
+                                            "tiny" if dry else "full"], timeout=150, need=200)
+        if build_z.get("status") == "ok":
+            dreamgaussian("s-dreamgaussian-image", ["--image", str(image), "--model", str(model)],
+                          ["guidance.zero123.resolution=32", "image.size=64", "image.sizes=[[0, 24]]", *tiny]
+                          if dry else [])
     # (z) image-to-3D: the zero123 preset's three resolution stages with Zero123's real-size architecture
     if "z" not in skip:
         out = s.work / "z-zero123.json"
