@@ -5,8 +5,8 @@ against gsplat's PyTorch reference):
     colour(d) = max(0, 0.5 + Σ_k Y_k(d) f_k),   d the unit direction from the camera's centre to the Gaussian,
 
 f_0 the degree-0 coefficients (`f_dc`, Y_0 = 1 / (2 √π): threed.render.splat.sh0_to_rgb) and f_1.. the
-higher degrees' (`f_rest`, (d + 1)² - 1 rows). Why from the camera to the Gaussian: a splat seen from the
-other side shows its other face's colour, as a surface's reflection would.
+higher degrees' (`f_rest`, (degree + 1)² - 1 rows). Order, signs and direction are 3DGS's so that the
+coefficients a run writes to its .ply (exporters/splat_ply.py) show the same colours in splat viewers.
 """
 
 from __future__ import annotations
