@@ -155,6 +155,11 @@ def test_written_summary_lists_files_and_the_chamfer_distance(untrained, tmp_pat
     ref.export(kept)
     lines = pipeline.written_summary([*written, kept], reference=ref_path).splitlines()
     assert lines[-2] == last and lines[-1].startswith("threed: Chamfer-L1 from mesh-nerf.ply to ref.ply: ")
+    # A point cloud (a Gaussian run's gaussians.ply) is listed among the files but measured as no surface.
+    cloud = untrained.run_dir / "gaussians.ply"
+    trimesh.PointCloud(ref.vertices).export(cloud)
+    lines = pipeline.written_summary([*written, cloud], reference=ref_path).splitlines()
+    assert lines[-1] == last and any(ln.split()[0] == "gaussians.ply" for ln in lines[1:-1])
     with pytest.raises(UserError, match="cannot read the reference mesh"):
         pipeline.written_summary(written, reference=tmp_path / "missing.ply")
 

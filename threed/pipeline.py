@@ -350,10 +350,22 @@ def _size(n: int) -> str:
     return ""
 
 
+def _is_point_cloud(path: Path) -> bool:
+    """Points without faces (the Gaussians' .ply): not a surface, so no distance to a reference is given for
+    it. An exported mesh that came out empty is not one, and keeps its "undefined" line."""
+    import trimesh
+
+    try:
+        loaded = trimesh.load(path)
+        return isinstance(loaded, trimesh.PointCloud) and len(loaded.vertices) > 0
+    except Exception:  # unreadable: chamfer_line says so
+        return False
+
+
 def written_summary(paths: Sequence[Path | str], reference: Path | str | None = None) -> str:
     """What a finished command wrote, for its last lines: the files with their sizes, and given a
     reference mesh, the distances to it (`chamfer_line`) of the first mesh file of each name written
-    (mesh.obj, then an earlier stage's kept mesh-nerf.obj, in the order written)."""
+    (mesh.obj, then an earlier stage's kept mesh-nerf.obj, in the order written; point clouds left out)."""
     paths = [Path(p) for p in dict.fromkeys(paths)]
     folders = {p.parent for p in paths}
     common = folders.pop() if len(folders) == 1 else None
@@ -365,7 +377,7 @@ def written_summary(paths: Sequence[Path | str], reference: Path | str | None = 
     if reference is not None:
         first: dict[str, Path] = {}  # the first mesh file of each stem
         for p in paths:
-            if p.suffix in (".obj", ".ply", ".glb") and p.exists():
+            if p.suffix in (".obj", ".ply", ".glb") and p.exists() and not _is_point_cloud(p):
                 first.setdefault(p.stem, p)
         lines += [f"threed: {chamfer_line(mesh, reference)}" for mesh in first.values()] or [
             f"threed: no mesh was written to compare with {Path(reference).name}"]
