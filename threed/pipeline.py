@@ -352,14 +352,19 @@ def _size(n: int) -> str:
 
 def _is_point_cloud(path: Path) -> bool:
     """Points without faces (the Gaussians' .ply): not a surface, so no distance to a reference is given for
-    it. An exported mesh that came out empty is not one, and keeps its "undefined" line."""
+    it. An exported mesh that came out empty has no points, and keeps its "undefined" line. A surface is told
+    by the cached load `chamfer_line` reads again; only a file without faces is read a second time, as is."""
     import trimesh
 
+    from threed.metrics import load_mesh
+
     try:
+        if len(load_mesh(path).faces):
+            return False
         loaded = trimesh.load(path)
-        return isinstance(loaded, trimesh.PointCloud) and len(loaded.vertices) > 0
     except Exception:  # unreadable: chamfer_line says so
         return False
+    return len(getattr(loaded, "vertices", ())) > 0 and len(getattr(loaded, "faces", ())) == 0
 
 
 def written_summary(paths: Sequence[Path | str], reference: Path | str | None = None) -> str:
@@ -377,8 +382,8 @@ def written_summary(paths: Sequence[Path | str], reference: Path | str | None = 
     if reference is not None:
         first: dict[str, Path] = {}  # the first mesh file of each stem
         for p in paths:
-            if p.suffix in (".obj", ".ply", ".glb") and p.exists() and not _is_point_cloud(p):
-                first.setdefault(p.stem, p)
+            if p.suffix in (".obj", ".ply", ".glb") and p.exists() and p.stem not in first and not _is_point_cloud(p):
+                first[p.stem] = p
         lines += [f"threed: {chamfer_line(mesh, reference)}" for mesh in first.values()] or [
             f"threed: no mesh was written to compare with {Path(reference).name}"]
     return "\n".join(lines)
