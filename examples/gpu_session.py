@@ -427,6 +427,12 @@ def main() -> None:
     print("\n" + table, flush=True)
 
 
+def stage_row(record: dict | None, stage: str) -> str:
+    """One stage of a multi-stage run's closing record: train s | it/s | peak MB | start s | export s."""
+    keys = ("wall_time_s", "it_per_s", "peak_memory_mb", "init_time_s", "export_time_s")
+    return f"{stage} | " + " | ".join(str((record or {}).get(f"{stage}_{k}", "-")) for k in keys)
+
+
 def summary(s: Session) -> str:
     """The table printed last: one line per measurement, '-' where a part did not run."""
     parts = s.results["parts"]
@@ -501,10 +507,7 @@ def summary(s: Session) -> str:
     pd = (parts.get("p-prolificdreamer") or {}).get("result")
     rows.append("")
     rows.append("prolificdreamer (p), 512^2 | train s | it/s (first steps included) | peak MB | start s | export s")
-    for stage in ("nerf", "geometry", "texture"):
-        rows.append(f"{stage} | " + " | ".join(str((pd or {}).get(f"{stage}_{k}", "-")) for k in
-                                              ("wall_time_s", "it_per_s", "peak_memory_mb", "init_time_s",
-                                               "export_time_s")))
+    rows += [stage_row(pd, stage) for stage in ("nerf", "geometry", "texture")]
     rows.append("")
     rows.append("mvdream (mv), real-size model, random weights | train s | it/s (first steps included) | peak MB")
     for name in ("mv-64x8", "mv-256x4"):
@@ -513,10 +516,7 @@ def summary(s: Session) -> str:
     fa = (parts.get("fa-fantasia3d") or {}).get("result")
     rows.append("")
     rows.append("fantasia3d (fa), 512^2 | train s | it/s (first steps included) | peak MB | start s | export s")
-    for stage in ("geometry", "appearance"):
-        rows.append(f"{stage} | " + " | ".join(str((fa or {}).get(f"{stage}_{k}", "-")) for k in
-                                              ("wall_time_s", "it_per_s", "peak_memory_mb", "init_time_s",
-                                               "export_time_s")))
+    rows += [stage_row(fa, stage) for stage in ("geometry", "appearance")]
     build = parts.get("s-gsplat-build") or {}
     rows.append("")
     rows.append(f"dreamgaussian (s) on {s.results.get('dreamgaussian_backend', '-')}: gsplat's kernel build "
@@ -526,10 +526,7 @@ def summary(s: Session) -> str:
         part = parts.get(name) or {}
         rows.append(f"{name}, end to end {part.get('end_to_end_s', '-')} s | train s | it/s | peak MB | start s | "
                     "export s")
-        for stage in ("gaussians", "texture"):
-            rows.append(f"{stage} | " + " | ".join(str((part.get("result") or {}).get(f"{stage}_{k}", "-")) for k in
-                                                  ("wall_time_s", "it_per_s", "peak_memory_mb", "init_time_s",
-                                                   "export_time_s")))
+        rows += [stage_row(part.get("result"), stage) for stage in ("gaussians", "texture")]
     measured = s.out / "cuda_tests.jsonl"
     if measured.exists():
         rows.append("")
